@@ -1,0 +1,163 @@
+// XLA FFI handler for the NVRAR all-reduce, and the nanobind module `_jaxnvrar_cuda`
+// that registers it and drives the NVSHMEM runtime.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "nvrar_kernel.cuh"
+#include "nvshmem_runtime.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+namespace nb = nanobind;
+
+namespace jaxnvrar {
+namespace {
+
+constexpr int kThreadsPerBlock = 512;
+constexpr int kMaxBlocks = 32;
+
+template <typename T>
+void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, int blocks) {
+  NvrarAllReduceKernel<T><<<blocks, kThreadsPerBlock, 0, stream>>>(args, layout);
+}
+
+// Decodes the call, maps the axis onto NVSHMEM PEs and launches one kernel. Host work is
+// a few lookups; inside a command buffer it runs only when XLA records the graph.
+ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                         int32_t num_ranks, int32_t gpus_per_node,
+                         ffi::Span<const int32_t> pe_groups) {
+  const Runtime& rt = GetRuntime();
+  if (!rt.initialized) {
+    return ffi::Error::Internal("jaxnvrar: the NVSHMEM runtime is not initialised; call jaxnvrar.initialize()");
+  }
+  const ffi::DataType dtype = x.element_type();
+  if (dtype != ffi::F32 && dtype != ffi::BF16 && dtype != ffi::F16) {
+    return ffi::Error::InvalidArgument("jaxnvrar: all_reduce supports float32, bfloat16, float16");
+  }
+  if (y->element_type() != dtype || y->element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("jaxnvrar: output must match the input's shape and dtype");
+  }
+  if (num_ranks < 1 || gpus_per_node < 1 || num_ranks % gpus_per_node != 0 ||
+      gpus_per_node > kMaxGpusPerNode) {
+    return ffi::Error::InvalidArgument("jaxnvrar: bad topology: " + std::to_string(num_ranks) +
+                                       " ranks, " + std::to_string(gpus_per_node) + " per node (at most " +
+                                       std::to_string(kMaxGpusPerNode) + ")");
+  }
+  if (static_cast<int64_t>(pe_groups.size()) != static_cast<int64_t>(rt.num_pes) * num_ranks) {
+    return ffi::Error::InvalidArgument(
+        "jaxnvrar: the program was lowered for " + std::to_string(pe_groups.size() / num_ranks) +
+        " processes, but NVSHMEM has " + std::to_string(rt.num_pes) + " PEs");
+  }
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  const int64_t itemsize = static_cast<int64_t>(ffi::ByteWidth(dtype));
+  if (n == 0) return ffi::Error::Success();
+  if (num_ranks == 1) {
+    if (cudaMemcpyAsync(y->untyped_data(), x.untyped_data(), n * itemsize, cudaMemcpyDeviceToDevice,
+                        stream) != cudaSuccess) {
+      return ffi::Error::Internal("jaxnvrar: cudaMemcpyAsync failed");
+    }
+    return ffi::Error::Success();
+  }
+  const int64_t needed = WorkspaceBytesNeeded(n, itemsize, num_ranks, gpus_per_node);
+  if (needed > rt.workspace_bytes) {
+    return ffi::Error::InvalidArgument(
+        "jaxnvrar: message needs " + std::to_string(needed) + " bytes of workspace, have " +
+        std::to_string(rt.workspace_bytes) + "; raise JAXNVRAR_WORKSPACE_BYTES");
+  }
+
+  // My axis group: the PEs of the ranks of my axis, in axis order.
+  const int32_t* group = pe_groups.begin() + static_cast<int64_t>(rt.my_pe) * num_ranks;
+  int32_t my_rank = -1;
+  for (int32_t r = 0; r < num_ranks; ++r) {
+    if (group[r] == rt.my_pe) my_rank = r;
+  }
+  if (my_rank < 0) {
+    return ffi::Error::Internal("jaxnvrar: this PE is not in its own axis group (mesh/process mismatch)");
+  }
+  const int32_t num_nodes = num_ranks / gpus_per_node;
+  KernelArgs args = {};
+  args.input = x.untyped_data();
+  args.output = y->untyped_data();
+  args.num_elements = n;
+  args.slice_cells = SliceCells(n, gpus_per_node, itemsize);
+  args.slice_stride = SliceCapacityElements(n, gpus_per_node, itemsize);
+  args.workspace = rt.workspace;
+  args.node = my_rank / gpus_per_node;
+  args.local = my_rank % gpus_per_node;
+  args.gpus_per_node = gpus_per_node;
+  args.num_steps = NumInterNodeSteps(num_nodes);
+  args.timeout_ns = rt.timeout_ns;
+  if (args.num_steps > kMaxInterNodeSteps) {
+    return ffi::Error::InvalidArgument("jaxnvrar: too many nodes");
+  }
+  for (int32_t l = 0; l < gpus_per_node; ++l) {
+    const int32_t pe = group[args.node * gpus_per_node + l];
+    args.node_peers[l] = static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
+    if (args.node_peers[l] == nullptr) {
+      return ffi::Error::InvalidArgument(
+          "jaxnvrar: gpus_per_node=" + std::to_string(gpus_per_node) + " puts PE " +
+          std::to_string(pe) + " in this GPU's node, but it is not reachable by NVLink/P2P loads "
+          "and stores; pass the real number of GPUs per host as gpus_per_node");
+    }
+  }
+  for (int32_t s = 0; s < args.num_steps; ++s) {
+    const InterNodeStep step = InterNodeStepOf(args.node, num_nodes, s);
+    args.inter_op[s] = step.op;
+    args.inter_peer_node[s] = step.peer;
+    if (step.op == kIdle) continue;
+    const int32_t pe = group[step.peer * gpus_per_node + args.local];
+    args.inter_peer_pe[s] = pe;
+    args.inter_peer_ptr[s] = rt.force_put ? nullptr : static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
+  }
+  Layout layout;
+  layout.slice_bytes = args.slice_cells * kCellBytes;
+  layout.gpus_per_node = gpus_per_node;
+  layout.num_steps = args.num_steps;
+  layout.half_bytes = (2 * gpus_per_node + 2 * args.num_steps) * layout.slice_bytes;
+
+  int blocks = static_cast<int>(CeilDiv(args.slice_cells, kThreadsPerBlock));
+  blocks = blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
+  switch (dtype) {
+    case ffi::F32: Launch<float>(stream, args, layout, blocks); break;
+    case ffi::BF16: Launch<__nv_bfloat16>(stream, args, layout, blocks); break;
+    default: Launch<__half>(stream, args, layout, blocks); break;
+  }
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jaxnvrar: kernel launch failed: ") + cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarAllReduce, AllReduceImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("num_ranks")
+                                  .Attr<int32_t>("gpus_per_node")
+                                  .Attr<ffi::Span<const int32_t>>("pe_groups"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jaxnvrar
+
+NB_MODULE(_jaxnvrar_cuda, m) {
+  m.doc() = "jaxnvrar's CUDA/NVSHMEM part: the NVRAR XLA FFI handler and its runtime";
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets["jaxnvrar_nvrar_all_reduce"] =
+        nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarAllReduce));
+    return targets;
+  });
+  m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
+        nb::arg("timeout_seconds"), nb::arg("force_put"));
+  m.def("finalize", &jaxnvrar::FinalizeRuntime);
+  m.def("my_pe", []() { return jaxnvrar::GetRuntime().my_pe; });
+  m.def("num_pes", []() { return jaxnvrar::GetRuntime().num_pes; });
+}

@@ -1,0 +1,62 @@
+#include "nvshmem_runtime.h"
+
+#include <cuda_runtime.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <stdexcept>
+
+namespace jaxnvrar {
+namespace {
+
+void Check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("jaxnvrar: ") + what + " failed: " + cudaGetErrorString(status));
+  }
+}
+
+}  // namespace
+
+Runtime& GetRuntime() {
+  static Runtime runtime;
+  return runtime;
+}
+
+void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put) {
+  Runtime& rt = GetRuntime();
+  if (rt.initialized) return;
+  // nvshmem4py has bootstrapped NVSHMEM in this process; this call sees that and only fills
+  // the copy of the device state linked into this module (else nvshmem_ptr reads zeros).
+  nvshmem_init();
+  rt.my_pe = nvshmem_my_pe();
+  rt.num_pes = nvshmem_n_pes();
+  rt.workspace = static_cast<char*>(nvshmem_malloc(workspace_bytes));
+  if (rt.workspace == nullptr) {
+    nvshmem_finalize();
+    throw std::runtime_error(
+        "jaxnvrar: nvshmem_malloc of the " + std::to_string(workspace_bytes) +
+        "-byte workspace failed; lower workspace_bytes or raise NVSHMEM_SYMMETRIC_SIZE");
+  }
+  // Flags start at 0 and every call's flag is non-zero, so stale memory is never mistaken for data.
+  Check(cudaMemset(rt.workspace, 0, workspace_bytes), "cudaMemset of the workspace");
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  nvshmem_barrier_all();
+  rt.workspace_bytes = workspace_bytes;
+  rt.timeout_ns = static_cast<uint64_t>(timeout_seconds * 1e9);
+  rt.force_put = force_put;
+  rt.initialized = true;
+}
+
+void FinalizeRuntime() {
+  Runtime& rt = GetRuntime();
+  if (!rt.initialized) return;
+  rt.initialized = false;
+  // All-reduces still queued read and write the workspace: wait for them.
+  cudaDeviceSynchronize();
+  nvshmem_free(rt.workspace);
+  rt.workspace = nullptr;
+  rt.workspace_bytes = 0;
+  nvshmem_finalize();
+}
+
+}  // namespace jaxnvrar

@@ -1,0 +1,26 @@
+// The process-wide NVSHMEM state of the extension: its own copy of NVSHMEM's device
+// state (filled by nvshmem_init after nvshmem4py bootstrapped), and the symmetric workspace.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace jaxnvrar {
+
+struct Runtime {
+  bool initialized = false;
+  char* workspace = nullptr;  // symmetric: the same offset is valid on every PE
+  int64_t workspace_bytes = 0;
+  int32_t my_pe = -1;
+  int32_t num_pes = 0;
+  uint64_t timeout_ns = 0;   // bound on every device-side wait
+  bool force_put = false;    // inter-node phase through nvshmem puts even where P2P works
+};
+
+Runtime& GetRuntime();
+
+// Both throw std::runtime_error with a message naming the failed call.
+void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put);
+void FinalizeRuntime();
+
+}  // namespace jaxnvrar

@@ -1,0 +1,123 @@
+// The NVRAR schedule, C++ side: the twin of jaxnvrar/schedule.py (read its docstring
+// for the algorithm). The kernel calls these functions on the device; the CPU module
+// exposes them to Python so tests/test_schedule.py can check both sides agree.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define JAXNVRAR_HD __host__ __device__ __forceinline__
+#else
+#define JAXNVRAR_HD inline
+#endif
+
+namespace jaxnvrar {
+
+constexpr int64_t kSliceAlignBytes = 16;
+
+// Values shared with jaxnvrar.schedule.StepOp.
+enum StepOp : int32_t {
+  kIdle = 0,
+  kSend = 1,      // send my slice to the peer
+  kRecvAdd = 2,   // receive the peer's slice and add it to mine
+  kRecvCopy = 4,  // receive the peer's slice and replace mine with it
+  kExchange = kSend | kRecvAdd,
+};
+
+struct InterNodeStep {
+  int32_t op;
+  int32_t peer;  // peer node, -1 when idle
+};
+
+struct SliceBounds {
+  int64_t begin;
+  int64_t end;
+};
+
+JAXNVRAR_HD int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+JAXNVRAR_HD int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Distance between slice starts: ceil(n / slices), rounded up to the alignment.
+JAXNVRAR_HD int64_t SliceStride(int64_t num_elements, int32_t num_slices, int64_t align_elements) {
+  return CeilDiv(CeilDiv(num_elements, num_slices), align_elements) * align_elements;
+}
+
+// [begin, end) of slice `index` of a flat message of `num_elements`, cut into
+// `num_slices` slices that start on multiples of `align_elements`.
+JAXNVRAR_HD SliceBounds SliceOf(int64_t num_elements, int32_t num_slices,
+                                int64_t align_elements, int32_t index) {
+  int64_t per_slice = SliceStride(num_elements, num_slices, align_elements);
+  int64_t begin = Min64(index * per_slice, num_elements);
+  return {begin, Min64(begin + per_slice, num_elements)};
+}
+
+JAXNVRAR_HD int32_t LargestPowerOfTwoAtMost(int32_t n) {
+  int32_t p = 1;
+  while (p * 2 <= n) p *= 2;
+  return p;
+}
+
+JAXNVRAR_HD int32_t Log2(int32_t power_of_two) {
+  int32_t k = 0;
+  while ((1 << k) < power_of_two) ++k;
+  return k;
+}
+
+JAXNVRAR_HD int32_t NumInterNodeSteps(int32_t num_nodes) {
+  int32_t pow2 = LargestPowerOfTwoAtMost(num_nodes);
+  return Log2(pow2) + (pow2 != num_nodes ? 2 : 0);
+}
+
+// The op and peer of `node` at `step` of the inter-node phase (recursive doubling,
+// with a fold-in step first and a fold-out step last when num_nodes is not a power of two).
+JAXNVRAR_HD InterNodeStep InterNodeStepOf(int32_t node, int32_t num_nodes, int32_t step) {
+  const int32_t pow2 = LargestPowerOfTwoAtMost(num_nodes);
+  const int32_t extra = num_nodes - pow2;
+  const InterNodeStep idle = {kIdle, -1};
+  if (extra) {
+    const int32_t last = NumInterNodeSteps(num_nodes) - 1;
+    if (step == 0) {
+      if (node >= pow2) return {kSend, node - pow2};
+      if (node < extra) return {kRecvAdd, node + pow2};
+      return idle;
+    }
+    if (step == last) {
+      if (node < extra) return {kSend, node + pow2};
+      if (node >= pow2) return {kRecvCopy, node - pow2};
+      return idle;
+    }
+    step -= 1;
+  }
+  if (node >= pow2) return idle;
+  return {kExchange, node ^ (1 << step)};
+}
+
+}  // namespace jaxnvrar
+
+namespace jaxnvrar {
+
+// The kernel's workspace: see the comment above workspace_bytes_needed in schedule.py.
+constexpr int64_t kCellBytes = 8;
+constexpr int64_t kCellDataBytes = 4;
+constexpr int64_t kWorkspaceHeaderBytes = 256;
+
+JAXNVRAR_HD int64_t SliceCapacityElements(int64_t num_elements, int32_t gpus_per_node,
+                                          int64_t itemsize) {
+  int64_t align = kSliceAlignBytes / itemsize;
+  return SliceStride(num_elements, gpus_per_node, align < 1 ? 1 : align);
+}
+
+JAXNVRAR_HD int64_t SliceCells(int64_t num_elements, int32_t gpus_per_node, int64_t itemsize) {
+  return SliceCapacityElements(num_elements, gpus_per_node, itemsize) * itemsize / kCellDataBytes;
+}
+
+JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize,
+                                         int32_t num_ranks, int32_t gpus_per_node) {
+  int64_t steps = NumInterNodeSteps(num_ranks / gpus_per_node);
+  int64_t inboxes = 2 * gpus_per_node + 2 * steps;
+  return kWorkspaceHeaderBytes +
+         2 * inboxes * SliceCells(num_elements, gpus_per_node, itemsize) * kCellBytes;
+}
+
+}  // namespace jaxnvrar

@@ -1,0 +1,18 @@
+"""jaxnvrar: a hierarchical all-reduce (NVRAR) for JAX, used like `jax.lax.psum` in `jax.shard_map`."""
+
+from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm
+from jaxnvrar.runtime import cuda_available, finalize, initialize, is_initialized
+from jaxnvrar.schedule import Topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS",
+    "Topology",
+    "all_reduce",
+    "choose_algorithm",
+    "cuda_available",
+    "finalize",
+    "initialize",
+    "is_initialized",
+]

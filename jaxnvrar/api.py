@@ -1,0 +1,85 @@
+"""`all_reduce`: the public entry point, used like `jax.lax.psum` inside `jax.shard_map`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnvrar import runtime
+from jaxnvrar.primitive import all_reduce_p
+from jaxnvrar.schedule import Topology
+
+ALGORITHMS = ("auto", "psum", "reference", "nvrar")
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _axis_size(axis_name) -> int:
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError as err:
+        raise NameError(
+            f"jaxnvrar.all_reduce: axis {axis_name!r} is not bound here ({err}); call it inside "
+            f"jax.shard_map over a mesh with an axis named {axis_name!r}"
+        ) from None
+
+
+def _single_axis(axis_name):
+    if isinstance(axis_name, (tuple, list)):
+        if len(axis_name) != 1:
+            raise ValueError(
+                f"jaxnvrar.all_reduce reduces over one mesh axis, got {tuple(axis_name)}; "
+                "reduce over each axis in turn, or use jax.lax.psum"
+            )
+        axis_name = axis_name[0]
+    return axis_name
+
+
+def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
+    """What algorithm="auto" runs: "nvrar" where the CUDA runtime is up and the message fits
+    its workspace, else XLA's psum."""
+    from jaxnvrar.nvrar_ffi import workspace_bytes_needed
+
+    if runtime.is_initialized() and jax.default_backend() == "gpu":
+        if workspace_bytes_needed(num_elements, jnp.dtype(dtype).itemsize, topology) <= runtime.workspace_bytes():
+            return "nvrar"
+    return "psum"
+
+
+def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | None = None):
+    """Sum ``x`` over the mesh axis ``axis_name``; call inside `jax.shard_map`.
+
+    Returns an array of ``x``'s shape and dtype equal to ``jax.lax.psum(x, axis_name)`` within
+    the dtype's rounding, bit-identical on every rank of the axis.
+
+    Args:
+      x: float32, bfloat16 or float16 array, any shape.
+      axis_name: one mesh axis (of possibly several).
+      algorithm: "psum" (XLA's), "reference" (the NVRAR schedule in JAX collectives, any
+        backend), "nvrar" (the CUDA kernel; needs `jaxnvrar.initialize()`), or "auto"
+        (see `choose_algorithm`).
+      gpus_per_node: consecutive ranks of the axis that form one node. Default: the ranks
+        that share a host. Must divide the axis size.
+    """
+    x = jnp.asarray(x)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"jaxnvrar.all_reduce supports float32, bfloat16 and float16, got {x.dtype}; "
+            "cast to one of them or use jax.lax.psum"
+        )
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    axis_name = _single_axis(axis_name)
+    num_ranks = _axis_size(axis_name)
+    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else None
+    if algorithm == "auto":
+        algorithm = choose_algorithm(x.size, x.dtype, topology or Topology(num_ranks, 1))
+    if algorithm == "psum":
+        return lax.psum(x, axis_name)
+    if algorithm == "nvrar":
+        from jaxnvrar.nvrar_ffi import check_can_run
+
+        check_can_run(x, topology or Topology(num_ranks, 1))
+    return all_reduce_p.bind(
+        x, axis_name=axis_name, num_ranks=num_ranks, gpus_per_node=gpus_per_node, algorithm=algorithm
+    )

@@ -1,0 +1,70 @@
+"""The CUDA path: registration of the XLA FFI target and the lowering to it."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+
+from jaxnvrar import runtime
+from jaxnvrar.schedule import Topology, workspace_bytes_needed
+
+TARGET = "jaxnvrar_nvrar_all_reduce"
+_registered = False
+
+
+def register() -> None:
+    """Register the handler with XLA (done by `jaxnvrar.initialize`)."""
+    global _registered
+    if _registered:
+        return
+    for name, handler in runtime.cuda_extension().registrations().items():
+        jax.ffi.register_ffi_target(name, handler, platform="CUDA")
+    _registered = True
+
+
+def check_can_run(x, topology: Topology) -> None:
+    """Raise, naming the fix, where algorithm="nvrar" cannot take this call."""
+    if not runtime.is_initialized():
+        runtime.cuda_extension()  # says how to build, if that is what is missing
+        raise RuntimeError(
+            "jaxnvrar.all_reduce(algorithm='nvrar') needs jaxnvrar.initialize() first "
+            "(after jax.distributed.initialize() in a multi-process job)"
+        )
+    needed = max(
+        workspace_bytes_needed(x.size, x.dtype.itemsize, Topology(topology.num_ranks, g))
+        for g in range(1, topology.num_ranks + 1)
+        if topology.num_ranks % g == 0
+    )
+    if needed > runtime.workspace_bytes():
+        raise ValueError(
+            f"a {x.size * x.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, "
+            f"but it has {runtime.workspace_bytes()}; raise it with jaxnvrar.initialize("
+            f"workspace_bytes=...) or ${runtime.WORKSPACE_ENV}, or use algorithm='psum'"
+        )
+
+
+def _pe_groups(groups, num_pes: int) -> np.ndarray:
+    """Row p: the NVSHMEM PEs of PE p's axis group, in axis order (one process per GPU)."""
+    table = np.full((num_pes, len(groups[0])), -1, np.int32)
+    for group in groups:
+        pes = [device.process_index for device in group]
+        for pe in pes:
+            table[pe] = pes
+    return table
+
+
+def lower(ctx, x, *, topology: Topology, groups):
+    if groups is None:
+        raise ValueError(
+            "jaxnvrar.all_reduce(algorithm='nvrar') needs jax.shard_map over a concrete "
+            "jax.sharding.Mesh (one made from devices), not an AbstractMesh"
+        )
+    table = _pe_groups(groups, jax.process_count())
+    rule = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)
+    return rule(
+        ctx,
+        x,
+        num_ranks=np.int32(topology.num_ranks),
+        gpus_per_node=np.int32(topology.gpus_per_node),
+        pe_groups=table.reshape(-1),
+    )

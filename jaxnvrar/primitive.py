@@ -1,0 +1,147 @@
+"""The `all_reduce` primitive: typed like `lax.psum`, lowered to the reference or the CUDA kernel.
+
+A primitive of our own (rather than a plain Python function of ppermutes) gives the result
+psum's type inside `jax.shard_map`: invariant over the reduced axis, so `out_specs=P()`
+and `check_vma=True` work exactly as with psum, and its transpose is psum's.
+The topology is resolved at lowering time, where the concrete mesh is known.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from jax import lax
+from jax._src import core
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jaxnvrar import runtime
+from jaxnvrar.reference import all_reduce_reference
+from jaxnvrar.schedule import Topology
+
+all_reduce_p = Primitive("jaxnvrar_all_reduce")
+
+
+def _varying_axes(aval) -> frozenset:
+    # jax >= 0.10 keeps the varying manual axes in aval.mat; earlier releases in aval.vma.
+    if hasattr(aval, "mat"):
+        return frozenset(aval.mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _with_varying_axes(aval, axes: frozenset):
+    if hasattr(aval, "mat"):
+        return aval.update(manual_axis_type=aval.mat.update(varying=axes))
+    if hasattr(aval, "vma"):
+        return aval.update(vma=axes)
+    return aval
+
+
+def _abstract_eval(x, *, axis_name, num_ranks, gpus_per_node, algorithm):
+    return _with_varying_axes(x, _varying_axes(x) - {axis_name})
+
+
+all_reduce_p.def_abstract_eval(_abstract_eval)
+
+
+def _transpose(cotangent, x, **params):
+    # Same rule as psum's: a varying cotangent must itself be summed over the axis;
+    # an invariant one flows back to every rank unchanged.
+    axis_name = params["axis_name"]
+    if axis_name in _varying_axes(core.typeof(cotangent)):
+        return [all_reduce_p.bind(cotangent, **params)]
+    return [lax.pcast(cotangent, axis_name, to="varying")]
+
+
+ad.deflinear2(all_reduce_p, _transpose)
+
+
+def _batch(args, dims, **params):
+    # The all-reduce is elementwise, so a batch dimension passes straight through.
+    return all_reduce_p.bind(args[0], **params), dims[0]
+
+
+batching.primitive_batchers[all_reduce_p] = _batch
+
+
+# ---------------------------------------------------------------- topology at lowering time
+
+
+def _axis_groups(mesh, axis_name) -> list[list]:
+    """The devices of ``mesh`` grouped by ``axis_name``: one list per group, in axis order."""
+    axis = mesh.axis_names.index(axis_name)
+    devices = np.moveaxis(np.asarray(mesh.devices), axis, -1)
+    return [list(row) for row in devices.reshape(-1, devices.shape[-1])]
+
+
+def _mesh_of(ctx):
+    mesh = getattr(ctx.module_context.axis_context, "mesh", None)
+    if mesh is None or not hasattr(mesh, "devices"):
+        return None
+    return mesh
+
+
+def _node_size_of(group: list) -> int:
+    """How many consecutive ranks of one axis group share a host."""
+    hosts = [runtime.host_of_process(d.process_index) for d in group]
+    size = 1
+    while size < len(hosts) and hosts[size] == hosts[0]:
+        size += 1
+    for start in range(0, len(hosts), size):
+        block = hosts[start : start + size]
+        if len(set(block)) != 1 or len(block) != size or (start and hosts[start - 1] == block[0]):
+            raise ValueError(
+                "jaxnvrar.all_reduce: the ranks of the reduced axis are not laid out in equal "
+                f"blocks of consecutive ranks per host (hosts in axis order: {hosts}); "
+                "pass gpus_per_node explicitly"
+            )
+    return size
+
+
+def resolve_topology(ctx, axis_name, num_ranks, gpus_per_node) -> tuple[Topology, list[list] | None]:
+    """The topology of the reduced axis and, where the mesh is known, its device groups."""
+    mesh = _mesh_of(ctx)
+    groups = _axis_groups(mesh, axis_name) if mesh is not None else None
+    if gpus_per_node is None:
+        if groups is None:
+            gpus_per_node = math.gcd(num_ranks, runtime.devices_per_host())
+        else:
+            sizes = {_node_size_of(group) for group in groups}
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"jaxnvrar.all_reduce: groups of axis {axis_name!r} span hosts differently "
+                    f"(node sizes {sorted(sizes)}); pass gpus_per_node explicitly"
+                )
+            gpus_per_node = sizes.pop()
+    return Topology(num_ranks, gpus_per_node), groups
+
+
+# ---------------------------------------------------------------- lowerings
+
+
+def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm):
+    if algorithm == "nvrar":
+        platform = ctx.module_context.platforms
+        raise NotImplementedError(
+            f"jaxnvrar.all_reduce(algorithm='nvrar') runs on CUDA GPUs only, not on {platform}; "
+            "use algorithm='auto' to fall back to psum elsewhere"
+        )
+    topology, _ = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
+    impl = functools.partial(all_reduce_reference, axis_name=axis_name, topology=topology)
+    return mlir.lower_fun(impl, multiple_results=False)(ctx, x)
+
+
+def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm):
+    if algorithm != "nvrar":
+        return _lower_reference(ctx, x, axis_name=axis_name, num_ranks=num_ranks,
+                                gpus_per_node=gpus_per_node, algorithm=algorithm)
+    from jaxnvrar import nvrar_ffi
+
+    topology, groups = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
+    return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups)
+
+
+mlir.register_lowering(all_reduce_p, _lower_reference)
+mlir.register_lowering(all_reduce_p, _lower_cuda, platform="cuda")

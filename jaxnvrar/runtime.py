@@ -1,0 +1,216 @@
+"""Runtime: the host layout of the job, and NVSHMEM's lifecycle for the CUDA kernel.
+
+`initialize()` bootstraps NVSHMEM (one PE per process, one GPU per process) through
+nvshmem4py with a unique id shared in jax.distributed's key-value store, then lets the
+extension fill its own copy of NVSHMEM's device state and allocate the symmetric workspace.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import socket
+
+import jax
+
+WORKSPACE_ENV = "JAXNVRAR_WORKSPACE_BYTES"
+DEFAULT_WORKSPACE_BYTES = 512 << 20
+TIMEOUT_ENV = "JAXNVRAR_TIMEOUT_S"  # bound on every wait inside the kernel
+DEFAULT_TIMEOUT_S = 10.0
+FORCE_PUT_ENV = "JAXNVRAR_FORCE_PUT"  # 1: inter-node phase through nvshmem puts even over P2P
+_KV_TIMEOUT_MS = 120_000
+_BUILD_HINT = (
+    "build jaxnvrar on a machine with nvcc and NVSHMEM: "
+    "pip install nvidia-nvshmem-cu13 nvshmem4py-cu13 scikit-build-core nanobind && "
+    "NVSHMEM_HOME=$(python -c 'import nvidia.nvshmem as m; print(m.__path__[0])') "
+    "pip install --no-build-isolation -e ."
+)
+
+
+@dataclasses.dataclass
+class _State:
+    workspace_bytes: int
+    num_pes: int
+    my_pe: int
+    nvshmem4py: object  # the nvshmem.core module, finalised after the extension
+
+
+_state: _State | None = None
+_hosts: dict[int, str] | None = None
+
+
+def _distributed_client():
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def host_of_process(process_index: int) -> str:
+    """The host name of a process of this job (exchanged once through jax.distributed)."""
+    global _hosts
+    if _hosts is None:
+        if jax.process_count() == 1:
+            _hosts = {0: socket.gethostname()}
+        else:
+            client = _distributed_client()
+            client.key_value_set(f"jaxnvrar/hostname/{jax.process_index()}", socket.gethostname())
+            _hosts = {
+                i: client.blocking_key_value_get(f"jaxnvrar/hostname/{i}", _KV_TIMEOUT_MS)
+                for i in range(jax.process_count())
+            }
+    return _hosts[process_index]
+
+
+def devices_per_host() -> int:
+    """Devices on this process's host, summed over the job's processes that share it."""
+    mine = host_of_process(jax.process_index())
+    return sum(
+        1 for d in jax.devices() if host_of_process(d.process_index) == mine
+    )
+
+
+def cuda_extension():
+    """The compiled CUDA module, or an ImportError that says how to build it."""
+    try:
+        from jaxnvrar import _jaxnvrar_cuda
+    except ImportError as err:
+        raise ImportError(f"jaxnvrar was built without its CUDA/NVSHMEM part ({err}); {_BUILD_HINT}") from err
+    return _jaxnvrar_cuda
+
+
+def cuda_available() -> bool:
+    try:
+        cuda_extension()
+    except ImportError:
+        return False
+    return True
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def workspace_bytes() -> int:
+    """Size of each PE's symmetric workspace (0 before `initialize`)."""
+    return _state.workspace_bytes if _state else 0
+
+
+def _requested_workspace_bytes(workspace_bytes: int | None) -> int:
+    if workspace_bytes is None:
+        raw = os.environ.get(WORKSPACE_ENV)
+        if raw is None:
+            return DEFAULT_WORKSPACE_BYTES
+        try:
+            workspace_bytes = int(raw)
+        except ValueError:
+            raise ValueError(f"{WORKSPACE_ENV}={raw!r} is not an integer number of bytes") from None
+    if workspace_bytes < (1 << 20):
+        raise ValueError(f"workspace_bytes={workspace_bytes} is too small; use at least 1 MiB")
+    return int(workspace_bytes)
+
+
+def _looks_like_multi_process_job() -> bool:
+    for var in ("JAXNVRAR_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def _check_environment():
+    if _looks_like_multi_process_job() and _distributed_client() is None:
+        raise RuntimeError(
+            "jaxnvrar.initialize() was called before jax.distributed.initialize() in a "
+            "multi-process job; call jax.distributed.initialize() first"
+        )
+    gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+    if not gpus:
+        raise RuntimeError(
+            "jaxnvrar.initialize() needs a CUDA GPU, but this process sees "
+            f"{[d.platform for d in jax.local_devices()]}; algorithm='reference' or 'psum' run anywhere"
+        )
+    if len(jax.local_devices()) != 1:
+        raise RuntimeError(
+            f"jaxnvrar.initialize() needs exactly one GPU per process (NVSHMEM has one PE per "
+            f"process), but this process sees {len(jax.local_devices())}; start one process per GPU "
+            "(jaxnvrar-launch does) or pass local_device_ids=[i] to jax.distributed.initialize"
+        )
+
+
+def _bootstrap_nvshmem4py():
+    try:
+        import numpy as np
+        import nvshmem.core as nvshmem
+    except ImportError as err:
+        raise ImportError(
+            f"nvshmem4py is missing ({err}); install it with: pip install nvshmem4py-cu13"
+        ) from err
+    try:
+        from cuda.core import Device
+    except ImportError:
+        from cuda.core.experimental import Device
+
+    rank, nranks = jax.process_index(), jax.process_count()
+    if nranks == 1:
+        uid = nvshmem.get_unique_id()
+    else:
+        client = _distributed_client()
+        key = "jaxnvrar/nvshmem_uid"
+        if rank == 0:
+            uid = nvshmem.get_unique_id()
+            client.key_value_set_bytes(key, uid._data.tobytes())
+        else:
+            uid = nvshmem.get_unique_id(empty=True)
+            raw = client.blocking_key_value_get_bytes(key, _KV_TIMEOUT_MS)
+            uid._data.view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
+    device = Device(jax.local_devices()[0].local_hardware_id)
+    device.set_current()
+    nvshmem.init(device=device, uid=uid, rank=rank, nranks=nranks, initializer_method="uid")
+    return nvshmem
+
+
+def initialize(*, workspace_bytes: int | None = None) -> None:
+    """Start NVSHMEM and allocate the symmetric workspace; call after jax.distributed.initialize().
+
+    ``workspace_bytes`` (default: ${JAXNVRAR_WORKSPACE_BYTES} or 512 MiB) bounds the largest
+    message `algorithm="nvrar"` takes. Calling it again is a no-op.
+    """
+    global _state
+    requested = _requested_workspace_bytes(workspace_bytes)
+    if _state is not None:
+        if workspace_bytes is not None and requested != _state.workspace_bytes:
+            raise RuntimeError(
+                f"jaxnvrar is already initialised with a {_state.workspace_bytes}-byte workspace; "
+                "call jaxnvrar.finalize() first to change it"
+            )
+        return
+    extension = cuda_extension()
+    _check_environment()
+    # The symmetric heap must hold the workspace; leave NVSHMEM room for its own needs.
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(requested + (256 << 20)))
+    nvshmem = _bootstrap_nvshmem4py()
+    extension.initialize(
+        requested,
+        float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+        os.environ.get(FORCE_PUT_ENV, "0") == "1",
+    )
+    _state = _State(requested, extension.num_pes(), extension.my_pe(), nvshmem)
+    from jaxnvrar import nvrar_ffi
+
+    nvrar_ffi.register()
+
+
+def finalize() -> None:
+    """Free the workspace and shut NVSHMEM down (also run at exit). Safe to call twice."""
+    global _state
+    if _state is None:
+        return
+    state, _state = _state, None
+    # The extension waits for the GPU to go idle (pending all-reduces use the workspace),
+    # frees the workspace and drops its copy of NVSHMEM's state before nvshmem4py shuts down.
+    cuda_extension().finalize()
+    state.nvshmem4py.finalize()
+
+
+atexit.register(finalize)

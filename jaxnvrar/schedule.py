@@ -1,0 +1,182 @@
+"""The NVRAR schedule: who talks to whom, at which step, about which slice.
+
+This module is the single definition of the algorithm. The pure-JAX reference
+(`jaxnvrar.reference`) is written against it, and the CUDA kernel follows its
+C++ twin in `csrc/schedule.h`; `tests/test_schedule.py` checks that the two agree.
+
+Ranks 0..P-1 of the reduced axis form N nodes of G consecutive ranks each
+(rank = node * G + local). The message of n elements is cut into G slices;
+local rank l owns slice l.
+
+1. Intra-node reduce-scatter: local l sums slice l over locals 0, 1, ..., G-1,
+   in that order, in float32.
+2. Inter-node all-reduce of each slice among the ranks with the same local index,
+   by recursive doubling over the nodes. For N not a power of two, the
+   ``N - 2**floor(log2 N)`` extra nodes first fold their slice into a partner
+   (node - pow2) and get the finished slice back at the end.
+   Every addition puts the lower node's value first, so all ranks round alike.
+3. Intra-node all-gather: local l's finished slice is copied to every local.
+
+Every element of the result is computed once, on one rank, and copied to the
+others, which is why all replicas end bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+__all__ = [
+    "Topology",
+    "StepOp",
+    "InterNodeStep",
+    "slice_bounds",
+    "slice_stride",
+    "inter_node_steps",
+    "inter_node_step",
+    "num_inter_node_steps",
+    "SLICE_ALIGN_BYTES",
+    "slice_capacity_elements",
+    "workspace_bytes_needed",
+]
+
+# Slices start on 16-byte boundaries so the kernel can use 16-byte vector accesses.
+SLICE_ALIGN_BYTES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """``num_ranks`` ranks of one mesh axis, grouped into nodes of ``gpus_per_node``."""
+
+    num_ranks: int
+    gpus_per_node: int
+
+    def __post_init__(self):
+        for name in ("num_ranks", "gpus_per_node"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_ranks % self.gpus_per_node:
+            raise ValueError(
+                f"gpus_per_node={self.gpus_per_node} does not divide the axis size "
+                f"{self.num_ranks}; pass a gpus_per_node that divides {self.num_ranks}"
+            )
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_ranks // self.gpus_per_node
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.gpus_per_node
+
+    def local_of(self, rank: int) -> int:
+        return rank % self.gpus_per_node
+
+    def rank_of(self, node: int, local: int) -> int:
+        return node * self.gpus_per_node + local
+
+
+def slice_stride(num_elements: int, num_slices: int, align_elements: int) -> int:
+    """Distance between slice starts: ceil(n / slices), rounded up to the alignment."""
+    per_slice = -(-num_elements // num_slices)
+    return -(-per_slice // align_elements) * align_elements
+
+
+def slice_bounds(num_elements: int, num_slices: int, align_elements: int = 1) -> list[tuple[int, int]]:
+    """[begin, end) of each slice of a flat message; slices start on ``align_elements``.
+
+    Trailing slices may be shorter or empty when the message is small.
+    """
+    if num_slices < 1 or align_elements < 1 or num_elements < 0:
+        raise ValueError("slice_bounds needs num_slices >= 1, align_elements >= 1, num_elements >= 0")
+    per_slice = slice_stride(num_elements, num_slices, align_elements)
+    bounds = []
+    for index in range(num_slices):
+        begin = min(index * per_slice, num_elements)
+        bounds.append((begin, min(begin + per_slice, num_elements)))
+    return bounds
+
+
+class StepOp(enum.IntFlag):
+    """What a node does in one inter-node step (values shared with csrc/schedule.h)."""
+
+    IDLE = 0
+    SEND = 1  # send my slice to the peer
+    RECV_ADD = 2  # receive the peer's slice and add it to mine
+    RECV_COPY = 4  # receive the peer's slice and replace mine with it
+    EXCHANGE = SEND | RECV_ADD
+
+
+@dataclasses.dataclass(frozen=True)
+class InterNodeStep:
+    op: StepOp
+    peer: int  # peer node, -1 when idle
+
+
+def _largest_power_of_two_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def num_inter_node_steps(num_nodes: int) -> int:
+    """log2 of the largest power of two <= N, plus a fold-in and a fold-out step if N is not one."""
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    pow2 = _largest_power_of_two_at_most(num_nodes)
+    return (pow2.bit_length() - 1) + (2 if pow2 != num_nodes else 0)
+
+
+def inter_node_step(node: int, num_nodes: int, step: int) -> InterNodeStep:
+    """The op and peer of ``node`` at ``step`` of the inter-node phase."""
+    if not 0 <= node < num_nodes:
+        raise ValueError(f"node {node} out of range for {num_nodes} nodes")
+    if not 0 <= step < num_inter_node_steps(num_nodes):
+        raise ValueError(f"step {step} out of range for {num_nodes} nodes")
+    pow2 = _largest_power_of_two_at_most(num_nodes)
+    extra = num_nodes - pow2
+    idle = InterNodeStep(StepOp.IDLE, -1)
+    if extra:
+        last = num_inter_node_steps(num_nodes) - 1
+        if step == 0:  # fold-in: extra nodes hand their slice to a partner
+            if node >= pow2:
+                return InterNodeStep(StepOp.SEND, node - pow2)
+            if node < extra:
+                return InterNodeStep(StepOp.RECV_ADD, node + pow2)
+            return idle
+        if step == last:  # fold-out: partners hand the finished slice back
+            if node < extra:
+                return InterNodeStep(StepOp.SEND, node + pow2)
+            if node >= pow2:
+                return InterNodeStep(StepOp.RECV_COPY, node - pow2)
+            return idle
+        step -= 1
+    if node >= pow2:
+        return idle
+    return InterNodeStep(StepOp.EXCHANGE, node ^ (1 << step))
+
+
+def inter_node_steps(node: int, num_nodes: int) -> list[InterNodeStep]:
+    return [inter_node_step(node, num_nodes, s) for s in range(num_inter_node_steps(num_nodes))]
+
+
+# ---------------------------------------------------------------- the kernel's workspace
+# The CUDA kernel moves data in 8-byte cells {4 data bytes, 4-byte call flag}. Each PE's
+# symmetric workspace holds, twice (calls alternate between the two halves so a fast rank
+# never overwrites cells a slow peer has yet to read):
+#   G reduce-scatter inboxes, S inter-node inboxes, S put-staging areas, G all-gather inboxes,
+# each one slice of cells; after a small header. Twin: WorkspaceBytesNeeded in csrc/schedule.h.
+CELL_BYTES = 8
+CELL_DATA_BYTES = 4
+WORKSPACE_HEADER_BYTES = 256
+
+
+def slice_capacity_elements(num_elements: int, gpus_per_node: int, itemsize: int) -> int:
+    """Elements an inbox holds: the first slice's length before it is cut at the message end."""
+    return slice_stride(num_elements, gpus_per_node, max(1, SLICE_ALIGN_BYTES // itemsize))
+
+
+def workspace_bytes_needed(num_elements: int, itemsize: int, topology: Topology) -> int:
+    g = topology.gpus_per_node
+    steps = num_inter_node_steps(topology.num_nodes)
+    slice_cells = slice_capacity_elements(num_elements, g, itemsize) * itemsize // CELL_DATA_BYTES
+    inboxes = 2 * g + 2 * steps
+    return WORKSPACE_HEADER_BYTES + 2 * inboxes * slice_cells * CELL_BYTES
