@@ -1,0 +1,5 @@
+import sys
+
+from jaxnvrar.bench import main
+
+sys.exit(main())

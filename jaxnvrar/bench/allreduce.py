@@ -1,0 +1,176 @@
+"""All-reduce latency per algorithm over a sweep of message sizes, in the style of nccl-tests.
+
+Each measurement runs a jitted shard_map program of --chain dependent all-reduces on a
+donated buffer (stable addresses, as in a decode loop) and divides by the chain length.
+"pipelined": --iters executions queued back to back, then one wait (device-bound).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnvrar
+from jaxnvrar.bench.setup import bring_up, is_printer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().rstrip("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--min-bytes", type=parse_bytes, default=8 << 10, help="smallest message (8K)")
+    parser.add_argument("--max-bytes", type=parse_bytes, default=8 << 20, help="largest message (8M)")
+    parser.add_argument("--factor", type=int, default=None, help="size step (default 2 on GPU, 4 on CPU)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--algorithms", default=None,
+                        help="comma-separated, from psum,reference,nvrar (default: all available)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default: per host)")
+    parser.add_argument("--chain", type=int, default=None, help="all-reduces per program (16 GPU, 4 CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed executions (50 GPU, 5 CPU)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed batches; the median is reported")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
+
+
+def _available_algorithms() -> list[str]:
+    algorithms = ["psum", "reference"]
+    if jaxnvrar.is_initialized():
+        algorithms.append("nvrar")
+    return algorithms
+
+
+def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks):
+    def body(x):
+        for _ in range(chain):
+            x = jaxnvrar.all_reduce(x, "x", algorithm=algorithm, gpus_per_node=gpus_per_node)
+            # Keep the magnitude and the per-rank type of the carried value.
+            x = lax.pcast(x * (1.0 / num_ranks), "x", to="varying")
+        return x
+
+    fn = jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+    return jax.jit(fn, donate_argnums=0)
+
+
+def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node) -> float:
+    """Median microseconds per all-reduce of `count` elements per rank."""
+    num_ranks = mesh.devices.size
+    program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks)
+    sharding = NamedSharding(mesh, P("x"))
+    x = jax.device_put(jnp.ones((num_ranks * count,), dtype), sharding)
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            x = program(x)
+        x.block_until_ready()
+        batches = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(iters):
+                x = program(x)
+            x.block_until_ready()
+            batches.append((time.perf_counter() - start) / (iters * chain))
+    return statistics.median(batches) * 1e6
+
+
+def _sizes(min_bytes, max_bytes, factor, itemsize):
+    size, sizes = max(min_bytes, itemsize), []
+    while size <= max_bytes:
+        sizes.append(size)
+        size *= factor
+    return sizes
+
+
+def _print_table(rows, algorithms, num_ranks):
+    head = f"{'size(B)':>10} {'count':>9} {'type':>8}"
+    for a in algorithms:
+        head += f" | {a + ' us':>12} {'algbw':>7} {'busbw':>7}" + (f" {'x psum':>6}" if a != "psum" else "")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        line = f"{row['bytes']:>10} {row['count']:>9} {row['dtype']:>8}"
+        for a in algorithms:
+            r = row["results"][a]
+            line += f" | {r['us']:>12.2f} {r['algbw_gbs']:>7.2f} {r['busbw_gbs']:>7.2f}"
+            if a != "psum":
+                line += f" {r['speedup_vs_psum']:>6.2f}" if "speedup_vs_psum" in r else f" {'-':>6}"
+        print(line)
+    print(f"algbw = size / time, busbw = algbw * 2(P-1)/P with P = {num_ranks}; GB/s; "
+          "x psum = psum time / this time")
+
+
+def _plot(rows, algorithms, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = [r["bytes"] for r in rows]
+    for a in algorithms:
+        ax.plot(sizes, [r["results"][a]["us"] for r in rows], marker="o", label=a)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("time per all-reduce (us)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args) -> int:
+    description = bring_up()
+    on_gpu = jax.default_backend() == "gpu"
+    factor = args.factor or (2 if on_gpu else 4)
+    chain = args.chain or (16 if on_gpu else 4)
+    iters = args.iters or (50 if on_gpu else 5)
+    available = _available_algorithms()
+    algorithms = args.algorithms.split(",") if args.algorithms else available
+    for a in algorithms:
+        if a not in available:
+            raise SystemExit(f"jaxnvrar-bench: algorithm {a!r} is not available here (available: {available})")
+    if "psum" not in algorithms:
+        algorithms.insert(0, "psum")  # every speed-up is against psum
+    dtype = _DTYPES[args.dtype]
+    itemsize = jnp.dtype(dtype).itemsize
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    num_ranks = jax.device_count()
+    if is_printer():
+        print(f"# jaxnvrar-bench allreduce: {description}")
+        print(f"# chain {chain} all-reduces per program, {iters} executions per batch, median of "
+              f"{args.repeats} batches; gpus_per_node={args.gpus_per_node or 'per host'}")
+    rows = []
+    for nbytes in _sizes(args.min_bytes, args.max_bytes, factor, itemsize):
+        count = nbytes // itemsize
+        row = {"bytes": count * itemsize, "count": count, "dtype": args.dtype, "results": {}}
+        for a in algorithms:
+            us = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
+                         gpus_per_node=args.gpus_per_node)
+            algbw = row["bytes"] / (us * 1e-6) / 1e9
+            row["results"][a] = {"us": us, "algbw_gbs": algbw, "busbw_gbs": algbw * 2 * (num_ranks - 1) / num_ranks}
+        for a in algorithms:
+            row["results"][a]["speedup_vs_psum"] = row["results"]["psum"]["us"] / row["results"][a]["us"]
+        rows.append(row)
+    if is_printer():
+        _print_table(rows, algorithms, num_ranks)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"devices": description, "chain": chain, "iters": iters, "rows": rows}, f, indent=1)
+        if args.plot:
+            _plot(rows, algorithms, args.plot, f"jaxnvrar all-reduce, {args.dtype}: {description}")
+    return 0

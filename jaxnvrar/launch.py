@@ -1,0 +1,164 @@
+"""jaxnvrar-launch: run N local ranks of a jax.distributed job, one process each.
+
+    jaxnvrar-launch -n 2 -- python my_script.py
+
+Each rank gets JAXNVRAR_COORDINATOR, JAXNVRAR_NUM_PROCESSES, JAXNVRAR_PROCESS_ID and
+JAXNVRAR_LOCAL_RANK, which `jaxnvrar.initialize_distributed()` reads. Output lines are
+prefixed with the rank. If a rank fails, the others are stopped and the launcher exits with
+its code, naming it and repeating its last lines; past --timeout every rank is stopped and
+the launcher exits 124. Multi-host jobs (Slurm, mpirun) need no launcher: there
+`initialize_distributed()` falls back to jax.distributed's own cluster detection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ENV_COORDINATOR = "JAXNVRAR_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXNVRAR_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXNVRAR_PROCESS_ID"
+ENV_LOCAL_RANK = "JAXNVRAR_LOCAL_RANK"
+_TAIL_LINES = 20
+_KILL_GRACE_S = 5.0
+
+
+def initialize_distributed(**kwargs) -> None:
+    """`jax.distributed.initialize` for a rank started by jaxnvrar-launch (one device each),
+    or with jax's own cluster detection (Slurm, Open MPI, ...) elsewhere. No-op for one process."""
+    import jax
+
+    if ENV_COORDINATOR not in os.environ:
+        jax.distributed.initialize(**kwargs)
+        return
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+    if num_processes == 1:
+        return
+    local_rank = int(os.environ[ENV_LOCAL_RANK])
+    kwargs.setdefault("local_device_ids", [local_rank])
+    jax.distributed.initialize(
+        os.environ[ENV_COORDINATOR], num_processes, int(os.environ[ENV_PROCESS_ID]), **kwargs
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Rank:
+    def __init__(self, rank: int, command: list[str], env: dict, lock: threading.Lock):
+        self.rank = rank
+        self.tail = collections.deque(maxlen=_TAIL_LINES)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # own group: we stop its children too
+        )
+        self._reader = threading.Thread(target=self._pump, args=(lock,), daemon=True)
+        self._reader.start()
+
+    def _pump(self, lock):
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.tail.append(line)
+            with lock:
+                print(f"[rank {self.rank}] {line}", flush=True)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def finish_output(self):
+        self._reader.join(timeout=2.0)
+
+
+def _stop_all(ranks: list[_Rank]) -> None:
+    for r in ranks:
+        r.stop(signal.SIGTERM)
+    deadline = time.monotonic() + _KILL_GRACE_S
+    for r in ranks:
+        try:
+            r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.stop(signal.SIGKILL)
+            r.process.wait()
+
+
+def launch(num_processes: int, command: list[str], *, timeout: float, port: int | None = None) -> int:
+    env = dict(os.environ)
+    env[ENV_COORDINATOR] = f"127.0.0.1:{port or _free_port()}"
+    env[ENV_NUM_PROCESSES] = str(num_processes)
+    env["PYTHONUNBUFFERED"] = "1"
+    lock = threading.Lock()
+    ranks = []
+    for rank in range(num_processes):
+        rank_env = dict(env, **{ENV_PROCESS_ID: str(rank), ENV_LOCAL_RANK: str(rank)})
+        ranks.append(_Rank(rank, command, rank_env, lock))
+
+    deadline = time.monotonic() + timeout
+    failed = None
+    try:
+        while True:
+            codes = [r.process.poll() for r in ranks]
+            failed = next((r for r, c in zip(ranks, codes) if c not in (None, 0)), None)
+            if failed is not None or all(c == 0 for c in codes):
+                break
+            if time.monotonic() > deadline:
+                _stop_all(ranks)
+                for r in ranks:
+                    r.finish_output()
+                print(f"jaxnvrar-launch: timed out after {timeout:g} s; stopped all {num_processes} ranks",
+                      file=sys.stderr, flush=True)
+                return 124
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        _stop_all(ranks)
+        return 130
+    if failed is None:
+        for r in ranks:
+            r.finish_output()
+        return 0
+    code = failed.process.returncode
+    _stop_all(ranks)
+    for r in ranks:
+        r.finish_output()
+    tail = "\n".join(f"    {line}" for line in failed.tail)
+    print(
+        f"jaxnvrar-launch: rank {failed.rank} failed with exit code {code}; stopped the other ranks. "
+        f"Its last lines:\n{tail}",
+        file=sys.stderr, flush=True,
+    )
+    return code if code > 0 else 128 - code  # a signal -s becomes 128 + s, as shells report it
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jaxnvrar-launch", description="Run N local ranks of a jax.distributed job.",
+        usage="jaxnvrar-launch -n N [--timeout S] -- command [args...]",
+    )
+    parser.add_argument("-n", "--num-processes", type=int, required=True, help="ranks to start")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="stop every rank after S seconds")
+    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="command to run on every rank")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    if args.num_processes < 1:
+        parser.error(f"-n must be at least 1, got {args.num_processes}")
+    return launch(args.num_processes, command, timeout=args.timeout, port=args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

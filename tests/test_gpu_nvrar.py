@@ -1,0 +1,127 @@
+"""algorithm="nvrar" (the CUDA kernel) on GPUs: run one process per GPU under jaxnvrar-launch,
+
+    jaxnvrar-launch -n 2 -- python -m pytest -m gpu tests/test_gpu_nvrar.py
+
+Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxnvrar
+from helpers import mesh_1d, run_per_rank
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# 1 element to 64 MB (of float32), odd sizes among them.
+SIZES = [1, 3, 7, 8, 1000, 4097, (1 << 16) + 3, 1 << 20, 16 << 20]
+
+
+def _topologies():
+    n = jax.device_count()
+    return sorted({(n, n), (n, 1)} | ({(n, 2)} if n % 2 == 0 else set()))
+
+
+def _reduce(algorithm, gpus_per_node):
+    return lambda a: jaxnvrar.all_reduce(a, "x", algorithm=algorithm, gpus_per_node=gpus_per_node)
+
+
+def _host(num_ranks, size, dtype, seed=0):
+    rng = np.random.default_rng(seed + size)
+    return rng.standard_normal((num_ranks, size)).astype(jnp.dtype(dtype))
+
+
+def _assert_replicas_identical(out):
+    for r in range(1, out.shape[0]):
+        assert out[r].tobytes() == out[0].tobytes(), f"rank {r} differs from rank 0"
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_matches_psum_and_reference(size, dtype):
+    if size == SIZES[-1] and dtype != jnp.float32:
+        size = 32 << 20  # 64 MB in the 16-bit types too
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    host = _host(num_ranks, size, dtype)
+    expected = run_per_rank(_reduce("psum", None), host, mesh).astype(np.float64)
+    eps = float(jnp.finfo(dtype).eps)
+    for topology in _topologies():
+        gpus_per_node = topology[1]
+        out = run_per_rank(_reduce("nvrar", gpus_per_node), host, mesh)
+        _assert_replicas_identical(out)
+        np.testing.assert_allclose(out.astype(np.float64), expected, rtol=4 * eps * num_ranks,
+                                   atol=16 * eps * num_ranks, err_msg=f"topology {topology}")
+        # Same schedule, same float32 accumulation and rounding: the reference agrees bit for bit.
+        reference = run_per_rank(_reduce("reference", gpus_per_node), host, mesh)
+        assert out.tobytes() == reference.tobytes(), f"nvrar != reference for topology {topology}"
+
+
+def test_scan_over_layers_mixed_with_psum():
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    host = _host(num_ranks, 4096, jnp.float32)
+
+    def layers(algorithm):
+        def body(carry, scale):
+            h = jaxnvrar.all_reduce(carry * scale, "x", algorithm=algorithm, gpus_per_node=1)
+            h = h + lax.psum(carry[:1], "x")  # another XLA collective in the same program
+            return lax.pcast(h / num_ranks, "x", to="varying"), None
+
+        return lambda a: lax.scan(body, a, jnp.linspace(0.5, 1.5, 8))[0]
+
+    out = run_per_rank(layers("nvrar"), host, mesh)
+    expected = run_per_rank(layers("psum"), host, mesh)
+    _assert_replicas_identical(out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ten_thousand_consecutive_calls_and_two_call_sites():
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    varying = lambda v: lax.pcast(v, "x", to="varying")
+
+    def run(a):
+        def body(_, carry):
+            x, y = carry
+            # Two call sites of different sizes and topologies, interleaved; values stay exact.
+            x = varying(jaxnvrar.all_reduce(x, "x", algorithm="nvrar") / num_ranks)
+            y = varying(jaxnvrar.all_reduce(y, "x", algorithm="nvrar", gpus_per_node=1) / num_ranks)
+            return x + 1, y + 1
+
+        x, y = lax.fori_loop(0, 5000, body, (a, varying(jnp.ones(70001, a.dtype))))
+        return x + y[:3]
+
+    out = run_per_rank(run, np.ones((num_ranks, 3), np.float32), mesh)
+    np.testing.assert_array_equal(out, np.full((num_ranks, 3), 2 * 5001, np.float32))
+
+
+def test_command_buffer_replay_advances_flags():
+    # Re-running one compiled program replays its CUDA graph; the kernel must take a new flag
+    # each time, or it would read the previous run's cells and return stale sums.
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    for run in range(20):
+        host = _host(num_ranks, 5000, jnp.float32, seed=run)
+        out = run_per_rank(lambda a: jaxnvrar.all_reduce(a, "x", algorithm="nvrar") * 2, host, mesh)
+        np.testing.assert_allclose(out[0], host.sum(0) * 2, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_nvrar_here():
+    assert jaxnvrar.choose_algorithm(1 << 16, jnp.bfloat16, jaxnvrar.Topology(jax.device_count(), 1)) == "nvrar"
+
+
+def test_message_larger_than_workspace_names_the_variable():
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    too_big = jaxnvrar.runtime.workspace_bytes() // 4 + 1
+    spec = jax.ShapeDtypeStruct((num_ranks, too_big), jnp.float32)
+    with pytest.raises(ValueError, match="JAXNVRAR_WORKSPACE_BYTES"):
+        fn = jax.shard_map(lambda a: _reduce("nvrar", 1)(a[0])[None], mesh=mesh,
+                           in_specs=jax.P("x"), out_specs=jax.P("x"))
+        with jax.set_mesh(mesh):
+            jax.jit(fn).lower(spec)

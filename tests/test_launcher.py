@@ -1,0 +1,45 @@
+"""jaxnvrar-launch: rank environment, output prefixes, failure and timeout handling."""
+
+import subprocess
+import sys
+import time
+
+LAUNCH = [sys.executable, "-m", "jaxnvrar.launch"]
+
+
+def _run(args, timeout=60):
+    return subprocess.run(LAUNCH + args, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_rank_runs_with_its_environment():
+    code = "import os; print('id', os.environ['JAXNVRAR_PROCESS_ID'], 'of', os.environ['JAXNVRAR_NUM_PROCESSES'])"
+    result = _run(["-n", "3", "--", sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    for rank in range(3):
+        assert f"[rank {rank}] id {rank} of 3" in result.stdout
+
+
+def test_a_failing_rank_stops_the_others_and_is_named():
+    code = (
+        "import os, sys, time\n"
+        "rank = int(os.environ['JAXNVRAR_PROCESS_ID'])\n"
+        "print('last words of', rank, flush=True)\n"
+        "sys.exit(7) if rank == 1 else time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    result = _run(["-n", "3", "--", sys.executable, "-c", code])
+    assert result.returncode == 7
+    assert time.monotonic() - start < 30, "the surviving ranks were not stopped promptly"
+    assert "rank 1 failed with exit code 7" in result.stderr
+    assert "last words of 1" in result.stderr
+
+
+def test_timeout_stops_everything():
+    result = _run(["-n", "2", "--timeout", "1", "--", sys.executable, "-c", "import time; time.sleep(60)"])
+    assert result.returncode == 124
+    assert "timed out after 1 s" in result.stderr
+
+
+def test_needs_a_command():
+    result = _run(["-n", "2"])
+    assert result.returncode == 2 and "command" in result.stderr

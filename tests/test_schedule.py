@@ -1,0 +1,79 @@
+"""The schedule on its own, and the kernel's C++ twin (csrc/schedule.h) against it."""
+
+import itertools
+
+import pytest
+
+from jaxnvrar import schedule
+from jaxnvrar.schedule import StepOp, Topology
+
+cpp = pytest.importorskip("jaxnvrar._jaxnvrar_cpu", reason="the CPU extension is not built")
+
+
+@pytest.mark.parametrize("num_nodes", range(1, 34))
+def test_inter_node_phase_reduces_every_node_exactly_once(num_nodes):
+    # Simulate the steps on sets of contributing nodes: every node must end with all of them.
+    held = [{i} for i in range(num_nodes)]
+    for step in range(schedule.num_inter_node_steps(num_nodes)):
+        plan = [schedule.inter_node_step(i, num_nodes, step) for i in range(num_nodes)]
+        for i, p in enumerate(plan):  # sends and receives pair up
+            if p.op & StepOp.SEND:
+                assert plan[p.peer].op & (StepOp.RECV_ADD | StepOp.RECV_COPY) and plan[p.peer].peer == i
+            if p.op & (StepOp.RECV_ADD | StepOp.RECV_COPY):
+                assert plan[p.peer].op & StepOp.SEND and plan[p.peer].peer == i
+        sent = [set(h) for h in held]
+        for i, p in enumerate(plan):
+            if p.op & StepOp.RECV_ADD:
+                assert not held[i] & sent[p.peer], "a contribution would be counted twice"
+                held[i] |= sent[p.peer]
+            elif p.op & StepOp.RECV_COPY:
+                held[i] = set(sent[p.peer])
+    assert all(h == set(range(num_nodes)) for h in held)
+
+
+def test_step_counts():
+    assert [schedule.num_inter_node_steps(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [0, 1, 3, 2, 4, 3, 5, 4]
+
+
+@pytest.mark.parametrize("n,parts,align", [(0, 3, 1), (1, 4, 8), (10, 3, 1), (10, 3, 4), (1000, 7, 8), (5, 8, 4)])
+def test_slices_cover_the_message_in_order(n, parts, align):
+    bounds = schedule.slice_bounds(n, parts, align)
+    assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == n
+    for (b0, e0), (b1, _) in zip(bounds, bounds[1:]):
+        assert e0 == b1 and (b0 % align == 0 or b0 == n)  # empty tail slices sit at the end
+
+
+def test_topology_validation():
+    assert Topology(12, 4).num_nodes == 3 and Topology(12, 4).rank_of(2, 1) == 9
+    with pytest.raises(ValueError, match="gpus_per_node=5 does not divide the axis size 12"):
+        Topology(12, 5)
+    with pytest.raises(ValueError, match="positive integer"):
+        Topology(0, 1)
+
+
+def test_cpp_inter_node_steps_match():
+    for num_nodes in range(1, 40):
+        assert cpp.num_inter_node_steps(num_nodes) == schedule.num_inter_node_steps(num_nodes)
+        for node, step in itertools.product(range(num_nodes), range(schedule.num_inter_node_steps(num_nodes))):
+            want = schedule.inter_node_step(node, num_nodes, step)
+            assert cpp.inter_node_step(node, num_nodes, step) == (int(want.op), want.peer)
+
+
+def test_cpp_slices_and_workspace_match():
+    for n, parts, itemsize in itertools.product([0, 1, 2, 3, 7, 8, 9, 100, 4097, 1 << 20], range(1, 10), (2, 4)):
+        align = schedule.SLICE_ALIGN_BYTES // itemsize
+        for index, bounds in enumerate(schedule.slice_bounds(n, parts, align)):
+            assert cpp.slice_of(n, parts, align, index) == bounds
+        assert cpp.slice_capacity_elements(n, parts, itemsize) == schedule.slice_capacity_elements(n, parts, itemsize)
+        for nodes in (1, 2, 3, 5):
+            topo = Topology(parts * nodes, parts)
+            assert cpp.workspace_bytes_needed(n, itemsize, topo.num_ranks, parts) == \
+                schedule.workspace_bytes_needed(n, itemsize, topo)
+
+
+def test_inboxes_hold_whole_cells_and_every_slice():
+    for n, g, itemsize in itertools.product([1, 3, 17, 1000, 4099], range(1, 9), (2, 4)):
+        capacity = schedule.slice_capacity_elements(n, g, itemsize)
+        assert capacity * itemsize % schedule.SLICE_ALIGN_BYTES == 0
+        align = schedule.SLICE_ALIGN_BYTES // itemsize
+        assert all(e - b <= capacity for b, e in schedule.slice_bounds(n, g, align))
