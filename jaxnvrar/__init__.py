@@ -1,8 +1,7 @@
 """jaxnvrar: a hierarchical all-reduce (NVRAR) for JAX, used like `jax.lax.psum` in `jax.shard_map`."""
 
 from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm
-from jaxnvrar.launch import initialize_distributed
-from jaxnvrar.runtime import cuda_available, finalize, initialize, is_initialized
+from jaxnvrar.runtime import cuda_available, finalize, initialize, initialize_distributed, is_initialized
 from jaxnvrar.schedule import Topology
 
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -35,13 +37,19 @@ def _single_axis(axis_name):
     return axis_name
 
 
+def default_topology(num_ranks: int) -> Topology:
+    """The topology assumed at trace time when gpus_per_node is not given: the ranks that share
+    a host (lowering refines it from the mesh's devices where they are laid out otherwise)."""
+    return Topology(num_ranks, math.gcd(num_ranks, runtime.devices_per_host()))
+
+
 def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
     """What algorithm="auto" runs: "nvrar" where the CUDA runtime is up and the message fits
     its workspace, else XLA's psum."""
-    from jaxnvrar.nvrar_ffi import workspace_bytes_needed
+    from jaxnvrar.nvrar_ffi import fits_workspace
 
     if runtime.is_initialized() and jax.default_backend() == "gpu":
-        if workspace_bytes_needed(num_elements, jnp.dtype(dtype).itemsize, topology) <= runtime.workspace_bytes():
+        if fits_workspace(num_elements, jnp.dtype(dtype).itemsize, topology):
             return "nvrar"
     return "psum"
 
@@ -71,15 +79,15 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
-    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else None
+    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else default_topology(num_ranks)
     if algorithm == "auto":
-        algorithm = choose_algorithm(x.size, x.dtype, topology or Topology(num_ranks, 1))
+        algorithm = choose_algorithm(x.size, x.dtype, topology)
     if algorithm == "psum":
         return lax.psum(x, axis_name)
     if algorithm == "nvrar":
         from jaxnvrar.nvrar_ffi import check_can_run
 
-        check_can_run(x, topology or Topology(num_ranks, 1))
+        check_can_run(x, topology)
     return all_reduce_p.bind(
         x, axis_name=axis_name, num_ranks=num_ranks, gpus_per_node=gpus_per_node, algorithm=algorithm
     )

@@ -22,30 +22,10 @@ import sys
 import threading
 import time
 
-ENV_COORDINATOR = "JAXNVRAR_COORDINATOR"
-ENV_NUM_PROCESSES = "JAXNVRAR_NUM_PROCESSES"
-ENV_PROCESS_ID = "JAXNVRAR_PROCESS_ID"
-ENV_LOCAL_RANK = "JAXNVRAR_LOCAL_RANK"
+from jaxnvrar.runtime import ENV_COORDINATOR, ENV_LOCAL_RANK, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
 _TAIL_LINES = 20
 _KILL_GRACE_S = 5.0
-
-
-def initialize_distributed(**kwargs) -> None:
-    """`jax.distributed.initialize` for a rank started by jaxnvrar-launch (one device each),
-    or with jax's own cluster detection (Slurm, Open MPI, ...) elsewhere. No-op for one process."""
-    import jax
-
-    if ENV_COORDINATOR not in os.environ:
-        jax.distributed.initialize(**kwargs)
-        return
-    num_processes = int(os.environ[ENV_NUM_PROCESSES])
-    if num_processes == 1:
-        return
-    local_rank = int(os.environ[ENV_LOCAL_RANK])
-    kwargs.setdefault("local_device_ids", [local_rank])
-    jax.distributed.initialize(
-        os.environ[ENV_COORDINATOR], num_processes, int(os.environ[ENV_PROCESS_ID]), **kwargs
-    )
 
 
 def _free_port() -> int:

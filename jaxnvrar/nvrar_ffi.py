@@ -22,6 +22,10 @@ def register() -> None:
     _registered = True
 
 
+def fits_workspace(num_elements: int, itemsize: int, topology: Topology) -> bool:
+    return workspace_bytes_needed(num_elements, itemsize, topology) <= runtime.workspace_bytes()
+
+
 def check_can_run(x, topology: Topology) -> None:
     """Raise, naming the fix, where algorithm="nvrar" cannot take this call."""
     if not runtime.is_initialized():
@@ -30,12 +34,8 @@ def check_can_run(x, topology: Topology) -> None:
             "jaxnvrar.all_reduce(algorithm='nvrar') needs jaxnvrar.initialize() first "
             "(after jax.distributed.initialize() in a multi-process job)"
         )
-    needed = max(
-        workspace_bytes_needed(x.size, x.dtype.itemsize, Topology(topology.num_ranks, g))
-        for g in range(1, topology.num_ranks + 1)
-        if topology.num_ranks % g == 0
-    )
-    if needed > runtime.workspace_bytes():
+    if not fits_workspace(x.size, x.dtype.itemsize, topology):
+        needed = workspace_bytes_needed(x.size, x.dtype.itemsize, topology)
         raise ValueError(
             f"a {x.size * x.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, "
             f"but it has {runtime.workspace_bytes()}; raise it with jaxnvrar.initialize("

@@ -106,7 +106,7 @@ def resolve_topology(ctx, axis_name, num_ranks, gpus_per_node) -> tuple[Topology
     groups = _axis_groups(mesh, axis_name) if mesh is not None else None
     if gpus_per_node is None:
         if groups is None:
-            gpus_per_node = math.gcd(num_ranks, runtime.devices_per_host())
+            gpus_per_node = math.gcd(num_ranks, runtime.devices_per_host())  # as api.default_topology
         else:
             sizes = {_node_size_of(group) for group in groups}
             if len(sizes) != 1:

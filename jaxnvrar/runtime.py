@@ -20,6 +20,11 @@ TIMEOUT_ENV = "JAXNVRAR_TIMEOUT_S"  # bound on every wait inside the kernel
 DEFAULT_TIMEOUT_S = 10.0
 FORCE_PUT_ENV = "JAXNVRAR_FORCE_PUT"  # 1: inter-node phase through nvshmem puts even over P2P
 _KV_TIMEOUT_MS = 120_000
+# Set for each rank by jaxnvrar-launch.
+ENV_COORDINATOR = "JAXNVRAR_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXNVRAR_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXNVRAR_PROCESS_ID"
+ENV_LOCAL_RANK = "JAXNVRAR_LOCAL_RANK"
 _BUILD_HINT = (
     "build jaxnvrar on a machine with nvcc and NVSHMEM: "
     "pip install nvidia-nvshmem-cu13 nvshmem4py-cu13 scikit-build-core nanobind && "
@@ -38,6 +43,22 @@ class _State:
 
 _state: _State | None = None
 _hosts: dict[int, str] | None = None
+
+
+def initialize_distributed(**kwargs) -> None:
+    """`jax.distributed.initialize` for a rank started by jaxnvrar-launch (one device each),
+    or with jax's own cluster detection (Slurm, Open MPI, ...) elsewhere. No-op for one process."""
+    if ENV_COORDINATOR not in os.environ:
+        jax.distributed.initialize(**kwargs)
+        return
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+    if num_processes == 1:
+        return
+    local_rank = int(os.environ[ENV_LOCAL_RANK])
+    kwargs.setdefault("local_device_ids", [local_rank])
+    jax.distributed.initialize(
+        os.environ[ENV_COORDINATOR], num_processes, int(os.environ[ENV_PROCESS_ID]), **kwargs
+    )
 
 
 def _distributed_client():
@@ -111,7 +132,7 @@ def _requested_workspace_bytes(workspace_bytes: int | None) -> int:
 
 
 def _looks_like_multi_process_job() -> bool:
-    for var in ("JAXNVRAR_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    for var in (ENV_NUM_PROCESSES, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 1:
             return True

@@ -19,6 +19,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
+from jaxnvrar.api import default_topology
+from jaxnvrar.nvrar_ffi import fits_workspace
+from jaxnvrar.schedule import Topology
 from jaxnvrar.bench.setup import bring_up, is_printer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -94,22 +97,24 @@ def _sizes(min_bytes, max_bytes, factor, itemsize):
     return sizes
 
 
-def _print_table(rows, algorithms, num_ranks):
+def _header(algorithms) -> str:
     head = f"{'size(B)':>10} {'count':>9} {'type':>8}"
     for a in algorithms:
         head += f" | {a + ' us':>12} {'algbw':>7} {'busbw':>7}" + (f" {'x psum':>6}" if a != "psum" else "")
-    print(head)
-    print("-" * len(head))
-    for row in rows:
-        line = f"{row['bytes']:>10} {row['count']:>9} {row['dtype']:>8}"
-        for a in algorithms:
-            r = row["results"][a]
-            line += f" | {r['us']:>12.2f} {r['algbw_gbs']:>7.2f} {r['busbw_gbs']:>7.2f}"
-            if a != "psum":
-                line += f" {r['speedup_vs_psum']:>6.2f}" if "speedup_vs_psum" in r else f" {'-':>6}"
-        print(line)
-    print(f"algbw = size / time, busbw = algbw * 2(P-1)/P with P = {num_ranks}; GB/s; "
-          "x psum = psum time / this time")
+    return head + "\n" + "-" * len(head)
+
+
+def _row_line(row, algorithms) -> str:
+    line = f"{row['bytes']:>10} {row['count']:>9} {row['dtype']:>8}"
+    for a in algorithms:
+        r = row["results"].get(a)
+        if r is None:  # did not fit the NVSHMEM workspace
+            line += f" | {'n/a':>12} {'':>7} {'':>7}" + (f" {'':>6}" if a != "psum" else "")
+            continue
+        line += f" | {r['us']:>12.2f} {r['algbw_gbs']:>7.2f} {r['busbw_gbs']:>7.2f}"
+        if a != "psum":
+            line += f" {r['speedup_vs_psum']:>6.2f}"
+    return line
 
 
 def _plot(rows, algorithms, path, title):
@@ -119,9 +124,9 @@ def _plot(rows, algorithms, path, title):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sizes = [r["bytes"] for r in rows]
     for a in algorithms:
-        ax.plot(sizes, [r["results"][a]["us"] for r in rows], marker="o", label=a)
+        points = [(r["bytes"], r["results"][a]["us"]) for r in rows if a in r["results"]]
+        ax.plot(*zip(*points), marker="o", label=a)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("message size (bytes)")
@@ -144,30 +149,38 @@ def run(args) -> int:
     for a in algorithms:
         if a not in available:
             raise SystemExit(f"jaxnvrar-bench: algorithm {a!r} is not available here (available: {available})")
-    if "psum" not in algorithms:
-        algorithms.insert(0, "psum")  # every speed-up is against psum
+    algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # every speed-up is against psum
     dtype = _DTYPES[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
     num_ranks = jax.device_count()
+    topology = (Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node
+                else default_topology(num_ranks))
     if is_printer():
         print(f"# jaxnvrar-bench allreduce: {description}")
         print(f"# chain {chain} all-reduces per program, {iters} executions per batch, median of "
               f"{args.repeats} batches; gpus_per_node={args.gpus_per_node or 'per host'}")
+    if is_printer():
+        print(_header(algorithms), flush=True)
     rows = []
     for nbytes in _sizes(args.min_bytes, args.max_bytes, factor, itemsize):
         count = nbytes // itemsize
         row = {"bytes": count * itemsize, "count": count, "dtype": args.dtype, "results": {}}
         for a in algorithms:
+            if a == "nvrar" and not fits_workspace(count, itemsize, topology):
+                continue
             us = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
                          gpus_per_node=args.gpus_per_node)
             algbw = row["bytes"] / (us * 1e-6) / 1e9
-            row["results"][a] = {"us": us, "algbw_gbs": algbw, "busbw_gbs": algbw * 2 * (num_ranks - 1) / num_ranks}
-        for a in algorithms:
-            row["results"][a]["speedup_vs_psum"] = row["results"]["psum"]["us"] / row["results"][a]["us"]
+            row["results"][a] = {"us": us, "algbw_gbs": algbw,
+                                 "busbw_gbs": algbw * 2 * (num_ranks - 1) / num_ranks,
+                                 "speedup_vs_psum": row["results"]["psum"]["us"] / us if a != "psum" else 1.0}
         rows.append(row)
+        if is_printer():
+            print(_row_line(row, algorithms), flush=True)
     if is_printer():
-        _print_table(rows, algorithms, num_ranks)
+        print(f"algbw = size / time, busbw = algbw * 2(P-1)/P with P = {num_ranks}; GB/s; "
+              "x psum = psum time / this time; n/a: larger than the NVSHMEM workspace")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"devices": description, "chain": chain, "iters": iters, "rows": rows}, f, indent=1)
