@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +44,20 @@ def default_topology(num_ranks: int) -> Topology:
     return Topology(num_ranks, math.gcd(num_ranks, runtime.devices_per_host()))
 
 
+# Measured crossover on 2 x H200 (docs/results/allreduce_2xH200_2026-11-23.txt): the kernel
+# wins up to 512 KB and loses to psum from 1 MB on. Override with $JAXNVRAR_AUTO_MAX_BYTES.
+AUTO_NVRAR_MAX_BYTES = 512 << 10
+
+
 def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
-    """What algorithm="auto" runs: "nvrar" where the CUDA runtime is up and the message fits
-    its workspace, else XLA's psum."""
+    """What algorithm="auto" runs: "nvrar" where the CUDA runtime is up, the message fits the
+    workspace and is at most AUTO_NVRAR_MAX_BYTES (or $JAXNVRAR_AUTO_MAX_BYTES); else psum."""
     from jaxnvrar.nvrar_ffi import fits_workspace
 
-    if runtime.is_initialized() and jax.default_backend() == "gpu":
-        if fits_workspace(num_elements, jnp.dtype(dtype).itemsize, topology):
+    itemsize = jnp.dtype(dtype).itemsize
+    limit = int(os.environ.get("JAXNVRAR_AUTO_MAX_BYTES", AUTO_NVRAR_MAX_BYTES))
+    if runtime.is_initialized() and jax.default_backend() == "gpu" and num_elements * itemsize <= limit:
+        if fits_workspace(num_elements, itemsize, topology):
             return "nvrar"
     return "psum"
 

@@ -111,15 +111,18 @@ def test_command_buffer_replay_advances_flags():
         np.testing.assert_allclose(out[0], host.sum(0) * 2, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_picks_nvrar_here():
-    assert jaxnvrar.choose_algorithm(1 << 16, jnp.bfloat16, jaxnvrar.Topology(jax.device_count(), 1)) == "nvrar"
+def test_auto_picks_nvrar_for_small_messages_and_psum_for_large():
+    topology = jaxnvrar.Topology(jax.device_count(), 1)
+    assert jaxnvrar.choose_algorithm(1 << 16, jnp.bfloat16, topology) == "nvrar"
+    assert jaxnvrar.choose_algorithm(8 << 20, jnp.bfloat16, topology) == "psum"
 
 
 def test_message_larger_than_workspace_names_the_variable():
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
     too_big = jaxnvrar.runtime.workspace_bytes() // 4 + 1
-    spec = jax.ShapeDtypeStruct((num_ranks, too_big), jnp.float32)
+    spec = jax.ShapeDtypeStruct((num_ranks, too_big), jnp.float32,
+                                sharding=jax.NamedSharding(mesh, jax.P("x")))
     with pytest.raises(ValueError, match="JAXNVRAR_WORKSPACE_BYTES"):
         fn = jax.shard_map(lambda a: _reduce("nvrar", 1)(a[0])[None], mesh=mesh,
                            in_specs=jax.P("x"), out_specs=jax.P("x"))
