@@ -206,8 +206,8 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
                 "call jaxnvrar.finalize() first to change it"
             )
         return
-    extension = cuda_extension()
     _check_environment()
+    extension = cuda_extension()
     # The symmetric heap must hold the workspace; leave NVSHMEM room for its own needs.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(requested + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()

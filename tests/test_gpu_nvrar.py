@@ -1,6 +1,7 @@
 """algorithm="nvrar" (the CUDA kernel) on GPUs: run one process per GPU under jaxnvrar-launch,
 
-    jaxnvrar-launch -n 2 -- python -m pytest -m gpu tests/test_gpu_nvrar.py
+    XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 \
+        jaxnvrar-launch -n 2 -- python -m pytest -m gpu tests/test_gpu_nvrar.py
 
 Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py).
 """
@@ -101,14 +102,21 @@ def test_ten_thousand_consecutive_calls_and_two_call_sites():
 
 
 def test_command_buffer_replay_advances_flags():
-    # Re-running one compiled program replays its CUDA graph; the kernel must take a new flag
-    # each time, or it would read the previous run's cells and return stale sums.
+    # Re-running one compiled program replays its command buffer (CUDA graph; the suite runs
+    # with --xla_gpu_graph_min_graph_size=1 so even small programs are captured). The kernel
+    # must take a new flag on every replay, or it would read the previous run's cells.
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
+
+    def chain(a):
+        for _ in range(8):
+            a = lax.pcast(jaxnvrar.all_reduce(a, "x", algorithm="nvrar") / num_ranks, "x", to="varying")
+        return a
+
     for run in range(20):
         host = _host(num_ranks, 5000, jnp.float32, seed=run)
-        out = run_per_rank(lambda a: jaxnvrar.all_reduce(a, "x", algorithm="nvrar") * 2, host, mesh)
-        np.testing.assert_allclose(out[0], host.sum(0) * 2, rtol=1e-5, atol=1e-5)
+        out = run_per_rank(chain, host, mesh)
+        np.testing.assert_allclose(out[0], host.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_picks_nvrar_for_small_messages_and_psum_for_large():
