@@ -110,10 +110,15 @@ __device__ __forceinline__ void StoreCell(char* base, int64_t offset, int64_t ce
   *reinterpret_cast<volatile uint64_t*>(base + offset + cell * kCellBytes) = packed;
 }
 
-// Spins until the cell carries `flag`; on timeout records it and traps (XLA reports the
-// failed launch) rather than hanging the job.
+// What a wait was for, printed when it times out.
+enum WaitPhase : int32_t { kWaitReduceScatter = 0, kWaitInterNode = 1, kWaitAllGather = 2 };
+
+// Spins until the cell carries `flag`. On timeout the first thread to give up says which
+// phase, step and peer it waited on, then the kernel traps: XLA reports a failed launch
+// instead of the job hanging.
 __device__ __forceinline__ uint32_t AwaitCell(const char* base, int64_t offset, int64_t cell,
-                                              uint32_t flag, const KernelArgs& args) {
+                                              uint32_t flag, const KernelArgs& args,
+                                              int32_t phase, int32_t step, int32_t peer) {
   const volatile uint64_t* p =
       reinterpret_cast<const volatile uint64_t*>(base + offset + cell * kCellBytes);
   uint64_t v = *p;
@@ -121,9 +126,14 @@ __device__ __forceinline__ uint32_t AwaitCell(const char* base, int64_t offset, 
   const uint64_t start = GlobalTimerNs();
   while (static_cast<uint32_t>((v = *p) >> 32) != flag) {
     if (GlobalTimerNs() - start > args.timeout_ns) {
-      reinterpret_cast<WorkspaceHeader*>(args.workspace)->timed_out = 1;
-      printf("jaxnvrar: all-reduce timed out on node %d local %d waiting for flag %u\n",
-             args.node, args.local, flag);
+      WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
+      if (atomicExch(&header->timed_out, 1u) == 0u) {
+        const char* names[] = {"intra-node reduce-scatter", "inter-node step", "intra-node all-gather"};
+        printf("jaxnvrar: all-reduce timed out (JAXNVRAR_TIMEOUT_S) on node %d local %d, call flag %u: "
+               "waiting in %s %d for %s %d; did every rank make the same call?\n",
+               args.node, args.local, flag, names[phase], step, phase == kWaitInterNode ? "node" : "local",
+               peer);
+      }
       __trap();
     }
   }
@@ -214,7 +224,7 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
         CellData<T> d;
         d.bits = j == args.local ? LoadInputCell<T>(args, args.local, cell)
                                  : AwaitCell(args.workspace, half + layout.ReduceScatterInbox(j),
-                                             cell, flag, args);
+                                             cell, flag, args, kWaitReduceScatter, 0, j);
 #pragma unroll
         for (int k = 0; k < Codec::kPerCell; ++k) {
           float v = Codec::ToFloat(d.values[k]);
@@ -248,7 +258,8 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
       }
       if (active && (op & (kRecvAdd | kRecvCopy))) {
         const uint32_t theirs =
-            AwaitCell(args.workspace, half + layout.InterNodeInbox(s), cell, flag, args);
+            AwaitCell(args.workspace, half + layout.InterNodeInbox(s), cell, flag, args, kWaitInterNode, s,
+                      args.inter_peer_node[s]);
         if (op & kRecvCopy) {
           mine = theirs;
         } else {
@@ -268,7 +279,8 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
       for (int32_t j = 0; j < g; ++j) {
         if (j == args.local) continue;
         StoreOutputCell<T>(args, j, cell,
-                           AwaitCell(args.workspace, half + layout.AllGatherInbox(j), cell, flag, args));
+                           AwaitCell(args.workspace, half + layout.AllGatherInbox(j), cell, flag, args,
+                                     kWaitAllGather, 0, j));
       }
     }
   }
