@@ -91,6 +91,7 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.gpus_per_node = gpus_per_node;
   args.num_steps = NumInterNodeSteps(num_nodes);
   args.timeout_ns = rt.timeout_ns;
+  args.timeout_record = rt.timeout_device;
   if (args.num_steps > kMaxInterNodeSteps) {
     return ffi::Error::InvalidArgument("jaxnvrar: too many nodes");
   }
@@ -158,6 +159,19 @@ NB_MODULE(_jaxnvrar_cuda, m) {
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
         nb::arg("timeout_seconds"), nb::arg("force_put"));
   m.def("finalize", &jaxnvrar::FinalizeRuntime);
+  m.def("last_timeout", []() -> nb::object {
+    const jaxnvrar::TimeoutRecord* r = jaxnvrar::GetRuntime().timeout_host;
+    if (r == nullptr || !r->set) return nb::none();
+    nb::dict d;
+    const char* phases[] = {"intra-node reduce-scatter", "inter-node step", "intra-node all-gather"};
+    d["node"] = r->node;
+    d["local"] = r->local;
+    d["phase"] = phases[r->phase];
+    d["step"] = r->step;
+    d["peer"] = r->peer;
+    d["flag"] = r->flag;
+    return d;
+  });
   m.def("my_pe", []() { return jaxnvrar::GetRuntime().my_pe; });
   m.def("num_pes", []() { return jaxnvrar::GetRuntime().num_pes; });
 }

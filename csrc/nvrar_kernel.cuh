@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "nvshmem_runtime.h"
 #include "schedule.h"
 
 namespace jaxnvrar {
@@ -46,6 +47,7 @@ struct KernelArgs {
   int32_t gpus_per_node;
   int32_t num_steps;
   uint64_t timeout_ns;
+  TimeoutRecord* timeout_record;  // pinned host memory
 };
 
 // Inbox regions of one parity half, in units of slices of cells.
@@ -110,12 +112,12 @@ __device__ __forceinline__ void StoreCell(char* base, int64_t offset, int64_t ce
   *reinterpret_cast<volatile uint64_t*>(base + offset + cell * kCellBytes) = packed;
 }
 
-// What a wait was for, printed when it times out.
+// What a wait was for, recorded when it times out (names in nvrar_ffi.cu's last_timeout).
 enum WaitPhase : int32_t { kWaitReduceScatter = 0, kWaitInterNode = 1, kWaitAllGather = 2 };
 
-// Spins until the cell carries `flag`. On timeout the first thread to give up says which
-// phase, step and peer it waited on, then the kernel traps: XLA reports a failed launch
-// instead of the job hanging.
+// Spins until the cell carries `flag`. On timeout the first thread to give up records which
+// phase, step and peer it waited on (for jaxnvrar.last_timeout()), then the kernel traps:
+// XLA reports a failed launch instead of the job hanging.
 __device__ __forceinline__ uint32_t AwaitCell(const char* base, int64_t offset, int64_t cell,
                                               uint32_t flag, const KernelArgs& args,
                                               int32_t phase, int32_t step, int32_t peer) {
@@ -128,11 +130,16 @@ __device__ __forceinline__ uint32_t AwaitCell(const char* base, int64_t offset, 
     if (GlobalTimerNs() - start > args.timeout_ns) {
       WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
       if (atomicExch(&header->timed_out, 1u) == 0u) {
-        const char* names[] = {"intra-node reduce-scatter", "inter-node step", "intra-node all-gather"};
-        printf("jaxnvrar: all-reduce timed out (JAXNVRAR_TIMEOUT_S) on node %d local %d, call flag %u: "
-               "waiting in %s %d for %s %d; did every rank make the same call?\n",
-               args.node, args.local, flag, names[phase], step, phase == kWaitInterNode ? "node" : "local",
-               peer);
+        TimeoutRecord* r = args.timeout_record;
+        r->node = args.node;
+        r->local = args.local;
+        r->phase = phase;
+        r->step = step;
+        r->peer = peer;
+        r->flag = flag;
+        __threadfence_system();
+        r->set = 1;
+        __threadfence_system();
       }
       __trap();
     }

@@ -4,6 +4,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <cstring>
 #include <stdexcept>
 
 namespace jaxnvrar {
@@ -41,6 +42,14 @@ void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool for
   Check(cudaMemset(rt.workspace, 0, workspace_bytes), "cudaMemset of the workspace");
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   nvshmem_barrier_all();
+  if (rt.timeout_host == nullptr) {  // kept across finalize/initialize: it may hold a report
+    void* record = nullptr;
+    Check(cudaHostAlloc(&record, sizeof(TimeoutRecord), cudaHostAllocMapped), "cudaHostAlloc");
+    std::memset(record, 0, sizeof(TimeoutRecord));
+    rt.timeout_host = static_cast<TimeoutRecord*>(record);
+    Check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&rt.timeout_device), record, 0),
+          "cudaHostGetDevicePointer");
+  }
   rt.workspace_bytes = workspace_bytes;
   rt.timeout_ns = static_cast<uint64_t>(timeout_seconds * 1e9);
   rt.force_put = force_put;

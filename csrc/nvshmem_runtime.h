@@ -7,6 +7,14 @@
 
 namespace jaxnvrar {
 
+// Written by the first kernel thread whose wait times out, in pinned host memory mapped into
+// the device, so the host can read it after the trap has taken the CUDA context down.
+struct TimeoutRecord {
+  volatile int32_t set;
+  volatile int32_t node, local, phase, step, peer;
+  volatile uint32_t flag;
+};
+
 struct Runtime {
   bool initialized = false;
   char* workspace = nullptr;  // symmetric: the same offset is valid on every PE
@@ -15,6 +23,8 @@ struct Runtime {
   int32_t num_pes = 0;
   uint64_t timeout_ns = 0;   // bound on every device-side wait
   bool force_put = false;    // inter-node phase through nvshmem puts even where P2P works
+  TimeoutRecord* timeout_host = nullptr;    // host view
+  TimeoutRecord* timeout_device = nullptr;  // the same memory, as the kernel sees it
 };
 
 Runtime& GetRuntime();

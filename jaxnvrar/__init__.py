@@ -1,7 +1,7 @@
 """jaxnvrar: a hierarchical all-reduce (NVRAR) for JAX, used like `jax.lax.psum` in `jax.shard_map`."""
 
 from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm
-from jaxnvrar.runtime import cuda_available, finalize, initialize, initialize_distributed, is_initialized
+from jaxnvrar.runtime import cuda_available, finalize, initialize, initialize_distributed, is_initialized, last_timeout
 from jaxnvrar.schedule import Topology
 
 __version__ = "0.1.0"
@@ -16,4 +16,5 @@ __all__ = [
     "initialize",
     "initialize_distributed",
     "is_initialized",
+    "last_timeout",
 ]

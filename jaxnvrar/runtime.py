@@ -11,6 +11,7 @@ import atexit
 import dataclasses
 import os
 import socket
+import sys
 
 import jax
 
@@ -42,6 +43,7 @@ class _State:
 
 
 _state: _State | None = None
+_ever_initialized = False
 _hosts: dict[int, str] | None = None
 
 
@@ -217,9 +219,37 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
         os.environ.get(FORCE_PUT_ENV, "0") == "1",
     )
     _state = _State(requested, extension.num_pes(), extension.my_pe(), nvshmem)
+    global _ever_initialized
+    _ever_initialized = True
     from jaxnvrar import nvrar_ffi
 
     nvrar_ffi.register()
+
+
+def last_timeout() -> dict | None:
+    """What the kernel was waiting for when an all-reduce timed out in this process, else None.
+
+    After a timeout the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
+    context is lost; this record survives in pinned host memory and is also printed at exit.
+    """
+    if not cuda_available():
+        return None
+    return cuda_extension().last_timeout()
+
+
+def describe_timeout(record: dict) -> str:
+    peer_kind = "node" if record["phase"] == "inter-node step" else "local GPU"
+    return (
+        f"jaxnvrar: an all-reduce timed out after ${TIMEOUT_ENV} on node {record['node']} local GPU "
+        f"{record['local']} (call flag {record['flag']}), waiting in the {record['phase']} "
+        f"{record['step']} for {peer_kind} {record['peer']}; did every rank make the same calls?"
+    )
+
+
+def _report_timeout_at_exit():
+    record = last_timeout() if _ever_initialized else None
+    if record:
+        print(describe_timeout(record), file=sys.stderr, flush=True)
 
 
 def finalize() -> None:
@@ -235,3 +265,4 @@ def finalize() -> None:
 
 
 atexit.register(finalize)
+atexit.register(_report_timeout_at_exit)  # runs before finalize (atexit is last-in, first-out)
