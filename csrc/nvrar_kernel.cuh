@@ -140,8 +140,10 @@ __device__ __forceinline__ uint32_t AwaitCell(const char* base, int64_t offset, 
         __threadfence_system();
         r->set = 1;
         __threadfence_system();
+        __trap();
       }
-      __trap();
+      // Not elected: a trap from here could abort the grid before the record is written.
+      while (true) __nanosleep(1000);
     }
   }
   return static_cast<uint32_t>(v);
