@@ -1,0 +1,1 @@
+"""Models that run on jaxnvrar (installed as jaxnvrar.models)."""

@@ -1,0 +1,314 @@
+"""Llama parameters: Hugging Face checkpoints and random weights, laid out for tensor parallelism.
+
+Our matrices are [in, out] (torch's transposed). Column-parallel weights are split on `out`,
+row-parallel ones on `in`, over the mesh axis "tp". Each process reads from the safetensors
+files only the slices its own devices hold (memory-mapped, no full tensor in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .llama import TP, Llama, LlamaConfig
+
+_LLAMA3_ROPE = (8.0, 1.0, 4.0, 8192)
+PRESETS = {
+    "llama3.2-1b": LlamaConfig(128256, 2048, 8192, 16, 32, 8, 64, rope_llama3=(32.0, 1.0, 4.0, 8192),
+                               tie_word_embeddings=True),
+    "llama3.1-8b": LlamaConfig(128256, 4096, 14336, 32, 32, 8, 128, rope_llama3=_LLAMA3_ROPE),
+    "llama3.1-70b": LlamaConfig(128256, 8192, 28672, 80, 64, 8, 128, rope_llama3=_LLAMA3_ROPE),
+    "llama3.1-405b": LlamaConfig(128256, 16384, 53248, 126, 128, 8, 128, rope_llama3=_LLAMA3_ROPE),
+    # A few-MB model for CPU runs and tests.
+    "tiny": LlamaConfig(512, 128, 256, 2, 4, 2, 32, rope_llama3=_LLAMA3_ROPE),
+}
+
+COLUMN, ROW, REPLICATED = P(None, TP), P(TP, None), P()
+
+
+def make_mesh(tp: int):
+    if tp < 1 or tp > jax.device_count():
+        raise ValueError(f"tp={tp} needs that many devices; {jax.device_count()} are visible")
+    return jax.make_mesh((tp,), (TP,), devices=jax.devices()[:tp])
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def config_from_hf(hf: dict) -> LlamaConfig:
+    """A LlamaConfig from a Hugging Face config.json dict; unsupported values are errors."""
+    def unsupported(key, value, want):
+        raise ValueError(f"config.json: {key}={value!r} is not supported (supported: {want})")
+
+    if hf.get("model_type", "llama") != "llama":
+        unsupported("model_type", hf.get("model_type"), "'llama'")
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported("hidden_act", hf.get("hidden_act"), "'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag, False):
+            unsupported(flag, hf[flag], "false")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+    llama3 = None
+    if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        if rope.get("rope_type", rope.get("type")) != "llama3":
+            unsupported("rope_scaling.rope_type", rope.get("rope_type", rope.get("type")), "'llama3' or none")
+        llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                  int(rope["original_max_position_embeddings"]))
+    theta = hf.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
+    try:
+        heads = hf["num_attention_heads"]
+        return LlamaConfig(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_llama3=llama3,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 131072),
+        )
+    except KeyError as err:
+        raise ValueError(f"config.json lacks {err.args[0]!r}") from None
+
+
+def check_tensor_parallel(config: LlamaConfig, tp: int) -> None:
+    for name, value in (("num_attention_heads", config.num_attention_heads),
+                        ("intermediate_size", config.intermediate_size), ("vocab_size", config.vocab_size)):
+        if value % tp:
+            raise ValueError(f"{name}={value} is not divisible by tp={tp}")
+    kv = config.num_key_value_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(f"num_key_value_heads={kv} must divide or be a multiple of tp={tp}")
+
+
+def kv_head_layout(config: LlamaConfig, tp: int) -> list[int]:
+    """The original KV head behind each KV head slot, slots split evenly over the ranks:
+    heads are replicated when there are fewer KV heads than ranks."""
+    kv = config.num_key_value_heads
+    if kv >= tp:
+        return list(range(kv))
+    return [rank // (tp // kv) for rank in range(tp)]
+
+
+# ---------------------------------------------------------------- layout: name -> (hf name, spec)
+
+
+def _layout(config: LlamaConfig):
+    """Yields (path, hf_name, spec, kind) for every parameter; kind says how to read it."""
+    yield ("embed",), "model.embed_tokens.weight", REPLICATED, "embedding"
+    for i in range(config.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        yield ("layers", i, "input_norm"), pre + "input_layernorm.weight", REPLICATED, "vector"
+        yield ("layers", i, "post_attention_norm"), pre + "post_attention_layernorm.weight", REPLICATED, "vector"
+        yield ("layers", i, "wq"), pre + "self_attn.q_proj.weight", COLUMN, "matrix"
+        yield ("layers", i, "wk"), pre + "self_attn.k_proj.weight", COLUMN, "kv"
+        yield ("layers", i, "wv"), pre + "self_attn.v_proj.weight", COLUMN, "kv"
+        yield ("layers", i, "wo"), pre + "self_attn.o_proj.weight", ROW, "matrix"
+        yield ("layers", i, "w_gate"), pre + "mlp.gate_proj.weight", COLUMN, "matrix"
+        yield ("layers", i, "w_up"), pre + "mlp.up_proj.weight", COLUMN, "matrix"
+        yield ("layers", i, "w_down"), pre + "mlp.down_proj.weight", ROW, "matrix"
+    yield ("norm",), "model.norm.weight", REPLICATED, "vector"
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    yield ("lm_head",), head, COLUMN, "matrix"
+
+
+def _hf_shape(config: LlamaConfig, hf_name: str, kind: str) -> tuple[int, ...]:
+    """The torch-layout shape a checkpoint must have for this tensor."""
+    h, hd = config.hidden_size, config.head_dim
+    if kind == "vector":
+        return (h,)
+    if kind in ("embedding",) or hf_name.endswith(("lm_head.weight", "embed_tokens.weight")):
+        return (config.vocab_size, h)
+    if kind == "kv":
+        return (config.num_key_value_heads * hd, h)
+    if "q_proj" in hf_name:
+        return (config.num_attention_heads * hd, h)
+    if "o_proj" in hf_name:
+        return (h, config.num_attention_heads * hd)
+    if "down_proj" in hf_name:
+        return (h, config.intermediate_size)
+    return (config.intermediate_size, h)  # gate, up
+
+
+def _global_shape(config, hf_name, kind, tp) -> tuple[int, ...]:
+    shape = _hf_shape(config, hf_name, kind)
+    if kind in ("vector", "embedding"):
+        return shape
+    if kind == "kv":
+        return (shape[1], len(kv_head_layout(config, tp)) * config.head_dim)
+    return (shape[1], shape[0])  # [in, out]
+
+
+def _assemble(config: LlamaConfig, arrays: dict) -> dict:
+    layers = [dict() for _ in range(config.num_hidden_layers)]
+    out = {"layers": layers}
+    for path, value in arrays.items():
+        if path[0] == "layers":
+            layers[path[1]][path[2]] = value
+        else:
+            out[path[0]] = value
+    return out
+
+
+# ---------------------------------------------------------------- safetensors, read by slices
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+
+
+class _SafetensorsDir:
+    """Tensor name -> memory-mapped array, over model.safetensors or a sharded index."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (directory / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(
+                f"{directory} has no model.safetensors nor model.safetensors.index.json")
+        self._where = {}
+        for name in files:
+            path = directory / name
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is named in the index but missing")
+            with open(path, "rb") as f:
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_len))
+            for tensor, meta in header.items():
+                if tensor != "__metadata__":
+                    self._where[tensor] = (path, 8 + header_len, meta)
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def shape(self, name):
+        return tuple(self._where[name][2]["shape"])
+
+    def array(self, name) -> np.ndarray:
+        path, base, meta = self._where[name]
+        if meta["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {meta['dtype']} is not supported")
+        begin, end = meta["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        return np.memmap(path, dtype=dtype, mode="r", offset=base + begin,
+                         shape=tuple(meta["shape"])) if end > begin else np.zeros(meta["shape"], dtype)
+
+
+def _reader(tensors: _SafetensorsDir, config, hf_name, kind, tp, dtype):
+    """callback(index of our global array) -> that block, read from the torch-layout tensor."""
+    source = tensors.array(hf_name)
+    kv_heads = kv_head_layout(config, tp)
+    hd = config.head_dim
+
+    def read(index):
+        if kind in ("vector", "embedding"):
+            block = source[index]
+        elif kind == "kv":
+            rows, cols = index  # ours: [in, slot * hd]
+            slots = range(*cols.indices(len(kv_heads) * hd))
+            first, last = slots.start // hd, (slots.stop - 1) // hd + 1
+            blocks = [source[kv_heads[s] * hd:(kv_heads[s] + 1) * hd, rows] for s in range(first, last)]
+            block = np.concatenate(blocks, axis=0).T
+        else:
+            block = source[index[1], index[0]].T
+        return np.asarray(block).astype(dtype)
+
+    return read
+
+
+def load_checkpoint(path, mesh, *, all_reduce: str = "auto", dtype=jnp.bfloat16) -> Llama:
+    """A Hugging Face Llama directory (config.json + safetensors) as a tensor-parallel model on
+    `mesh` (axis "tp"); each process reads only the slices its devices hold."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} is missing: not a Hugging Face model directory")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    tp = mesh.shape[TP]
+    check_tensor_parallel(config, tp)
+    tensors = _SafetensorsDir(directory)
+    layout = list(_layout(config))
+    missing = [hf for _, hf, _, _ in layout if hf not in tensors]
+    if missing:
+        raise KeyError(f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    arrays = {}
+    for where, hf_name, spec, kind in layout:
+        want = _hf_shape(config, hf_name, kind)
+        if tensors.shape(hf_name) != want:
+            raise ValueError(f"{hf_name} has shape {tensors.shape(hf_name)}, config.json implies {want}")
+        shape = _global_shape(config, hf_name, kind, tp)
+        arrays[where] = jax.make_array_from_callback(
+            shape, NamedSharding(mesh, spec), _reader(tensors, config, hf_name, kind, tp, np_dtype))
+    return Llama(_assemble(config, arrays), config, mesh, all_reduce=all_reduce)
+
+
+# ---------------------------------------------------------------- random weights
+
+
+def random_model(config: LlamaConfig | str, mesh, *, all_reduce: str = "auto", dtype=jnp.bfloat16,
+                 num_layers: int | None = None, seed: int = 0) -> Llama:
+    """Random weights of a config or preset name; `num_layers` overrides the layer count so that
+    large shapes fit the GPUs at hand. Weights are made on the devices, already sharded."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")
+        config = PRESETS[config]
+    if num_layers is not None:
+        config = LlamaConfig(**{**config.__dict__, "num_hidden_layers": num_layers})
+    tp = mesh.shape[TP]
+    check_tensor_parallel(config, tp)
+    layout = list(_layout(config))
+    kv_heads = jnp.asarray(kv_head_layout(config, tp))
+
+    def make(key, hf_name, kind):
+        if kind == "vector":
+            return jnp.ones(config.hidden_size, dtype)
+        shape = _hf_shape(config, hf_name, kind)
+        w = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        if kind == "embedding":
+            return w
+        if kind == "kv":  # expand to one slot per rank's KV head, as the loader does
+            w = w.reshape(config.num_key_value_heads, config.head_dim, -1)[kv_heads].reshape(-1, shape[1])
+        return w.T
+
+    arrays = {}
+    base = jax.random.key(seed)
+    for i, (where, hf_name, spec, kind) in enumerate(layout):
+        if hf_name == "model.embed_tokens.weight" and where == ("lm_head",):
+            # Tied: the head is the embedding, laid out column-parallel.
+            arrays[where] = jax.jit(lambda e: e.T, out_shardings=NamedSharding(mesh, spec))(arrays[("embed",)])
+            continue
+        init = jax.jit(lambda k, n=hf_name, kd=kind: make(k, n, kd), out_shardings=NamedSharding(mesh, spec))
+        arrays[where] = init(jax.random.fold_in(base, i))
+    return Llama(_assemble(config, arrays), config, mesh, all_reduce=all_reduce)
+
+
+def hf_config_dict(config: LlamaConfig) -> dict:
+    """The config.json fields of a LlamaConfig (used by tests to build reference models)."""
+    out = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta, "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+    if config.rope_llama3:
+        factor, low, high, original = config.rope_llama3
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                               "high_freq_factor": high, "original_max_position_embeddings": original}
+    return out
+
