@@ -138,6 +138,15 @@ class Llama(nnx.Module):
         return logits.astype(jnp.float32), (None if caches is None else tuple(new_caches))
 
 
+def with_all_reduce(model: Llama, algorithm: str) -> Llama:
+    """The same weights (shared, not copied) with another all-reduce algorithm."""
+    if algorithm not in ALL_REDUCE_CHOICES:
+        raise ValueError(f"all_reduce must be one of {ALL_REDUCE_CHOICES}, got {algorithm!r}")
+    twin = nnx.merge(*nnx.split(model))
+    twin.all_reduce = algorithm
+    return twin
+
+
 def _reducer(algorithm: str):
     if algorithm == "none":  # diagnostic: the communication-free bound; the numbers are WRONG
         return lambda partial: partial

@@ -1,0 +1,163 @@
+"""The tensor-parallel Llama against Hugging Face transformers' LlamaForCausalLM (torch, CPU)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("flax")
+
+from models import llama  # noqa: E402
+from models.llama_params import LlamaConfig, hf_config_dict  # noqa: E402
+
+# GQA (4 query heads, 2 KV heads), Llama 3 RoPE scaling; TP 4 replicates the KV heads.
+CONFIG = LlamaConfig(256, 64, 128, 2, 4, 2, 16, rope_theta=10000.0, rope_llama3=(8.0, 1.0, 4.0, 32),
+                     max_position_embeddings=256)
+PROMPTS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 7))
+NEW_TOKENS = 6
+
+
+def _needs(tp):
+    if jax.process_count() > 1:
+        pytest.skip("single-process test")
+    if tp > jax.device_count():
+        pytest.skip(f"needs {tp} devices")
+
+
+def _save_hf(directory, tied: bool, **save_kwargs):
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_dict(config),
+                                                                attn_implementation="eager")).eval()
+    hf.save_pretrained(directory, **save_kwargs)
+    with torch.no_grad():
+        logits = hf(torch.tensor(PROMPTS)).logits.numpy()
+        tokens = hf.generate(torch.tensor(PROMPTS), attention_mask=torch.ones(PROMPTS.shape, dtype=torch.long),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).numpy()
+    return logits, tokens
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def checkpoint(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tied" if request.param else "untied")
+    logits, tokens = _save_hf(directory, request.param)
+    return directory, logits, tokens
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_logits_and_greedy_tokens_match_transformers(checkpoint, tp):
+    _needs(tp)
+    directory, hf_logits, hf_tokens = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(tp), all_reduce="psum", dtype=jnp.float32)
+    logits = np.asarray(llama.forward_logits(model, PROMPTS))
+    assert logits.shape == hf_logits.shape and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, hf_logits, rtol=1e-4, atol=1e-5)
+    tokens = np.asarray(llama.generate(model, PROMPTS, NEW_TOKENS))
+    np.testing.assert_array_equal(tokens, hf_tokens)
+
+
+def test_psum_and_reference_all_reduce_give_identical_tokens(checkpoint):
+    _needs(4)
+    directory, _, hf_tokens = checkpoint
+    mesh = llama.make_mesh(4)
+    runs = [np.asarray(llama.generate(llama.load_checkpoint(directory, mesh, all_reduce=a, dtype=jnp.float32),
+                                      PROMPTS, NEW_TOKENS)) for a in ("psum", "reference")]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], hf_tokens)
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    _needs(2)
+    hf_logits, _ = _save_hf(tmp_path, tied=False, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = llama.load_checkpoint(tmp_path, llama.make_mesh(2), dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(llama.forward_logits(model, PROMPTS)), hf_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_stays_close(checkpoint):
+    _needs(2)
+    directory, hf_logits, _ = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(2))
+    assert model.embed[...].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(llama.forward_logits(model, PROMPTS)), hf_logits, atol=0.05)
+
+
+def test_none_all_reduce_is_really_skipped(checkpoint):
+    _needs(2)
+    directory, hf_logits, _ = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="none", dtype=jnp.float32)
+    assert not np.allclose(np.asarray(llama.forward_logits(model, PROMPTS)), hf_logits, atol=1e-3)
+
+
+def test_random_preset_generates():
+    _needs(2)
+    model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="reference", num_layers=1)
+    assert len(model.layers) == 1
+    out = llama.generate(model, np.zeros((3, 4), np.int32), 5)
+    assert out.shape == (3, 9) and int(out.max()) < model.config.vocab_size
+
+
+# ---------------------------------------------------------------- loader errors
+
+
+@pytest.fixture
+def saved(tmp_path):
+    _save_hf(tmp_path, tied=False)
+    return tmp_path
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        llama.load_checkpoint(tmp_path / "nope", llama.make_mesh(1))
+
+
+def test_missing_config(saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        llama.load_checkpoint(saved, llama.make_mesh(1))
+
+
+def test_missing_weights_file(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        llama.load_checkpoint(saved, llama.make_mesh(1))
+
+
+def test_missing_tensors(saved):
+    _edit_config(saved, num_hidden_layers=3)
+    with pytest.raises(KeyError, match="lacks .* tensors.*model.layers.2"):
+        llama.load_checkpoint(saved, llama.make_mesh(1))
+
+
+def test_wrong_shape(saved):
+    _edit_config(saved, intermediate_size=96)
+    with pytest.raises(ValueError, match="gate_proj.weight has shape .*128, 64.*96, 64"):
+        llama.load_checkpoint(saved, llama.make_mesh(1))
+
+
+def test_unsupported_config(saved):
+    _edit_config(saved, hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
+        llama.load_checkpoint(saved, llama.make_mesh(1))
+
+
+def test_heads_not_divisible_by_tp(saved):
+    _needs(8)
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tp=8"):
+        llama.load_checkpoint(saved, llama.make_mesh(8))
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'llama9'"):
+        llama.random_model("llama9", llama.make_mesh(1))
