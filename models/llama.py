@@ -265,4 +265,14 @@ def generate(model: Llama, input_ids, max_new_tokens: int, *, on_token=None) -> 
     return jnp.concatenate(out, axis=1)
 
 
-from .llama_params import load_checkpoint, make_mesh, random_model  # noqa: E402,F401  (the API)
+_FROM_PARAMS = ("load_checkpoint", "random_model", "make_mesh", "PRESETS")
+
+
+def __getattr__(name):
+    # The loaders live in llama_params.py (which imports this module); resolved on first use
+    # so that either module can be imported first.
+    if name in _FROM_PARAMS:
+        from . import llama_params
+
+        return getattr(llama_params, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """jaxnvrar-bench: the project's benchmarks.
 
     jaxnvrar-bench allreduce [--min-bytes 8K --max-bytes 8M ...]   latency per algorithm and size
+    jaxnvrar-bench decode [--preset llama3.1-8b --batch 1,16 ...]  Llama decode step per algorithm
 
 On a GPU machine run one process per GPU: jaxnvrar-launch -n 2 -- jaxnvrar-bench allreduce.
 """
@@ -12,14 +13,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxnvrar.bench import allreduce
+    from jaxnvrar.bench import allreduce, decode
 
     parser = argparse.ArgumentParser(prog="jaxnvrar-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     allreduce.add_arguments(commands.add_parser("allreduce", help="all-reduce latency sweep"))
+    decode.add_arguments(commands.add_parser("decode", help="tensor-parallel Llama decode latency"))
     args = parser.parse_args(argv)
-    return {"allreduce": allreduce.run}[args.command](args)
+    return {"allreduce": allreduce.run, "decode": decode.run}[args.command](args)
 
 
 if __name__ == "__main__":

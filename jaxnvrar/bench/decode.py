@@ -1,0 +1,172 @@
+"""Tensor-parallel Llama decode: per-step latency with each all-reduce algorithm, side by side.
+
+For each batch size: prefill the prompt, then greedy-decode --new-tokens tokens one step at a
+time (each step waits for its token, as real decoding must). Reports prefill time, the median
+and p90 step, tokens/s, the speed-up over psum, and two bounds: "none" (a diagnostic that skips
+the all-reduce: wrong numbers, the communication-free step) and the HBM roofline (weight + KV
+bytes each GPU reads per step over the bandwidth measured here by a device copy).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxnvrar
+from jaxnvrar.bench.setup import bring_up, is_printer
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="tiny",
+                        help="random weights of a shape preset: tiny, llama3.2-1b, llama3.1-8b, llama3.1-70b, llama3.1-405b")
+    parser.add_argument("--checkpoint", help="a Hugging Face Llama directory (instead of --preset)")
+    parser.add_argument("--layers", type=int, help="override the layer count (to fit large shapes)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks (default: every GPU; 2 on CPU)")
+    parser.add_argument("--batch", type=_ints, default=[1], help="batch sizes, comma-separated (1)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (1024 GPU, 16 CPU)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (64 GPU, 16 CPU)")
+    parser.add_argument("--algorithms", default=None,
+                        help="comma-separated from psum,reference,nvrar,none (default: psum, nvrar if "
+                             "available else reference, none)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
+def _load_model(args, mesh, dtype):
+    try:
+        from jaxnvrar.models import llama
+    except ImportError as err:
+        raise SystemExit(f"jaxnvrar-bench decode needs flax ({err}): pip install 'jaxnvrar[llama]'")
+    if args.checkpoint:
+        return llama, llama.load_checkpoint(args.checkpoint, mesh, all_reduce="psum", dtype=dtype)
+    return llama, llama.random_model(args.preset, mesh, all_reduce="psum", dtype=dtype, num_layers=args.layers)
+
+
+def _copy_bandwidth(dtype) -> float:
+    """Bytes per second a device copy moves (read + write) on one device: the roofline's HBM speed."""
+    x = jnp.ones((64 << 20,), dtype)  # 128 MB in bf16
+    copy = jax.jit(lambda v: v + 1)
+    copy(x).block_until_ready()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        runs.append(time.perf_counter() - start)
+    return 2 * x.nbytes / min(runs)
+
+
+def _bytes_per_step(model, batch: int, context: int) -> int:
+    """Weights held by one rank plus the KV cache it reads for `context` positions."""
+    state = jax.tree.leaves(jax.tree.map(lambda a: a, model))
+    weight_bytes = sum(a.addressable_shards[0].data.nbytes for a in state if hasattr(a, "addressable_shards"))
+    c = model.config
+    kv_local = model.layers[0].attention.wk[...].addressable_shards[0].data.shape[1] // c.head_dim
+    kv_bytes = 2 * c.num_hidden_layers * batch * context * kv_local * c.head_dim * model.embed[...].dtype.itemsize
+    return weight_bytes + kv_bytes
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    if is_printer() and (sys.stderr.isatty() or done == total):
+        bar = "#" * (20 * done // total)
+        print(f"\r  {label:<28} [{bar:<20}] {done}/{total}", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+
+def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label: str) -> dict:
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    total = prompt_len + new_tokens
+    # Compile both shapes once, outside the timings.
+    caches = llama.init_cache(model, batch, total)
+    token, _, caches = llama.decode_step(model, prompt, caches, 0)
+    token, _, caches = llama.decode_step(model, token[:, None], caches, prompt_len)
+    token.block_until_ready()
+
+    caches = llama.init_cache(model, batch, total)
+    jax.block_until_ready(caches)
+    start = time.perf_counter()
+    token, _, caches = llama.decode_step(model, prompt, caches, 0)
+    token.block_until_ready()
+    prefill = time.perf_counter() - start
+    steps = []
+    for i in range(new_tokens - 1):
+        start = time.perf_counter()
+        token, _, caches = llama.decode_step(model, token[:, None], caches, prompt_len + i)
+        token.block_until_ready()
+        steps.append(time.perf_counter() - start)
+        _progress(label, i + 1, new_tokens - 1)
+    steps_ms = np.array(steps) * 1e3
+    return {"prefill_ms": prefill * 1e3, "step_median_ms": float(np.median(steps_ms)),
+            "step_p90_ms": float(np.percentile(steps_ms, 90)),
+            "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
+
+
+def run(args) -> int:
+    description = bring_up()
+    on_gpu = jax.default_backend() == "gpu"
+    tp = args.tp or (jax.device_count() if on_gpu else 2)
+    prompt_len = args.prompt_len or (1024 if on_gpu else 16)
+    new_tokens = args.new_tokens or (64 if on_gpu else 16)
+    if new_tokens < 2:
+        raise SystemExit("--new-tokens must be at least 2 (one prefill token, then decode steps)")
+    if args.algorithms:
+        algorithms = args.algorithms.split(",")
+    else:
+        algorithms = ["psum", "nvrar" if jaxnvrar.is_initialized() else "reference", "none"]
+    algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # speed-ups are against psum
+    if "nvrar" in algorithms and not jaxnvrar.is_initialized():
+        raise SystemExit("jaxnvrar-bench decode: nvrar needs the CUDA build on GPUs (run under jaxnvrar-launch)")
+    dtype = _DTYPES[args.dtype]
+
+    from jaxnvrar.models.llama_params import make_mesh
+
+    mesh = make_mesh(tp)
+    llama, model = _load_model(args, mesh, dtype)
+    c = model.config
+    bandwidth = _copy_bandwidth(dtype)
+    if is_printer():
+        source = args.checkpoint or f"random {args.preset}"
+        print(f"# jaxnvrar-bench decode: {description}")
+        print(f"# model {source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads {c.num_attention_heads}"
+              f"/{c.num_key_value_heads} kv, vocab {c.vocab_size}, {args.dtype}; TP {tp}; prompt {prompt_len}, "
+              f"{new_tokens} new tokens; all-reduce of {c.hidden_size * jnp.dtype(dtype).itemsize} B x batch, "
+              f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s")
+    results = []
+    for batch in args.batch:
+        rows = {}
+        for algorithm in algorithms:
+            twin = llama.with_all_reduce(model, algorithm)
+            rows[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens, f"batch {batch} {algorithm}")
+        context = prompt_len + new_tokens // 2
+        roofline_ms = _bytes_per_step(model, batch, context) / bandwidth * 1e3
+        for algorithm, r in rows.items():
+            r["speedup_vs_psum"] = rows["psum"]["step_median_ms"] / r["step_median_ms"]
+            r["vs_roofline"] = r["step_median_ms"] / roofline_ms
+        results.append({"batch": batch, "roofline_ms": roofline_ms, "algorithms": rows})
+        if is_printer():
+            print(f"\nbatch {batch}: HBM roofline {roofline_ms:.3f} ms/step")
+            print(f"  {'all-reduce':<12} {'prefill ms':>10} {'step ms':>9} {'p90 ms':>8} {'tok/s':>9} "
+                  f"{'x psum':>7} {'x roofline':>10}")
+            for algorithm, r in rows.items():
+                note = "  (diagnostic: no all-reduce, WRONG numbers; the communication-free bound)" \
+                    if algorithm == "none" else ""
+                print(f"  {algorithm:<12} {r['prefill_ms']:>10.2f} {r['step_median_ms']:>9.3f} "
+                      f"{r['step_p90_ms']:>8.3f} {r['tokens_per_s']:>9.1f} {r['speedup_vs_psum']:>7.2f} "
+                      f"{r['vs_roofline']:>10.2f}{note}", flush=True)
+    if is_printer() and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"devices": description, "model": args.checkpoint or args.preset, "tp": tp,
+                       "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": args.dtype,
+                       "copy_bandwidth_gbs": bandwidth / 1e9, "results": results}, f, indent=1)
+    return 0

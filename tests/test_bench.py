@@ -1,0 +1,37 @@
+"""jaxnvrar-bench runs end to end on virtual CPU devices and writes what it promises."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _bench(*args):
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", *args], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_allreduce_table_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = _bench("allreduce", "--max-bytes", "32K", "--repeats", "2", "--json", str(tmp_path / "r.json"),
+                 "--plot", str(tmp_path / "r.png"))
+    assert "psum us" in out and "reference us" in out and "x psum" in out
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["bytes"] for r in rows] == [8192, 32768]
+    assert all(r["results"]["reference"]["us"] > 0 for r in rows)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_decode_reports_every_algorithm(tmp_path):
+    pytest.importorskip("flax")
+    out = _bench("decode", "--new-tokens", "4", "--prompt-len", "8", "--batch", "1,2", "--json",
+                 str(tmp_path / "d.json"))
+    assert "WRONG numbers" in out and "HBM roofline" in out
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert [r["batch"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        assert set(r["algorithms"]) == {"psum", "reference", "none"}
+        assert r["algorithms"]["psum"]["speedup_vs_psum"] == 1.0
