@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding
@@ -185,6 +186,14 @@ def _apply_rope(x, inv_freq, positions):
 # ---------------------------------------------------------------- sharded entry points
 
 
+def _replicated(mesh, value, dtype=jnp.int32) -> jax.Array:
+    """A host value as a global array replicated over the mesh (every process passes the same)."""
+    if isinstance(value, jax.Array):
+        return value
+    host = np.asarray(value, dtype)
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
+
+
 def _specs(tree):
     return jax.tree.map(lambda a: a.sharding.spec, tree)
 
@@ -212,7 +221,7 @@ def forward_logits(model: Llama, input_ids) -> jax.Array:
     """Full forward, no cache: float32 logits [batch, length, vocab]."""
     state, mapped = _sharded_forward(model, with_cache=False)
     with jax.set_mesh(model.mesh):
-        return jax.jit(lambda s, t: mapped(s, t, None, jnp.int32(0))[0])(state, jnp.asarray(input_ids, jnp.int32))
+        return jax.jit(lambda s, t: mapped(s, t, None, jnp.int32(0))[0])(state, _replicated(model.mesh, input_ids))
 
 
 def init_cache(model: Llama, batch: int, max_length: int):
@@ -243,12 +252,12 @@ def decode_step(model: Llama, tokens, caches, write_at):
     Returns (greedy next tokens [B], logits [B, L, V], caches)."""
     state, step = _compiled_step(id(model), model)
     with jax.set_mesh(model.mesh):
-        return step(state, tokens, caches, jnp.int32(write_at))
+        return step(state, _replicated(model.mesh, tokens), caches, _replicated(model.mesh, write_at))
 
 
 def generate(model: Llama, input_ids, max_new_tokens: int, *, on_token=None) -> jax.Array:
     """Greedy decoding: prefill, then one token per step. Returns [batch, length + max_new_tokens]."""
-    tokens = jnp.asarray(input_ids, jnp.int32)
+    tokens = _replicated(model.mesh, input_ids)
     batch, length = tokens.shape
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
