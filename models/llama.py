@@ -24,6 +24,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
+from jaxnvrar.api import default_topology
+from jaxnvrar.nvrar_ffi import fits_workspace
 
 TP = "tp"
 ALL_REDUCE_CHOICES = ("auto", "psum", "reference", "nvrar", "none")
@@ -151,7 +153,17 @@ def with_all_reduce(model: Llama, algorithm: str) -> Llama:
 def _reducer(algorithm: str):
     if algorithm == "none":  # diagnostic: the communication-free bound; the numbers are WRONG
         return lambda partial: partial
-    return lambda partial: jaxnvrar.all_reduce(partial, TP, algorithm=algorithm)
+    if algorithm != "nvrar":
+        return lambda partial: jaxnvrar.all_reduce(partial, TP, algorithm=algorithm)
+
+    def reduce(partial):
+        # Prefill messages (batch x prompt x hidden) can outgrow the NVSHMEM workspace: those
+        # go to psum; every decode-step message takes the kernel.
+        topology = default_topology(lax.axis_size(TP))
+        fits = fits_workspace(partial.size, partial.dtype.itemsize, topology)
+        return jaxnvrar.all_reduce(partial, TP, algorithm="nvrar" if fits else "psum")
+
+    return reduce
 
 
 # ---------------------------------------------------------------- rotary embedding
@@ -242,14 +254,16 @@ def _compiled_step(model_id, model: Llama):
 
     def step(state, tokens, caches, write_at):
         logits, caches = mapped(state, tokens, caches, write_at)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), logits, caches
+        next_tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return next_tokens, logits, caches, write_at + tokens.shape[1]
 
     return state, jax.jit(step, donate_argnums=(2,))
 
 
 def decode_step(model: Llama, tokens, caches, write_at):
     """Runs tokens [B, L] at positions write_at.. through the model, writing the cache (donated).
-    Returns (greedy next tokens [B], logits [B, L, V], caches)."""
+    Returns (greedy next tokens [B], logits [B, L, V], caches, next write position); pass the
+    returned position (a device scalar) to the next step to keep host transfers off the loop."""
     state, step = _compiled_step(id(model), model)
     with jax.set_mesh(model.mesh):
         return step(state, _replicated(model.mesh, tokens), caches, _replicated(model.mesh, write_at))
@@ -264,10 +278,10 @@ def generate(model: Llama, input_ids, max_new_tokens: int, *, on_token=None) -> 
     if max_new_tokens == 0:
         return tokens
     caches = init_cache(model, batch, length + max_new_tokens)
-    next_tokens, _, caches = decode_step(model, tokens, caches, 0)
+    next_tokens, _, caches, position = decode_step(model, tokens, caches, 0)
     out = [tokens, next_tokens[:, None]]
     for i in range(1, max_new_tokens):
-        next_tokens, _, caches = decode_step(model, next_tokens[:, None], caches, length + i - 1)
+        next_tokens, _, caches, position = decode_step(model, next_tokens[:, None], caches, position)
         out.append(next_tokens[:, None])
         if on_token is not None:
             on_token(i)

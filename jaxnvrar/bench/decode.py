@@ -54,23 +54,27 @@ def _load_model(args, mesh, dtype):
     return llama, llama.random_model(args.preset, mesh, all_reduce="psum", dtype=dtype, num_layers=args.layers)
 
 
-def _copy_bandwidth(dtype) -> float:
-    """Bytes per second a device copy moves (read + write) on one device: the roofline's HBM speed."""
-    x = jnp.ones((64 << 20,), dtype)  # 128 MB in bf16
-    copy = jax.jit(lambda v: v + 1)
-    copy(x).block_until_ready()
+def _copy_bandwidth(dtype, on_gpu: bool) -> float:
+    """Bytes per second an elementwise pass moves (read + write) on one device, over several
+    passes in one program so dispatch does not count: the roofline's memory speed."""
+    x = jnp.ones(((512 if on_gpu else 16) << 20,), dtype)
+    passes = 20
+    sweep = jax.jit(lambda v: jax.lax.fori_loop(0, passes, lambda i, w: w * 0.5 + 1, v))
+    sweep(x).block_until_ready()
     runs = []
-    for _ in range(5):
+    for _ in range(3):
         start = time.perf_counter()
-        copy(x).block_until_ready()
+        sweep(x).block_until_ready()
         runs.append(time.perf_counter() - start)
-    return 2 * x.nbytes / min(runs)
+    return 2 * x.nbytes * passes / min(runs)
 
 
 def _bytes_per_step(model, batch: int, context: int) -> int:
-    """Weights held by one rank plus the KV cache it reads for `context` positions."""
+    """Weights one rank reads per step (all but the embedding table, of which only `batch` rows
+    are read) plus the KV cache it reads for `context` positions."""
     state = jax.tree.leaves(jax.tree.map(lambda a: a, model))
     weight_bytes = sum(a.addressable_shards[0].data.nbytes for a in state if hasattr(a, "addressable_shards"))
+    weight_bytes -= model.embed[...].addressable_shards[0].data.nbytes
     c = model.config
     kv_local = model.layers[0].attention.wk[...].addressable_shards[0].data.shape[1] // c.head_dim
     kv_bytes = 2 * c.num_hidden_layers * batch * context * kv_local * c.head_dim * model.embed[...].dtype.itemsize
@@ -89,20 +93,20 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
     total = prompt_len + new_tokens
     # Compile both shapes once, outside the timings.
     caches = llama.init_cache(model, batch, total)
-    token, _, caches = llama.decode_step(model, prompt, caches, 0)
-    token, _, caches = llama.decode_step(model, token[:, None], caches, prompt_len)
+    token, _, caches, position = llama.decode_step(model, prompt, caches, 0)
+    token, _, caches, position = llama.decode_step(model, token[:, None], caches, position)
     token.block_until_ready()
 
     caches = llama.init_cache(model, batch, total)
     jax.block_until_ready(caches)
     start = time.perf_counter()
-    token, _, caches = llama.decode_step(model, prompt, caches, 0)
+    token, _, caches, position = llama.decode_step(model, prompt, caches, 0)
     token.block_until_ready()
     prefill = time.perf_counter() - start
     steps = []
     for i in range(new_tokens - 1):
         start = time.perf_counter()
-        token, _, caches = llama.decode_step(model, token[:, None], caches, prompt_len + i)
+        token, _, caches, position = llama.decode_step(model, token[:, None], caches, position)
         token.block_until_ready()
         steps.append(time.perf_counter() - start)
         _progress(label, i + 1, new_tokens - 1)
@@ -134,7 +138,7 @@ def run(args) -> int:
     mesh = make_mesh(tp)
     llama, model = _load_model(args, mesh, dtype)
     c = model.config
-    bandwidth = _copy_bandwidth(dtype)
+    bandwidth = _copy_bandwidth(dtype, on_gpu)
     if is_printer():
         source = args.checkpoint or f"random {args.preset}"
         print(f"# jaxnvrar-bench decode: {description}")
