@@ -2,6 +2,7 @@
 
     jaxnvrar-bench allreduce [--min-bytes 8K --max-bytes 8M ...]   latency per algorithm and size
     jaxnvrar-bench decode [--preset llama3.1-8b --batch 1,16 ...]  Llama decode step per algorithm
+    jaxnvrar-bench model --fit sweep.json [--network ndr]          cost-model projection to 64 nodes
 
 On a GPU machine run one process per GPU: jaxnvrar-launch -n 2 -- jaxnvrar-bench allreduce.
 """
@@ -13,15 +14,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxnvrar.bench import allreduce, decode
+    from jaxnvrar.bench import allreduce, decode, model
 
     parser = argparse.ArgumentParser(prog="jaxnvrar-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     allreduce.add_arguments(commands.add_parser("allreduce", help="all-reduce latency sweep"))
     decode.add_arguments(commands.add_parser("decode", help="tensor-parallel Llama decode latency"))
+    model.add_arguments(commands.add_parser("model", help="alpha-beta projection of ring/tree vs NVRAR"))
     args = parser.parse_args(argv)
-    return {"allreduce": allreduce.run, "decode": decode.run}[args.command](args)
+    return {"allreduce": allreduce.run, "decode": decode.run, "model": model.run}[args.command](args)
 
 
 if __name__ == "__main__":
