@@ -48,7 +48,7 @@ def _load_model(args, mesh, dtype):
     try:
         from jaxnvrar.models import llama
     except ImportError as err:
-        raise SystemExit(f"jaxnvrar-bench decode needs flax ({err}): pip install 'jaxnvrar[llama]'")
+        raise SystemExit(f"jaxnvrar-bench decode needs flax ({err}): pip install 'jaxnvrar[llama]'") from None
     if args.checkpoint:
         return llama, llama.load_checkpoint(args.checkpoint, mesh, all_reduce="psum", dtype=dtype)
     return llama, llama.random_model(args.preset, mesh, all_reduce="psum", dtype=dtype, num_layers=args.layers)
@@ -154,7 +154,7 @@ def run(args) -> int:
             rows[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens, f"batch {batch} {algorithm}")
         context = prompt_len + new_tokens // 2
         roofline_ms = _bytes_per_step(model, batch, context) / bandwidth * 1e3
-        for algorithm, r in rows.items():
+        for r in rows.values():
             r["speedup_vs_psum"] = rows["psum"]["step_median_ms"] / r["step_median_ms"]
             r["vs_roofline"] = r["step_median_ms"] / roofline_ms
         results.append({"batch": batch, "roofline_ms": roofline_ms, "algorithms": rows})
