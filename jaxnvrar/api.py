@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -36,12 +35,6 @@ def _single_axis(axis_name):
             )
         axis_name = axis_name[0]
     return axis_name
-
-
-def default_topology(num_ranks: int) -> Topology:
-    """The topology assumed at trace time when gpus_per_node is not given: the ranks that share
-    a host (lowering refines it from the mesh's devices where they are laid out otherwise)."""
-    return Topology(num_ranks, math.gcd(num_ranks, runtime.devices_per_host()))
 
 
 # Measured crossover on 2 x H200 (docs/results/allreduce_2xH200_2026-11-23.txt): the kernel
@@ -87,7 +80,7 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
-    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else default_topology(num_ranks)
+    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else runtime.default_topology(num_ranks)
     if algorithm == "auto":
         algorithm = choose_algorithm(x.size, x.dtype, topology)
     if algorithm == "psum":

@@ -9,7 +9,6 @@ The topology is resolved at lowering time, where the concrete mesh is known.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 from jax import lax
@@ -106,7 +105,7 @@ def resolve_topology(ctx, axis_name, num_ranks, gpus_per_node) -> tuple[Topology
     groups = _axis_groups(mesh, axis_name) if mesh is not None else None
     if gpus_per_node is None:
         if groups is None:
-            gpus_per_node = math.gcd(num_ranks, runtime.devices_per_host())  # as api.default_topology
+            gpus_per_node = runtime.default_topology(num_ranks).gpus_per_node
         else:
             sizes = {_node_size_of(group) for group in groups}
             if len(sizes) != 1:

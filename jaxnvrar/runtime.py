@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import os
 import socket
 import sys
@@ -91,6 +92,14 @@ def devices_per_host() -> int:
     return sum(
         1 for d in jax.devices() if host_of_process(d.process_index) == mine
     )
+
+
+def default_topology(num_ranks: int):
+    """The topology assumed when gpus_per_node is not given and the mesh's devices are not at
+    hand: ranks grouped by the devices that share this host. (Lowering refines it from the mesh.)"""
+    from jaxnvrar.schedule import Topology
+
+    return Topology(num_ranks, math.gcd(num_ranks, devices_per_host()))
 
 
 def cuda_extension():

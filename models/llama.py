@@ -24,8 +24,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
-from jaxnvrar.api import default_topology
 from jaxnvrar.nvrar_ffi import fits_workspace
+from jaxnvrar.runtime import default_topology
 
 TP = "tp"
 ALL_REDUCE_CHOICES = ("auto", "psum", "reference", "nvrar", "none")

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
-from jaxnvrar.api import default_topology
+from jaxnvrar.runtime import default_topology
 from jaxnvrar.nvrar_ffi import fits_workspace
 from jaxnvrar.schedule import Topology
 from jaxnvrar.bench.setup import bring_up, is_printer
