@@ -35,3 +35,22 @@ def test_decode_reports_every_algorithm(tmp_path):
     for r in report["results"]:
         assert set(r["algorithms"]) == {"psum", "reference", "none"}
         assert r["algorithms"]["psum"]["speedup_vs_psum"] == 1.0
+
+
+def test_breakdown_accounts_device_time_by_class():
+    from jaxnvrar.bench import breakdown
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}]
+    kernels = [("sm90_xmma_gemm_bf16", 0, 100), ("nvjet_tst_128x64", 90, 150),  # overlapping matmuls
+               ("NvrarAllReduceKernel<float>", 200, 230), ("loop_fusion_3", 230, 260),
+               ("ncclDevKernel_AllReduce_Sum", 400, 450)]
+    events = meta + [{"ph": "X", "pid": 7, "name": n, "ts": s, "dur": e - s} for n, s, e in kernels]
+    events.append({"ph": "X", "pid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 500})  # host: ignored
+    b = breakdown.breakdown(breakdown.device_kernels(events), steps=2)
+    assert b["matmul"] == pytest.approx(0.150 / 2)  # union of [0,100] and [90,150] us, per step, in ms
+    assert b["communication"] == pytest.approx(0.080 / 2)
+    assert b["other"] == pytest.approx(0.030 / 2)
+    assert b["idle"] == pytest.approx((0.450 - 0.260) / 2)  # window 450 us minus 260 us busy
+    assert b["kernels_per_step"] == 2.5
+    assert breakdown.device_kernels(meta[:1]) == [] and breakdown.breakdown([], 1) == {}

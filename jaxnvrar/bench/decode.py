@@ -10,6 +10,7 @@ bytes each GPU reads per step over the bandwidth measured here by a device copy)
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnvrar
+from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -42,6 +44,10 @@ def add_arguments(parser) -> None:
                              "available else reference, none)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="trace a few decode steps per algorithm with jax.profiler into DIR and print "
+                             "where the device time goes (matmul / communication / other / idle)")
+    parser.add_argument("--profile-plot", metavar="PNG", help="draw that breakdown as stacked bars")
 
 
 def _load_model(args, mesh, dtype):
@@ -88,7 +94,11 @@ def _progress(label: str, done: int, total: int) -> None:
               file=sys.stderr, flush=True)
 
 
-def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label: str) -> dict:
+_PROFILED_STEPS = 5
+
+
+def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label: str,
+               profile_dir: str | None = None) -> dict:
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
     total = prompt_len + new_tokens
     # Compile both shapes once, outside the timings.
@@ -111,9 +121,31 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         steps.append(time.perf_counter() - start)
         _progress(label, i + 1, new_tokens - 1)
     steps_ms = np.array(steps) * 1e3
-    return {"prefill_ms": prefill * 1e3, "step_median_ms": float(np.median(steps_ms)),
-            "step_p90_ms": float(np.percentile(steps_ms, 90)),
-            "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
+    result = {"prefill_ms": prefill * 1e3, "step_median_ms": float(np.median(steps_ms)),
+              "step_p90_ms": float(np.percentile(steps_ms, 90)),
+              "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
+    if profile_dir is not None:
+        # A few more steps under the profiler, over cache positions already written (timing only).
+        directory = os.path.join(profile_dir, label.replace(" ", "_"))
+        with breakdown.traced(directory):
+            for _ in range(_PROFILED_STEPS):
+                token, _, caches, position = llama.decode_step(model, token[:, None], caches, prompt_len)
+            token.block_until_ready()
+        result["breakdown"] = breakdown.breakdown(breakdown.device_kernels(breakdown.read_trace(directory)),
+                                                  _PROFILED_STEPS)
+    return result
+
+
+def _print_breakdown(rows: dict) -> None:
+    print(f"  device time per step (ms), from the profiler:  {'matmul':>7} {'comm':>7} {'other':>7} "
+          f"{'idle':>7} {'kernels':>8}")
+    for algorithm, r in rows.items():
+        b = r.get("breakdown")
+        if not b:
+            print(f"  {algorithm:<12} no device kernels in the trace (the CPU backend records none)")
+            continue
+        print(f"  {algorithm:<47} {b['matmul']:>7.3f} {b['communication']:>7.3f} {b['other']:>7.3f} "
+              f"{b['idle']:>7.3f} {b['kernels_per_step']:>8.0f}")
 
 
 def run(args) -> int:
@@ -151,7 +183,8 @@ def run(args) -> int:
         rows = {}
         for algorithm in algorithms:
             twin = llama.with_all_reduce(model, algorithm)
-            rows[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens, f"batch {batch} {algorithm}")
+            rows[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens, f"batch {batch} {algorithm}",
+                                         args.profile)
         context = prompt_len + new_tokens // 2
         roofline_ms = _bytes_per_step(model, batch, context) / bandwidth * 1e3
         for r in rows.values():
@@ -168,6 +201,13 @@ def run(args) -> int:
                 print(f"  {algorithm:<12} {r['prefill_ms']:>10.2f} {r['step_median_ms']:>9.3f} "
                       f"{r['step_p90_ms']:>8.3f} {r['tokens_per_s']:>9.1f} {r['speedup_vs_psum']:>7.2f} "
                       f"{r['vs_roofline']:>10.2f}{note}", flush=True)
+            if args.profile:
+                _print_breakdown(rows)
+    if is_printer() and args.profile_plot and args.profile:
+        bars = {f"b{r['batch']} {a}": v["breakdown"] for r in results for a, v in r["algorithms"].items()
+                if v.get("breakdown")}
+        if bars:
+            breakdown.plot(bars, args.profile_plot, f"decode step on the device: {description}")
     if is_printer() and args.json:
         with open(args.json, "w") as f:
             json.dump({"devices": description, "model": args.checkpoint or args.preset, "tp": tp,

@@ -1,0 +1,104 @@
+"""Where a step's time goes on the device, read from a `jax.profiler` trace.
+
+Device kernels (the trace's "/device:GPU:N" processes) are sorted into matmul, communication
+and other by name; each class's time is the union of its kernels' intervals, and idle is the
+part of the step's window (first kernel start to last kernel end) that no kernel covers: on a
+decode step, mostly launch and host overhead. Kernels per step are counted too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import gzip
+import json
+import os
+import re
+
+import jax
+
+CLASSES = ("matmul", "communication", "other", "idle")
+_COMMUNICATION = re.compile(r"nccl|nvrar|all.?reduce|all.?gather|reduce.?scatter|collective|nvshmem|ppermute",
+                            re.IGNORECASE)
+_MATMUL = re.compile(r"gemm|gemv|xmma|nvjet|cutlass|matmul|wgmma|cublas|\bdot\b|dot_", re.IGNORECASE)
+
+
+def classify(kernel_name: str) -> str:
+    if _COMMUNICATION.search(kernel_name):
+        return "communication"
+    if _MATMUL.search(kernel_name):
+        return "matmul"
+    return "other"
+
+
+def _union_length(intervals) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def device_kernels(events) -> list[tuple[str, float, float]]:
+    """(name, start_us, end_us) of every kernel on the first device in a Chrome/Perfetto trace."""
+    devices = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"
+               and re.search(r"/device:(GPU|TPU)", e.get("args", {}).get("name", ""))}
+    if not devices:
+        return []
+    first = min(devices, key=lambda pid: devices[pid])
+    return [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+            for e in events if e.get("ph") == "X" and e.get("pid") == first and e.get("dur", 0) > 0]
+
+
+def breakdown(kernels, steps: int) -> dict:
+    """Per-step milliseconds of each class, and kernels per step."""
+    if not kernels:
+        return {}
+    by_class = {c: [] for c in CLASSES[:-1]}
+    for name, start, end in kernels:
+        by_class[classify(name)].append((start, end))
+    window = max(k[2] for k in kernels) - min(k[1] for k in kernels)
+    busy = _union_length([(s, e) for _, s, e in kernels])
+    out = {c: _union_length(v) / 1e3 / steps for c, v in by_class.items()}
+    out["idle"] = (window - busy) / 1e3 / steps
+    out["kernels_per_step"] = len(kernels) / steps
+    return out
+
+
+def read_trace(directory: str) -> list[dict]:
+    paths = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {directory}")
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+@contextlib.contextmanager
+def traced(directory: str):
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        yield
+
+
+def plot(rows: dict[str, dict], path: str, title: str) -> None:
+    """Stacked bars, one per label, of the per-step milliseconds of each class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4.5))
+    bottom = [0.0] * len(labels)
+    for c in CLASSES:
+        values = [rows[label].get(c, 0.0) for label in labels]
+        ax.bar(labels, values, bottom=bottom, label=c)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("ms per decode step (device)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
