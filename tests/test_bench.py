@@ -54,3 +54,12 @@ def test_breakdown_accounts_device_time_by_class():
     assert b["idle"] == pytest.approx((0.450 - 0.260) / 2)  # window 450 us minus 260 us busy
     assert b["kernels_per_step"] == 2.5
     assert breakdown.device_kernels(meta[:1]) == [] and breakdown.breakdown([], 1) == {}
+
+
+def test_gemm_sweep(tmp_path):
+    out = _bench("gemm", "-m", "32", "-k", "64", "-n", "64", "--splits", "1,2", "--repeats", "2",
+                 "--json", str(tmp_path / "g.json"))
+    assert "PP: M/d" in out and "TP: K/d" in out
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [(r["pp_m"], r["tp_k"]) for r in rows] == [(32, 64), (16, 32)]
+    assert all(r["pp_tflops"] > 0 and r["tp_tflops"] > 0 for r in rows)

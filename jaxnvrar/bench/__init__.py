@@ -3,6 +3,7 @@
     jaxnvrar-bench allreduce [--min-bytes 8K --max-bytes 8M ...]   latency per algorithm and size
     jaxnvrar-bench decode [--preset llama3.1-8b --batch 1,16 ...]  Llama decode step per algorithm
     jaxnvrar-bench model --fit sweep.json [--network ndr]          cost-model projection to 64 nodes
+    jaxnvrar-bench gemm [-m 512 -k 8192 -n 28672]                  GEMM speed when M or K is split
 
 On a GPU machine run one process per GPU: jaxnvrar-launch -n 2 -- jaxnvrar-bench allreduce.
 """
@@ -14,7 +15,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxnvrar.bench import allreduce, decode, model
+    from jaxnvrar.bench import allreduce, decode, gemm, model
 
     parser = argparse.ArgumentParser(prog="jaxnvrar-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     allreduce.add_arguments(commands.add_parser("allreduce", help="all-reduce latency sweep"))
     decode.add_arguments(commands.add_parser("decode", help="tensor-parallel Llama decode latency"))
     model.add_arguments(commands.add_parser("model", help="alpha-beta projection of ring/tree vs NVRAR"))
+    gemm.add_arguments(commands.add_parser("gemm", help="GEMM speed when M (pipeline) or K (tensor) is split"))
     args = parser.parse_args(argv)
-    return {"allreduce": allreduce.run, "decode": decode.run, "model": model.run}[args.command](args)
+    runs = {"allreduce": allreduce.run, "decode": decode.run, "model": model.run, "gemm": gemm.run}
+    return runs[args.command](args)
 
 
 if __name__ == "__main__":
