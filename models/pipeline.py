@@ -1,0 +1,183 @@
+"""Hybrid tensor x pipeline parallelism for models.llama: `pp` stages of `tp` ranks each.
+
+Layers are split into equal consecutive blocks, one per stage, and stacked over the mesh axis
+"pp"; inside a stage the layers are tensor-parallel over "tp" exactly as in llama.py (with
+jaxnvrar's all-reduce). The batch is cut into micro-batches that flow through the stages with
+`lax.ppermute` (GPipe order: at tick t stage s works on micro-batch t - s). Every rank runs
+every tick; a stage without a micro-batch (the pipeline bubble) computes on a placeholder whose
+results and KV-cache writes are discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .llama import TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, _reducer, _replicated, rope_frequencies
+
+PP = "pp"
+_LAYER_PARAMS = ("input_norm", "post_attention_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def make_mesh(pp: int, tp: int):
+    if pp * tp > jax.device_count():
+        raise ValueError(f"pp={pp} x tp={tp} needs {pp * tp} devices; {jax.device_count()} are visible")
+    return jax.make_mesh((pp, tp), (PP, TP), devices=jax.devices()[: pp * tp])
+
+
+@dataclasses.dataclass
+class PipelinedLlama:
+    config: LlamaConfig
+    mesh: object
+    stages: list  # per layer-in-stage j: {param name: array [pp, ...] sharded on "pp"}
+    embed: jax.Array
+    norm: jax.Array
+    lm_head: jax.Array
+    all_reduce: str
+
+    @property
+    def num_stages(self) -> int:
+        return self.mesh.shape[PP]
+
+
+def _layer_arrays(layer: DecoderLayer) -> dict:
+    return {"input_norm": layer.input_norm.weight[...], "post_attention_norm": layer.post_attention_norm.weight[...],
+            "wq": layer.attention.wq[...], "wk": layer.attention.wk[...], "wv": layer.attention.wv[...],
+            "wo": layer.attention.wo[...], "w_gate": layer.mlp.w_gate[...], "w_up": layer.mlp.w_up[...],
+            "w_down": layer.mlp.w_down[...]}
+
+
+def pipeline(model: Llama) -> PipelinedLlama:
+    """Split a model built on a ("pp", "tp") mesh (by load_checkpoint or random_model, which
+    replicate it over "pp") into stages: stage s keeps layers [s L/pp, (s+1) L/pp)."""
+    mesh = model.mesh
+    if PP not in mesh.axis_names:
+        raise ValueError("pipeline() needs a model on a mesh with a 'pp' axis: use models.pipeline.make_mesh")
+    pp, layers = mesh.shape[PP], len(model.layers)
+    if layers % pp:
+        raise ValueError(f"{layers} layers cannot be split into {pp} equal pipeline stages")
+    per_stage = layers // pp
+    arrays = [_layer_arrays(layer) for layer in model.layers]
+    stages = []
+    for j in range(per_stage):
+        stacked = {}
+        for name in _LAYER_PARAMS:
+            parts = [arrays[s * per_stage + j][name] for s in range(pp)]
+            spec = P(PP, *parts[0].sharding.spec)
+            stacked[name] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=NamedSharding(mesh, spec))(*parts)
+        stages.append(stacked)
+    return PipelinedLlama(model.config, mesh, stages, model.embed[...], model.norm.weight[...],
+                          model.lm_head[...], model.all_reduce)
+
+
+def init_cache(pmodel: PipelinedLlama, batch: int, max_length: int):
+    """Per layer-in-stage: (k, v) of [pp, batch, max_length, kv_heads, head_dim]."""
+    c = pmodel.config
+    heads = pmodel.stages[0]["wk"].shape[2] // c.head_dim
+    sharding = NamedSharding(pmodel.mesh, P(PP, None, None, TP, None))
+    shape = (pmodel.num_stages, batch, max_length, heads, c.head_dim)
+    count = len(pmodel.stages)
+    make = jax.jit(lambda: tuple((jnp.zeros(shape, pmodel.embed.dtype),) * 2 for _ in range(count)),
+                   out_shardings=tuple((sharding, sharding) for _ in range(count)))
+    return make()
+
+
+def _stage_body(pmodel: PipelinedLlama, num_micro: int):
+    config, pp = pmodel.config, pmodel.num_stages
+    reduce = _reducer(pmodel.all_reduce)
+    forward_pairs = [(s, s + 1) for s in range(pp - 1)]
+
+    def body(stages, embed, norm_weight, lm_head, tokens, caches, write_at):
+        stage = lax.axis_index(PP)
+        layers = [DecoderLayer({k: v[0] for k, v in p.items()}, config) for p in stages]
+        norm = RMSNorm(norm_weight, config.rms_norm_eps)
+        rope = rope_frequencies(config)
+        _, micro, length = tokens.shape
+        positions = write_at + jnp.arange(length)
+        caches = [(k[0], v[0]) for k, v in caches]
+        carried = jnp.zeros((micro, length, config.hidden_size), embed.dtype)
+        logits = None
+        for tick in range(num_micro + pp - 1):
+            x = jnp.where(stage == 0, embed[tokens[min(tick, num_micro - 1)]], carried)
+            index = tick - stage
+            valid = (index >= 0) & (index < num_micro)
+            rows = jnp.clip(index, 0, num_micro - 1) * micro
+            for j, layer in enumerate(layers):
+                k, v = caches[j]
+                mine = (lax.dynamic_slice_in_dim(k, rows, micro), lax.dynamic_slice_in_dim(v, rows, micro))
+                x, (new_k, new_v) = layer(x, rope, positions, mine, write_at, reduce)
+                # The bubble's writes are discarded: the cache rows keep what they had.
+                caches[j] = (lax.dynamic_update_slice_in_dim(k, jnp.where(valid, new_k, mine[0]), rows, 0),
+                             lax.dynamic_update_slice_in_dim(v, jnp.where(valid, new_v, mine[1]), rows, 0))
+            out = (norm(x) @ lm_head).astype(jnp.float32)
+            if logits is None:
+                logits = jnp.zeros((num_micro,) + out.shape, jnp.float32)
+            keep = valid & (stage == pp - 1)
+            logits = jnp.where(keep, lax.dynamic_update_index_in_dim(logits, out, jnp.clip(index, 0, num_micro - 1), 0),
+                               logits)
+            if pp > 1:
+                carried = lax.ppermute(x, PP, forward_pairs)
+        # Only the last stage holds logits; the sum over stages hands them to every stage.
+        logits = lax.psum(logits, PP)
+        return logits, tuple((k[None], v[None]) for k, v in caches)
+
+    return body
+
+
+def decode_step(pmodel: PipelinedLlama, tokens, caches, write_at, *, micro_batches: int = 1):
+    """Like llama.decode_step, with the batch cut into `micro_batches` pipeline micro-batches."""
+    tokens = _replicated(pmodel.mesh, tokens)
+    batch, length = tokens.shape
+    if batch % micro_batches:
+        raise ValueError(f"batch {batch} is not divisible into {micro_batches} micro-batches")
+    step = _compiled(pmodel, micro_batches)
+    with jax.set_mesh(pmodel.mesh):
+        return step(pmodel.stages, pmodel.embed, pmodel.norm, pmodel.lm_head,
+                    tokens.reshape(micro_batches, batch // micro_batches, length), caches,
+                    _replicated(pmodel.mesh, write_at))
+
+
+_COMPILED = {}
+
+
+def _compiled(pmodel: PipelinedLlama, micro_batches: int):
+    key = (id(pmodel), micro_batches)
+    if key not in _COMPILED:
+        cache_spec = P(PP, None, None, TP, None)
+        specs = jax.tree.map(lambda a: a.sharding.spec, pmodel.stages)
+        cache_specs = ((cache_spec, cache_spec),) * len(pmodel.stages)
+        mapped = jax.shard_map(
+            _stage_body(pmodel, micro_batches), mesh=pmodel.mesh,
+            in_specs=(specs, P(), P(), P(None, TP), P(), cache_specs, P()),
+            out_specs=(P(None, None, None, TP), cache_specs), check_vma=False)
+
+        def step(stages, embed, norm, lm_head, tokens, caches, write_at):
+            logits, caches = mapped(stages, embed, norm, lm_head, tokens, caches, write_at)
+            logits = logits.reshape((-1,) + logits.shape[2:])  # [batch, length, vocab]
+            next_tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+            return next_tokens, logits, caches, write_at + tokens.shape[2]
+
+        _COMPILED[key] = (pmodel, jax.jit(step, donate_argnums=(5,)))
+    return _COMPILED[key][1]
+
+
+def generate(pmodel: PipelinedLlama, input_ids, max_new_tokens: int, *, micro_batches: int = 1):
+    """Greedy decoding through the pipeline; same contract as llama.generate."""
+    tokens = _replicated(pmodel.mesh, np.asarray(input_ids, np.int32))
+    batch, length = tokens.shape
+    if max_new_tokens == 0:
+        return tokens
+    caches = init_cache(pmodel, batch, length + max_new_tokens)
+    next_tokens, _, caches, position = decode_step(pmodel, tokens, caches, 0, micro_batches=micro_batches)
+    out = [tokens, next_tokens[:, None]]
+    for _ in range(1, max_new_tokens):
+        next_tokens, _, caches, position = decode_step(pmodel, next_tokens[:, None], caches, position,
+                                                       micro_batches=micro_batches)
+        out.append(next_tokens[:, None])
+    return jnp.concatenate(out, axis=1)
