@@ -63,3 +63,17 @@ def test_gemm_sweep(tmp_path):
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert [(r["pp_m"], r["tp_k"]) for r in rows] == [(32, 64), (16, 32)]
     assert all(r["pp_tflops"] > 0 and r["tp_tflops"] > 0 for r in rows)
+
+
+def test_layout_comparison(tmp_path):
+    pytest.importorskip("flax")
+    from jaxnvrar.bench.decode import parse_layout
+
+    assert [parse_layout(t) for t in ("tp4", "pp2xtp2", "pp4")] == [(1, 4), (2, 2), (4, 1)]
+    out = _bench("decode", "--layouts", "tp2,pp2", "--batch", "2", "--all-reduce", "psum", "--json",
+                 str(tmp_path / "l.json"))
+    rows = json.loads((tmp_path / "l.json").read_text())["results"]
+    assert {(r["workload"], r["layout"]) for r in rows} == {
+        (w, lay) for w in ("decode-heavy", "prefill-heavy") for lay in ("tp2", "pp2")}
+    assert all(r["batch_latency_ms"] > r["prefill_ms"] > 0 for r in rows)
+    assert "batch ms" in out

@@ -48,6 +48,10 @@ def add_arguments(parser) -> None:
                         help="trace a few decode steps per algorithm with jax.profiler into DIR and print "
                              "where the device time goes (matmul / communication / other / idle)")
     parser.add_argument("--profile-plot", metavar="PNG", help="draw that breakdown as stacked bars")
+    parser.add_argument("--layouts", default=None,
+                        help="compare parallel layouts instead, e.g. tp4,pp2xtp2,pp4 (pp = pipeline stages, "
+                             "micro-batches = stages), on a decode-heavy and a prefill-heavy workload")
+    parser.add_argument("--all-reduce", default="auto", help="all-reduce algorithm inside each layout (auto)")
 
 
 def _load_model(args, mesh, dtype):
@@ -148,8 +152,88 @@ def _print_breakdown(rows: dict) -> None:
               f"{b['idle']:>7.3f} {b['kernels_per_step']:>8.0f}")
 
 
+# (prompt tokens, new tokens) of the two workloads of the layout comparison.
+WORKLOADS = {"gpu": {"decode-heavy": (128, 256), "prefill-heavy": (4096, 8)},
+             "cpu": {"decode-heavy": (8, 24), "prefill-heavy": (96, 3)}}
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    """'tp4' -> (1, 4); 'pp2xtp2' -> (2, 2); 'pp4' -> (4, 1)."""
+    pp = tp = 1
+    for part in text.lower().split("x"):
+        if part.startswith("pp") and part[2:].isdigit():
+            pp = int(part[2:])
+        elif part.startswith("tp") and part[2:].isdigit():
+            tp = int(part[2:])
+        else:
+            raise SystemExit(f"layout {text!r}: write it as tpT, ppP or ppPxtpT")
+    return pp, tp
+
+
+def _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype) -> dict:
+    from jaxnvrar.models import llama, pipeline
+
+    if pp == 1:
+        model = llama.random_model(args.preset, llama.make_mesh(tp), all_reduce=args.all_reduce, dtype=dtype,
+                                   num_layers=args.layers)
+        init = lambda: llama.init_cache(model, batch, prompt_len + new_tokens)  # noqa: E731
+        step = lambda t, c, p: llama.decode_step(model, t, c, p)  # noqa: E731
+    else:
+        base = llama.random_model(args.preset, pipeline.make_mesh(pp, tp), all_reduce=args.all_reduce,
+                                  dtype=dtype, num_layers=args.layers)
+        model = pipeline.pipeline(base)
+        micro = pp if batch % pp == 0 else 1
+        init = lambda: pipeline.init_cache(model, batch, prompt_len + new_tokens)  # noqa: E731
+        step = lambda t, c, p: pipeline.decode_step(model, t, c, p, micro_batches=micro)  # noqa: E731
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
+
+    def one_batch():
+        caches = init()
+        jax.block_until_ready(caches)
+        start = time.perf_counter()
+        token, _, caches, position = step(prompt, caches, 0)
+        token.block_until_ready()
+        prefill = time.perf_counter() - start
+        for _ in range(new_tokens - 1):
+            token, _, caches, position = step(token[:, None], caches, position)
+        token.block_until_ready()
+        return prefill, time.perf_counter() - start
+
+    one_batch()  # compile
+    prefill, total = one_batch()
+    return {"prefill_ms": prefill * 1e3, "batch_latency_ms": total * 1e3,
+            "step_ms": (total - prefill) * 1e3 / max(new_tokens - 1, 1)}
+
+
+def run_layouts(args, description) -> int:
+    layouts = [(text, *parse_layout(text)) for text in args.layouts.split(",")]
+    workloads = WORKLOADS["gpu" if jax.default_backend() == "gpu" else "cpu"]
+    dtype = _DTYPES[args.dtype]
+    results = []
+    if is_printer():
+        print(f"# jaxnvrar-bench decode --layouts: {description}; random {args.preset}"
+              f"{f' ({args.layers} layers)' if args.layers else ''}, all-reduce {args.all_reduce}")
+        print(f"{'workload':<14} {'prompt':>6} {'new':>5} {'batch':>5} {'layout':>9} {'prefill ms':>10} "
+              f"{'step ms':>8} {'batch ms':>9}")
+    for name, (prompt_len, new_tokens) in workloads.items():
+        for batch in args.batch:
+            for text, pp, tp in layouts:
+                r = _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype)
+                results.append({"workload": name, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                                "batch": batch, "layout": text, **r})
+                if is_printer():
+                    print(f"{name:<14} {prompt_len:>6} {new_tokens:>5} {batch:>5} {text:>9} "
+                          f"{r['prefill_ms']:>10.2f} {r['step_ms']:>8.3f} {r['batch_latency_ms']:>9.2f}", flush=True)
+    if is_printer() and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"devices": description, "preset": args.preset, "results": results}, f, indent=1)
+    return 0
+
+
 def run(args) -> int:
     description = bring_up()
+    if args.layouts:
+        return run_layouts(args, description)
     on_gpu = jax.default_backend() == "gpu"
     tp = args.tp or (jax.device_count() if on_gpu else 2)
     prompt_len = args.prompt_len or (1024 if on_gpu else 16)
