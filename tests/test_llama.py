@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
 
 from models import llama  # noqa: E402
-from models.llama_params import LlamaConfig, hf_config_dict  # noqa: E402
+from hf_reference import save_reference  # noqa: E402
+from models.llama_params import LlamaConfig  # noqa: E402
 
 # GQA (4 query heads, 2 KV heads), Llama 3 RoPE scaling; TP 4 replicates the KV heads.
 CONFIG = LlamaConfig(256, 64, 128, 2, 4, 2, 16, rope_theta=10000.0, rope_llama3=(8.0, 1.0, 4.0, 32),
@@ -29,16 +30,8 @@ def _needs(tp):
 
 
 def _save_hf(directory, tied: bool, **save_kwargs):
-    torch.manual_seed(0)
     config = LlamaConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_dict(config),
-                                                                attn_implementation="eager")).eval()
-    hf.save_pretrained(directory, **save_kwargs)
-    with torch.no_grad():
-        logits = hf(torch.tensor(PROMPTS)).logits.numpy()
-        tokens = hf.generate(torch.tensor(PROMPTS), attention_mask=torch.ones(PROMPTS.shape, dtype=torch.long),
-                             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).numpy()
-    return logits, tokens
+    return save_reference(directory, config, PROMPTS, NEW_TOKENS, **save_kwargs)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

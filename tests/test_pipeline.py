@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
 
 from models import llama, pipeline  # noqa: E402
-from models.llama_params import LlamaConfig, hf_config_dict  # noqa: E402
+from hf_reference import save_reference  # noqa: E402
+from models.llama_params import LlamaConfig  # noqa: E402
 
 CONFIG = LlamaConfig(256, 64, 128, 4, 4, 2, 16, rope_theta=10000.0, rope_llama3=(8.0, 1.0, 4.0, 32),
                      max_position_embeddings=256)
@@ -22,13 +23,7 @@ def checkpoint(tmp_path_factory):
     if jax.process_count() > 1 or jax.device_count() < 8:
         pytest.skip("needs 8 devices in one process")
     directory = tmp_path_factory.mktemp("pp")
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_dict(CONFIG),
-                                                                attn_implementation="eager")).eval()
-    hf.save_pretrained(directory)
-    with torch.no_grad():
-        tokens = hf.generate(torch.tensor(PROMPTS), attention_mask=torch.ones(PROMPTS.shape, dtype=torch.long),
-                             max_new_tokens=5, do_sample=False, pad_token_id=0).numpy()
+    _, tokens = save_reference(directory, CONFIG, PROMPTS, 5)
     return directory, tokens
 
 
