@@ -171,6 +171,8 @@ def generate(pmodel: PipelinedLlama, input_ids, max_new_tokens: int, *, micro_ba
     """Greedy decoding through the pipeline; same contract as llama.generate."""
     tokens = _replicated(pmodel.mesh, np.asarray(input_ids, np.int32))
     batch, length = tokens.shape
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:
         return tokens
     caches = init_cache(pmodel, batch, length + max_new_tokens)

@@ -42,6 +42,8 @@ def test_pipeline_errors(checkpoint):
     with pytest.raises(ValueError, match="'pp' axis"):
         pipeline.pipeline(llama.load_checkpoint(directory, llama.make_mesh(2), dtype=jnp.float32))
     model = pipeline.pipeline(llama.load_checkpoint(directory, pipeline.make_mesh(2, 2), dtype=jnp.float32))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        pipeline.generate(model, PROMPTS, -1)
     with pytest.raises(ValueError, match="not divisible into 3 micro-batches"):
         pipeline.decode_step(model, PROMPTS, pipeline.init_cache(model, 4, 16), 0, micro_batches=3)
     three_stages = llama.load_checkpoint(directory, pipeline.make_mesh(3, 2), dtype=jnp.float32)
