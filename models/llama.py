@@ -229,11 +229,17 @@ def _sharded_forward(model: Llama, with_cache: bool):
     return state, mapped
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_forward(model: Llama):
+    state, mapped = _sharded_forward(model, with_cache=False)
+    return state, jax.jit(lambda s, t: mapped(s, t, None, jnp.int32(0))[0])
+
+
 def forward_logits(model: Llama, input_ids) -> jax.Array:
     """Full forward, no cache: float32 logits [batch, length, vocab]."""
-    state, mapped = _sharded_forward(model, with_cache=False)
+    state, forward = _compiled_forward(model)
     with jax.set_mesh(model.mesh):
-        return jax.jit(lambda s, t: mapped(s, t, None, jnp.int32(0))[0])(state, _replicated(model.mesh, input_ids))
+        return forward(state, _replicated(model.mesh, input_ids))
 
 
 def init_cache(model: Llama, batch: int, max_length: int):
@@ -248,8 +254,8 @@ def init_cache(model: Llama, batch: int, max_length: int):
     return make()
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_step(model_id, model: Llama):
+@functools.lru_cache(maxsize=32)  # modules hash by identity: one compiled step per model
+def _compiled_step(model: Llama):
     state, mapped = _sharded_forward(model, with_cache=True)
 
     def step(state, tokens, caches, write_at):
@@ -264,28 +270,31 @@ def decode_step(model: Llama, tokens, caches, write_at):
     """Runs tokens [B, L] at positions write_at.. through the model, writing the cache (donated).
     Returns (greedy next tokens [B], logits [B, L, V], caches, next write position); pass the
     returned position (a device scalar) to the next step to keep host transfers off the loop."""
-    state, step = _compiled_step(id(model), model)
+    state, step = _compiled_step(model)
     with jax.set_mesh(model.mesh):
         return step(state, _replicated(model.mesh, tokens), caches, _replicated(model.mesh, write_at))
 
 
-def generate(model: Llama, input_ids, max_new_tokens: int, *, on_token=None) -> jax.Array:
-    """Greedy decoding: prefill, then one token per step. Returns [batch, length + max_new_tokens]."""
-    tokens = _replicated(model.mesh, input_ids)
-    batch, length = tokens.shape
+def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, step) -> jax.Array:
+    """Prefill, then one greedy token per step: the loop of both `generate`s. `new_cache(batch,
+    length)` makes an empty cache; `step(tokens, caches, position)` is a decode_step."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:
         return tokens
-    caches = init_cache(model, batch, length + max_new_tokens)
-    next_tokens, _, caches, position = decode_step(model, tokens, caches, 0)
+    batch, length = tokens.shape
+    next_tokens, _, caches, position = step(tokens, new_cache(batch, length + max_new_tokens), 0)
     out = [tokens, next_tokens[:, None]]
-    for i in range(1, max_new_tokens):
-        next_tokens, _, caches, position = decode_step(model, next_tokens[:, None], caches, position)
+    for _ in range(1, max_new_tokens):
+        next_tokens, _, caches, position = step(next_tokens[:, None], caches, position)
         out.append(next_tokens[:, None])
-        if on_token is not None:
-            on_token(i)
     return jnp.concatenate(out, axis=1)
+
+
+def generate(model: Llama, input_ids, max_new_tokens: int) -> jax.Array:
+    """Greedy decoding: prefill, then one token per step. Returns [batch, length + max_new_tokens]."""
+    return greedy_decode(_replicated(model.mesh, input_ids), max_new_tokens,
+                         functools.partial(init_cache, model), functools.partial(decode_step, model))
 
 
 _FROM_PARAMS = ("load_checkpoint", "random_model", "make_mesh", "PRESETS")

@@ -11,15 +11,16 @@ results and KV-cache writes are discarded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .llama import TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, _reducer, _replicated, rope_frequencies
+from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, _reducer, _replicated, greedy_decode,
+                    rope_frequencies)
 
 PP = "pp"
 _LAYER_PARAMS = ("input_norm", "post_attention_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -31,7 +32,7 @@ def make_mesh(pp: int, tp: int):
     return jax.make_mesh((pp, tp), (PP, TP), devices=jax.devices()[: pp * tp])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity, like the modules: one compiled step each
 class PipelinedLlama:
     config: LlamaConfig
     mesh: object
@@ -143,43 +144,27 @@ def decode_step(pmodel: PipelinedLlama, tokens, caches, write_at, *, micro_batch
                     _replicated(pmodel.mesh, write_at))
 
 
-_COMPILED = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _compiled(pmodel: PipelinedLlama, micro_batches: int):
-    key = (id(pmodel), micro_batches)
-    if key not in _COMPILED:
-        cache_spec = P(PP, None, None, TP, None)
-        specs = jax.tree.map(lambda a: a.sharding.spec, pmodel.stages)
-        cache_specs = ((cache_spec, cache_spec),) * len(pmodel.stages)
-        mapped = jax.shard_map(
-            _stage_body(pmodel, micro_batches), mesh=pmodel.mesh,
-            in_specs=(specs, P(), P(), P(None, TP), P(), cache_specs, P()),
-            out_specs=(P(None, None, None, TP), cache_specs), check_vma=False)
+    cache_spec = P(PP, None, None, TP, None)
+    specs = jax.tree.map(lambda a: a.sharding.spec, pmodel.stages)
+    cache_specs = ((cache_spec, cache_spec),) * len(pmodel.stages)
+    mapped = jax.shard_map(
+        _stage_body(pmodel, micro_batches), mesh=pmodel.mesh,
+        in_specs=(specs, P(), P(), P(None, TP), P(), cache_specs, P()),
+        out_specs=(P(None, None, None, TP), cache_specs), check_vma=False)
 
-        def step(stages, embed, norm, lm_head, tokens, caches, write_at):
-            logits, caches = mapped(stages, embed, norm, lm_head, tokens, caches, write_at)
-            logits = logits.reshape((-1,) + logits.shape[2:])  # [batch, length, vocab]
-            next_tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-            return next_tokens, logits, caches, write_at + tokens.shape[2]
+    def step(stages, embed, norm, lm_head, tokens, caches, write_at):
+        logits, caches = mapped(stages, embed, norm, lm_head, tokens, caches, write_at)
+        logits = logits.reshape((-1,) + logits.shape[2:])  # [batch, length, vocab]
+        next_tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return next_tokens, logits, caches, write_at + tokens.shape[2]
 
-        _COMPILED[key] = (pmodel, jax.jit(step, donate_argnums=(5,)))
-    return _COMPILED[key][1]
+    return jax.jit(step, donate_argnums=(5,))
 
 
 def generate(pmodel: PipelinedLlama, input_ids, max_new_tokens: int, *, micro_batches: int = 1):
     """Greedy decoding through the pipeline; same contract as llama.generate."""
-    tokens = _replicated(pmodel.mesh, np.asarray(input_ids, np.int32))
-    batch, length = tokens.shape
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if max_new_tokens == 0:
-        return tokens
-    caches = init_cache(pmodel, batch, length + max_new_tokens)
-    next_tokens, _, caches, position = decode_step(pmodel, tokens, caches, 0, micro_batches=micro_batches)
-    out = [tokens, next_tokens[:, None]]
-    for _ in range(1, max_new_tokens):
-        next_tokens, _, caches, position = decode_step(pmodel, next_tokens[:, None], caches, position,
-                                                       micro_batches=micro_batches)
-        out.append(next_tokens[:, None])
-    return jnp.concatenate(out, axis=1)
+    step = functools.partial(decode_step, pmodel, micro_batches=micro_batches)
+    return greedy_decode(_replicated(pmodel.mesh, input_ids), max_new_tokens,
+                         functools.partial(init_cache, pmodel), step)
