@@ -18,17 +18,21 @@ namespace jaxnvrar {
 namespace {
 
 constexpr int kThreadsPerBlock = 512;
-constexpr int kMaxBlocks = 32;
+
+// The dtype's code in a CallSignature.
+uint32_t DtypeCode(ffi::DataType dtype) {
+  return dtype == ffi::F32 ? 1u : dtype == ffi::BF16 ? 2u : 3u;
+}
 
 template <typename T>
-void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, int blocks) {
-  NvrarAllReduceKernel<T><<<blocks, kThreadsPerBlock, 0, stream>>>(args, layout);
+void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, int64_t blocks) {
+  NvrarAllReduceKernel<T><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(args, layout);
 }
 
 // Decodes the call, maps the axis onto NVSHMEM PEs and launches one kernel. Host work is
 // a few lookups; inside a command buffer it runs only when XLA records the graph.
 ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
-                         int32_t num_ranks, int32_t gpus_per_node,
+                         int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
                          ffi::Span<const int32_t> pe_groups) {
   const Runtime& rt = GetRuntime();
   if (!rt.initialized) {
@@ -47,6 +51,7 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
                                        " ranks, " + std::to_string(gpus_per_node) + " per node (at most " +
                                        std::to_string(kMaxGpusPerNode) + ")");
   }
+  if (max_blocks < 1) return ffi::Error::InvalidArgument("jaxnvrar: max_blocks must be >= 1");
   if (static_cast<int64_t>(pe_groups.size()) != static_cast<int64_t>(rt.num_pes) * num_ranks) {
     return ffi::Error::InvalidArgument(
         "jaxnvrar: the program was lowered for " + std::to_string(pe_groups.size() / num_ranks) +
@@ -90,6 +95,9 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.local = my_rank % gpus_per_node;
   args.gpus_per_node = gpus_per_node;
   args.num_steps = NumInterNodeSteps(num_nodes);
+  args.signature.elements = static_cast<uint32_t>(n);
+  args.signature.shape = DtypeCode(dtype) << 24 | static_cast<uint32_t>(gpus_per_node) << 16 |
+                         (static_cast<uint32_t>(num_nodes) & 0xFFFFu);
   args.timeout_ns = rt.timeout_ns;
   args.timeout_record = rt.timeout_device;
   if (args.num_steps > kMaxInterNodeSteps) {
@@ -120,8 +128,9 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   layout.num_steps = args.num_steps;
   layout.half_bytes = (2 * gpus_per_node + 2 * args.num_steps) * layout.slice_bytes;
 
-  int blocks = static_cast<int>(CeilDiv(args.slice_cells, kThreadsPerBlock));
-  blocks = blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
+  // One cell per thread up to max_blocks blocks; past that, threads take several cells.
+  int64_t blocks = CeilDiv(args.slice_cells, kThreadsPerBlock);
+  blocks = blocks < 1 ? 1 : (blocks > max_blocks ? max_blocks : blocks);
   switch (dtype) {
     case ffi::F32: Launch<float>(stream, args, layout, blocks); break;
     case ffi::BF16: Launch<__nv_bfloat16>(stream, args, layout, blocks); break;
@@ -143,6 +152,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarAllReduce, AllReduceImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("num_ranks")
                                   .Attr<int32_t>("gpus_per_node")
+                                  .Attr<int32_t>("max_blocks")
                                   .Attr<ffi::Span<const int32_t>>("pe_groups"),
                               {ffi::Traits::kCmdBufferCompatible});
 
@@ -157,19 +167,23 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     return targets;
   });
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
-        nb::arg("timeout_seconds"), nb::arg("force_put"));
+        nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0);
   m.def("finalize", &jaxnvrar::FinalizeRuntime);
   m.def("last_timeout", []() -> nb::object {
     const jaxnvrar::TimeoutRecord* r = jaxnvrar::GetRuntime().timeout_host;
     if (r == nullptr || !r->set) return nb::none();
     nb::dict d;
-    const char* phases[] = {"intra-node reduce-scatter", "inter-node step", "intra-node all-gather"};
+    const char* phases[] = {"intra-node reduce-scatter", "inter-node step", "intra-node all-gather",
+                            "signature check"};
+    d["kind"] = r->kind == jaxnvrar::kFailureMismatch ? "mismatch" : "timeout";
     d["node"] = r->node;
     d["local"] = r->local;
     d["phase"] = phases[r->phase];
     d["step"] = r->step;
     d["peer"] = r->peer;
     d["flag"] = r->flag;
+    d["mine"] = nb::make_tuple(r->my_elements, r->my_shape);
+    d["peer_call"] = nb::make_tuple(r->peer_elements, r->peer_shape);
     return d;
   });
   m.def("my_pe", []() { return jaxnvrar::GetRuntime().my_pe; });

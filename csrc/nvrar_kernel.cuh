@@ -1,10 +1,14 @@
 // The NVRAR all-reduce in ONE kernel: intra-node reduce-scatter, inter-node recursive
 // doubling, intra-node all-gather, following csrc/schedule.h.
 //
-// Data moves in 8-byte cells {4 data bytes, 4-byte flag} written with one 64-bit store;
-// a receiver spins on its own inbox until the flag equals this call's flag, so no separate
-// signal or fence is needed (NCCL's LL protocol idea). Thread t owns the same cells of
-// the slice in every phase, so threads never wait for each other, only for peers.
+// Data moves in 16-byte cells {4 data bytes, flag, 4 data bytes, flag} written with one
+// 16-byte store. Only 8-byte halves are seen whole by a reader, so each half carries the
+// call's flag (NCCL's LL layout); a receiver spins on its own inbox until both flags match,
+// so no separate signal or fence is needed.
+//
+// Thread t owns the same cells of the slice in every phase, so threads never wait for each
+// other, only for peers. Each phase first issues all of a thread's stores, then waits: the
+// latency of a hop is paid once per phase, not once per round of cells.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,12 +26,25 @@ namespace jaxnvrar {
 
 constexpr int kMaxGpusPerNode = 32;
 constexpr int kMaxInterNodeSteps = 16;
+// Signature slots: one per sender, local GPUs 0..31, then inter-node steps.
+constexpr int kSignatureSlots = kMaxGpusPerNode + kMaxInterNodeSteps;
+constexpr int64_t kSignatureOffset = 256;
 
-// Header at the start of each PE's workspace (not shared: only the local GPU touches it).
+// Header at the start of each PE's workspace. The counter is only touched by the local GPU;
+// peers write their call signatures into the slots (one set per parity half).
 struct WorkspaceHeader {
   unsigned long long calls;        // all-reduces completed on this PE
   unsigned int blocks_done;        // blocks of the running call that have finished
-  unsigned int timed_out;          // set when a wait gave up (read by the host on error)
+  unsigned int timed_out;          // set once a wait gave up (only one thread reports)
+};
+static_assert(kSignatureOffset + 2 * kSignatureSlots * kCellBytes <= kWorkspaceHeaderBytes,
+              "the signature slots must fit in the workspace header");
+
+// What a call is, as peers compare it: element count and (dtype, G, nodes). Ranks that
+// disagree would otherwise deadlock or, worse, exchange cells of another meaning.
+struct CallSignature {
+  uint32_t elements;  // low 32 bits of the element count
+  uint32_t shape;     // dtype << 24 | gpus_per_node << 16 | num_nodes
 };
 
 struct KernelArgs {
@@ -46,6 +63,7 @@ struct KernelArgs {
   int32_t local;
   int32_t gpus_per_node;
   int32_t num_steps;
+  CallSignature signature;
   uint64_t timeout_ns;
   TimeoutRecord* timeout_record;  // pinned host memory
 };
@@ -69,6 +87,14 @@ struct Layout {
   __device__ int64_t AllGatherInbox(int32_t from_local) const {
     return (gpus_per_node + 2 * num_steps + from_local) * slice_bytes;
   }
+  __device__ static int64_t SignatureSlot(unsigned long long calls, int32_t slot) {
+    return kSignatureOffset + (static_cast<int64_t>(calls & 1ull) * kSignatureSlots + slot) * kCellBytes;
+  }
+};
+
+// The 8 data bytes of a cell.
+struct Cell {
+  uint32_t lo, hi;
 };
 
 template <typename T>
@@ -76,28 +102,27 @@ struct CellCodec;
 
 template <>
 struct CellCodec<float> {
-  static constexpr int kPerCell = 1;
   __device__ static float ToFloat(float v) { return v; }
   __device__ static float FromFloat(float v) { return v; }
 };
 template <>
 struct CellCodec<__nv_bfloat16> {
-  static constexpr int kPerCell = 2;
   __device__ static float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
 };
 template <>
 struct CellCodec<__half> {
-  static constexpr int kPerCell = 2;
   __device__ static float ToFloat(__half v) { return __half2float(v); }
   __device__ static __half FromFloat(float v) { return __float2half_rn(v); }
 };
 
-// 4 data bytes seen as kPerCell elements of T.
+// A cell's 8 data bytes seen as elements of T.
 template <typename T>
 union CellData {
-  uint32_t bits;
-  T values[CellCodec<T>::kPerCell];
+  static constexpr int kPerCell = kCellDataBytes / sizeof(T);
+  Cell cell;
+  uint2 vector;
+  T values[kPerCell];
 };
 
 __device__ __forceinline__ uint64_t GlobalTimerNs() {
@@ -106,98 +131,188 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
-__device__ __forceinline__ void StoreCell(char* base, int64_t offset, int64_t cell, uint32_t data,
-                                          uint32_t flag) {
-  uint64_t packed = (static_cast<uint64_t>(flag) << 32) | data;
-  *reinterpret_cast<volatile uint64_t*>(base + offset + cell * kCellBytes) = packed;
+// One 16-byte store: local memory or a peer's, through the generic address space.
+__device__ __forceinline__ void StoreCell(char* address, Cell data, uint32_t flag) {
+  asm volatile("st.volatile.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(data.lo), "r"(flag),
+               "r"(data.hi), "r"(flag)
+               : "memory");
 }
 
-// What a wait was for, recorded when it times out (names in nvrar_ffi.cu's last_timeout).
-enum WaitPhase : int32_t { kWaitReduceScatter = 0, kWaitInterNode = 1, kWaitAllGather = 2 };
+// True (and the data) when both halves of the cell carry `flag`.
+__device__ __forceinline__ bool PollCell(const char* address, uint32_t flag, Cell* data) {
+  uint32_t lo, flag_lo, hi, flag_hi;
+  asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(lo), "=r"(flag_lo), "=r"(hi), "=r"(flag_hi)
+               : "l"(address)
+               : "memory");
+  data->lo = lo;
+  data->hi = hi;
+  return flag_lo == flag && flag_hi == flag;
+}
 
-// Spins until the cell carries `flag`. On timeout the first thread to give up records which
-// phase, step and peer it waited on (for jaxnvrar.last_timeout()), then the kernel traps:
-// XLA reports a failed launch instead of the job hanging.
-__device__ __forceinline__ uint32_t AwaitCell(const char* base, int64_t offset, int64_t cell,
-                                              uint32_t flag, const KernelArgs& args,
-                                              int32_t phase, int32_t step, int32_t peer) {
-  const volatile uint64_t* p =
-      reinterpret_cast<const volatile uint64_t*>(base + offset + cell * kCellBytes);
-  uint64_t v = *p;
-  if (static_cast<uint32_t>(v >> 32) == flag) return static_cast<uint32_t>(v);
+// What a wait was for (names in nvrar_ffi.cu's last_timeout), and whose signature slot
+// tells whether that peer is in the same call.
+struct WaitSite {
+  int32_t phase;  // WaitPhase
+  int32_t step;
+  int32_t peer;
+  int32_t slot;
+};
+enum WaitPhase : int32_t { kWaitReduceScatter = 0, kWaitInterNode = 1, kWaitAllGather = 2, kWaitSignature = 3 };
+enum FailureKind : int32_t { kFailureTimeout = 1, kFailureMismatch = 2 };
+
+// The first thread of this GPU to find a failure records it in pinned host memory (for
+// jaxnvrar.last_timeout()), then traps: XLA reports a failed launch instead of hanging.
+__device__ __noinline__ void Fail(const KernelArgs& args, int32_t kind, const WaitSite& site, uint32_t flag,
+                                  Cell peer_signature) {
+  WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
+  if (atomicExch(&header->timed_out, 1u) == 0u) {
+    TimeoutRecord* r = args.timeout_record;
+    r->kind = kind;
+    r->node = args.node;
+    r->local = args.local;
+    r->phase = site.phase;
+    r->step = site.step;
+    r->peer = site.peer;
+    r->flag = flag;
+    r->my_elements = args.signature.elements;
+    r->my_shape = args.signature.shape;
+    r->peer_elements = peer_signature.lo;
+    r->peer_shape = peer_signature.hi;
+    __threadfence_system();
+    r->set = 1;
+    __threadfence_system();
+    __trap();
+  }
+  // Not elected: a trap from here could abort the grid before the record is written.
+  while (true) __nanosleep(1000);
+}
+
+// The peer's signature for this call, if it has arrived; a different one is a mismatch.
+__device__ __forceinline__ bool CheckSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag,
+                                               const WaitSite& site) {
+  Cell theirs;
+  if (!PollCell(args.workspace + Layout::SignatureSlot(calls, site.slot), flag, &theirs)) return false;
+  if (theirs.lo != args.signature.elements || theirs.hi != args.signature.shape) {
+    Fail(args, kFailureMismatch, site, flag, theirs);
+  }
+  return true;
+}
+
+// Spins until the cell carries `flag`; bounded by the timeout, and while spinning, watches
+// the peer's signature so that a rank in a different call is reported at once.
+__device__ __forceinline__ Cell AwaitCell(const char* address, uint32_t flag, const KernelArgs& args,
+                                          unsigned long long calls, const WaitSite& site) {
+  Cell data;
+  if (PollCell(address, flag, &data)) return data;
   const uint64_t start = GlobalTimerNs();
-  while (static_cast<uint32_t>((v = *p) >> 32) != flag) {
-    if (GlobalTimerNs() - start > args.timeout_ns) {
-      WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
-      if (atomicExch(&header->timed_out, 1u) == 0u) {
-        TimeoutRecord* r = args.timeout_record;
-        r->node = args.node;
-        r->local = args.local;
-        r->phase = phase;
-        r->step = step;
-        r->peer = peer;
-        r->flag = flag;
-        __threadfence_system();
-        r->set = 1;
-        __threadfence_system();
-        __trap();
-      }
-      // Not elected: a trap from here could abort the grid before the record is written.
-      while (true) __nanosleep(1000);
+  for (uint32_t spin = 1; !PollCell(address, flag, &data); ++spin) {
+    if (spin % 64 == 0) {
+      CheckSignature(args, calls, flag, site);
+      if (GlobalTimerNs() - start > args.timeout_ns) Fail(args, kFailureTimeout, site, flag, Cell{0, 0});
     }
   }
-  return static_cast<uint32_t>(v);
+  return data;
 }
 
-// Cell `cell` of slice `slice` of the input, zero past the slice's end.
+// Cell `cell` of slice `slice` of a message, zero past the slice's end.
 template <typename T>
-__device__ __forceinline__ uint32_t LoadInputCell(const KernelArgs& args, int32_t slice, int64_t cell) {
-  using Codec = CellCodec<T>;
-  const T* input = static_cast<const T*>(args.input);
+__device__ __forceinline__ Cell LoadSliceCell(const KernelArgs& args, const void* message, int32_t slice,
+                                              int64_t cell) {
+  using Data = CellData<T>;
+  const T* base = static_cast<const T*>(message);
   const int64_t slice_begin = Min64(slice * args.slice_stride, args.num_elements);
   const int64_t slice_end = Min64(slice_begin + args.slice_stride, args.num_elements);
-  CellData<T> d;
-  d.bits = 0;
-#pragma unroll
-  for (int k = 0; k < Codec::kPerCell; ++k) {
-    int64_t i = slice_begin + cell * Codec::kPerCell + k;
-    if (i < slice_end) d.values[k] = input[i];
+  const int64_t first = slice_begin + cell * Data::kPerCell;
+  Data d;
+  if (first + Data::kPerCell <= slice_end) {  // slices start 16-byte aligned: one 8-byte load
+    d.vector = *reinterpret_cast<const uint2*>(base + first);
+    return d.cell;
   }
-  return d.bits;
+  d.cell = Cell{0, 0};
+#pragma unroll
+  for (int k = 0; k < Data::kPerCell; ++k) {
+    if (first + k < slice_end) d.values[k] = base[first + k];
+  }
+  return d.cell;
 }
 
 template <typename T>
-__device__ __forceinline__ void StoreOutputCell(const KernelArgs& args, int32_t slice, int64_t cell,
-                                                uint32_t bits) {
-  using Codec = CellCodec<T>;
+__device__ __forceinline__ void StoreSliceCell(const KernelArgs& args, int32_t slice, int64_t cell, Cell data) {
+  using Data = CellData<T>;
   T* output = static_cast<T*>(args.output);
   const int64_t slice_begin = Min64(slice * args.slice_stride, args.num_elements);
   const int64_t slice_end = Min64(slice_begin + args.slice_stride, args.num_elements);
-  CellData<T> d;
-  d.bits = bits;
+  const int64_t first = slice_begin + cell * Data::kPerCell;
+  Data d;
+  d.cell = data;
+  if (first + Data::kPerCell <= slice_end) {
+    *reinterpret_cast<uint2*>(output + first) = d.vector;
+    return;
+  }
 #pragma unroll
-  for (int k = 0; k < Codec::kPerCell; ++k) {
-    int64_t i = slice_begin + cell * Codec::kPerCell + k;
-    if (i < slice_end) output[i] = d.values[k];
+  for (int k = 0; k < Data::kPerCell; ++k) {
+    if (first + k < slice_end) output[first + k] = d.values[k];
   }
 }
 
 // a + b per element in float32, rounded to T; the lower node's value goes first.
 template <typename T>
-__device__ __forceinline__ uint32_t AddCells(uint32_t first, uint32_t second) {
+__device__ __forceinline__ Cell AddCells(Cell first, Cell second) {
+  using Data = CellData<T>;
   using Codec = CellCodec<T>;
-  CellData<T> a, b, out;
-  a.bits = first;
-  b.bits = second;
+  Data a, b, out;
+  a.cell = first;
+  b.cell = second;
 #pragma unroll
-  for (int k = 0; k < Codec::kPerCell; ++k) {
+  for (int k = 0; k < Data::kPerCell; ++k) {
     out.values[k] = Codec::FromFloat(Codec::ToFloat(a.values[k]) + Codec::ToFloat(b.values[k]));
   }
-  return out.bits;
+  return out.cell;
+}
+
+// Thread 0 of block 0 tells every peer that sends to or receives from this GPU what this
+// call is; peers compare it with their own (CheckSignature).
+__device__ void SendSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
+  const Cell mine{args.signature.elements, args.signature.shape};
+  for (int32_t d = 0; d < args.gpus_per_node; ++d) {
+    if (d != args.local) StoreCell(args.node_peers[d] + Layout::SignatureSlot(calls, args.local), mine, flag);
+  }
+  for (int32_t s = 0; s < args.num_steps; ++s) {
+    if (!(args.inter_op[s] & kSend)) continue;
+    const int64_t slot = Layout::SignatureSlot(calls, kMaxGpusPerNode + s);
+    if (args.inter_peer_ptr[s] != nullptr) {
+      StoreCell(args.inter_peer_ptr[s] + slot, mine, flag);
+    } else {  // two 8-byte puts, each half whole with its flag
+      auto* remote = reinterpret_cast<uint64_t*>(args.workspace + slot);
+      nvshmem_uint64_p(remote, (static_cast<uint64_t>(flag) << 32) | mine.lo, args.inter_peer_pe[s]);
+      nvshmem_uint64_p(remote + 1, (static_cast<uint64_t>(flag) << 32) | mine.hi, args.inter_peer_pe[s]);
+    }
+  }
+}
+
+// Every peer that sent to this GPU must have made the same call (same size, dtype and
+// topology): catches mismatches that would not hang, such as float16 against bfloat16.
+__device__ void AwaitSignatures(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
+  auto await = [&](const WaitSite& site) {
+    const uint64_t start = GlobalTimerNs();
+    while (!CheckSignature(args, calls, flag, site)) {
+      if (GlobalTimerNs() - start > args.timeout_ns) Fail(args, kFailureTimeout, site, flag, Cell{0, 0});
+    }
+  };
+  for (int32_t j = 0; j < args.gpus_per_node; ++j) {
+    if (j != args.local) await(WaitSite{kWaitSignature, 0, j, j});
+  }
+  for (int32_t s = 0; s < args.num_steps; ++s) {
+    if (args.inter_op[s] & (kRecvAdd | kRecvCopy)) {
+      await(WaitSite{kWaitSignature, s, args.inter_peer_node[s], kMaxGpusPerNode + s});
+    }
+  }
 }
 
 template <typename T>
 __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
+  using Data = CellData<T>;
   using Codec = CellCodec<T>;
   WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
   // Every call alternates halves and carries a non-zero flag that differs from the last call's.
@@ -205,95 +320,113 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
   const uint32_t flag = static_cast<uint32_t>(calls % 0xFFFFFFFEull) + 1u;
   const int64_t half = layout.Half(calls);
   const int32_t g = args.gpus_per_node;
+  const bool one_node = args.num_steps == 0;
 
   // Cells are split into contiguous block ranges (so a block can put its range in one call).
   const int64_t per_block = CeilDiv(args.slice_cells, gridDim.x);
   const int64_t block_begin = Min64(blockIdx.x * per_block, args.slice_cells);
   const int64_t block_end = Min64(block_begin + per_block, args.slice_cells);
+  const int64_t first_cell = block_begin + threadIdx.x;
+  const int64_t stride = blockDim.x;
+  auto at = [](const char* base, int64_t offset, int64_t cell) {
+    return const_cast<char*>(base) + offset + cell * kCellBytes;
+  };
+
+  if (blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, calls, flag);
+
+  // 1. Reduce-scatter within the node: push slice d to local d ...
+  for (int64_t cell = first_cell; cell < block_end; cell += stride) {
+    for (int32_t d = 0; d < g; ++d) {
+      if (d == args.local) continue;
+      StoreCell(at(args.node_peers[d], half + layout.ReduceScatterInbox(args.local), cell),
+                LoadSliceCell<T>(args, args.input, d, cell), flag);
+    }
+  }
+  // ... then sum my slice over locals 0..G-1 in order, in float32. The partial result waits
+  // in my slice of the output; with one node it is final and goes to the all-gather at once.
+  for (int64_t cell = first_cell; cell < block_end; cell += stride) {
+    float acc[Data::kPerCell];
+    for (int32_t j = 0; j < g; ++j) {
+      Data d;
+      d.cell = j == args.local
+                   ? LoadSliceCell<T>(args, args.input, args.local, cell)
+                   : AwaitCell(at(args.workspace, half + layout.ReduceScatterInbox(j), cell), flag, args, calls,
+                               WaitSite{kWaitReduceScatter, 0, j, j});
+#pragma unroll
+      for (int k = 0; k < Data::kPerCell; ++k) {
+        const float v = Codec::ToFloat(d.values[k]);
+        acc[k] = j == 0 ? v : acc[k] + v;
+      }
+    }
+    Data mine;
+#pragma unroll
+    for (int k = 0; k < Data::kPerCell; ++k) mine.values[k] = Codec::FromFloat(acc[k]);
+    if (one_node) {
+      for (int32_t d = 0; d < g; ++d) {
+        if (d != args.local) StoreCell(at(args.node_peers[d], half + layout.AllGatherInbox(args.local), cell),
+                                       mine.cell, flag);
+      }
+    }
+    StoreSliceCell<T>(args, args.local, cell, mine.cell);
+  }
+
+  // 2. Between nodes, on my slice: recursive doubling (with fold-in/out for non-powers of 2).
   bool issued_puts = false;
-
-  // Rounds of blockDim.x cells; every thread runs every round so __syncthreads stays uniform.
-  for (int64_t round = block_begin; round < block_end; round += blockDim.x) {
-    const int64_t cell = round + threadIdx.x;
-    const bool active = cell < block_end;
-
-    // 1. Reduce-scatter within the node: push slice d to local d, then sum my slice over
-    //    locals 0..G-1 in order, in float32.
-    if (active) {
-      for (int32_t d = 0; d < g; ++d) {
-        if (d == args.local) continue;
-        StoreCell(args.node_peers[d], half + layout.ReduceScatterInbox(args.local), cell,
-                  LoadInputCell<T>(args, d, cell), flag);
+  for (int32_t s = 0; s < args.num_steps; ++s) {
+    const int32_t op = args.inter_op[s];
+    if (op & kSend) {
+      char* direct = args.inter_peer_ptr[s];
+      for (int64_t cell = first_cell; cell < block_end; cell += stride) {
+        const Cell mine = LoadSliceCell<T>(args, args.output, args.local, cell);
+        StoreCell(direct != nullptr ? at(direct, half + layout.InterNodeInbox(s), cell)
+                                    : at(args.workspace, half + layout.Stage(s), cell),
+                  mine, flag);
+      }
+      if (direct == nullptr && block_end > block_begin) {
+        // No load/store path to the peer (another host): one put of the block's staged range.
+        __threadfence();
+        __syncthreads();
+        nvshmemx_putmem_nbi_block(at(args.workspace, half + layout.InterNodeInbox(s), block_begin),
+                                  at(args.workspace, half + layout.Stage(s), block_begin),
+                                  (block_end - block_begin) * kCellBytes, args.inter_peer_pe[s]);
+        issued_puts = true;
       }
     }
-    uint32_t mine = 0;
-    if (active) {
-      float acc[Codec::kPerCell];
-      for (int32_t j = 0; j < g; ++j) {
-        CellData<T> d;
-        d.bits = j == args.local ? LoadInputCell<T>(args, args.local, cell)
-                                 : AwaitCell(args.workspace, half + layout.ReduceScatterInbox(j),
-                                             cell, flag, args, kWaitReduceScatter, 0, j);
-#pragma unroll
-        for (int k = 0; k < Codec::kPerCell; ++k) {
-          float v = Codec::ToFloat(d.values[k]);
-          acc[k] = j == 0 ? v : acc[k] + v;
+    if (op & (kRecvAdd | kRecvCopy)) {
+      const int32_t peer = args.inter_peer_node[s];
+      for (int64_t cell = first_cell; cell < block_end; cell += stride) {
+        const Cell theirs = AwaitCell(at(args.workspace, half + layout.InterNodeInbox(s), cell), flag, args, calls,
+                                      WaitSite{kWaitInterNode, s, peer, kMaxGpusPerNode + s});
+        Cell result = theirs;
+        if (op & kRecvAdd) {
+          const Cell mine = LoadSliceCell<T>(args, args.output, args.local, cell);
+          result = args.node < peer ? AddCells<T>(mine, theirs) : AddCells<T>(theirs, mine);
         }
-      }
-      CellData<T> r;
-#pragma unroll
-      for (int k = 0; k < Codec::kPerCell; ++k) r.values[k] = Codec::FromFloat(acc[k]);
-      mine = r.bits;
-    }
-
-    // 2. Between nodes, on my slice: recursive doubling (with fold-in/out for non-powers of 2).
-    for (int32_t s = 0; s < args.num_steps; ++s) {
-      const int32_t op = args.inter_op[s];
-      if (op & kSend) {
-        char* direct = args.inter_peer_ptr[s];
-        if (direct != nullptr) {
-          if (active) StoreCell(direct, half + layout.InterNodeInbox(s), cell, mine, flag);
-        } else {
-          // No load/store path to the peer (another host): stage cells, one put per block.
-          if (active) StoreCell(args.workspace, half + layout.Stage(s), cell, mine, flag);
-          __syncthreads();
-          const int64_t first = round;
-          const int64_t count = Min64(static_cast<int64_t>(blockDim.x), block_end - round);
-          nvshmemx_putmem_nbi_block(args.workspace + half + layout.InterNodeInbox(s) + first * kCellBytes,
-                                    args.workspace + half + layout.Stage(s) + first * kCellBytes,
-                                    count * kCellBytes, args.inter_peer_pe[s]);
-          issued_puts = true;
-        }
-      }
-      if (active && (op & (kRecvAdd | kRecvCopy))) {
-        const uint32_t theirs =
-            AwaitCell(args.workspace, half + layout.InterNodeInbox(s), cell, flag, args, kWaitInterNode, s,
-                      args.inter_peer_node[s]);
-        if (op & kRecvCopy) {
-          mine = theirs;
-        } else {
-          mine = args.node < args.inter_peer_node[s] ? AddCells<T>(mine, theirs)
-                                                     : AddCells<T>(theirs, mine);
-        }
-      }
-    }
-
-    // 3. All-gather within the node: push my finished slice to every local, collect theirs.
-    if (active) {
-      for (int32_t d = 0; d < g; ++d) {
-        if (d == args.local) continue;
-        StoreCell(args.node_peers[d], half + layout.AllGatherInbox(args.local), cell, mine, flag);
-      }
-      StoreOutputCell<T>(args, args.local, cell, mine);
-      for (int32_t j = 0; j < g; ++j) {
-        if (j == args.local) continue;
-        StoreOutputCell<T>(args, j, cell,
-                           AwaitCell(args.workspace, half + layout.AllGatherInbox(j), cell, flag, args,
-                                     kWaitAllGather, 0, j));
+        StoreSliceCell<T>(args, args.local, cell, result);
       }
     }
   }
 
+  // 3. All-gather within the node: push my finished slice to every local, collect theirs.
+  if (!one_node) {
+    for (int64_t cell = first_cell; cell < block_end; cell += stride) {
+      const Cell mine = LoadSliceCell<T>(args, args.output, args.local, cell);
+      for (int32_t d = 0; d < g; ++d) {
+        if (d != args.local) StoreCell(at(args.node_peers[d], half + layout.AllGatherInbox(args.local), cell),
+                                       mine, flag);
+      }
+    }
+  }
+  for (int64_t cell = first_cell; cell < block_end; cell += stride) {
+    for (int32_t j = 0; j < g; ++j) {
+      if (j == args.local) continue;
+      StoreSliceCell<T>(args, j, cell,
+                        AwaitCell(at(args.workspace, half + layout.AllGatherInbox(j), cell), flag, args, calls,
+                                  WaitSite{kWaitAllGather, 0, j, j}));
+    }
+  }
+
+  if (blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
   if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
   // The last block to finish advances the call counter for the next launch.
   __syncthreads();

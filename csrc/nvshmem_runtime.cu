@@ -23,7 +23,7 @@ Runtime& GetRuntime() {
   return runtime;
 }
 
-void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put) {
+void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call) {
   Runtime& rt = GetRuntime();
   if (rt.initialized) return;
   // nvshmem4py has bootstrapped NVSHMEM in this process; this call sees that and only fills
@@ -40,6 +40,9 @@ void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool for
   }
   // Flags start at 0 and every call's flag is non-zero, so stale memory is never mistaken for data.
   Check(cudaMemset(rt.workspace, 0, workspace_bytes), "cudaMemset of the workspace");
+  // The counter is the header's first word (WorkspaceHeader::calls).
+  Check(cudaMemcpy(rt.workspace, &first_call, sizeof(first_call), cudaMemcpyHostToDevice),
+        "cudaMemcpy of the call counter");
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   nvshmem_barrier_all();
   if (rt.timeout_host == nullptr) {  // kept across finalize/initialize: it may hold a report

@@ -7,12 +7,15 @@
 
 namespace jaxnvrar {
 
-// Written by the first kernel thread whose wait times out, in pinned host memory mapped into
-// the device, so the host can read it after the trap has taken the CUDA context down.
+// Written by the first kernel thread that finds a failure (a wait that timed out, or a peer in
+// a different call), in pinned host memory mapped into the device, so the host can read it
+// after the trap has taken the CUDA context down.
 struct TimeoutRecord {
   volatile int32_t set;
+  volatile int32_t kind;  // FailureKind in nvrar_kernel.cuh
   volatile int32_t node, local, phase, step, peer;
   volatile uint32_t flag;
+  volatile uint32_t my_elements, my_shape, peer_elements, peer_shape;  // CallSignature
 };
 
 struct Runtime {
@@ -30,7 +33,8 @@ struct Runtime {
 Runtime& GetRuntime();
 
 // Both throw std::runtime_error with a message naming the failed call.
-void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put);
+// first_call: the call counter's start (tests start near the flags' wrap-around).
+void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call);
 void FinalizeRuntime();
 
 }  // namespace jaxnvrar

@@ -98,9 +98,9 @@ JAXNVRAR_HD InterNodeStep InterNodeStepOf(int32_t node, int32_t num_nodes, int32
 namespace jaxnvrar {
 
 // The kernel's workspace: see the comment above workspace_bytes_needed in schedule.py.
-constexpr int64_t kCellBytes = 8;
-constexpr int64_t kCellDataBytes = 4;
-constexpr int64_t kWorkspaceHeaderBytes = 256;
+constexpr int64_t kCellBytes = 16;
+constexpr int64_t kCellDataBytes = 8;
+constexpr int64_t kWorkspaceHeaderBytes = 2048;
 
 JAXNVRAR_HD int64_t SliceCapacityElements(int64_t num_elements, int32_t gpus_per_node,
                                           int64_t itemsize) {

@@ -28,6 +28,11 @@ def fits_workspace(num_elements: int, itemsize: int, topology: Topology) -> bool
 
 def check_can_run(x, topology: Topology) -> None:
     """Raise, naming the fix, where algorithm="nvrar" cannot take this call."""
+    if runtime.was_finalized():
+        raise RuntimeError(
+            "jaxnvrar.all_reduce(algorithm='nvrar') after jaxnvrar.finalize(): the NVSHMEM runtime is "
+            "shut down for the rest of this process; use algorithm='psum' (or 'auto', which does)"
+        )
     if not runtime.is_initialized():
         runtime.cuda_extension()  # says how to build, if that is what is missing
         raise RuntimeError(
@@ -66,5 +71,6 @@ def lower(ctx, x, *, topology: Topology, groups):
         x,
         num_ranks=np.int32(topology.num_ranks),
         gpus_per_node=np.int32(topology.gpus_per_node),
+        max_blocks=np.int32(runtime.max_blocks()),
         pe_groups=table.reshape(-1),
     )

@@ -21,6 +21,8 @@ DEFAULT_WORKSPACE_BYTES = 512 << 20
 TIMEOUT_ENV = "JAXNVRAR_TIMEOUT_S"  # bound on every wait inside the kernel
 DEFAULT_TIMEOUT_S = 10.0
 FORCE_PUT_ENV = "JAXNVRAR_FORCE_PUT"  # 1: inter-node phase through nvshmem puts even over P2P
+MAX_BLOCKS_ENV = "JAXNVRAR_MAX_BLOCKS"  # thread blocks per all-reduce, at most (default 128)
+FIRST_CALL_ENV = "JAXNVRAR_FIRST_CALL"  # testing: start the call counter here (flag wrap-around)
 _KV_TIMEOUT_MS = 120_000
 # Set for each rank by jaxnvrar-launch.
 ENV_COORDINATOR = "JAXNVRAR_COORDINATOR"
@@ -38,6 +40,7 @@ _BUILD_HINT = (
 @dataclasses.dataclass
 class _State:
     workspace_bytes: int
+    max_blocks: int
     num_pes: int
     my_pe: int
     nvshmem4py: object  # the nvshmem.core module, finalised after the extension
@@ -123,6 +126,24 @@ def is_initialized() -> bool:
     return _state is not None
 
 
+def max_blocks() -> int:
+    """Thread blocks per NVRAR kernel at most, for programs lowered from now on."""
+    return _state.max_blocks if _state else 0
+
+
+def set_max_blocks(blocks: int) -> None:
+    """Change the launch width of programs lowered from now on (compiled ones keep theirs)."""
+    if _state is None:
+        raise RuntimeError("jaxnvrar.runtime.set_max_blocks() needs jaxnvrar.initialize() first")
+    if not 1 <= int(blocks) <= 1024:
+        raise ValueError(f"max_blocks must be in [1, 1024], got {blocks}")
+    _state.max_blocks = int(blocks)
+
+
+def was_finalized() -> bool:
+    return _state is None and _ever_initialized
+
+
 def workspace_bytes() -> int:
     """Size of each PE's symmetric workspace (0 before `initialize`)."""
     return _state.workspace_bytes if _state else 0
@@ -206,15 +227,24 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     """Start NVSHMEM and allocate the symmetric workspace; call after jax.distributed.initialize().
 
     ``workspace_bytes`` (default: ${JAXNVRAR_WORKSPACE_BYTES} or 512 MiB) bounds the largest
-    message `algorithm="nvrar"` takes. Calling it again is a no-op.
+    message `algorithm="nvrar"` takes. Calling it again is a no-op; after `finalize()` it raises
+    (NVSHMEM cannot restart within a process).
     """
-    global _state
+    global _state, _ever_initialized
     requested = _requested_workspace_bytes(workspace_bytes)
+    timeout_s = _env_number(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_S, minimum=0.001)
+    max_blocks = min(_env_number(MAX_BLOCKS_ENV, int, 128, minimum=1), 1024)
+    first_call = _env_number(FIRST_CALL_ENV, int, 0, minimum=0)
+    if _state is None and _ever_initialized:
+        raise RuntimeError(
+            "jaxnvrar.initialize() after jaxnvrar.finalize() in the same process is not supported: "
+            "NVSHMEM cannot be started twice in one process; finalize only at the end of the job"
+        )
     if _state is not None:
         if workspace_bytes is not None and requested != _state.workspace_bytes:
             raise RuntimeError(
-                f"jaxnvrar is already initialised with a {_state.workspace_bytes}-byte workspace; "
-                "call jaxnvrar.finalize() first to change it"
+                f"jaxnvrar is already initialised with a {_state.workspace_bytes}-byte workspace, "
+                "fixed for the life of the process; ask for the size you need in the first initialize()"
             )
         return
     _check_environment()
@@ -222,23 +252,33 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     # The symmetric heap must hold the workspace; leave NVSHMEM room for its own needs.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(requested + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
-    extension.initialize(
-        requested,
-        float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
-        os.environ.get(FORCE_PUT_ENV, "0") == "1",
-    )
-    _state = _State(requested, extension.num_pes(), extension.my_pe(), nvshmem)
-    global _ever_initialized
+    extension.initialize(requested, timeout_s, os.environ.get(FORCE_PUT_ENV, "0") == "1", first_call)
+    _state = _State(requested, max_blocks, extension.num_pes(), extension.my_pe(), nvshmem)
     _ever_initialized = True
     from jaxnvrar import nvrar_ffi
 
     nvrar_ffi.register()
 
 
-def last_timeout() -> dict | None:
-    """What the kernel was waiting for when an all-reduce timed out in this process, else None.
+def _env_number(name: str, kind, default, *, minimum):
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name}={raw!r}: expected a {kind.__name__} >= {minimum}")
+    return value
 
-    After a timeout the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
+
+def last_timeout() -> dict | None:
+    """Why an all-reduce failed in this process, else None: "kind" is "timeout" (a wait gave up;
+    phase, step and peer say which) or "mismatch" (a peer made a different call: "mine" and
+    "peer_call" are (element count, dtype/topology code) of both).
+
+    After either the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
     context is lost; this record survives in pinned host memory and is also printed at exit.
     """
     if not cuda_available():
@@ -246,8 +286,25 @@ def last_timeout() -> dict | None:
     return cuda_extension().last_timeout()
 
 
+_DTYPE_CODES = {1: "float32", 2: "bfloat16", 3: "float16"}
+
+
+def describe_call(signature: tuple[int, int]) -> str:
+    """(elements, code) of a kernel call signature, in words."""
+    elements, code = signature
+    dtype = _DTYPE_CODES.get(code >> 24, f"dtype#{code >> 24}")
+    return f"{elements} x {dtype} over {code & 0xFFFF} node(s) of {(code >> 16) & 0xFF} GPU(s)"
+
+
 def describe_timeout(record: dict) -> str:
     peer_kind = "node" if record["phase"] == "inter-node step" else "local GPU"
+    if record.get("kind") == "mismatch":
+        return (
+            f"jaxnvrar: all-reduce mismatch on node {record['node']} local GPU {record['local']}: this rank "
+            f"called with {describe_call(record['mine'])}, {peer_kind} {record['peer']} with "
+            f"{describe_call(record['peer_call'])}; every rank must make the same all-reduce calls "
+            "in the same order"
+        )
     return (
         f"jaxnvrar: an all-reduce timed out after ${TIMEOUT_ENV} on node {record['node']} local GPU "
         f"{record['local']} (call flag {record['flag']}), waiting in the {record['phase']} "
@@ -262,15 +319,27 @@ def _report_timeout_at_exit():
 
 
 def finalize() -> None:
-    """Free the workspace and shut NVSHMEM down (also run at exit). Safe to call twice."""
+    """Wait for pending computations, free the workspace and shut NVSHMEM down (also run at
+    exit). Safe to call twice; `initialize()` cannot follow it in the same process."""
     global _state
     if _state is None:
         return
     state, _state = _state, None
-    # The extension waits for the GPU to go idle (pending all-reduces use the workspace),
-    # frees the workspace and drops its copy of NVSHMEM's state before nvshmem4py shuts down.
+    if last_timeout() is not None:
+        # A kernel trapped: the CUDA context is gone and NVSHMEM cannot shut down cleanly.
+        # Leave it; the exit report says what happened.
+        return
+    # All-reduces still queued (also those jax has not handed to the GPU yet) use the workspace.
+    jax.effects_barrier()
+    for array in jax.live_arrays():
+        array.block_until_ready()
+    # The extension waits for the GPU to go idle, frees the workspace and drops its copy of
+    # NVSHMEM's state before nvshmem4py shuts down.
     cuda_extension().finalize()
     state.nvshmem4py.finalize()
+    # Compiled programs hold kernel launches on the freed workspace: drop jax's caches so a
+    # later call recompiles and gets a clear error instead.
+    jax.clear_caches()
 
 
 atexit.register(finalize)

@@ -159,14 +159,15 @@ def inter_node_steps(node: int, num_nodes: int) -> list[InterNodeStep]:
 
 
 # ---------------------------------------------------------------- the kernel's workspace
-# The CUDA kernel moves data in 8-byte cells {4 data bytes, 4-byte call flag}. Each PE's
+# The CUDA kernel moves data in 16-byte cells {4 data bytes, flag, 4 data bytes, flag}. Each PE's
 # symmetric workspace holds, twice (calls alternate between the two halves so a fast rank
 # never overwrites cells a slow peer has yet to read):
 #   G reduce-scatter inboxes, S inter-node inboxes, S put-staging areas, G all-gather inboxes,
-# each one slice of cells; after a small header. Twin: WorkspaceBytesNeeded in csrc/schedule.h.
-CELL_BYTES = 8
-CELL_DATA_BYTES = 4
-WORKSPACE_HEADER_BYTES = 256
+# each one slice of cells; after a header (call counter, the peers' call signatures).
+# Twin: WorkspaceBytesNeeded in csrc/schedule.h.
+CELL_BYTES = 16
+CELL_DATA_BYTES = 8
+WORKSPACE_HEADER_BYTES = 2048
 
 
 def slice_capacity_elements(num_elements: int, gpus_per_node: int, itemsize: int) -> int:

@@ -77,3 +77,25 @@ def test_layout_comparison(tmp_path):
         (w, lay) for w in ("decode-heavy", "prefill-heavy") for lay in ("tp2", "pp2")}
     assert all(r["batch_latency_ms"] > r["prefill_ms"] > 0 for r in rows)
     assert "batch ms" in out
+
+
+def test_soak_checks_every_call(tmp_path):
+    out = _bench("soak", "--calls", "40", "--chunk", "20", "--bytes", "1K", "--json", str(tmp_path / "s.json"))
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["calls"] == 40 and report["errors"] == 0, out
+
+
+def test_soak_counts_wrong_results(monkeypatch):
+    import jax
+
+    import jaxnvrar
+    from jaxnvrar.bench import soak
+
+    # An "all-reduce" that forgets one rank's contribution must be caught on every call.
+    monkeypatch.setattr(jaxnvrar, "all_reduce", lambda x, axis, algorithm: jax.lax.psum(x, axis) - 1)
+    mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    x = jax.device_put(jax.numpy.array([1.0, 1.0, 2.0, 2.0], jax.numpy.float32),
+                       jax.NamedSharding(mesh, jax.P("x")))
+    with jax.set_mesh(mesh):
+        errors = int(soak.soak_program(mesh, "psum", 5)(x))
+    assert errors == 5 * 2 * 2  # 5 calls, 2 elements per rank, 2 ranks

@@ -4,6 +4,7 @@
     jaxnvrar-bench decode [--preset llama3.1-8b --batch 1,16 ...]  Llama decode step per algorithm
     jaxnvrar-bench model --fit sweep.json [--network ndr]          cost-model projection to 64 nodes
     jaxnvrar-bench gemm [-m 512 -k 8192 -n 28672]                  GEMM speed when M or K is split
+    jaxnvrar-bench soak [--calls 100000 --bytes 128K]              consecutive calls, each checked
 
 On a GPU machine run one process per GPU: jaxnvrar-launch -n 2 -- jaxnvrar-bench allreduce.
 """
@@ -15,7 +16,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxnvrar.bench import allreduce, decode, gemm, model
+    from jaxnvrar.bench import allreduce, decode, gemm, model, soak
 
     parser = argparse.ArgumentParser(prog="jaxnvrar-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_arguments(commands.add_parser("decode", help="tensor-parallel Llama decode latency"))
     model.add_arguments(commands.add_parser("model", help="alpha-beta projection of ring/tree vs NVRAR"))
     gemm.add_arguments(commands.add_parser("gemm", help="GEMM speed when M (pipeline) or K (tensor) is split"))
+    soak.add_arguments(commands.add_parser("soak", help="many consecutive all-reduces, every result checked"))
     args = parser.parse_args(argv)
-    runs = {"allreduce": allreduce.run, "decode": decode.run, "model": model.run, "gemm": gemm.run}
+    runs = {"allreduce": allreduce.run, "decode": decode.run, "model": model.run, "gemm": gemm.run, "soak": soak.run}
     return runs[args.command](args)
 
 

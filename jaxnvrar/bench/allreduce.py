@@ -45,6 +45,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chain", type=int, default=None, help="all-reduces per program (16 GPU, 4 CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed executions (50 GPU, 5 CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed batches; the median is reported")
+    parser.add_argument("--max-blocks", default=None,
+                        help="comma-separated launch widths to compare for nvrar (columns nvrar/B); "
+                             "default: the runtime's ($JAXNVRAR_MAX_BLOCKS or 128)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
 
@@ -69,8 +72,12 @@ def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks):
 
 
 def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node) -> float:
-    """Median microseconds per all-reduce of `count` elements per rank."""
+    """Median microseconds per all-reduce of `count` elements per rank. "nvrar/B": nvrar
+    launched with at most B thread blocks."""
     num_ranks = mesh.devices.size
+    algorithm, _, blocks = algorithm.partition("/")
+    if blocks:
+        jaxnvrar.runtime.set_max_blocks(int(blocks))
     program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks)
     sharding = NamedSharding(mesh, P("x"))
     x = jax.device_put(jnp.ones((num_ranks * count,), dtype), sharding)
@@ -149,6 +156,9 @@ def run(args) -> int:
         if a not in available:
             raise SystemExit(f"jaxnvrar-bench: algorithm {a!r} is not available here (available: {available})")
     algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # every speed-up is against psum
+    if args.max_blocks and "nvrar" in algorithms:
+        at = algorithms.index("nvrar")
+        algorithms[at:at + 1] = [f"nvrar/{int(b)}" for b in args.max_blocks.split(",")]
     dtype = _DTYPES[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
@@ -166,7 +176,7 @@ def run(args) -> int:
         count = nbytes // itemsize
         row = {"bytes": count * itemsize, "count": count, "dtype": args.dtype, "results": {}}
         for a in algorithms:
-            if a == "nvrar" and not fits_workspace(count, itemsize, topology):
+            if a.startswith("nvrar") and not fits_workspace(count, itemsize, topology):
                 continue
             us = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
                          gpus_per_node=args.gpus_per_node)

@@ -1,0 +1,89 @@
+"""Soak: many consecutive all-reduces in one long-running program, every result checked.
+
+Each rank starts from its rank + 1; every call must return the exact sum P(P+1)/2 (small
+integers are exact in every dtype), and the next call's input is derived from that output,
+so a wrong or stale result is counted and the calls stay dependent. Reports errors, calls
+per second and the time of each chunk of calls, first against last (drift).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnvrar
+from jaxnvrar.bench.allreduce import _DTYPES, parse_bytes
+from jaxnvrar.bench.setup import bring_up, is_printer
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--calls", type=int, default=100_000, help="all-reduces in all (100000)")
+    parser.add_argument("--chunk", type=int, default=1000, help="calls per jitted loop execution (1000)")
+    parser.add_argument("--bytes", type=parse_bytes, default=128 << 10, help="message size (128K)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--algorithm", default=None, help="nvrar where available, else reference")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
+def soak_program(mesh, algorithm: str, chunk: int):
+    num_ranks = mesh.devices.size
+    total = num_ranks * (num_ranks + 1) // 2
+
+    def body(x):
+        mine = x  # rank + 1 everywhere
+
+        def one_call(_, carry):
+            value, errors = carry
+            summed = jaxnvrar.all_reduce(value, "x", algorithm=algorithm)
+            errors = errors + jnp.sum(summed != total, dtype=jnp.int32)
+            # Back to rank + 1 through the result, so the next call depends on this one.
+            return lax.pcast(summed - total, "x", to="varying") + mine, errors
+
+        _, errors = lax.fori_loop(0, chunk, one_call, (x, jnp.zeros((), jnp.int32)))
+        return lax.psum(errors, "x")
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P()))
+
+
+def run(args) -> int:
+    description = bring_up()
+    algorithm = args.algorithm or ("nvrar" if jaxnvrar.is_initialized() else "reference")
+    dtype = _DTYPES[args.dtype]
+    num_ranks = jax.device_count()
+    mesh = jax.make_mesh((num_ranks,), ("x",))
+    count = max(1, args.bytes // jnp.dtype(dtype).itemsize)
+    chunks = max(1, args.calls // args.chunk)
+    program = soak_program(mesh, algorithm, args.chunk)
+    ranks = np.repeat(np.arange(1, num_ranks + 1), count).astype(jnp.dtype(dtype))
+    x = jax.make_array_from_callback(ranks.shape, NamedSharding(mesh, P("x")), lambda i: ranks[i])
+    with jax.set_mesh(mesh):
+        program(x).block_until_ready()  # compile and warm up (not counted)
+        errors, times = 0, []
+        start = time.perf_counter()
+        for _ in range(chunks):
+            t = time.perf_counter()
+            errors += int(program(x))  # waits: each chunk is timed on its own
+            times.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+    calls = chunks * args.chunk
+    first, last = np.median(times[: max(1, chunks // 10)]), np.median(times[-max(1, chunks // 10):])
+    result = {"devices": description, "algorithm": algorithm, "dtype": args.dtype, "bytes": count * jnp.dtype(dtype).itemsize,
+              "calls": calls, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
+              "first_tenth_chunk_ms": first * 1e3, "last_tenth_chunk_ms": last * 1e3}
+    if is_printer():
+        print(f"# jaxnvrar-bench soak: {description}")
+        print(f"{calls} calls of {result['bytes']} B {args.dtype} with {algorithm}: {errors} wrong elements, "
+              f"{elapsed:.2f} s ({result['us_per_call']:.2f} us/call); chunk of {args.chunk}: "
+              f"{result['first_tenth_chunk_ms']:.2f} ms in the first tenth, {result['last_tenth_chunk_ms']:.2f} ms "
+              "in the last (median)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    return 1 if errors else 0

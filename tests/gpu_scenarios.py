@@ -1,0 +1,120 @@
+"""Failure and lifecycle scenarios of the CUDA kernel, one per 2-GPU job:
+
+    jaxnvrar-launch -n 2 -- python tests/gpu_scenarios.py NAME
+
+Each rank prints one line `SCENARIO {json}` with what it saw; tests/test_gpu_jobs.py starts
+the jobs and checks those lines. A kernel that traps takes the CUDA context with it, so a rank
+leaves with os._exit after reporting.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnvrar
+
+# Flags are calls % FLAG_PERIOD + 1 (csrc/nvrar_kernel.cuh); the wrap scenario starts just before
+# the counter crosses a multiple of it.
+FLAG_PERIOD = 0xFFFFFFFE
+
+
+def report(**fields):
+    print("SCENARIO " + json.dumps(fields, default=str), flush=True)
+
+
+def sharded(mesh, per_rank: np.ndarray):
+    """A global array whose shard on this process is `per_rank` (shapes may differ by rank)."""
+    shape = (mesh.size * per_rank.shape[0],)
+    return jax.make_array_from_callback(shape, NamedSharding(mesh, P("x")), lambda index: per_rank)
+
+
+def all_reduce_fn(mesh, calls: int = 1):
+    def body(a):
+        for _ in range(calls):
+            a = lax.pcast(jaxnvrar.all_reduce(a, "x", algorithm="nvrar") / 2, "x", to="varying")
+        return a
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+
+
+def expect_failure(fn, x) -> None:
+    """Run fn(x), compiled beforehand so that the time reported is the failing call's alone."""
+    compiled = fn.lower(x).compile()
+    start = time.monotonic()
+    try:
+        compiled(x).block_until_ready()
+        report(raised=False)
+    except Exception as err:  # noqa: BLE001 - XLA raises JaxRuntimeError; report whatever came
+        record = jaxnvrar.last_timeout()
+        report(raised=True, seconds=time.monotonic() - start, error=str(err)[:300], record=record,
+               message=jaxnvrar.runtime.describe_timeout(record) if record else None)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def main(name: str) -> None:
+    jaxnvrar.initialize_distributed()
+    jaxnvrar.initialize()
+    rank = jax.process_index()
+    mesh = jax.make_mesh((2,), ("x",))
+    timeout_s = float(os.environ.get("JAXNVRAR_TIMEOUT_S", "10"))
+
+    with jax.set_mesh(mesh):
+        if name == "skip":  # rank 1 skips the second call
+            x = sharded(mesh, np.ones(4096, np.float32))
+            f = all_reduce_fn(mesh)
+            f(x).block_until_ready()
+            if rank == 0:
+                expect_failure(f, x)
+            time.sleep(timeout_s + 5)
+            report(skipped=True)
+            os._exit(0)
+
+        if name == "size-mismatch":
+            x = sharded(mesh, np.ones(1000 * (rank + 1), np.float32))
+            expect_failure(all_reduce_fn(mesh), x)
+
+        if name == "dtype-mismatch":  # same bytes: would not hang, only be wrong
+            dtype = jnp.float16 if rank == 0 else jnp.bfloat16
+            x = sharded(mesh, np.ones(4096, dtype))
+            expect_failure(all_reduce_fn(mesh), x)
+
+        if name == "wrap":  # run with JAXNVRAR_FIRST_CALL a few calls before a flag wrap
+            rng = np.random.default_rng(rank)
+            host = rng.standard_normal(70000).astype(np.float32)
+            x = sharded(mesh, host)
+            nvrar = all_reduce_fn(mesh, calls=16)
+            psum = jax.jit(jax.shard_map(
+                lambda a: lax.fori_loop(0, 16, lambda i, v: lax.pcast(lax.psum(v, "x") / 2, "x", to="varying"), a),
+                mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+            out, expected = nvrar(x), psum(x)
+            got = np.asarray(out.addressable_data(0))
+            want = np.asarray(expected.addressable_data(0))
+            report(max_error=float(np.max(np.abs(got - want))), first_call=os.environ.get("JAXNVRAR_FIRST_CALL"))
+
+        if name == "finalize-in-flight":
+            x = sharded(mesh, np.full(1 << 16, rank + 1.0, np.float32))
+            f = all_reduce_fn(mesh, calls=64)
+            outs = [f(x) for _ in range(20)]  # dispatched, not waited for
+            jaxnvrar.finalize()
+            values = sorted({float(v) for o in outs for v in np.unique(np.asarray(o.addressable_data(0)))})
+            errors = {}
+            for label, call in (("call", lambda: f(x)), ("initialize", jaxnvrar.initialize)):
+                try:
+                    call()
+                    errors[label] = None
+                except Exception as err:  # noqa: BLE001
+                    errors[label] = f"{type(err).__name__}: {err}"
+            report(values=values, errors=errors)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

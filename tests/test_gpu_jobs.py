@@ -1,0 +1,101 @@
+"""Failure modes and the runtime's lifecycle on 2 GPUs, each scenario of tests/gpu_scenarios.py
+in a 2-rank job of its own (a kernel that traps ends its process). Run on a GPU machine,
+NOT under jaxnvrar-launch:
+
+    python -m pytest -m gpu_jobs tests/test_gpu_jobs.py
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.gpu_jobs
+SCENARIOS = pathlib.Path(__file__).with_name("gpu_scenarios.py")
+TIMEOUT_S = 2.0
+
+
+def _gpu_count() -> int:
+    # Not through jax: this process must leave the GPUs to the jobs it starts.
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return listing.stdout.count("GPU ") if listing.returncode == 0 else 0
+
+
+def _skip_reason() -> str | None:
+    if "JAXNVRAR_NUM_PROCESSES" in os.environ:
+        return "starts jobs of its own: run it outside jaxnvrar-launch"
+    if _gpu_count() < 2:
+        return "needs a machine with 2 or more GPUs"
+    try:
+        from jaxnvrar import _jaxnvrar_cuda  # noqa: F401
+    except ImportError:
+        return "jaxnvrar was built without its CUDA/NVSHMEM part"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _needs_gpus():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def run_scenario(name: str, **env) -> dict[int, dict]:
+    job_env = dict(os.environ, JAXNVRAR_TIMEOUT_S=str(TIMEOUT_S), **env)
+    job = subprocess.run(
+        [sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--timeout", "240", "--",
+         sys.executable, str(SCENARIOS), name],
+        env=job_env, capture_output=True, text=True, timeout=300,
+    )
+    reports = {}
+    for line in job.stdout.splitlines():
+        head, _, payload = line.partition(" SCENARIO ")
+        if payload:
+            reports[int(head.strip("[]").split()[1])] = json.loads(payload)
+    assert reports, f"no report; exit {job.returncode}\n{job.stdout[-3000:]}\n{job.stderr[-3000:]}"
+    return reports
+
+
+def test_a_rank_that_skips_a_call_gets_a_timeout_report_not_a_hang():
+    reports = run_scenario("skip")
+    waiting = reports[0]
+    assert waiting["raised"], waiting
+    assert waiting["seconds"] < TIMEOUT_S + 10, waiting
+    record = waiting["record"]
+    assert record["kind"] == "timeout" and record["peer"] == 1, record
+    assert record["phase"] == "intra-node reduce-scatter", record
+    assert "did every rank make the same calls" in waiting["message"]
+
+
+@pytest.mark.parametrize("scenario", ["size-mismatch", "dtype-mismatch"])
+def test_ranks_in_different_calls_report_a_mismatch(scenario):
+    reports = run_scenario(scenario)
+    for rank, seen in reports.items():
+        assert seen["raised"], (rank, seen)
+        assert seen["record"]["kind"] == "mismatch", (rank, seen)
+        assert seen["seconds"] < TIMEOUT_S, (rank, seen)  # found at once, not by the watchdog
+        assert "mismatch" in seen["message"]
+    assert "1000 x float32" in reports[0]["message"] or "float16" in reports[0]["message"]
+
+
+@pytest.mark.parametrize("start_before_wrap", [6, 7])  # both parities
+def test_flags_wrap_around_without_error(start_before_wrap):
+    first_call = 2 * 0xFFFFFFFE - start_before_wrap
+    reports = run_scenario("wrap", JAXNVRAR_FIRST_CALL=str(first_call))
+    for rank, seen in reports.items():
+        assert seen["max_error"] < 1e-5, (rank, seen)
+
+
+def test_finalize_with_work_in_flight_then_clear_errors():
+    reports = run_scenario("finalize-in-flight")
+    for rank, seen in reports.items():
+        # Every dispatched call finished before the workspace went: (1 + 2) / 2 each time.
+        assert seen["values"] == [1.5], (rank, seen)
+        assert "after jaxnvrar.finalize()" in seen["errors"]["call"], (rank, seen)
+        assert "not supported" in seen["errors"]["initialize"], (rank, seen)
