@@ -33,7 +33,7 @@ void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, i
 // a few lookups; inside a command buffer it runs only when XLA records the graph.
 ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                          int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
-                         ffi::Span<const int32_t> pe_groups) {
+                         int32_t check_calls, ffi::Span<const int32_t> pe_groups) {
   const Runtime& rt = GetRuntime();
   if (!rt.initialized) {
     return ffi::Error::Internal("jaxnvrar: the NVSHMEM runtime is not initialised; call jaxnvrar.initialize()");
@@ -98,6 +98,7 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.signature.elements = static_cast<uint32_t>(n);
   args.signature.shape = DtypeCode(dtype) << 24 | static_cast<uint32_t>(gpus_per_node) << 16 |
                          (static_cast<uint32_t>(num_nodes) & 0xFFFFu);
+  args.check_calls = check_calls;
   args.timeout_ns = rt.timeout_ns;
   args.timeout_record = rt.timeout_device;
   if (args.num_steps > kMaxInterNodeSteps) {
@@ -153,6 +154,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarAllReduce, AllReduceImpl,
                                   .Attr<int32_t>("num_ranks")
                                   .Attr<int32_t>("gpus_per_node")
                                   .Attr<int32_t>("max_blocks")
+                                  .Attr<int32_t>("check_calls")
                                   .Attr<ffi::Span<const int32_t>>("pe_groups"),
                               {ffi::Traits::kCmdBufferCompatible});
 

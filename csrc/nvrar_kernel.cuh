@@ -64,6 +64,7 @@ struct KernelArgs {
   int32_t gpus_per_node;
   int32_t num_steps;
   CallSignature signature;
+  int32_t check_calls;  // exchange and compare call signatures (JAXNVRAR_CHECK_CALLS)
   uint64_t timeout_ns;
   TimeoutRecord* timeout_record;  // pinned host memory
 };
@@ -163,20 +164,29 @@ enum FailureKind : int32_t { kFailureTimeout = 1, kFailureMismatch = 2 };
 
 // The first thread of this GPU to find a failure records it in pinned host memory (for
 // jaxnvrar.last_timeout()), then traps: XLA reports a failed launch instead of hanging.
-__device__ __noinline__ void Fail(const KernelArgs& args, int32_t kind, const WaitSite& site, uint32_t flag,
+// Takes values, not KernelArgs: the address of a kernel parameter would put all of it in
+// local memory, for every thread, on every call.
+struct FailureContext {
+  char* workspace;
+  TimeoutRecord* record;
+  int32_t node, local;
+  CallSignature signature;
+};
+
+__device__ __noinline__ void Fail(FailureContext where, int32_t kind, WaitSite site, uint32_t flag,
                                   Cell peer_signature) {
-  WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
+  WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(where.workspace);
   if (atomicExch(&header->timed_out, 1u) == 0u) {
-    TimeoutRecord* r = args.timeout_record;
+    TimeoutRecord* r = where.record;
     r->kind = kind;
-    r->node = args.node;
-    r->local = args.local;
+    r->node = where.node;
+    r->local = where.local;
     r->phase = site.phase;
     r->step = site.step;
     r->peer = site.peer;
     r->flag = flag;
-    r->my_elements = args.signature.elements;
-    r->my_shape = args.signature.shape;
+    r->my_elements = where.signature.elements;
+    r->my_shape = where.signature.shape;
     r->peer_elements = peer_signature.lo;
     r->peer_shape = peer_signature.hi;
     __threadfence_system();
@@ -188,13 +198,17 @@ __device__ __noinline__ void Fail(const KernelArgs& args, int32_t kind, const Wa
   while (true) __nanosleep(1000);
 }
 
+__device__ __forceinline__ FailureContext Where(const KernelArgs& args) {
+  return FailureContext{args.workspace, args.timeout_record, args.node, args.local, args.signature};
+}
+
 // The peer's signature for this call, if it has arrived; a different one is a mismatch.
 __device__ __forceinline__ bool CheckSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag,
                                                const WaitSite& site) {
   Cell theirs;
   if (!PollCell(args.workspace + Layout::SignatureSlot(calls, site.slot), flag, &theirs)) return false;
   if (theirs.lo != args.signature.elements || theirs.hi != args.signature.shape) {
-    Fail(args, kFailureMismatch, site, flag, theirs);
+    Fail(Where(args), kFailureMismatch, site, flag, theirs);
   }
   return true;
 }
@@ -208,8 +222,8 @@ __device__ __forceinline__ Cell AwaitCell(const char* address, uint32_t flag, co
   const uint64_t start = GlobalTimerNs();
   for (uint32_t spin = 1; !PollCell(address, flag, &data); ++spin) {
     if (spin % 64 == 0) {
-      CheckSignature(args, calls, flag, site);
-      if (GlobalTimerNs() - start > args.timeout_ns) Fail(args, kFailureTimeout, site, flag, Cell{0, 0});
+      if (args.check_calls) CheckSignature(args, calls, flag, site);
+      if (GlobalTimerNs() - start > args.timeout_ns) Fail(Where(args), kFailureTimeout, site, flag, Cell{0, 0});
     }
   }
   return data;
@@ -273,7 +287,7 @@ __device__ __forceinline__ Cell AddCells(Cell first, Cell second) {
 
 // Thread 0 of block 0 tells every peer that sends to or receives from this GPU what this
 // call is; peers compare it with their own (CheckSignature).
-__device__ void SendSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
+__device__ __forceinline__ void SendSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
   const Cell mine{args.signature.elements, args.signature.shape};
   for (int32_t d = 0; d < args.gpus_per_node; ++d) {
     if (d != args.local) StoreCell(args.node_peers[d] + Layout::SignatureSlot(calls, args.local), mine, flag);
@@ -293,11 +307,11 @@ __device__ void SendSignature(const KernelArgs& args, unsigned long long calls, 
 
 // Every peer that sent to this GPU must have made the same call (same size, dtype and
 // topology): catches mismatches that would not hang, such as float16 against bfloat16.
-__device__ void AwaitSignatures(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
+__device__ __forceinline__ void AwaitSignatures(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
   auto await = [&](const WaitSite& site) {
     const uint64_t start = GlobalTimerNs();
     while (!CheckSignature(args, calls, flag, site)) {
-      if (GlobalTimerNs() - start > args.timeout_ns) Fail(args, kFailureTimeout, site, flag, Cell{0, 0});
+      if (GlobalTimerNs() - start > args.timeout_ns) Fail(Where(args), kFailureTimeout, site, flag, Cell{0, 0});
     }
   };
   for (int32_t j = 0; j < args.gpus_per_node; ++j) {
@@ -332,7 +346,7 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
     return const_cast<char*>(base) + offset + cell * kCellBytes;
   };
 
-  if (blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, calls, flag);
+  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, calls, flag);
 
   // 1. Reduce-scatter within the node: push slice d to local d ...
   for (int64_t cell = first_cell; cell < block_end; cell += stride) {
@@ -426,7 +440,7 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
     }
   }
 
-  if (blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
+  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
   if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
   // The last block to finish advances the call counter for the next launch.
   __syncthreads();

@@ -72,5 +72,6 @@ def lower(ctx, x, *, topology: Topology, groups):
         num_ranks=np.int32(topology.num_ranks),
         gpus_per_node=np.int32(topology.gpus_per_node),
         max_blocks=np.int32(runtime.max_blocks()),
+        check_calls=np.int32(runtime.check_calls()),
         pe_groups=table.reshape(-1),
     )

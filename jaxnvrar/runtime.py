@@ -22,6 +22,7 @@ TIMEOUT_ENV = "JAXNVRAR_TIMEOUT_S"  # bound on every wait inside the kernel
 DEFAULT_TIMEOUT_S = 10.0
 FORCE_PUT_ENV = "JAXNVRAR_FORCE_PUT"  # 1: inter-node phase through nvshmem puts even over P2P
 MAX_BLOCKS_ENV = "JAXNVRAR_MAX_BLOCKS"  # thread blocks per all-reduce, at most (default 128)
+CHECK_CALLS_ENV = "JAXNVRAR_CHECK_CALLS"  # 0: ranks do not compare call signatures (default 1)
 FIRST_CALL_ENV = "JAXNVRAR_FIRST_CALL"  # testing: start the call counter here (flag wrap-around)
 _KV_TIMEOUT_MS = 120_000
 # Set for each rank by jaxnvrar-launch.
@@ -41,6 +42,7 @@ _BUILD_HINT = (
 class _State:
     workspace_bytes: int
     max_blocks: int
+    check_calls: bool
     num_pes: int
     my_pe: int
     nvshmem4py: object  # the nvshmem.core module, finalised after the extension
@@ -140,6 +142,11 @@ def set_max_blocks(blocks: int) -> None:
     _state.max_blocks = int(blocks)
 
 
+def check_calls() -> bool:
+    """Whether kernels lowered from now on compare call signatures with their peers."""
+    return bool(_state and _state.check_calls)
+
+
 def was_finalized() -> bool:
     return _state is None and _ever_initialized
 
@@ -235,6 +242,7 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     timeout_s = _env_number(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_S, minimum=0.001)
     max_blocks = min(_env_number(MAX_BLOCKS_ENV, int, 128, minimum=1), 1024)
     first_call = _env_number(FIRST_CALL_ENV, int, 0, minimum=0)
+    check_calls = bool(_env_number(CHECK_CALLS_ENV, int, 1, minimum=0))
     if _state is None and _ever_initialized:
         raise RuntimeError(
             "jaxnvrar.initialize() after jaxnvrar.finalize() in the same process is not supported: "
@@ -253,7 +261,7 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(requested + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
     extension.initialize(requested, timeout_s, os.environ.get(FORCE_PUT_ENV, "0") == "1", first_call)
-    _state = _State(requested, max_blocks, extension.num_pes(), extension.my_pe(), nvshmem)
+    _state = _State(requested, max_blocks, check_calls, extension.num_pes(), extension.my_pe(), nvshmem)
     _ever_initialized = True
     from jaxnvrar import nvrar_ffi
 

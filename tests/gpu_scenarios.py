@@ -78,14 +78,22 @@ def main(name: str) -> None:
             report(skipped=True)
             os._exit(0)
 
-        if name == "size-mismatch":
-            x = sharded(mesh, np.ones(1000 * (rank + 1), np.float32))
-            expect_failure(all_reduce_fn(mesh), x)
-
-        if name == "dtype-mismatch":  # same bytes: would not hang, only be wrong
-            dtype = jnp.float16 if rank == 0 else jnp.bfloat16
-            x = sharded(mesh, np.ones(4096, dtype))
-            expect_failure(all_reduce_fn(mesh), x)
+        if name in ("size-mismatch", "dtype-mismatch"):
+            # One program on both ranks (as SPMD code is), whose branch depends on the rank:
+            # rank 0 reduces 1000 float32 (or 4096 float16), rank 1 2000 float32 (4096 bfloat16).
+            if name == "size-mismatch":
+                mine = lambda a: jaxnvrar.all_reduce(a[:1000], "x", algorithm="nvrar").sum()  # noqa: E731
+                theirs = lambda a: jaxnvrar.all_reduce(a, "x", algorithm="nvrar").sum()  # noqa: E731
+            else:  # same bytes: this one would not hang, only be wrong
+                mine = lambda a: jaxnvrar.all_reduce(a.astype(jnp.float16), "x", algorithm="nvrar").sum(  # noqa: E731
+                    dtype=jnp.float32)
+                theirs = lambda a: jaxnvrar.all_reduce(a.astype(jnp.bfloat16), "x", algorithm="nvrar").sum(  # noqa: E731
+                    dtype=jnp.float32)
+            x = sharded(mesh, np.ones(2000 if name == "size-mismatch" else 4096, np.float32))
+            fn = jax.jit(jax.shard_map(
+                lambda a: lax.cond(lax.axis_index("x") == 0, mine, theirs, a)[None],
+                mesh=mesh, in_specs=P("x"), out_specs=P("x"), check_vma=False))
+            expect_failure(fn, x)
 
         if name == "wrap":  # run with JAXNVRAR_FIRST_CALL a few calls before a flag wrap
             rng = np.random.default_rng(rank)

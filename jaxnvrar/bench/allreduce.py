@@ -8,6 +8,7 @@ donated buffer (stable addresses, as in a decode loop) and divides by the chain 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -21,6 +22,7 @@ import jaxnvrar
 from jaxnvrar.runtime import default_topology
 from jaxnvrar.nvrar_ffi import fits_workspace
 from jaxnvrar.schedule import Topology
+from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,6 +47,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chain", type=int, default=None, help="all-reduces per program (16 GPU, 4 CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed executions (50 GPU, 5 CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed batches; the median is reported")
+    parser.add_argument("--device-time", metavar="DIR", default=None,
+                        help="also trace a few executions with jax.profiler into DIR and report the median "
+                             "all-reduce kernel time (device us) next to the wall time per call")
     parser.add_argument("--max-blocks", default=None,
                         help="comma-separated launch widths to compare for nvrar (columns nvrar/B); "
                              "default: the runtime's ($JAXNVRAR_MAX_BLOCKS or 128)")
@@ -71,9 +76,10 @@ def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks):
     return jax.jit(fn, donate_argnums=0)
 
 
-def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node) -> float:
-    """Median microseconds per all-reduce of `count` elements per rank. "nvrar/B": nvrar
-    launched with at most B thread blocks."""
+def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node,
+            trace_dir: str | None = None) -> tuple[float, float | None]:
+    """Median microseconds per all-reduce of `count` elements per rank, wall and (with
+    trace_dir) device kernel time. "nvrar/B": nvrar launched with at most B thread blocks."""
     num_ranks = mesh.devices.size
     algorithm, _, blocks = algorithm.partition("/")
     if blocks:
@@ -92,7 +98,16 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
                 x = program(x)
             x.block_until_ready()
             batches.append((time.perf_counter() - start) / (iters * chain))
-    return statistics.median(batches) * 1e6
+        device_us = None
+        if trace_dir is not None:
+            with breakdown.traced(trace_dir):
+                for _ in range(3):
+                    x = program(x)
+                x.block_until_ready()
+            durations = [end - start for name, start, end in breakdown.device_kernels(breakdown.read_trace(trace_dir))
+                         if breakdown.classify(name) == "communication"]
+            device_us = statistics.median(durations) if durations else None
+    return statistics.median(batches) * 1e6, device_us
 
 
 def _sizes(min_bytes, max_bytes, factor, itemsize):
@@ -103,21 +118,26 @@ def _sizes(min_bytes, max_bytes, factor, itemsize):
     return sizes
 
 
-def _header(algorithms) -> str:
+def _header(algorithms, device_time: bool) -> str:
     head = f"{'size(B)':>10} {'count':>9} {'type':>8}"
     for a in algorithms:
-        head += f" | {a + ' us':>12} {'algbw':>7} {'busbw':>7}" + (f" {'x psum':>6}" if a != "psum" else "")
+        head += f" | {a + ' us':>12}" + (f" {'dev us':>7}" if device_time else "")
+        head += f" {'algbw':>7} {'busbw':>7}" + (f" {'x psum':>6}" if a != "psum" else "")
     return head + "\n" + "-" * len(head)
 
 
-def _row_line(row, algorithms) -> str:
+def _row_line(row, algorithms, device_time: bool) -> str:
     line = f"{row['bytes']:>10} {row['count']:>9} {row['dtype']:>8}"
     for a in algorithms:
         r = row["results"].get(a)
         if r is None:  # did not fit the NVSHMEM workspace
-            line += f" | {'n/a':>12} {'':>7} {'':>7}" + (f" {'':>6}" if a != "psum" else "")
+            line += f" | {'n/a':>12}" + (f" {'':>7}" if device_time else "")
+            line += f" {'':>7} {'':>7}" + (f" {'':>6}" if a != "psum" else "")
             continue
-        line += f" | {r['us']:>12.2f} {r['algbw_gbs']:>7.2f} {r['busbw_gbs']:>7.2f}"
+        line += f" | {r['us']:>12.2f}"
+        if device_time:
+            line += f" {r['device_us']:>7.2f}" if r["device_us"] is not None else f" {'-':>7}"
+        line += f" {r['algbw_gbs']:>7.2f} {r['busbw_gbs']:>7.2f}"
         if a != "psum":
             line += f" {r['speedup_vs_psum']:>6.2f}"
     return line
@@ -170,7 +190,7 @@ def run(args) -> int:
         print(f"# chain {chain} all-reduces per program, {iters} executions per batch, median of "
               f"{args.repeats} batches; gpus_per_node={args.gpus_per_node or 'per host'}")
     if is_printer():
-        print(_header(algorithms), flush=True)
+        print(_header(algorithms, args.device_time is not None), flush=True)
     rows = []
     for nbytes in _sizes(args.min_bytes, args.max_bytes, factor, itemsize):
         count = nbytes // itemsize
@@ -178,18 +198,21 @@ def run(args) -> int:
         for a in algorithms:
             if a.startswith("nvrar") and not fits_workspace(count, itemsize, topology):
                 continue
-            us = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
-                         gpus_per_node=args.gpus_per_node)
+            trace_dir = None if args.device_time is None else os.path.join(
+                args.device_time, f"{a.replace('/', '_')}_{nbytes}_rank{jax.process_index()}")
+            us, device_us = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
+                                    gpus_per_node=args.gpus_per_node, trace_dir=trace_dir)
             algbw = row["bytes"] / (us * 1e-6) / 1e9
-            row["results"][a] = {"us": us, "algbw_gbs": algbw,
+            row["results"][a] = {"us": us, "device_us": device_us, "algbw_gbs": algbw,
                                  "busbw_gbs": algbw * 2 * (num_ranks - 1) / num_ranks,
                                  "speedup_vs_psum": row["results"]["psum"]["us"] / us if a != "psum" else 1.0}
         rows.append(row)
         if is_printer():
-            print(_row_line(row, algorithms), flush=True)
+            print(_row_line(row, algorithms, args.device_time is not None), flush=True)
     if is_printer():
         print(f"algbw = size / time, busbw = algbw * 2(P-1)/P with P = {num_ranks}; GB/s; "
-              "x psum = psum time / this time; n/a: larger than the NVSHMEM workspace")
+              "x psum = psum time / this time; n/a: larger than the NVSHMEM workspace"
+              + ("; dev us: median all-reduce kernel time in a profiler trace" if args.device_time else ""))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"devices": description, "chain": chain, "iters": iters, "rows": rows}, f, indent=1)
