@@ -99,3 +99,11 @@ def test_soak_counts_wrong_results(monkeypatch):
     with jax.set_mesh(mesh):
         errors = int(soak.soak_program(mesh, "psum", 5)(x))
     assert errors == 5 * 2 * 2  # 5 calls, 2 elements per rank, 2 ranks
+
+
+def test_top_kernels_rank_by_device_time():
+    from jaxnvrar.bench import breakdown
+
+    kernels = [("gemm_a", 0, 10), ("fusion_b", 10, 40), ("gemm_a", 40, 60), ("fusion_b", 60, 61)]
+    top = breakdown.top_kernels(kernels, steps=2, count=1)
+    assert top == [{"name": "fusion_b", "class": "other", "ms_per_step": 0.031 / 2, "per_step": 1.0}]

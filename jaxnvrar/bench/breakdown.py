@@ -68,6 +68,18 @@ def breakdown(kernels, steps: int) -> dict:
     return out
 
 
+def top_kernels(kernels, steps: int, count: int = 8) -> list[dict]:
+    """The kernels (by name) that take the most device time, per step."""
+    totals: dict[str, list[float]] = {}
+    for name, start, end in kernels:
+        entry = totals.setdefault(name, [0.0, 0])
+        entry[0] += end - start
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"name": name, "class": classify(name), "ms_per_step": total / 1e3 / steps, "per_step": n / steps}
+            for name, (total, n) in ranked]
+
+
 def read_trace(directory: str) -> list[dict]:
     paths = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:

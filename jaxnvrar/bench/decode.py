@@ -53,6 +53,8 @@ def add_arguments(parser) -> None:
                         help="compare parallel layouts instead, e.g. tp4,pp2xtp2,pp4 (pp = pipeline stages, "
                              "micro-batches = stages), on a decode-heavy and a prefill-heavy workload")
     parser.add_argument("--all-reduce", default="auto", help="all-reduce algorithm inside each layout (auto)")
+    parser.add_argument("--workloads", default="decode-heavy,prefill-heavy",
+                        help="which workloads the layout comparison runs (both)")
 
 
 def _load_model(args, mesh, dtype):
@@ -141,13 +143,17 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
               "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
     if profile_dir is not None:
         # A few more steps under the profiler, over cache positions already written (timing only).
-        directory = os.path.join(profile_dir, label.replace(" ", "_"))
+        directory = os.path.join(profile_dir, label.replace(" ", "_") + f"_rank{jax.process_index()}")
         with breakdown.traced(directory):
             for _ in range(_PROFILED_STEPS):
                 token, _, caches, position = llama.decode_step(model, token[:, None], caches, prompt_len)
             token.block_until_ready()
-        result["breakdown"] = breakdown.breakdown(breakdown.device_kernels(breakdown.read_trace(directory)),
-                                                  _PROFILED_STEPS)
+        try:
+            kernels = breakdown.device_kernels(breakdown.read_trace(directory))
+            result["breakdown"] = breakdown.breakdown(kernels, _PROFILED_STEPS)
+            result["top_kernels"] = breakdown.top_kernels(kernels, _PROFILED_STEPS)
+        except (OSError, ValueError, KeyError) as err:  # the timings above still count
+            print(f"jaxnvrar-bench decode: no breakdown from {directory}: {err}", file=sys.stderr)
     return result
 
 
@@ -161,6 +167,11 @@ def _print_breakdown(rows: dict) -> None:
             continue
         print(f"  {algorithm:<47} {b['matmul']:>7.3f} {b['communication']:>7.3f} {b['other']:>7.3f} "
               f"{b['idle']:>7.3f} {b['kernels_per_step']:>8.0f}")
+    for algorithm, r in rows.items():
+        if r.get("top_kernels"):
+            print(f"  {algorithm}: kernels with the most device time (ms per step, launches per step)")
+            for k in r["top_kernels"]:
+                print(f"    {k['ms_per_step']:>7.3f} {k['per_step']:>5.0f}  {k['class']:<13} {k['name'][:90]}")
 
 
 # (prompt tokens, new tokens) of the two workloads of the layout comparison.
@@ -219,6 +230,10 @@ def _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype) -> dict:
 def run_layouts(args, description) -> int:
     layouts = [(text, *parse_layout(text)) for text in args.layouts.split(",")]
     workloads = WORKLOADS["gpu" if jax.default_backend() == "gpu" else "cpu"]
+    chosen = args.workloads.split(",")
+    if unknown := set(chosen) - set(workloads):
+        raise SystemExit(f"--workloads: unknown {sorted(unknown)}; choose from {sorted(workloads)}")
+    workloads = {name: shape for name, shape in workloads.items() if name in chosen}
     dtype = _DTYPES[args.dtype]
     results = []
     if is_printer():
