@@ -38,8 +38,9 @@ def _single_axis(axis_name):
 
 
 # Measured crossover on 2 x H200 (docs/results/allreduce_2xH200_2026-11-23.txt): the kernel
-# wins up to 512 KB and loses to psum from 1 MB on. Override with $JAXNVRAR_AUTO_MAX_BYTES.
-AUTO_NVRAR_MAX_BYTES = 512 << 10
+# wins up to 4 MB (1.10x there) and loses to psum from 8 MB on. Override with
+# $JAXNVRAR_AUTO_MAX_BYTES.
+AUTO_NVRAR_MAX_BYTES = 4 << 20
 
 
 def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:

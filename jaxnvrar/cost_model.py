@@ -11,7 +11,7 @@ per-call cost c (launch, XLA's own overhead). For P = N nodes x G GPUs, apart fr
            + steps(N) * (alpha_inter + n / G * beta_inter * w)  recursive doubling on 1/G of the message
 
 where steps(N) = log2 N (+ 2 fold steps when N is not a power of two, see jaxnvrar.schedule)
-and w = bytes on the wire per data byte (2 for the kernel's 8-byte cells carrying 4 data bytes).
+and w = bytes on the wire per data byte (2 for the kernel's 16-byte cells carrying 8 data bytes).
 Intra-node beta and c come from a measured sweep of one node of 2 GPUs (`jaxnvrar-bench allreduce
 --json`); such a sweep cannot separate c from the per-step alpha, so the intra-node alpha is an
 assumption (NVLINK_STEP_ALPHA_S). Inter-node links come from the network presets below. Every
@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxnvrar.schedule import num_inter_node_steps
 
-WIRE_BYTES_PER_DATA_BYTE = 2.0  # 8-byte {data, flag} cells carry 4 data bytes
+WIRE_BYTES_PER_DATA_BYTE = 2.0  # 16-byte {data, flag, data, flag} cells carry 8 data bytes
 NVLINK_STEP_ALPHA_S = 1e-6  # ASSUMED latency of one step over NVLink (store, flag seen by the peer)
 
 

@@ -74,21 +74,25 @@ class Attention(nnx.Module):
         k = (x @ self.wk[...]).reshape(b, length, -1, hd)  # this rank's KV heads
         v = (x @ self.wv[...]).reshape(b, length, -1, hd)
         q, k = _apply_rope(q, rope, positions), _apply_rope(k, rope, positions)
+        # Keys and values as [batch, kv_heads, positions, head_dim]: the layout of the cache, in
+        # which both attention products are plain batched matmuls (no copy of the cache per step).
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is not None:
-            cache_k = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, write_at, 0, 0))
-            cache_v = lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, write_at, 0, 0))
+            cache_k = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, write_at, 0))
+            cache_v = lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, write_at, 0))
             k, v, cache = cache_k, cache_v, (cache_k, cache_v)
-            key_positions = jnp.arange(k.shape[1])
+            key_positions = jnp.arange(k.shape[2])
         else:
             key_positions = positions
-        kv_heads = k.shape[2]
-        q = q.reshape(b, length, kv_heads, -1, hd)  # group the query heads of each KV head
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+        kv_heads = k.shape[1]
+        # Group the query heads of each KV head: [batch, kv_heads, group, length, head_dim].
+        q = q.reshape(b, length, kv_heads, -1, hd).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         visible = key_positions[None, :] <= positions[:, None]
         scores = jnp.where(visible, scores, -jnp.inf)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", weights, v).reshape(b, length, -1)
+        out = jnp.einsum("bkgls,bksd->bkgld", weights, v).transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
         return all_reduce(out @ self.wo[...]), cache
 
 
@@ -128,8 +132,9 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(params["norm"], config.rms_norm_eps)
         self.lm_head = nnx.Param(params["lm_head"])
 
-    def __call__(self, tokens, positions, caches, write_at):
-        """Per-shard forward: tokens [B, L] -> this rank's vocabulary slice of the logits."""
+    def __call__(self, tokens, positions, caches, write_at, last_only: bool = False):
+        """Per-shard forward: tokens [B, L] -> this rank's vocabulary slice of the logits, of
+        every position, or with `last_only` of the last one ([B, 1, V/tp]: all decoding needs)."""
         reduce = _reducer(self.all_reduce)
         rope = rope_frequencies(self.config)
         x = self.embed[...][tokens]
@@ -137,8 +142,25 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, rope, positions, None if caches is None else caches[i], write_at, reduce)
             new_caches.append(cache)
+        if last_only:
+            x = x[:, -1:]
         logits = self.norm(x) @ self.lm_head[...]
         return logits.astype(jnp.float32), (None if caches is None else tuple(new_caches))
+
+
+def greedy_tokens(logits, reduce) -> jax.Array:
+    """Greedy next tokens [B] from this rank's vocabulary slice [B, V/tp] of the last logits,
+    inside shard_map: each rank offers its best (value, index) and one all-reduce of a
+    [2, tp, B] table, zero but for the rank's own row, gathers them all. Ties go to the
+    lowest index, as jnp.argmax does; no rank ever holds the whole vocabulary."""
+    ranks, rank = lax.axis_size(TP), lax.axis_index(TP)
+    best = jnp.max(logits, axis=-1)
+    index = jnp.argmax(logits, axis=-1) + rank * logits.shape[-1]  # < 2^24: exact in float32
+    table = jnp.zeros((2, ranks, logits.shape[0]), jnp.float32)
+    table = lax.dynamic_update_index_in_dim(table, jnp.stack([best, index.astype(jnp.float32)])[:, None], rank, 1)
+    table = reduce(table)
+    winner = jnp.argmax(table[0], axis=0)  # the first rank holding the maximum
+    return jnp.take_along_axis(table[1], winner[None], axis=0)[0].astype(jnp.int32)
 
 
 def with_all_reduce(model: Llama, algorithm: str) -> Llama:
@@ -211,19 +233,30 @@ def _specs(tree):
 
 
 def _sharded_forward(model: Llama, with_cache: bool):
+    """The model as a shard_map over its mesh. Without a cache: logits of every position. With
+    a cache (decoding): greedy next tokens [B], last-position logits [B, V] (vocab-sharded) and
+    the updated cache."""
     graphdef, state = nnx.split(model)
+    vocab_spec = P(None, None, TP)
+    if not with_cache:
+        def forward(state, tokens, write_at):
+            return nnx.merge(graphdef, state)(tokens, write_at + jnp.arange(tokens.shape[1]), None, write_at)[0]
 
-    def body(state, tokens, caches, write_at):
-        logits, caches = nnx.merge(graphdef, state)(
-            tokens, write_at + jnp.arange(tokens.shape[1]), caches, write_at)
-        return logits, caches
+        return state, jax.shard_map(forward, mesh=model.mesh, in_specs=(_specs(state), P(), P()),
+                                    out_specs=vocab_spec, check_vma=False)
 
-    cache_spec = P(None, None, TP, None)
-    cache_specs = ((cache_spec, cache_spec),) * model.config.num_hidden_layers if with_cache else None
+    def decode(state, tokens, caches, write_at):
+        net = nnx.merge(graphdef, state)
+        logits, caches = net(tokens, write_at + jnp.arange(tokens.shape[1]), caches, write_at, last_only=True)
+        logits = logits[:, 0]
+        return greedy_tokens(logits, _reducer(net.all_reduce)), logits, caches
+
+    cache_spec = P(None, TP, None, None)
+    cache_specs = ((cache_spec, cache_spec),) * model.config.num_hidden_layers
     mapped = jax.shard_map(
-        body, mesh=model.mesh,
+        decode, mesh=model.mesh,
         in_specs=(_specs(state), P(), cache_specs, P()),
-        out_specs=(P(None, None, TP), cache_specs),
+        out_specs=(P(), P(None, TP), cache_specs),
         check_vma=False,
     )
     return state, mapped
@@ -232,7 +265,7 @@ def _sharded_forward(model: Llama, with_cache: bool):
 @functools.lru_cache(maxsize=32)
 def _compiled_forward(model: Llama):
     state, mapped = _sharded_forward(model, with_cache=False)
-    return state, jax.jit(lambda s, t: mapped(s, t, None, jnp.int32(0))[0])
+    return state, jax.jit(lambda s, t: mapped(s, t, jnp.int32(0)))
 
 
 def forward_logits(model: Llama, input_ids) -> jax.Array:
@@ -243,10 +276,10 @@ def forward_logits(model: Llama, input_ids) -> jax.Array:
 
 
 def init_cache(model: Llama, batch: int, max_length: int):
-    """Zeroed KV cache: one (k, v) per layer, [batch, max_length, kv_heads, head_dim], sharded on heads."""
+    """Zeroed KV cache: one (k, v) per layer, [batch, kv_heads, max_length, head_dim], sharded on heads."""
     heads = model.layers[0].attention.wk[...].shape[1] // model.config.head_dim  # global (replicated) KV heads
-    sharding = NamedSharding(model.mesh, P(None, None, TP, None))
-    shape = (batch, max_length, heads, model.config.head_dim)
+    sharding = NamedSharding(model.mesh, P(None, TP, None, None))
+    shape = (batch, heads, max_length, model.config.head_dim)
     dtype = model.embed[...].dtype
     make = jax.jit(lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                                  for _ in range(model.config.num_hidden_layers)),
@@ -257,22 +290,25 @@ def init_cache(model: Llama, batch: int, max_length: int):
 @functools.lru_cache(maxsize=32)  # modules hash by identity: one compiled step per model
 def _compiled_step(model: Llama):
     state, mapped = _sharded_forward(model, with_cache=True)
+    # The step takes the parameters as a flat tuple: jit's dispatch flattens a tuple of arrays
+    # in C++, while an nnx.State (a Python pytree) costs host time on every decode step.
+    leaves, treedef = jax.tree.flatten(state)
 
-    def step(state, tokens, caches, write_at):
-        logits, caches = mapped(state, tokens, caches, write_at)
-        next_tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    def step(leaves, tokens, caches, write_at):
+        next_tokens, logits, caches = mapped(jax.tree.unflatten(treedef, leaves), tokens, caches, write_at)
         return next_tokens, logits, caches, write_at + tokens.shape[1]
 
-    return state, jax.jit(step, donate_argnums=(2,))
+    return tuple(leaves), jax.jit(step, donate_argnums=(2,))
 
 
 def decode_step(model: Llama, tokens, caches, write_at):
     """Runs tokens [B, L] at positions write_at.. through the model, writing the cache (donated).
-    Returns (greedy next tokens [B], logits [B, L, V], caches, next write position); pass the
-    returned position (a device scalar) to the next step to keep host transfers off the loop."""
-    state, step = _compiled_step(model)
+    Returns (greedy next tokens [B], last-position logits [B, V] (float32, vocab-sharded),
+    caches, next write position); pass the returned position (a device scalar) to the next
+    step to keep host transfers off the loop."""
+    leaves, step = _compiled_step(model)
     with jax.set_mesh(model.mesh):
-        return step(state, _replicated(model.mesh, tokens), caches, _replicated(model.mesh, write_at))
+        return step(leaves, _replicated(model.mesh, tokens), caches, _replicated(model.mesh, write_at))
 
 
 def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, step) -> jax.Array:

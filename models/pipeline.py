@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, _reducer, _replicated, greedy_decode,
-                    rope_frequencies)
+                    greedy_tokens, rope_frequencies)
 
 PP = "pp"
 _LAYER_PARAMS = ("input_norm", "post_attention_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -78,11 +78,11 @@ def pipeline(model: Llama) -> PipelinedLlama:
 
 
 def init_cache(pmodel: PipelinedLlama, batch: int, max_length: int):
-    """Per layer-in-stage: (k, v) of [pp, batch, max_length, kv_heads, head_dim]."""
+    """Per layer-in-stage: (k, v) of [pp, batch, kv_heads, max_length, head_dim]."""
     c = pmodel.config
     heads = pmodel.stages[0]["wk"].shape[2] // c.head_dim
-    sharding = NamedSharding(pmodel.mesh, P(PP, None, None, TP, None))
-    shape = (pmodel.num_stages, batch, max_length, heads, c.head_dim)
+    sharding = NamedSharding(pmodel.mesh, P(PP, None, TP, None, None))
+    shape = (pmodel.num_stages, batch, heads, max_length, c.head_dim)
     count = len(pmodel.stages)
     make = jax.jit(lambda: tuple((jnp.zeros(shape, pmodel.embed.dtype),) * 2 for _ in range(count)),
                    out_shardings=tuple((sharding, sharding) for _ in range(count)))
@@ -116,7 +116,7 @@ def _stage_body(pmodel: PipelinedLlama, num_micro: int):
                 # The bubble's writes are discarded: the cache rows keep what they had.
                 caches[j] = (lax.dynamic_update_slice_in_dim(k, jnp.where(valid, new_k, mine[0]), rows, 0),
                              lax.dynamic_update_slice_in_dim(v, jnp.where(valid, new_v, mine[1]), rows, 0))
-            out = (norm(x) @ lm_head).astype(jnp.float32)
+            out = (norm(x[:, -1]) @ lm_head).astype(jnp.float32)  # decoding needs the last position only
             if logits is None:
                 logits = jnp.zeros((num_micro,) + out.shape, jnp.float32)
             keep = valid & (stage == pp - 1)
@@ -125,8 +125,8 @@ def _stage_body(pmodel: PipelinedLlama, num_micro: int):
             if pp > 1:
                 carried = lax.ppermute(x, PP, forward_pairs)
         # Only the last stage holds logits; the sum over stages hands them to every stage.
-        logits = lax.psum(logits, PP)
-        return logits, tuple((k[None], v[None]) for k, v in caches)
+        logits = lax.psum(logits, PP).reshape(num_micro * micro, -1)  # [batch, vocab / tp]
+        return greedy_tokens(logits, reduce), logits, tuple((k[None], v[None]) for k, v in caches)
 
     return body
 
@@ -146,18 +146,16 @@ def decode_step(pmodel: PipelinedLlama, tokens, caches, write_at, *, micro_batch
 
 @functools.lru_cache(maxsize=32)
 def _compiled(pmodel: PipelinedLlama, micro_batches: int):
-    cache_spec = P(PP, None, None, TP, None)
+    cache_spec = P(PP, None, TP, None, None)
     specs = jax.tree.map(lambda a: a.sharding.spec, pmodel.stages)
     cache_specs = ((cache_spec, cache_spec),) * len(pmodel.stages)
     mapped = jax.shard_map(
         _stage_body(pmodel, micro_batches), mesh=pmodel.mesh,
         in_specs=(specs, P(), P(), P(None, TP), P(), cache_specs, P()),
-        out_specs=(P(None, None, None, TP), cache_specs), check_vma=False)
+        out_specs=(P(), P(None, TP), cache_specs), check_vma=False)
 
     def step(stages, embed, norm, lm_head, tokens, caches, write_at):
-        logits, caches = mapped(stages, embed, norm, lm_head, tokens, caches, write_at)
-        logits = logits.reshape((-1,) + logits.shape[2:])  # [batch, length, vocab]
-        next_tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        next_tokens, logits, caches = mapped(stages, embed, norm, lm_head, tokens, caches, write_at)
         return next_tokens, logits, caches, write_at + tokens.shape[2]
 
     return jax.jit(step, donate_argnums=(5,))

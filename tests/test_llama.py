@@ -154,3 +154,20 @@ def test_heads_not_divisible_by_tp(saved):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'llama9'"):
         llama.random_model("llama9", llama.make_mesh(1))
+
+
+@pytest.mark.parametrize("algorithm", ["psum", "reference"])
+def test_greedy_tokens_match_argmax_over_the_whole_vocabulary(algorithm):
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    mesh = llama.make_mesh(4)
+    logits = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    logits[1, [3, 19]] = 9.0  # a tie across shards: the lower index wins, as in jnp.argmax
+    logits[2, [9, 10]] = 9.0  # a tie inside a shard
+    pick = jax.jit(jax.shard_map(lambda x: llama.greedy_tokens(x, llama._reducer(algorithm)), mesh=mesh,
+                                 in_specs=P(None, "tp"), out_specs=P(), check_vma=False))
+    with jax.set_mesh(mesh):
+        tokens = np.asarray(pick(jax.device_put(logits, jax.NamedSharding(mesh, P(None, "tp")))))
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    assert tokens[1] == 3 and tokens[2] == 9
