@@ -44,3 +44,35 @@ def test_several_gpus_in_one_process_are_refused():
     result = _run_fresh("import jaxnvrar; jaxnvrar.initialize()")
     assert result.returncode != 0
     assert "exactly one GPU per process" in result.stderr
+
+
+@pytest.mark.parametrize("name,value", [("JAXNVRAR_TIMEOUT_S", "soon"), ("JAXNVRAR_TIMEOUT_S", "0"),
+                                        ("JAXNVRAR_MAX_BLOCKS", "0"), ("JAXNVRAR_FIRST_CALL", "-1")])
+def test_bad_environment_values_are_rejected_by_name(name, value):
+    result = _run_fresh("import jaxnvrar; jaxnvrar.initialize()", **{name: value})
+    assert result.returncode != 0 and f"{name}={value!r}" in result.stderr, result.stderr[-500:]
+
+
+def test_initialize_after_finalize_is_refused(monkeypatch):
+    import jaxnvrar
+    from jaxnvrar import runtime
+
+    if jaxnvrar.is_initialized():
+        pytest.skip("the runtime is up in this process")
+    monkeypatch.setattr(runtime, "_ever_initialized", True)  # as after initialize() + finalize()
+    with pytest.raises(RuntimeError, match="after jaxnvrar.finalize"):
+        jaxnvrar.initialize()
+    assert runtime.was_finalized()
+
+
+def test_nvrar_after_finalize_names_the_cause(monkeypatch):
+    import jax.numpy as jnp
+
+    import jaxnvrar
+    from jaxnvrar import nvrar_ffi, runtime
+
+    if jaxnvrar.is_initialized():
+        pytest.skip("the runtime is up in this process")
+    monkeypatch.setattr(runtime, "_ever_initialized", True)
+    with pytest.raises(RuntimeError, match=r"after jaxnvrar.finalize\(\).*algorithm='psum'"):
+        nvrar_ffi.check_can_run(jnp.zeros(8), jaxnvrar.Topology(2, 2))
