@@ -6,7 +6,7 @@ ones NVRAR exists for. KV heads fewer than TP ranks are replicated so each rank 
 head its query heads use. The whole forward runs in one `jax.shard_map`; parameters are global
 arrays whose own shardings give the in_specs (see `llama_params.py` for loading and init).
 
-API: `load_checkpoint`, `random_model`, `forward_logits`, `generate`, `decode_step`.
+API: `load_checkpoint`, `random_model`, `forward_logits`, `generate`, `decode_step`, `advance`.
 """
 
 from __future__ import annotations
@@ -287,18 +287,39 @@ def init_cache(model: Llama, batch: int, max_length: int):
     return make()
 
 
-@functools.lru_cache(maxsize=32)  # modules hash by identity: one compiled step per model
-def _compiled_step(model: Llama):
+@functools.lru_cache(maxsize=32)  # modules hash by identity: one set of compiled steps per model
+def _decoder(model: Llama):
+    """The decoding shard_map, and the parameters as a flat tuple: jit's dispatch flattens a
+    tuple of arrays in C++, while an nnx.State (a Python pytree) costs host time every step."""
     state, mapped = _sharded_forward(model, with_cache=True)
-    # The step takes the parameters as a flat tuple: jit's dispatch flattens a tuple of arrays
-    # in C++, while an nnx.State (a Python pytree) costs host time on every decode step.
     leaves, treedef = jax.tree.flatten(state)
+    return tuple(leaves), lambda leaves, *args: mapped(jax.tree.unflatten(treedef, leaves), *args)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_step(model: Llama):
+    leaves, mapped = _decoder(model)
 
     def step(leaves, tokens, caches, write_at):
-        next_tokens, logits, caches = mapped(jax.tree.unflatten(treedef, leaves), tokens, caches, write_at)
+        next_tokens, logits, caches = mapped(leaves, tokens, caches, write_at)
         return next_tokens, logits, caches, write_at + tokens.shape[1]
 
-    return tuple(leaves), jax.jit(step, donate_argnums=(2,))
+    return leaves, jax.jit(step, donate_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_advance(model: Llama):
+    leaves, mapped = _decoder(model)
+
+    def advance(leaves, history, caches, position):
+        tokens = lax.dynamic_slice_in_dim(history, position, 1, axis=1)
+        next_tokens, _, caches = mapped(leaves, tokens, caches, position)
+        history = lax.dynamic_update_slice_in_dim(history, next_tokens[:, None], position + 1, axis=1)
+        return history, caches, position + 1
+
+    # Everything it changes is donated and comes back in the same buffers: the step's buffer
+    # addresses never change, so XLA replays its command buffer without re-recording it.
+    return leaves, jax.jit(advance, donate_argnums=(1, 2, 3))
 
 
 def decode_step(model: Llama, tokens, caches, write_at):
@@ -311,26 +332,41 @@ def decode_step(model: Llama, tokens, caches, write_at):
         return step(leaves, _replicated(model.mesh, tokens), caches, _replicated(model.mesh, write_at))
 
 
-def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, step) -> jax.Array:
+def advance(model: Llama, history, caches, position):
+    """One greedy decode step in place, as `generate` runs them: reads the token at `position` of
+    `history` [B, T], writes the cache there and the next token at `position + 1`. history,
+    caches and position are donated and returned (same buffers): (history, caches, position + 1)."""
+    leaves, step = _compiled_advance(model)
+    with jax.set_mesh(model.mesh):
+        return step(leaves, history, caches, _replicated(model.mesh, position))
+
+
+def start_history(prompt: jax.Array, next_tokens: jax.Array, max_new_tokens: int) -> jax.Array:
+    """[B, L + max_new_tokens]: the prompt, the first generated token, room for the rest."""
+    pad = jnp.zeros((prompt.shape[0], max_new_tokens - 1), prompt.dtype)
+    return jnp.concatenate([prompt, next_tokens[:, None].astype(prompt.dtype), pad], axis=1)
+
+
+def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, prefill, step) -> jax.Array:
     """Prefill, then one greedy token per step: the loop of both `generate`s. `new_cache(batch,
-    length)` makes an empty cache; `step(tokens, caches, position)` is a decode_step."""
+    length)` makes an empty cache; `prefill(tokens, caches, 0)` is a decode_step; `step(history,
+    caches, position)` is an advance."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:
         return tokens
     batch, length = tokens.shape
-    next_tokens, _, caches, position = step(tokens, new_cache(batch, length + max_new_tokens), 0)
-    out = [tokens, next_tokens[:, None]]
+    next_tokens, _, caches, position = prefill(tokens, new_cache(batch, length + max_new_tokens), 0)
+    history = start_history(tokens, next_tokens, max_new_tokens)
     for _ in range(1, max_new_tokens):
-        next_tokens, _, caches, position = step(next_tokens[:, None], caches, position)
-        out.append(next_tokens[:, None])
-    return jnp.concatenate(out, axis=1)
+        history, caches, position = step(history, caches, position)
+    return history
 
 
 def generate(model: Llama, input_ids, max_new_tokens: int) -> jax.Array:
     """Greedy decoding: prefill, then one token per step. Returns [batch, length + max_new_tokens]."""
-    return greedy_decode(_replicated(model.mesh, input_ids), max_new_tokens,
-                         functools.partial(init_cache, model), functools.partial(decode_step, model))
+    return greedy_decode(_replicated(model.mesh, input_ids), max_new_tokens, functools.partial(init_cache, model),
+                         functools.partial(decode_step, model), functools.partial(advance, model))
 
 
 _FROM_PARAMS = ("load_checkpoint", "random_model", "make_mesh", "PRESETS")

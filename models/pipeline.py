@@ -131,12 +131,16 @@ def _stage_body(pmodel: PipelinedLlama, num_micro: int):
     return body
 
 
+def _check_micro_batches(batch: int, micro_batches: int) -> None:
+    if batch % micro_batches:
+        raise ValueError(f"batch {batch} is not divisible into {micro_batches} micro-batches")
+
+
 def decode_step(pmodel: PipelinedLlama, tokens, caches, write_at, *, micro_batches: int = 1):
     """Like llama.decode_step, with the batch cut into `micro_batches` pipeline micro-batches."""
     tokens = _replicated(pmodel.mesh, tokens)
     batch, length = tokens.shape
-    if batch % micro_batches:
-        raise ValueError(f"batch {batch} is not divisible into {micro_batches} micro-batches")
+    _check_micro_batches(batch, micro_batches)
     step = _compiled(pmodel, micro_batches)
     with jax.set_mesh(pmodel.mesh):
         return step(pmodel.stages, pmodel.embed, pmodel.norm, pmodel.lm_head,
@@ -144,15 +148,29 @@ def decode_step(pmodel: PipelinedLlama, tokens, caches, write_at, *, micro_batch
                     _replicated(pmodel.mesh, write_at))
 
 
+def advance(pmodel: PipelinedLlama, history, caches, position, *, micro_batches: int = 1):
+    """Like llama.advance (one greedy step in place), with `micro_batches` micro-batches."""
+    _check_micro_batches(history.shape[0], micro_batches)
+    step = _compiled_advance(pmodel, micro_batches)
+    with jax.set_mesh(pmodel.mesh):
+        return step(pmodel.stages, pmodel.embed, pmodel.norm, pmodel.lm_head, history, caches,
+                    _replicated(pmodel.mesh, position))
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(pmodel: PipelinedLlama, micro_batches: int):
+def _mapped(pmodel: PipelinedLlama, micro_batches: int):
     cache_spec = P(PP, None, TP, None, None)
     specs = jax.tree.map(lambda a: a.sharding.spec, pmodel.stages)
     cache_specs = ((cache_spec, cache_spec),) * len(pmodel.stages)
-    mapped = jax.shard_map(
+    return jax.shard_map(
         _stage_body(pmodel, micro_batches), mesh=pmodel.mesh,
         in_specs=(specs, P(), P(), P(None, TP), P(), cache_specs, P()),
         out_specs=(P(), P(None, TP), cache_specs), check_vma=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(pmodel: PipelinedLlama, micro_batches: int):
+    mapped = _mapped(pmodel, micro_batches)
 
     def step(stages, embed, norm, lm_head, tokens, caches, write_at):
         next_tokens, logits, caches = mapped(stages, embed, norm, lm_head, tokens, caches, write_at)
@@ -161,8 +179,22 @@ def _compiled(pmodel: PipelinedLlama, micro_batches: int):
     return jax.jit(step, donate_argnums=(5,))
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_advance(pmodel: PipelinedLlama, micro_batches: int):
+    mapped = _mapped(pmodel, micro_batches)
+
+    def advance(stages, embed, norm, lm_head, history, caches, position):
+        tokens = lax.dynamic_slice_in_dim(history, position, 1, axis=1)
+        tokens = tokens.reshape(micro_batches, -1, 1)
+        next_tokens, _, caches = mapped(stages, embed, norm, lm_head, tokens, caches, position)
+        history = lax.dynamic_update_slice_in_dim(history, next_tokens[:, None], position + 1, axis=1)
+        return history, caches, position + 1
+
+    return jax.jit(advance, donate_argnums=(4, 5, 6))
+
+
 def generate(pmodel: PipelinedLlama, input_ids, max_new_tokens: int, *, micro_batches: int = 1):
     """Greedy decoding through the pipeline; same contract as llama.generate."""
-    step = functools.partial(decode_step, pmodel, micro_batches=micro_batches)
-    return greedy_decode(_replicated(pmodel.mesh, input_ids), max_new_tokens,
-                         functools.partial(init_cache, pmodel), step)
+    return greedy_decode(_replicated(pmodel.mesh, input_ids), max_new_tokens, functools.partial(init_cache, pmodel),
+                         functools.partial(decode_step, pmodel, micro_batches=micro_batches),
+                         functools.partial(advance, pmodel, micro_batches=micro_batches))

@@ -106,48 +106,52 @@ _PROFILED_STEPS = 5
 
 def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label: str,
                profile_dir: str | None = None) -> dict:
-    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    host_prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len))
+    prompt = llama._replicated(model.mesh, host_prompt.astype(np.int32))
     total = prompt_len + new_tokens
-    # Compile both shapes once, outside the timings.
-    caches = llama.init_cache(model, batch, total)
-    token, _, caches, position = llama.decode_step(model, prompt, caches, 0)
-    token, _, caches, position = llama.decode_step(model, token[:, None], caches, position)
-    token.block_until_ready()
 
-    caches = llama.init_cache(model, batch, total)
-    jax.block_until_ready(caches)
-    start = time.perf_counter()
-    token, _, caches, position = llama.decode_step(model, prompt, caches, 0)
-    token.block_until_ready()
-    prefill = time.perf_counter() - start
+    def prefill():
+        caches = llama.init_cache(model, batch, total)
+        jax.block_until_ready(caches)
+        start = time.perf_counter()
+        token, _, caches, position = llama.decode_step(model, prompt, caches, 0)
+        token.block_until_ready()
+        return time.perf_counter() - start, llama.start_history(prompt, token, new_tokens), caches, position
+
+    # Compile both shapes once, outside the timings (the steps are `llama.advance`, as generate runs them).
+    _, history, caches, position = prefill()
+    llama.advance(model, history, caches, position)[2].block_until_ready()
+
+    prefill_s, history, caches, position = prefill()
     steps = []
     for i in range(new_tokens - 1):
         start = time.perf_counter()
-        token, _, caches, position = llama.decode_step(model, token[:, None], caches, position)
-        token.block_until_ready()
+        history, caches, position = llama.advance(model, history, caches, position)
+        position.block_until_ready()
         steps.append(time.perf_counter() - start)
         _progress(label, i + 1, new_tokens - 1)
     steps_ms = np.array(steps) * 1e3
-    # The same steps queued without waiting for each token (they stay on the device): the
-    # device-bound step, without the per-step host round trip.
+    # The same steps queued without waiting for each token (they stay on the device), over cache
+    # positions already written: the device-bound step, without the per-step host round trip.
     queued = new_tokens - 1
+    position = prompt_len
     start = time.perf_counter()
-    token, _, caches, position = llama.decode_step(model, token[:, None], caches, prompt_len)
-    for _ in range(queued - 1):
-        token, _, caches, position = llama.decode_step(model, token[:, None], caches, position)
-    token.block_until_ready()
-    pipelined_ms = (time.perf_counter() - start) / queued * 1e3
-    result = {"prefill_ms": prefill * 1e3, "step_median_ms": float(np.median(steps_ms)),
-              "step_queued_ms": pipelined_ms,
+    for _ in range(queued):
+        history, caches, position = llama.advance(model, history, caches, position)
+    position.block_until_ready()
+    queued_ms = (time.perf_counter() - start) / queued * 1e3
+    result = {"prefill_ms": prefill_s * 1e3, "step_median_ms": float(np.median(steps_ms)),
+              "step_queued_ms": queued_ms,
               "step_p90_ms": float(np.percentile(steps_ms, 90)),
               "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
     if profile_dir is not None:
-        # A few more steps under the profiler, over cache positions already written (timing only).
+        # A few more steps under the profiler (timing only).
         directory = os.path.join(profile_dir, label.replace(" ", "_") + f"_rank{jax.process_index()}")
+        position = prompt_len
         with breakdown.traced(directory):
             for _ in range(_PROFILED_STEPS):
-                token, _, caches, position = llama.decode_step(model, token[:, None], caches, prompt_len)
-            token.block_until_ready()
+                history, caches, position = llama.advance(model, history, caches, position)
+            position.block_until_ready()
         try:
             kernels = breakdown.device_kernels(breakdown.read_trace(directory))
             result["breakdown"] = breakdown.breakdown(kernels, _PROFILED_STEPS)
@@ -199,32 +203,36 @@ def _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype) -> dict:
         model = llama.random_model(args.preset, llama.make_mesh(tp), all_reduce=args.all_reduce, dtype=dtype,
                                    num_layers=args.layers)
         init = lambda: llama.init_cache(model, batch, prompt_len + new_tokens)  # noqa: E731
-        step = lambda t, c, p: llama.decode_step(model, t, c, p)  # noqa: E731
+        prefill = lambda t, c: llama.decode_step(model, t, c, 0)  # noqa: E731
+        step = lambda h, c, p: llama.advance(model, h, c, p)  # noqa: E731
     else:
         base = llama.random_model(args.preset, pipeline.make_mesh(pp, tp), all_reduce=args.all_reduce,
                                   dtype=dtype, num_layers=args.layers)
         model = pipeline.pipeline(base)
         micro = pp if batch % pp == 0 else 1
         init = lambda: pipeline.init_cache(model, batch, prompt_len + new_tokens)  # noqa: E731
-        step = lambda t, c, p: pipeline.decode_step(model, t, c, p, micro_batches=micro)  # noqa: E731
-    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
+        prefill = lambda t, c: pipeline.decode_step(model, t, c, 0, micro_batches=micro)  # noqa: E731
+        step = lambda h, c, p: pipeline.advance(model, h, c, p, micro_batches=micro)  # noqa: E731
+    host_prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len))
+    prompt = llama._replicated(model.mesh, host_prompt.astype(np.int32))
 
     def one_batch():
         caches = init()
         jax.block_until_ready(caches)
         start = time.perf_counter()
-        token, _, caches, position = step(prompt, caches, 0)
+        token, _, caches, position = prefill(prompt, caches)
         token.block_until_ready()
-        prefill = time.perf_counter() - start
+        prefill_s = time.perf_counter() - start
+        history = llama.start_history(prompt, token, new_tokens)
         for _ in range(new_tokens - 1):
-            token, _, caches, position = step(token[:, None], caches, position)
-        token.block_until_ready()
-        return prefill, time.perf_counter() - start
+            history, caches, position = step(history, caches, position)
+        history.block_until_ready()
+        return prefill_s, time.perf_counter() - start
 
     one_batch()  # compile
-    prefill, total = one_batch()
-    return {"prefill_ms": prefill * 1e3, "batch_latency_ms": total * 1e3,
-            "step_ms": (total - prefill) * 1e3 / max(new_tokens - 1, 1)}
+    prefill_s, total = one_batch()
+    return {"prefill_ms": prefill_s * 1e3, "batch_latency_ms": total * 1e3,
+            "step_ms": (total - prefill_s) * 1e3 / max(new_tokens - 1, 1)}
 
 
 def run_layouts(args, description) -> int:
