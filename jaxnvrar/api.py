@@ -44,16 +44,23 @@ AUTO_NVRAR_MAX_BYTES = 4 << 20
 
 
 def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
-    """What algorithm="auto" runs: "nvrar" where the CUDA runtime is up, the message fits the
-    workspace and is at most AUTO_NVRAR_MAX_BYTES (or $JAXNVRAR_AUTO_MAX_BYTES); else psum."""
+    """What algorithm="auto" runs. "nvrar" needs the CUDA runtime up and the message to fit the
+    workspace; then the tuning table's measured winner for the message's size bucket decides
+    (`jaxnvrar-bench tune`), or without one: "nvrar" up to AUTO_NVRAR_MAX_BYTES
+    ($JAXNVRAR_AUTO_MAX_BYTES). Otherwise "psum"."""
+    from jaxnvrar import tuning
     from jaxnvrar.nvrar_ffi import fits_workspace
 
-    itemsize = jnp.dtype(dtype).itemsize
+    dtype = jnp.dtype(dtype)
+    nbytes = num_elements * dtype.itemsize
+    if not (runtime.is_initialized() and jax.default_backend() == "gpu"
+            and fits_workspace(num_elements, dtype.itemsize, topology)):
+        return "psum"
+    choice = tuning.choice_for(topology, dtype.name, nbytes)
+    if choice is not None:
+        return choice.algorithm
     limit = int(os.environ.get("JAXNVRAR_AUTO_MAX_BYTES", AUTO_NVRAR_MAX_BYTES))
-    if runtime.is_initialized() and jax.default_backend() == "gpu" and num_elements * itemsize <= limit:
-        if fits_workspace(num_elements, itemsize, topology):
-            return "nvrar"
-    return "psum"
+    return "nvrar" if nbytes <= limit else "psum"
 
 
 def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | None = None):

@@ -41,7 +41,7 @@ _BUILD_HINT = (
 @dataclasses.dataclass
 class _State:
     workspace_bytes: int
-    max_blocks: int
+    max_blocks: int | None  # None: the tuning table's choice, else DEFAULT_MAX_BLOCKS
     check_calls: bool
     num_pes: int
     my_pe: int
@@ -128,18 +128,31 @@ def is_initialized() -> bool:
     return _state is not None
 
 
-def max_blocks() -> int:
-    """Thread blocks per NVRAR kernel at most, for programs lowered from now on."""
-    return _state.max_blocks if _state else 0
+DEFAULT_MAX_BLOCKS = 128
 
 
-def set_max_blocks(blocks: int) -> None:
-    """Change the launch width of programs lowered from now on (compiled ones keep theirs)."""
+def max_blocks(topology=None, dtype_name: str = "", nbytes: int = 0) -> int:
+    """Thread blocks per NVRAR kernel at most, for a call lowered now: the explicit setting
+    ($JAXNVRAR_MAX_BLOCKS or `set_max_blocks`), else the tuning table's for this call, else 128."""
+    if _state is not None and _state.max_blocks is not None:
+        return _state.max_blocks
+    if topology is not None:
+        from jaxnvrar import tuning
+
+        choice = tuning.choice_for(topology, dtype_name, nbytes)
+        if choice is not None:
+            return choice.max_blocks
+    return DEFAULT_MAX_BLOCKS
+
+
+def set_max_blocks(blocks: int | None) -> None:
+    """Fix the launch width of programs lowered from now on (compiled ones keep theirs);
+    None goes back to the tuning table's choice (or the default)."""
     if _state is None:
         raise RuntimeError("jaxnvrar.runtime.set_max_blocks() needs jaxnvrar.initialize() first")
-    if not 1 <= int(blocks) <= 1024:
+    if blocks is not None and not 1 <= int(blocks) <= 1024:
         raise ValueError(f"max_blocks must be in [1, 1024], got {blocks}")
-    _state.max_blocks = int(blocks)
+    _state.max_blocks = None if blocks is None else int(blocks)
 
 
 def check_calls() -> bool:
@@ -240,7 +253,9 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     global _state, _ever_initialized
     requested = _requested_workspace_bytes(workspace_bytes)
     timeout_s = _env_number(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_S, minimum=0.001)
-    max_blocks = min(_env_number(MAX_BLOCKS_ENV, int, 128, minimum=1), 1024)
+    max_blocks = _env_number(MAX_BLOCKS_ENV, int, None, minimum=1)
+    if max_blocks is not None and max_blocks > 1024:
+        raise ValueError(f"{MAX_BLOCKS_ENV}={max_blocks}: at most 1024")
     first_call = _env_number(FIRST_CALL_ENV, int, 0, minimum=0)
     check_calls = bool(_env_number(CHECK_CALLS_ENV, int, 1, minimum=0))
     if _state is None and _ever_initialized:
@@ -263,9 +278,10 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     extension.initialize(requested, timeout_s, os.environ.get(FORCE_PUT_ENV, "0") == "1", first_call)
     _state = _State(requested, max_blocks, check_calls, extension.num_pes(), extension.my_pe(), nvshmem)
     _ever_initialized = True
-    from jaxnvrar import nvrar_ffi
+    from jaxnvrar import nvrar_ffi, tuning
 
     nvrar_ffi.register()
+    tuning.load_shared()
 
 
 def _env_number(name: str, kind, default, *, minimum):

@@ -1,0 +1,57 @@
+"""The tuning table behind "auto" and the kernel's launch width (measured by jaxnvrar-bench tune)."""
+
+import jax
+import pytest
+
+from jaxnvrar import runtime, tuning
+from jaxnvrar.schedule import Topology
+
+
+def test_buckets_are_powers_of_two_from_1k():
+    assert [tuning.bucket_of(n) for n in (1, 1024, 1025, 3 << 20)] == [1024, 1024, 2048, 4 << 20]
+
+
+def test_record_keeps_the_faster_algorithm_and_width():
+    table = tuning.Table()
+    key = tuning.entry_key("H200", Topology(2, 2), "bfloat16")
+    assert table.record(key, 8 << 10, psum_us=20.0, nvrar_us_by_blocks={32: 7.5, 128: 7.1}) == \
+        tuning.Choice("nvrar", 128)
+    assert table.record(key, 64 << 20, psum_us=287.0, nvrar_us_by_blocks={32: 700.0, 128: 467.0}) == \
+        tuning.Choice("psum", 128)
+    assert table.lookup(key, 6000) == tuning.Choice("nvrar", 128)        # the 8 KB bucket
+    assert table.lookup(key, 100) == tuning.Choice("nvrar", 128)         # below the smallest measured
+    assert table.lookup(key, 1 << 30).algorithm == "psum"                # past the largest measured
+    assert table.lookup(tuning.entry_key("H100", Topology(2, 2), "bfloat16"), 6000) is None
+
+
+def test_table_file_round_trip_and_bad_files(tmp_path):
+    table = tuning.Table()
+    key = tuning.entry_key("H200", Topology(4, 2), "float32")
+    table.record(key, 1 << 20, psum_us=20.0, nvrar_us_by_blocks={64: 12.0})
+    path = table.save(tmp_path / "sub" / "t.json")
+    assert tuning.Table.load(path).lookup(key, 1 << 20) == tuning.Choice("nvrar", 64)
+    assert tuning.Table.load(tmp_path / "missing.json").entries == {}
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON.*tune again"):
+        tuning.Table.load(tmp_path / "bad.json")
+    (tmp_path / "old.json").write_text('{"version": 0, "entries": {}}')
+    with pytest.raises(ValueError, match="format version 0"):
+        tuning.Table.load(tmp_path / "old.json")
+
+
+def test_the_active_table_sets_the_launch_width(monkeypatch):
+    if runtime.is_initialized():
+        pytest.skip("the runtime is up in this process")
+    topology = Topology(2, 2)
+    table = tuning.Table()
+    table.record(tuning.entry_key(jax.devices()[0].device_kind, topology, "bfloat16"), 1 << 20,
+                 psum_us=20.0, nvrar_us_by_blocks={16: 30.0, 64: 11.0})
+    monkeypatch.setattr(tuning, "_active", table)
+    assert tuning.choice_for(topology, "bfloat16", 1 << 20) == tuning.Choice("nvrar", 64)
+    assert runtime.max_blocks(topology, "bfloat16", 1 << 20) == 64
+    assert runtime.max_blocks(topology, "float32", 1 << 20) == runtime.DEFAULT_MAX_BLOCKS  # not measured
+
+
+def test_environment_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv(tuning.TUNING_FILE_ENV, str(tmp_path / "x.json"))
+    assert tuning.default_path() == tmp_path / "x.json"
