@@ -107,3 +107,8 @@ def test_top_kernels_rank_by_device_time():
     kernels = [("gemm_a", 0, 10), ("fusion_b", 10, 40), ("gemm_a", 40, 60), ("fusion_b", 60, 61)]
     top = breakdown.top_kernels(kernels, steps=2, count=1)
     assert top == [{"name": "fusion_b", "class": "other", "ms_per_step": 0.031 / 2, "per_step": 1.0}]
+
+
+def test_allreduce_peers_are_reported_not_fatal_without_cuda():
+    out = _bench("allreduce", "--max-bytes", "8K", "--repeats", "1", "--algorithms", "psum", "--peers", "torch")
+    assert "nccl-graph: not measured" in out and "8192" in out

@@ -50,6 +50,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device-time", metavar="DIR", default=None,
                         help="also trace a few executions with jax.profiler into DIR and report the median "
                              "all-reduce kernel time (device us) next to the wall time per call")
+    parser.add_argument("--peers", choices=["torch"], default=None,
+                        help="also time NCCL (torch.distributed) and torch's symmetric-memory one-/two-shot "
+                             "all-reduce, each replayed in a CUDA graph, in the same job")
     parser.add_argument("--max-blocks", default=None,
                         help="comma-separated launch widths to compare for nvrar (columns nvrar/B); "
                              "default: the runtime's ($JAXNVRAR_MAX_BLOCKS or 128)")
@@ -143,6 +146,19 @@ def _row_line(row, algorithms, device_time: bool) -> str:
     return line
 
 
+def _print_against_peers(rows, ours, peers) -> None:
+    """nvrar against the fastest peer kernel at each size."""
+    if not ours or not peers:
+        return
+    print(f"\n{'size(B)':>10} {'ours':>12} {'us':>8} {'best peer':>14} {'us':>8} {'speed-up':>8}")
+    for row in rows:
+        mine = [(row["results"][a]["us"], a) for a in ours if a in row["results"]]
+        theirs = [(row["results"][p]["us"], p) for p in peers if p in row["results"]]
+        if mine and theirs:
+            (us, name), (peer_us, peer) = min(mine), min(theirs)
+            print(f"{row['bytes']:>10} {name:>12} {us:>8.2f} {peer:>14} {peer_us:>8.2f} {peer_us / us:>8.2f}")
+
+
 def _plot(rows, algorithms, path, title):
     import matplotlib
 
@@ -189,26 +205,47 @@ def run(args) -> int:
         print(f"# jaxnvrar-bench allreduce: {description}")
         print(f"# chain {chain} all-reduces per program, {iters} executions per batch, median of "
               f"{args.repeats} batches; gpus_per_node={args.gpus_per_node or 'per host'}")
+    peers = None
+    if args.peers:
+        from jaxnvrar.bench.peers import PEERS, TorchPeers
+
+        peers = TorchPeers()
+        columns = algorithms + [p for p in PEERS if p not in peers.unavailable]
+    else:
+        columns = algorithms
     if is_printer():
-        print(_header(algorithms, args.device_time is not None), flush=True)
+        print(_header(columns, args.device_time is not None), flush=True)
     rows = []
     for nbytes in _sizes(args.min_bytes, args.max_bytes, factor, itemsize):
         count = nbytes // itemsize
         row = {"bytes": count * itemsize, "count": count, "dtype": args.dtype, "results": {}}
+        timings = {}
         for a in algorithms:
             if a.startswith("nvrar") and not fits_workspace(count, itemsize, topology):
                 continue
             trace_dir = None if args.device_time is None else os.path.join(
                 args.device_time, f"{a.replace('/', '_')}_{nbytes}_rank{jax.process_index()}")
-            us, device_us = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
-                                    gpus_per_node=args.gpus_per_node, trace_dir=trace_dir)
+            timings[a] = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
+                                 gpus_per_node=args.gpus_per_node, trace_dir=trace_dir)
+        for p in columns[len(algorithms):]:
+            us = peers.measure(p, count, args.dtype, chain=chain, iters=iters, repeats=args.repeats)
+            if us is not None:
+                timings[p] = (us, None)
+        for a, (us, device_us) in timings.items():
             algbw = row["bytes"] / (us * 1e-6) / 1e9
             row["results"][a] = {"us": us, "device_us": device_us, "algbw_gbs": algbw,
                                  "busbw_gbs": algbw * 2 * (num_ranks - 1) / num_ranks,
-                                 "speedup_vs_psum": row["results"]["psum"]["us"] / us if a != "psum" else 1.0}
+                                 "speedup_vs_psum": timings["psum"][0] / us if a != "psum" else 1.0}
         rows.append(row)
         if is_printer():
-            print(_row_line(row, algorithms, args.device_time is not None), flush=True)
+            print(_row_line(row, columns, args.device_time is not None), flush=True)
+    if peers is not None:
+        if is_printer():
+            for p, reason in peers.unavailable.items():
+                print(f"# {p}: not measured ({reason})")
+            _print_against_peers(rows, [a for a in algorithms if a.startswith("nvrar")],
+                                 [p for p in columns[len(algorithms):]])
+        peers.close()
     if is_printer():
         print(f"algbw = size / time, busbw = algbw * 2(P-1)/P with P = {num_ranks}; GB/s; "
               "x psum = psum time / this time; n/a: larger than the NVSHMEM workspace"
@@ -217,5 +254,5 @@ def run(args) -> int:
             with open(args.json, "w") as f:
                 json.dump({"devices": description, "chain": chain, "iters": iters, "rows": rows}, f, indent=1)
         if args.plot:
-            _plot(rows, algorithms, args.plot, f"jaxnvrar all-reduce, {args.dtype}: {description}")
+            _plot(rows, columns, args.plot, f"jaxnvrar all-reduce, {args.dtype}: {description}")
     return 0
