@@ -7,6 +7,7 @@ files only the slices its own devices hold (memory-mapped, no full tensor in mem
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -272,10 +273,9 @@ def random_model(config: LlamaConfig | str, mesh, *, all_reduce: str = "auto", d
     layout = list(_layout(config))
     kv_heads = jnp.asarray(kv_head_layout(config, tp))
 
-    def make(key, hf_name, kind):
+    def make(key, shape, kind):
         if kind == "vector":
             return jnp.ones(config.hidden_size, dtype)
-        shape = _hf_shape(config, hf_name, kind)
         w = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
         if kind == "embedding":
             return w
@@ -285,13 +285,17 @@ def random_model(config: LlamaConfig | str, mesh, *, all_reduce: str = "auto", d
 
     arrays = {}
     base = jax.random.key(seed)
+    initializers = {}  # one compiled initializer per (kind, shape, spec): layers share them
     for i, (where, hf_name, spec, kind) in enumerate(layout):
         if hf_name == "model.embed_tokens.weight" and where == ("lm_head",):
             # Tied: the head is the embedding, laid out column-parallel.
             arrays[where] = jax.jit(lambda e: e.T, out_shardings=NamedSharding(mesh, spec))(arrays[("embed",)])
             continue
-        init = jax.jit(lambda k, n=hf_name, kd=kind: make(k, n, kd), out_shardings=NamedSharding(mesh, spec))
-        arrays[where] = init(jax.random.fold_in(base, i))
+        shape = None if kind == "vector" else _hf_shape(config, hf_name, kind)
+        if (kind, shape, spec) not in initializers:
+            initializers[kind, shape, spec] = jax.jit(functools.partial(make, shape=shape, kind=kind),
+                                                      out_shardings=NamedSharding(mesh, spec))
+        arrays[where] = initializers[kind, shape, spec](jax.random.fold_in(base, i))
     return Llama(_assemble(config, arrays), config, mesh, all_reduce=all_reduce)
 
 
