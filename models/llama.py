@@ -63,16 +63,27 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, wq, wk, wv, wo, head_dim: int):
-        self.wq, self.wk, self.wv, self.wo = nnx.Param(wq), nnx.Param(wk), nnx.Param(wv), nnx.Param(wo)
+    """q, k and v come from one matmul with `wqkv`, whose shard on each rank is that rank's
+    [q | k | v] columns (`fuse_columns`): one weight read and one kernel instead of three."""
+
+    def __init__(self, wqkv, wo, head_dim: int, q_width: int, kv_width: int):
+        self.wqkv, self.wo = nnx.Param(wqkv), nnx.Param(wo)
         self.head_dim = head_dim
+        self.q_width, self.kv_width = q_width, kv_width  # global columns (KV heads as replicated)
+
+    def kv_heads(self) -> int:
+        """KV heads over all ranks, as replicated for tensor parallelism (the cache's width)."""
+        return self.kv_width // self.head_dim
 
     def __call__(self, x, rope, positions, cache, write_at, all_reduce):
         b, length, _ = x.shape
         hd = self.head_dim
-        q = (x @ self.wq[...]).reshape(b, length, -1, hd)  # this rank's query heads
-        k = (x @ self.wk[...]).reshape(b, length, -1, hd)  # this rank's KV heads
-        v = (x @ self.wv[...]).reshape(b, length, -1, hd)
+        tp = lax.axis_size(TP)
+        qkv = x @ self.wqkv[...]
+        q_local, kv_local = self.q_width // tp, self.kv_width // tp
+        q = qkv[..., :q_local].reshape(b, length, -1, hd)  # this rank's query heads
+        k = qkv[..., q_local:q_local + kv_local].reshape(b, length, -1, hd)  # this rank's KV heads
+        v = qkv[..., q_local + kv_local:].reshape(b, length, -1, hd)
         q, k = _apply_rope(q, rope, positions), _apply_rope(k, rope, positions)
         # Keys and values as [batch, kv_heads, positions, head_dim]: the layout of the cache, in
         # which both attention products are plain batched matmuls (no copy of the cache per step).
@@ -97,25 +108,47 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, w_gate, w_up, w_down):
-        self.w_gate, self.w_up, self.w_down = nnx.Param(w_gate), nnx.Param(w_up), nnx.Param(w_down)
+    """gate and up from one matmul with `w_gate_up` (each rank's [gate | up] columns)."""
+
+    def __init__(self, w_gate_up, w_down):
+        self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
 
     def __call__(self, x, all_reduce):
-        h = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
-        return all_reduce(h @ self.w_down[...])
+        gate, up = jnp.split(x @ self.w_gate_up[...], 2, axis=-1)
+        return all_reduce((jax.nn.silu(gate) * up) @ self.w_down[...])
+
+
+def fuse_columns(*parts: jax.Array) -> jax.Array:
+    """One column-parallel array whose shard on each rank is the concatenation of the parts'
+    shards there (global arrays sharded the same way on their last axis)."""
+    sharding = parts[0].sharding
+    concat = jax.shard_map(lambda *xs: jnp.concatenate(xs, axis=-1), mesh=sharding.mesh,
+                           in_specs=(sharding.spec,) * len(parts), out_specs=sharding.spec)
+    return jax.jit(concat)(*parts)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, p: dict, config: LlamaConfig):
+    """`p`: the layer's arrays, with the projections fused ("wqkv", "w_gate_up": see
+    `fuse_layer`); `widths`: (q, kv) global columns of wqkv."""
+
+    def __init__(self, p: dict, config: LlamaConfig, widths: tuple[int, int]):
         self.input_norm = RMSNorm(p["input_norm"], config.rms_norm_eps)
-        self.attention = Attention(p["wq"], p["wk"], p["wv"], p["wo"], config.head_dim)
+        self.attention = Attention(p["wqkv"], p["wo"], config.head_dim, *widths)
         self.post_attention_norm = RMSNorm(p["post_attention_norm"], config.rms_norm_eps)
-        self.mlp = MLP(p["w_gate"], p["w_up"], p["w_down"])
+        self.mlp = MLP(p["w_gate_up"], p["w_down"])
 
     def __call__(self, x, rope, positions, cache, write_at, all_reduce):
         attended, cache = self.attention(self.input_norm(x), rope, positions, cache, write_at, all_reduce)
         x = x + attended
         return x + self.mlp(self.post_attention_norm(x), all_reduce), cache
+
+
+def fuse_layer(p: dict) -> tuple[dict, tuple[int, int]]:
+    """A layer's loaded arrays (wq, wk, wv, w_gate, w_up separate) with the projections fused."""
+    fused = {k: v for k, v in p.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
+    fused["wqkv"] = fuse_columns(p["wq"], p["wk"], p["wv"])
+    fused["w_gate_up"] = fuse_columns(p["w_gate"], p["w_up"])
+    return fused, (p["wq"].shape[-1], p["wk"].shape[-1])
 
 
 class Llama(nnx.Module):
@@ -128,7 +161,8 @@ class Llama(nnx.Module):
         self.mesh = mesh
         self.all_reduce = all_reduce
         self.embed = nnx.Param(params["embed"])
-        self.layers = nnx.List([DecoderLayer(p, config) for p in params["layers"]])
+        self.layers = nnx.List([DecoderLayer(fused, config, widths)
+                                for fused, widths in map(fuse_layer, params["layers"])])
         self.norm = RMSNorm(params["norm"], config.rms_norm_eps)
         self.lm_head = nnx.Param(params["lm_head"])
 
@@ -277,7 +311,7 @@ def forward_logits(model: Llama, input_ids) -> jax.Array:
 
 def init_cache(model: Llama, batch: int, max_length: int):
     """Zeroed KV cache: one (k, v) per layer, [batch, kv_heads, max_length, head_dim], sharded on heads."""
-    heads = model.layers[0].attention.wk[...].shape[1] // model.config.head_dim  # global (replicated) KV heads
+    heads = model.layers[0].attention.kv_heads()
     sharding = NamedSharding(model.mesh, P(None, TP, None, None))
     shape = (batch, heads, max_length, model.config.head_dim)
     dtype = model.embed[...].dtype

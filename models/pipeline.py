@@ -23,7 +23,7 @@ from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, _reducer, _re
                     greedy_tokens, rope_frequencies)
 
 PP = "pp"
-_LAYER_PARAMS = ("input_norm", "post_attention_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+_LAYER_PARAMS = ("input_norm", "post_attention_norm", "wqkv", "wo", "w_gate_up", "w_down")
 
 
 def make_mesh(pp: int, tp: int):
@@ -41,6 +41,7 @@ class PipelinedLlama:
     norm: jax.Array
     lm_head: jax.Array
     all_reduce: str
+    widths: tuple[int, int]  # (q, kv) global columns of each layer's fused wqkv
 
     @property
     def num_stages(self) -> int:
@@ -49,9 +50,8 @@ class PipelinedLlama:
 
 def _layer_arrays(layer: DecoderLayer) -> dict:
     return {"input_norm": layer.input_norm.weight[...], "post_attention_norm": layer.post_attention_norm.weight[...],
-            "wq": layer.attention.wq[...], "wk": layer.attention.wk[...], "wv": layer.attention.wv[...],
-            "wo": layer.attention.wo[...], "w_gate": layer.mlp.w_gate[...], "w_up": layer.mlp.w_up[...],
-            "w_down": layer.mlp.w_down[...]}
+            "wqkv": layer.attention.wqkv[...], "wo": layer.attention.wo[...],
+            "w_gate_up": layer.mlp.w_gate_up[...], "w_down": layer.mlp.w_down[...]}
 
 
 def pipeline(model: Llama) -> PipelinedLlama:
@@ -73,14 +73,15 @@ def pipeline(model: Llama) -> PipelinedLlama:
             spec = P(PP, *parts[0].sharding.spec)
             stacked[name] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=NamedSharding(mesh, spec))(*parts)
         stages.append(stacked)
+    attention = model.layers[0].attention
     return PipelinedLlama(model.config, mesh, stages, model.embed[...], model.norm.weight[...],
-                          model.lm_head[...], model.all_reduce)
+                          model.lm_head[...], model.all_reduce, (attention.q_width, attention.kv_width))
 
 
 def init_cache(pmodel: PipelinedLlama, batch: int, max_length: int):
     """Per layer-in-stage: (k, v) of [pp, batch, kv_heads, max_length, head_dim]."""
     c = pmodel.config
-    heads = pmodel.stages[0]["wk"].shape[2] // c.head_dim
+    heads = pmodel.widths[1] // c.head_dim  # KV heads as replicated over the TP ranks
     sharding = NamedSharding(pmodel.mesh, P(PP, None, TP, None, None))
     shape = (pmodel.num_stages, batch, heads, max_length, c.head_dim)
     count = len(pmodel.stages)
@@ -96,7 +97,7 @@ def _stage_body(pmodel: PipelinedLlama, num_micro: int):
 
     def body(stages, embed, norm_weight, lm_head, tokens, caches, write_at):
         stage = lax.axis_index(PP)
-        layers = [DecoderLayer({k: v[0] for k, v in p.items()}, config) for p in stages]
+        layers = [DecoderLayer({k: v[0] for k, v in p.items()}, config, pmodel.widths) for p in stages]
         norm = RMSNorm(norm_weight, config.rms_norm_eps)
         rope = rope_frequencies(config)
         _, micro, length = tokens.shape

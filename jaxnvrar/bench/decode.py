@@ -89,7 +89,7 @@ def _bytes_per_step(model, batch: int, context: int) -> int:
     weight_bytes = sum(a.addressable_shards[0].data.nbytes for a in state if hasattr(a, "addressable_shards"))
     weight_bytes -= model.embed[...].addressable_shards[0].data.nbytes
     c = model.config
-    kv_local = model.layers[0].attention.wk[...].addressable_shards[0].data.shape[1] // c.head_dim
+    kv_local = model.layers[0].attention.kv_heads() // model.mesh.shape["tp"]
     kv_bytes = 2 * c.num_hidden_layers * batch * context * kv_local * c.head_dim * model.embed[...].dtype.itemsize
     return weight_bytes + kv_bytes
 
