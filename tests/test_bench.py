@@ -109,6 +109,11 @@ def test_top_kernels_rank_by_device_time():
     assert top == [{"name": "fusion_b", "class": "other", "ms_per_step": 0.031 / 2, "per_step": 1.0}]
 
 
+def test_allreduce_in_a_loop():
+    out = _bench("allreduce", "--max-bytes", "8K", "--repeats", "1", "--scan")
+    assert "in a loop" in out and "reference us" in out
+
+
 def test_allreduce_peers_are_reported_not_fatal_without_cuda():
     out = _bench("allreduce", "--max-bytes", "8K", "--repeats", "1", "--algorithms", "psum", "--peers", "torch")
     assert "nccl-graph: not measured" in out and "8192" in out

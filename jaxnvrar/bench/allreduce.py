@@ -50,6 +50,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device-time", metavar="DIR", default=None,
                         help="also trace a few executions with jax.profiler into DIR and report the median "
                              "all-reduce kernel time (device us) next to the wall time per call")
+    parser.add_argument("--scan", action="store_true",
+                        help="put the chain's all-reduce in a lax.fori_loop body instead of unrolling it")
     parser.add_argument("--peers", choices=["torch"], default=None,
                         help="also time NCCL (torch.distributed) and torch's symmetric-memory one-/two-shot "
                              "all-reduce, each replayed in a CUDA graph, in the same job")
@@ -67,12 +69,17 @@ def _available_algorithms() -> list[str]:
     return algorithms
 
 
-def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks):
+def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan=False):
+    def one(x):
+        x = jaxnvrar.all_reduce(x, "x", algorithm=algorithm, gpus_per_node=gpus_per_node)
+        # Keep the magnitude and the per-rank type of the carried value.
+        return lax.pcast(x * (1.0 / num_ranks), "x", to="varying")
+
     def body(x):
+        if scan:  # one all-reduce in a loop body, as a scanned layer stack has it
+            return lax.fori_loop(0, chain, lambda i, v: one(v), x)
         for _ in range(chain):
-            x = jaxnvrar.all_reduce(x, "x", algorithm=algorithm, gpus_per_node=gpus_per_node)
-            # Keep the magnitude and the per-rank type of the carried value.
-            x = lax.pcast(x * (1.0 / num_ranks), "x", to="varying")
+            x = one(x)
         return x
 
     fn = jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
@@ -80,14 +87,14 @@ def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks):
 
 
 def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node,
-            trace_dir: str | None = None) -> tuple[float, float | None]:
+            trace_dir: str | None = None, scan: bool = False) -> tuple[float, float | None]:
     """Median microseconds per all-reduce of `count` elements per rank, wall and (with
     trace_dir) device kernel time. "nvrar/B": nvrar launched with at most B thread blocks."""
     num_ranks = mesh.devices.size
     algorithm, _, blocks = algorithm.partition("/")
     if blocks:
         jaxnvrar.runtime.set_max_blocks(int(blocks))
-    program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks)
+    program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan)
     sharding = NamedSharding(mesh, P("x"))
     x = jax.device_put(jnp.ones((num_ranks * count,), dtype), sharding)
     with jax.set_mesh(mesh):
@@ -203,7 +210,8 @@ def run(args) -> int:
                 else default_topology(num_ranks))
     if is_printer():
         print(f"# jaxnvrar-bench allreduce: {description}")
-        print(f"# chain {chain} all-reduces per program, {iters} executions per batch, median of "
+        loop = "in a loop" if args.scan else "unrolled"
+        print(f"# chain {chain} all-reduces per program ({loop}), {iters} executions per batch, median of "
               f"{args.repeats} batches; gpus_per_node={args.gpus_per_node or 'per host'}")
     peers = None
     if args.peers:
@@ -226,7 +234,7 @@ def run(args) -> int:
             trace_dir = None if args.device_time is None else os.path.join(
                 args.device_time, f"{a.replace('/', '_')}_{nbytes}_rank{jax.process_index()}")
             timings[a] = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
-                                 gpus_per_node=args.gpus_per_node, trace_dir=trace_dir)
+                                 gpus_per_node=args.gpus_per_node, trace_dir=trace_dir, scan=args.scan)
         for p in columns[len(algorithms):]:
             us = peers.measure(p, count, args.dtype, chain=chain, iters=iters, repeats=args.repeats)
             if us is not None:
