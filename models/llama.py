@@ -376,9 +376,16 @@ def advance(model: Llama, history, caches, position):
 
 
 def start_history(prompt: jax.Array, next_tokens: jax.Array, max_new_tokens: int) -> jax.Array:
-    """[B, L + max_new_tokens]: the prompt, the first generated token, room for the rest."""
+    """[B, L + max_new_tokens]: the prompt, the first generated token, room for the rest
+    (laid out like the prompt: replicated over its mesh, also across processes)."""
+    return _start_history(prompt, next_tokens, max_new_tokens, prompt.sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _start_history(prompt, next_tokens, max_new_tokens, sharding):
     pad = jnp.zeros((prompt.shape[0], max_new_tokens - 1), prompt.dtype)
-    return jnp.concatenate([prompt, next_tokens[:, None].astype(prompt.dtype), pad], axis=1)
+    history = jnp.concatenate([prompt, next_tokens[:, None].astype(prompt.dtype), pad], axis=1)
+    return jax.lax.with_sharding_constraint(history, sharding)
 
 
 def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, prefill, step) -> jax.Array:

@@ -55,3 +55,35 @@ def test_the_active_table_sets_the_launch_width(monkeypatch):
 def test_environment_names_the_file(monkeypatch, tmp_path):
     monkeypatch.setenv(tuning.TUNING_FILE_ENV, str(tmp_path / "x.json"))
     assert tuning.default_path() == tmp_path / "x.json"
+
+
+SHARE_SCRIPT = """
+import os, sys
+import jax
+import jaxnvrar
+from jaxnvrar import tuning
+jaxnvrar.initialize_distributed()
+if jax.process_index() != 0:  # only process 0's file counts
+    os.environ[tuning.TUNING_FILE_ENV] = os.path.join(sys.argv[1], "absent.json")
+table = tuning.load_shared()
+print("CHOICE", table.lookup("H200|1x2|bfloat16", 8192))
+"""
+
+
+@pytest.mark.multiprocess
+def test_every_process_uses_process_0s_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    table = tuning.Table()
+    table.record("H200|1x2|bfloat16", 8192, psum_us=20.0, nvrar_us_by_blocks={32: 7.0})
+    path = table.save(tmp_path / "t.json")
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu", **{tuning.TUNING_FILE_ENV: str(path)})
+    env.pop("JAXNVRAR_NUM_PROCESSES", None)
+    job = subprocess.run([sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--timeout", "120", "--",
+                          sys.executable, "-c", SHARE_SCRIPT, str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', max_blocks=32)" in job.stdout, job.stdout[-2000:]
