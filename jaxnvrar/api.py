@@ -46,8 +46,8 @@ AUTO_NVRAR_MAX_BYTES = 4 << 20
 def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
     """What algorithm="auto" runs. "nvrar" needs the CUDA runtime up and the message to fit the
     workspace; then the tuning table's measured winner for the message's size bucket decides
-    (`jaxnvrar-bench tune`), or without one: "nvrar" up to AUTO_NVRAR_MAX_BYTES
-    ($JAXNVRAR_AUTO_MAX_BYTES). Otherwise "psum"."""
+    (`jaxnvrar-bench tune`), or without one: on one node, "nvrar" up to AUTO_NVRAR_MAX_BYTES
+    ($JAXNVRAR_AUTO_MAX_BYTES); across nodes, the cost model's projection. Otherwise "psum"."""
     from jaxnvrar import tuning
     from jaxnvrar.nvrar_ffi import fits_workspace
 
@@ -59,8 +59,18 @@ def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
     choice = tuning.choice_for(topology, dtype.name, nbytes)
     if choice is not None:
         return choice.algorithm
-    limit = int(os.environ.get("JAXNVRAR_AUTO_MAX_BYTES", AUTO_NVRAR_MAX_BYTES))
-    return "nvrar" if nbytes <= limit else "psum"
+    if "JAXNVRAR_AUTO_MAX_BYTES" in os.environ or topology.num_nodes == 1:
+        limit = int(os.environ.get("JAXNVRAR_AUTO_MAX_BYTES", AUTO_NVRAR_MAX_BYTES))
+        return "nvrar" if nbytes <= limit else "psum"
+    # Several nodes, not measured: the cost model's projection of the NCCL-like baseline
+    # against NVRAR (network preset $JAXNVRAR_NETWORK, default InfiniBand NDR).
+    from jaxnvrar import cost_model
+
+    network = os.environ.get("JAXNVRAR_NETWORK", "ndr")
+    if network not in cost_model.NETWORKS:
+        raise ValueError(f"JAXNVRAR_NETWORK={network!r}: choose one of {sorted(cost_model.NETWORKS)}")
+    faster = cost_model.nvrar_predicted_faster(nbytes, topology.num_nodes, topology.gpus_per_node, network)
+    return "nvrar" if faster else "psum"
 
 
 def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | None = None):

@@ -3,12 +3,16 @@
 A message of n bytes over a link costs alpha + n * beta; every all-reduce also pays a fixed
 per-call cost c (launch, XLA's own overhead). For P = N nodes x G GPUs, apart from c:
 
-    ring   = 2 (P - 1) (alpha_link + n / P * beta_link)       link: the inter-node one if N > 1
-    tree   = 2 ceil(log2 N) (alpha_inter + n beta_inter) + 2 (G - 1) (alpha_intra + n beta_intra)
-             (reduce up and broadcast down a tree of nodes, a chain inside each node)
+    one node (intra links only):
+    ring   = 2 (P - 1) (alpha_intra + n / P * beta_intra)
+    several nodes (NCCL runs G rings or trees side by side, one per NIC; a pipelined collective
+    pays each step's latency and the network's bandwidth once):
+    ring   = 2 (P - 1) alpha_inter + 2 (P - 1) / P * n / G * beta_inter
+    tree   = 2 ceil(log2 N) alpha_inter + 2 n / G * beta_inter + 2 (G - 1) alpha_intra + 2 n beta_intra
     NCCL-like baseline = min(ring, tree), as NCCL picks between its ring and tree algorithms
     nvrar  = 2 * intra(n (G - 1) / G)                           reduce-scatter + all-gather in the node
-           + steps(N) * (alpha_inter + n / G * beta_inter * w)  recursive doubling on 1/G of the message
+           + steps(N) * (alpha_inter + n / G * beta_inter * w)  recursive doubling on 1/G of the message,
+                                                                each GPU on its own NIC
 
 where steps(N) = log2 N (+ 2 fold steps when N is not a power of two, see jaxnvrar.schedule)
 and w = bytes on the wire per data byte (2 for the kernel's 16-byte cells carrying 8 data bytes).
@@ -65,14 +69,17 @@ def ring_time(n_bytes: float, nodes: int, gpus_per_node: int, intra: Link, inter
     ranks = nodes * gpus_per_node
     if ranks == 1:
         return 0.0
-    link = inter if nodes > 1 else intra
-    return 2 * (ranks - 1) * (link.alpha_s + n_bytes / ranks * link.beta_s_per_byte)
+    if nodes == 1:
+        return 2 * (ranks - 1) * (intra.alpha_s + n_bytes / ranks * intra.beta_s_per_byte)
+    return (2 * (ranks - 1) * inter.alpha_s
+            + 2 * (ranks - 1) / ranks * n_bytes / gpus_per_node * inter.beta_s_per_byte)
 
 
 def tree_time(n_bytes: float, nodes: int, gpus_per_node: int, intra: Link, inter: Link) -> float:
     depth = int(np.ceil(np.log2(nodes))) if nodes > 1 else 0
-    return (2 * depth * (inter.alpha_s + n_bytes * inter.beta_s_per_byte)
-            + 2 * (gpus_per_node - 1) * (intra.alpha_s + n_bytes * intra.beta_s_per_byte))
+    in_node = 2 * (gpus_per_node - 1) * intra.alpha_s + (2 * n_bytes * intra.beta_s_per_byte if gpus_per_node > 1 else 0.0)
+    between = 2 * depth * inter.alpha_s + (2 * n_bytes / gpus_per_node * inter.beta_s_per_byte if depth else 0.0)
+    return in_node + between
 
 
 def baseline_time(n_bytes, nodes, gpus_per_node, intra, inter) -> float:
@@ -124,3 +131,21 @@ def projection(sizes_bytes, node_counts, gpus_per_node: int, baseline: Fitted, n
             rows.append({"nodes": nodes, "bytes": n, "baseline_us": base * 1e6, "nvrar_us": ours * 1e6,
                          "speedup": base / ours})
     return rows
+
+
+# Fits of the 2 x H200 sweep (docs/results/allreduce_2xH200_2026-11-23.json, `fits_from_sweep`),
+# built in so that "auto" can project multi-node topologies without a file at hand.
+H200_FITS = (
+    Fitted(19.45e-6, Link(NVLINK_STEP_ALPHA_S, 3.846e-12, "2 x H200 sweep of 2026-11-23 (psum)")),
+    Fitted(4.90e-6, Link(NVLINK_STEP_ALPHA_S, 3.341e-12, "2 x H200 sweep of 2026-11-23 (nvrar)")),
+)
+
+
+def nvrar_predicted_faster(n_bytes: float, nodes: int, gpus_per_node: int, network: str = "ndr",
+                           fits: tuple[Fitted, Fitted] = H200_FITS) -> bool:
+    """Whether the model expects NVRAR to beat the NCCL-like baseline for this call."""
+    baseline, nvrar = fits
+    inter = NETWORKS[network]
+    base = baseline.per_call_s + baseline_time(n_bytes, nodes, gpus_per_node, baseline.intra, inter)
+    ours = nvrar.per_call_s + nvrar_time(n_bytes, nodes, gpus_per_node, nvrar.intra, inter)
+    return ours < base

@@ -57,3 +57,23 @@ def test_cli_prints_assumptions_and_projection(tmp_path):
     assert "assumed" in out.stdout and "InfiniBand NDR" in out.stdout
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [r["nodes"] for r in rows] == [1, 2, 4, 8] and all(r["speedup"] > 0 for r in rows)
+
+
+def test_built_in_fits_match_the_committed_sweep():
+    baseline, nvrar = cost_model.fits_from_sweep(SWEEP)
+    for built_in, fitted in zip(cost_model.H200_FITS, (baseline, nvrar)):
+        assert built_in.per_call_s == pytest.approx(fitted.per_call_s, rel=1e-3)
+        assert built_in.intra.beta_s_per_byte == pytest.approx(fitted.intra.beta_s_per_byte, rel=1e-3)
+
+
+def test_projection_across_nodes_small_messages_nvrar_large_ones_ring():
+    assert cost_model.nvrar_predicted_faster(128 << 10, nodes=64, gpus_per_node=4)
+    assert cost_model.nvrar_predicted_faster(1 << 20, nodes=2, gpus_per_node=4)
+    assert not cost_model.nvrar_predicted_faster(2 << 20, nodes=16, gpus_per_node=4)
+    assert not cost_model.nvrar_predicted_faster(64 << 20, nodes=2, gpus_per_node=8)
+
+
+def test_multi_node_ring_uses_every_nic():
+    # G rings side by side: the network bandwidth term shrinks with G, the latency term does not.
+    one, four = (cost_model.ring_time(1 << 30, 4, g, FAST, SLOW) for g in (1, 4))
+    assert four < one / 3
