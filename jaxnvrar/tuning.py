@@ -9,9 +9,10 @@ choices (ranks that disagreed on nvrar-vs-psum would deadlock). Then:
 - `"auto"` takes the measured winner of the message's size bucket;
 - the kernel launches with the bucket's best width.
 
-Without a table entry, the documented heuristic applies: NVRAR up to
-`api.AUTO_NVRAR_MAX_BYTES` (the 2 x H200 crossover, $JAXNVRAR_AUTO_MAX_BYTES), 128 blocks
-($JAXNVRAR_MAX_BLOCKS). An explicit `jaxnvrar.runtime.set_max_blocks` wins over the table.
+Without a table entry, the documented heuristic applies (`api.choose_algorithm`): on one node
+NVRAR up to `api.AUTO_NVRAR_MAX_BYTES` (the 2 x H200 crossover, $JAXNVRAR_AUTO_MAX_BYTES), across
+nodes the cost model's projection; 128 blocks ($JAXNVRAR_MAX_BLOCKS). An explicit
+`jaxnvrar.runtime.set_max_blocks` wins over the table.
 """
 
 from __future__ import annotations
