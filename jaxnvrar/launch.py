@@ -28,6 +28,19 @@ _TAIL_LINES = 20
 _KILL_GRACE_S = 5.0
 
 
+def local_gpu_count() -> int:
+    """GPUs this host offers to a job (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`), found
+    without starting CUDA in this process."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return listing.stdout.count("GPU ") if listing.returncode == 0 else 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,29 +8,22 @@ NOT under jaxnvrar-launch:
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from jaxnvrar.launch import local_gpu_count
 
 pytestmark = pytest.mark.gpu_jobs
 SCENARIOS = pathlib.Path(__file__).with_name("gpu_scenarios.py")
 TIMEOUT_S = 2.0
 
 
-def _gpu_count() -> int:
-    # Not through jax: this process must leave the GPUs to the jobs it starts.
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return listing.stdout.count("GPU ") if listing.returncode == 0 else 0
-
-
 def _skip_reason() -> str | None:
     if "JAXNVRAR_NUM_PROCESSES" in os.environ:
         return "starts jobs of its own: run it outside jaxnvrar-launch"
-    if _gpu_count() < 2:
+    if local_gpu_count() < 2:  # not through jax: this process leaves the GPUs to its jobs
         return "needs a machine with 2 or more GPUs"
     try:
         from jaxnvrar import _jaxnvrar_cuda  # noqa: F401

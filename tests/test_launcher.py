@@ -43,3 +43,29 @@ def test_timeout_stops_everything():
 def test_needs_a_command():
     result = _run(["-n", "2"])
     assert result.returncode == 2 and "command" in result.stderr
+
+
+def test_benchmarks_relaunch_themselves_one_process_per_gpu(monkeypatch):
+    from jaxnvrar import bench, launch, runtime
+
+    monkeypatch.delenv("JAXNVRAR_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAXNVRAR_NO_RELAUNCH", raising=False)
+    monkeypatch.setattr(launch, "local_gpu_count", lambda: 2)
+    monkeypatch.setattr(runtime, "cuda_available", lambda: True)
+    again = bench.relaunch_command("decode", ["decode", "--batch", "16"])
+    assert again[1:6] == ["-m", "jaxnvrar.launch", "-n", "2", "--"] and again[-3:] == ["decode", "--batch", "16"]
+    assert bench.relaunch_command("gemm", ["gemm"]) is None  # one GPU's benchmark
+    monkeypatch.setenv("JAXNVRAR_NO_RELAUNCH", "1")
+    assert bench.relaunch_command("decode", ["decode"]) is None
+    monkeypatch.delenv("JAXNVRAR_NO_RELAUNCH")
+    monkeypatch.setattr(launch, "local_gpu_count", lambda: 1)
+    assert bench.relaunch_command("decode", ["decode"]) is None
+
+
+def test_gpu_count_follows_cuda_visible_devices(monkeypatch):
+    from jaxnvrar.launch import local_gpu_count
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,3")
+    assert local_gpu_count() == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_gpu_count() == 0

@@ -7,13 +7,36 @@
     jaxnvrar-bench soak [--calls 100000 --bytes 128K]              consecutive calls, each checked
     jaxnvrar-bench tune [--max-bytes 64M --blocks 16,32,64,128]    measure and save "auto"'s choices
 
-On a GPU machine run one process per GPU: jaxnvrar-launch -n 2 -- jaxnvrar-bench allreduce.
+On a GPU machine each process drives one GPU: started alone on a host with several GPUs, the
+multi-GPU benchmarks start themselves again under jaxnvrar-launch, one process per GPU
+(JAXNVRAR_NO_RELAUNCH=1 prevents it).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+_MULTI_GPU = ("allreduce", "decode", "soak", "tune")
+
+
+def relaunch_command(command: str, argv: list[str]) -> list[str] | None:
+    """The same benchmark under jaxnvrar-launch, one process per GPU, when this process was
+    started alone on a host with several GPUs; else None."""
+    import os
+
+    from jaxnvrar.launch import local_gpu_count
+    from jaxnvrar.runtime import ENV_NUM_PROCESSES, _looks_like_multi_process_job, cuda_available
+
+    if (command not in _MULTI_GPU or ENV_NUM_PROCESSES in os.environ or os.environ.get("JAXNVRAR_NO_RELAUNCH") == "1"
+            or _looks_like_multi_process_job()):
+        return None
+    gpus = local_gpu_count()
+    if gpus < 2 or not cuda_available():
+        return None
+    return [sys.executable, "-m", "jaxnvrar.launch", "-n", str(gpus), "--",
+            sys.executable, "-m", "jaxnvrar.bench", *argv]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     gemm.add_arguments(commands.add_parser("gemm", help="GEMM speed when M (pipeline) or K (tensor) is split"))
     soak.add_arguments(commands.add_parser("soak", help="many consecutive all-reduces, every result checked"))
     tune.add_arguments(commands.add_parser("tune", help="measure the best launch width and algorithm per size"))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    again = relaunch_command(args.command, argv)
+    if again is not None:
+        import subprocess
+
+        print(f"jaxnvrar-bench: one process per GPU: {' '.join(again)}", file=sys.stderr, flush=True)
+        return subprocess.call(again)
     runs = {"allreduce": allreduce.run, "decode": decode.run, "model": model.run, "gemm": gemm.run, "soak": soak.run, "tune": tune.run}
     return runs[args.command](args)
 
