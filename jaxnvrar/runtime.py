@@ -129,6 +129,7 @@ def is_initialized() -> bool:
 
 
 DEFAULT_MAX_BLOCKS = 128
+MAX_BLOCKS_LIMIT = 1024
 
 
 def max_blocks(topology=None, dtype_name: str = "", nbytes: int = 0) -> int:
@@ -150,8 +151,8 @@ def set_max_blocks(blocks: int | None) -> None:
     None goes back to the tuning table's choice (or the default)."""
     if _state is None:
         raise RuntimeError("jaxnvrar.runtime.set_max_blocks() needs jaxnvrar.initialize() first")
-    if blocks is not None and not 1 <= int(blocks) <= 1024:
-        raise ValueError(f"max_blocks must be in [1, 1024], got {blocks}")
+    if blocks is not None and not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT:
+        raise ValueError(f"max_blocks must be in [1, {MAX_BLOCKS_LIMIT}], got {blocks}")
     _state.max_blocks = None if blocks is None else int(blocks)
 
 
@@ -169,16 +170,13 @@ def workspace_bytes() -> int:
     return _state.workspace_bytes if _state else 0
 
 
+_MIN_WORKSPACE_BYTES = 1 << 20
+
+
 def _requested_workspace_bytes(workspace_bytes: int | None) -> int:
     if workspace_bytes is None:
-        raw = os.environ.get(WORKSPACE_ENV)
-        if raw is None:
-            return DEFAULT_WORKSPACE_BYTES
-        try:
-            workspace_bytes = int(raw)
-        except ValueError:
-            raise ValueError(f"{WORKSPACE_ENV}={raw!r} is not an integer number of bytes") from None
-    if workspace_bytes < (1 << 20):
+        return _env_number(WORKSPACE_ENV, int, DEFAULT_WORKSPACE_BYTES, minimum=_MIN_WORKSPACE_BYTES)
+    if workspace_bytes < _MIN_WORKSPACE_BYTES:
         raise ValueError(f"workspace_bytes={workspace_bytes} is too small; use at least 1 MiB")
     return int(workspace_bytes)
 
@@ -253,9 +251,7 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     global _state, _ever_initialized
     requested = _requested_workspace_bytes(workspace_bytes)
     timeout_s = _env_number(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_S, minimum=0.001)
-    max_blocks = _env_number(MAX_BLOCKS_ENV, int, None, minimum=1)
-    if max_blocks is not None and max_blocks > 1024:
-        raise ValueError(f"{MAX_BLOCKS_ENV}={max_blocks}: at most 1024")
+    max_blocks = _env_number(MAX_BLOCKS_ENV, int, None, minimum=1, maximum=MAX_BLOCKS_LIMIT)
     first_call = _env_number(FIRST_CALL_ENV, int, 0, minimum=0)
     check_calls = bool(_env_number(CHECK_CALLS_ENV, int, 1, minimum=0))
     if _state is None and _ever_initialized:
@@ -284,7 +280,9 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     tuning.load_shared()
 
 
-def _env_number(name: str, kind, default, *, minimum):
+def _env_number(name: str, kind, default, *, minimum, maximum=None):
+    """The number in environment variable `name` (default when unset); a ValueError naming the
+    variable and the accepted range otherwise."""
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -292,8 +290,9 @@ def _env_number(name: str, kind, default, *, minimum):
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise ValueError(f"{name}={raw!r}: expected a {kind.__name__} >= {minimum}")
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name}={raw!r}: expected a {kind.__name__} {bound}")
     return value
 
 

@@ -47,7 +47,8 @@ def test_several_gpus_in_one_process_are_refused():
 
 
 @pytest.mark.parametrize("name,value", [("JAXNVRAR_TIMEOUT_S", "soon"), ("JAXNVRAR_TIMEOUT_S", "0"),
-                                        ("JAXNVRAR_MAX_BLOCKS", "0"), ("JAXNVRAR_FIRST_CALL", "-1")])
+                                        ("JAXNVRAR_MAX_BLOCKS", "0"), ("JAXNVRAR_MAX_BLOCKS", "2000"),
+                                        ("JAXNVRAR_FIRST_CALL", "-1"), ("JAXNVRAR_WORKSPACE_BYTES", "1000")])
 def test_bad_environment_values_are_rejected_by_name(name, value):
     result = _run_fresh("import jaxnvrar; jaxnvrar.initialize()", **{name: value})
     assert result.returncode != 0 and f"{name}={value!r}" in result.stderr, result.stderr[-500:]

@@ -131,27 +131,27 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         steps.append(time.perf_counter() - start)
         _progress(label, i + 1, new_tokens - 1)
     steps_ms = np.array(steps) * 1e3
-    # The same steps queued without waiting for each token (they stay on the device), over cache
-    # positions already written: the device-bound step, without the per-step host round trip.
-    queued = new_tokens - 1
-    position = prompt_len
-    start = time.perf_counter()
-    for _ in range(queued):
-        history, caches, position = llama.advance(model, history, caches, position)
-    position.block_until_ready()
-    queued_ms = (time.perf_counter() - start) / queued * 1e3
+
+    def queued_steps(count: int) -> float:
+        """Seconds for `count` steps queued back to back over cache positions already written
+        (timing only): tokens stay on the device, no host round trip per step."""
+        nonlocal history, caches
+        position = prompt_len
+        start = time.perf_counter()
+        for _ in range(count):
+            history, caches, position = llama.advance(model, history, caches, position)
+        position.block_until_ready()
+        return time.perf_counter() - start
+
+    queued_ms = queued_steps(new_tokens - 1) / (new_tokens - 1) * 1e3
     result = {"prefill_ms": prefill_s * 1e3, "step_median_ms": float(np.median(steps_ms)),
               "step_queued_ms": queued_ms,
               "step_p90_ms": float(np.percentile(steps_ms, 90)),
               "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
     if profile_dir is not None:
-        # A few more steps under the profiler (timing only).
         directory = os.path.join(profile_dir, label.replace(" ", "_") + f"_rank{jax.process_index()}")
-        position = prompt_len
         with breakdown.traced(directory):
-            for _ in range(_PROFILED_STEPS):
-                history, caches, position = llama.advance(model, history, caches, position)
-            position.block_until_ready()
+            queued_steps(_PROFILED_STEPS)
         try:
             kernels = breakdown.device_kernels(breakdown.read_trace(directory))
             result["breakdown"] = breakdown.breakdown(kernels, _PROFILED_STEPS)

@@ -8,11 +8,12 @@ group; the graphs hold only the collectives, so the time per call is the kernels
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
 
 import jax
+
+from jaxnvrar.launch import _free_port
 
 PEERS = ("nccl-graph", "symm-one-shot", "symm-two-shot")
 
@@ -46,17 +47,11 @@ class TorchPeers:
 
             client = _distributed_client()
             if rank == 0:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                client.key_value_set("jaxnvrar/torch_port", str(port))
+                client.key_value_set("jaxnvrar/torch_port", str(_free_port()))
             port = int(client.blocking_key_value_get("jaxnvrar/torch_port", _KV_TIMEOUT_MS))
             host = os.environ.get("JAXNVRAR_COORDINATOR", "127.0.0.1:0").rsplit(":", 1)[0]
         else:
-            host, port = "127.0.0.1", 0
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            host, port = "127.0.0.1", _free_port()
         dist.init_process_group("nccl", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
                                 device_id=torch.device("cuda", local))
         self._torch, self._dist = torch, dist
