@@ -171,3 +171,29 @@ def test_greedy_tokens_match_argmax_over_the_whole_vocabulary(algorithm):
         tokens = np.asarray(pick(jax.device_put(logits, jax.NamedSharding(mesh, P(None, "tp")))))
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
     assert tokens[1] == 3 and tokens[2] == 9
+
+
+_LONG_GENERATE = """
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import numpy as np
+from models import llama
+model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="psum")
+print(np.asarray(llama.generate(model, np.ones((2, 8), np.int32), 100)).shape)
+"""
+
+
+def test_long_generate_on_two_cpu_devices_finishes(tmp_path):
+    # Queued steps once left every XLA:CPU worker waiting in a rendezvous (XLA aborted after
+    # 40 s); it needs a process with exactly 2 CPU devices, hence the subprocess.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("JAXNVRAR_NUM_PROCESSES", None)
+    result = subprocess.run([sys.executable, "-c", _LONG_GENERATE], capture_output=True, text=True,
+                            timeout=180, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("(2, 108)")

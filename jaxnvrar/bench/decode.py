@@ -140,6 +140,8 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         start = time.perf_counter()
         for _ in range(count):
             history, caches, position = llama.advance(model, history, caches, position)
+            if llama.queue_may_deadlock(history):
+                history.block_until_ready()
         position.block_until_ready()
         return time.perf_counter() - start
 
