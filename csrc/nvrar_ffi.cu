@@ -32,7 +32,7 @@ void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, i
 // Decodes the call, maps the axis onto NVSHMEM PEs and launches one kernel. Host work is
 // a few lookups; inside a command buffer it runs only when XLA records the graph.
 ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
-                         int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
+                         int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks, int32_t one_shot,
                          int32_t check_calls, ffi::Span<const int32_t> pe_groups) {
   const Runtime& rt = GetRuntime();
   if (!rt.initialized) {
@@ -52,6 +52,9 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
                                        std::to_string(kMaxGpusPerNode) + ")");
   }
   if (max_blocks < 1) return ffi::Error::InvalidArgument("jaxnvrar: max_blocks must be >= 1");
+  if (one_shot && (num_ranks != gpus_per_node || num_ranks < 2)) {
+    return ffi::Error::InvalidArgument("jaxnvrar: a one-shot launch needs one node of several GPUs");
+  }
   if (static_cast<int64_t>(pe_groups.size()) != static_cast<int64_t>(rt.num_pes) * num_ranks) {
     return ffi::Error::InvalidArgument(
         "jaxnvrar: the program was lowered for " + std::to_string(pe_groups.size() / num_ranks) +
@@ -67,7 +70,7 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
     }
     return ffi::Error::Success();
   }
-  const int64_t needed = WorkspaceBytesNeeded(n, itemsize, num_ranks, gpus_per_node);
+  const int64_t needed = WorkspaceBytesNeeded(n, itemsize, num_ranks, gpus_per_node, one_shot != 0);
   if (needed > rt.workspace_bytes) {
     return ffi::Error::InvalidArgument(
         "jaxnvrar: message needs " + std::to_string(needed) + " bytes of workspace, have " +
@@ -88,15 +91,19 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.input = x.untyped_data();
   args.output = y->untyped_data();
   args.num_elements = n;
-  args.slice_cells = SliceCells(n, gpus_per_node, itemsize);
-  args.slice_stride = SliceCapacityElements(n, gpus_per_node, itemsize);
+  // One-shot: a single slice, the whole message.
+  const int32_t slices = one_shot ? 1 : gpus_per_node;
+  args.slice_cells = SliceCells(n, slices, itemsize);
+  args.slice_stride = SliceCapacityElements(n, slices, itemsize);
+  args.one_shot = one_shot != 0;
   args.workspace = rt.workspace;
   args.node = my_rank / gpus_per_node;
   args.local = my_rank % gpus_per_node;
   args.gpus_per_node = gpus_per_node;
   args.num_steps = NumInterNodeSteps(num_nodes);
   args.signature.elements = static_cast<uint32_t>(n);
-  args.signature.shape = DtypeCode(dtype) << 24 | static_cast<uint32_t>(gpus_per_node) << 16 |
+  args.signature.shape = DtypeCode(dtype) << 28 | (one_shot ? kLaunchOneShot : 0u) << 24 |
+                         static_cast<uint32_t>(gpus_per_node) << 16 |
                          (static_cast<uint32_t>(num_nodes) & 0xFFFFu);
   args.check_calls = check_calls;
   args.timeout_ns = rt.timeout_ns;
@@ -127,7 +134,7 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   layout.slice_bytes = args.slice_cells * kCellBytes;
   layout.gpus_per_node = gpus_per_node;
   layout.num_steps = args.num_steps;
-  layout.half_bytes = (2 * gpus_per_node + 2 * args.num_steps) * layout.slice_bytes;
+  layout.half_bytes = (one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * args.num_steps) * layout.slice_bytes;
 
   // One cell per thread up to max_blocks blocks; past that, threads take several cells.
   int64_t blocks = CeilDiv(args.slice_cells, kThreadsPerBlock);
@@ -154,6 +161,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarAllReduce, AllReduceImpl,
                                   .Attr<int32_t>("num_ranks")
                                   .Attr<int32_t>("gpus_per_node")
                                   .Attr<int32_t>("max_blocks")
+                                  .Attr<int32_t>("one_shot")
                                   .Attr<int32_t>("check_calls")
                                   .Attr<ffi::Span<const int32_t>>("pe_groups"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -6,6 +6,9 @@
 // call's flag (NCCL's LL layout); a receiver spins on its own inbox until both flags match,
 // so no separate signal or fence is needed.
 //
+// One node may launch "one-shot" instead (see jaxnvrar/schedule.py): the whole message is one
+// slice that every local pushes to every other; each sums all G copies; no all-gather.
+//
 // Thread t owns the same cells of the slice in every phase, so threads never wait for each
 // other, only for peers. Each phase first issues all of a thread's stores, then waits: the
 // latency of a hop is paid once per phase, not once per round of cells.
@@ -40,12 +43,14 @@ struct WorkspaceHeader {
 static_assert(kSignatureOffset + 2 * kSignatureSlots * kCellBytes <= kWorkspaceHeaderBytes,
               "the signature slots must fit in the workspace header");
 
-// What a call is, as peers compare it: element count and (dtype, G, nodes). Ranks that
+// What a call is, as peers compare it: element count and (dtype, launch, G, nodes). Ranks that
 // disagree would otherwise deadlock or, worse, exchange cells of another meaning.
 struct CallSignature {
   uint32_t elements;  // low 32 bits of the element count
-  uint32_t shape;     // dtype << 24 | gpus_per_node << 16 | num_nodes
+  uint32_t shape;     // dtype << 28 | launch << 24 | gpus_per_node << 16 | num_nodes
 };
+// Launch bits of a CallSignature: ranks must agree on the workspace layout too.
+constexpr uint32_t kLaunchOneShot = 1u;
 
 struct KernelArgs {
   const void* input;
@@ -63,6 +68,7 @@ struct KernelArgs {
   int32_t local;
   int32_t gpus_per_node;
   int32_t num_steps;
+  int32_t one_shot;  // one node: push the whole message to every local, no all-gather
   CallSignature signature;
   int32_t check_calls;  // exchange and compare call signatures (JAXNVRAR_CHECK_CALLS)
   uint64_t timeout_ns;
@@ -348,12 +354,15 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
 
   if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, calls, flag);
 
+  // Slice `d` goes to local d; one-shot, the whole message (slice 0) goes to every local.
+  const int32_t my_slice = args.one_shot ? 0 : args.local;
+
   // 1. Reduce-scatter within the node: push slice d to local d ...
   for (int64_t cell = first_cell; cell < block_end; cell += stride) {
     for (int32_t d = 0; d < g; ++d) {
       if (d == args.local) continue;
       StoreCell(at(args.node_peers[d], half + layout.ReduceScatterInbox(args.local), cell),
-                LoadSliceCell<T>(args, args.input, d, cell), flag);
+                LoadSliceCell<T>(args, args.input, args.one_shot ? 0 : d, cell), flag);
     }
   }
   // ... then sum my slice over locals 0..G-1 in order, in float32. The partial result waits
@@ -363,7 +372,7 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
     for (int32_t j = 0; j < g; ++j) {
       Data d;
       d.cell = j == args.local
-                   ? LoadSliceCell<T>(args, args.input, args.local, cell)
+                   ? LoadSliceCell<T>(args, args.input, my_slice, cell)
                    : AwaitCell(at(args.workspace, half + layout.ReduceScatterInbox(j), cell), flag, args, calls,
                                WaitSite{kWaitReduceScatter, 0, j, j});
 #pragma unroll
@@ -375,13 +384,13 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
     Data mine;
 #pragma unroll
     for (int k = 0; k < Data::kPerCell; ++k) mine.values[k] = Codec::FromFloat(acc[k]);
-    if (one_node) {
+    if (one_node && !args.one_shot) {
       for (int32_t d = 0; d < g; ++d) {
         if (d != args.local) StoreCell(at(args.node_peers[d], half + layout.AllGatherInbox(args.local), cell),
                                        mine.cell, flag);
       }
     }
-    StoreSliceCell<T>(args, args.local, cell, mine.cell);
+    StoreSliceCell<T>(args, my_slice, cell, mine.cell);
   }
 
   // 2. Between nodes, on my slice: recursive doubling (with fold-in/out for non-powers of 2).
@@ -431,7 +440,7 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
       }
     }
   }
-  for (int64_t cell = first_cell; cell < block_end; cell += stride) {
+  for (int64_t cell = first_cell; cell < block_end && !args.one_shot; cell += stride) {
     for (int32_t j = 0; j < g; ++j) {
       if (j == args.local) continue;
       StoreSliceCell<T>(args, j, cell,

@@ -112,8 +112,14 @@ JAXNVRAR_HD int64_t SliceCells(int64_t num_elements, int32_t gpus_per_node, int6
   return SliceCapacityElements(num_elements, gpus_per_node, itemsize) * itemsize / kCellDataBytes;
 }
 
+// A one-shot launch (one node only): G inboxes, each the whole message (a single "slice").
 JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize,
-                                         int32_t num_ranks, int32_t gpus_per_node) {
+                                         int32_t num_ranks, int32_t gpus_per_node,
+                                         bool one_shot = false) {
+  if (one_shot) {
+    return kWorkspaceHeaderBytes +
+           2 * gpus_per_node * SliceCells(num_elements, 1, itemsize) * kCellBytes;
+  }
   int64_t steps = NumInterNodeSteps(num_ranks / gpus_per_node);
   int64_t inboxes = 2 * gpus_per_node + 2 * steps;
   return kWorkspaceHeaderBytes +

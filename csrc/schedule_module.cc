@@ -19,5 +19,6 @@ NB_MODULE(_jaxnvrar_cpu, m) {
     return std::make_pair(s.op, s.peer);
   });
   m.def("slice_capacity_elements", &jaxnvrar::SliceCapacityElements);
-  m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded);
+  m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded, nb::arg("num_elements"),
+        nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false);
 }

@@ -66,14 +66,15 @@ def lower(ctx, x, *, topology: Topology, groups):
         )
     table = _pe_groups(groups, jax.process_count())
     aval = ctx.avals_in[0]
-    blocks = runtime.max_blocks(topology, aval.dtype.name, aval.size * aval.dtype.itemsize)
+    launch = runtime.launch_for(topology, aval.dtype.name, aval.size, aval.dtype.itemsize)
     rule = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)
     return rule(
         ctx,
         x,
         num_ranks=np.int32(topology.num_ranks),
         gpus_per_node=np.int32(topology.gpus_per_node),
-        max_blocks=np.int32(blocks),
+        max_blocks=np.int32(launch.max_blocks),
+        one_shot=np.int32(launch.one_shot),
         check_calls=np.int32(runtime.check_calls()),
         pe_groups=table.reshape(-1),
     )

@@ -8,6 +8,7 @@ extension fill its own copy of NVSHMEM's device state and allocate the symmetric
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,6 +23,7 @@ TIMEOUT_ENV = "JAXNVRAR_TIMEOUT_S"  # bound on every wait inside the kernel
 DEFAULT_TIMEOUT_S = 10.0
 FORCE_PUT_ENV = "JAXNVRAR_FORCE_PUT"  # 1: inter-node phase through nvshmem puts even over P2P
 MAX_BLOCKS_ENV = "JAXNVRAR_MAX_BLOCKS"  # thread blocks per all-reduce, at most (default 128)
+ONE_SHOT_ENV = "JAXNVRAR_ONE_SHOT"  # 1/0: one-shot launches on one node always/never (default: tuned)
 CHECK_CALLS_ENV = "JAXNVRAR_CHECK_CALLS"  # 0: ranks do not compare call signatures (default 1)
 FIRST_CALL_ENV = "JAXNVRAR_FIRST_CALL"  # testing: start the call counter here (flag wrap-around)
 _KV_TIMEOUT_MS = 120_000
@@ -42,6 +44,7 @@ _BUILD_HINT = (
 class _State:
     workspace_bytes: int
     max_blocks: int | None  # None: the tuning table's choice, else DEFAULT_MAX_BLOCKS
+    one_shot: bool | None  # None: the tuning table's choice, else two-shot
     check_calls: bool
     num_pes: int
     my_pe: int
@@ -156,6 +159,68 @@ def set_max_blocks(blocks: int | None) -> None:
     _state.max_blocks = None if blocks is None else int(blocks)
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How the kernel runs one call: its width, and one-shot (one node) or the full schedule."""
+
+    max_blocks: int
+    one_shot: bool = False
+
+    @property
+    def label(self) -> str:
+        """"128" or "128-1shot": how benchmarks and the tuning table name a launch."""
+        return f"{self.max_blocks}-1shot" if self.one_shot else str(self.max_blocks)
+
+    @classmethod
+    def parse(cls, label: str) -> Launch:
+        blocks, _, variant = label.partition("-")
+        if not blocks.isdigit() or variant not in ("", "1shot") or not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT:
+            raise ValueError(f"bad kernel launch {label!r}: expected BLOCKS or BLOCKS-1shot, "
+                             f"BLOCKS in [1, {MAX_BLOCKS_LIMIT}], e.g. 128 or 32-1shot")
+        return cls(int(blocks), variant == "1shot")
+
+
+def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> Launch:
+    """The launch of a call lowered now. Each choice: the explicit setting ($JAXNVRAR_MAX_BLOCKS,
+    $JAXNVRAR_ONE_SHOT, `set_max_blocks`, `set_one_shot`), else the tuning table's, else 128
+    blocks and the full schedule. One-shot only where possible (one node) and where the
+    workspace holds it; otherwise the full schedule, which computes the same bits."""
+    from jaxnvrar import schedule, tuning
+
+    nbytes = num_elements * itemsize
+    blocks = max_blocks(topology, dtype_name, nbytes)
+    one_shot = _state.one_shot if _state is not None else None
+    if one_shot is None:
+        choice = tuning.choice_for(topology, dtype_name, nbytes)
+        one_shot = bool(choice and choice.one_shot)
+    one_shot = (one_shot and schedule.one_shot_possible(topology)
+                and schedule.workspace_bytes_needed(num_elements, itemsize, topology, one_shot=True)
+                <= workspace_bytes())
+    return Launch(blocks, one_shot)
+
+
+@contextlib.contextmanager
+def launch_override(launch: Launch):
+    """Within the block, programs lowered launch as `launch` (benchmarks and the tuner compare
+    launches this way); the settings before it come back afterwards."""
+    if _state is None:
+        raise RuntimeError("jaxnvrar.runtime.launch_override() needs jaxnvrar.initialize() first")
+    saved = _state.max_blocks, _state.one_shot
+    _state.max_blocks, _state.one_shot = launch.max_blocks, launch.one_shot
+    try:
+        yield
+    finally:
+        _state.max_blocks, _state.one_shot = saved
+
+
+def set_one_shot(one_shot: bool | None) -> None:
+    """Fix one-shot (True) or two-shot (False) launches on one node for programs lowered from
+    now on; None goes back to the tuning table's choice (or two-shot)."""
+    if _state is None:
+        raise RuntimeError("jaxnvrar.runtime.set_one_shot() needs jaxnvrar.initialize() first")
+    _state.one_shot = None if one_shot is None else bool(one_shot)
+
+
 def check_calls() -> bool:
     """Whether kernels lowered from now on compare call signatures with their peers."""
     return bool(_state and _state.check_calls)
@@ -252,6 +317,7 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     requested = _requested_workspace_bytes(workspace_bytes)
     timeout_s = _env_number(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_S, minimum=0.001)
     max_blocks = _env_number(MAX_BLOCKS_ENV, int, None, minimum=1, maximum=MAX_BLOCKS_LIMIT)
+    one_shot = _env_number(ONE_SHOT_ENV, int, None, minimum=0, maximum=1)
     first_call = _env_number(FIRST_CALL_ENV, int, 0, minimum=0)
     check_calls = bool(_env_number(CHECK_CALLS_ENV, int, 1, minimum=0))
     if _state is None and _ever_initialized:
@@ -267,17 +333,47 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
             )
         return
     _check_environment()
+    check_same_settings({MAX_BLOCKS_ENV: max_blocks, ONE_SHOT_ENV: one_shot, CHECK_CALLS_ENV: int(check_calls),
+                         WORKSPACE_ENV: requested})
     extension = cuda_extension()
     # The symmetric heap must hold the workspace; leave NVSHMEM room for its own needs.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(requested + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
     extension.initialize(requested, timeout_s, os.environ.get(FORCE_PUT_ENV, "0") == "1", first_call)
-    _state = _State(requested, max_blocks, check_calls, extension.num_pes(), extension.my_pe(), nvshmem)
+    _state = _State(requested, max_blocks, None if one_shot is None else bool(one_shot), check_calls,
+                    extension.num_pes(), extension.my_pe(), nvshmem)
     _ever_initialized = True
     from jaxnvrar import nvrar_ffi, tuning
 
     nvrar_ffi.register()
     tuning.load_shared()
+
+
+_settings_checks = 0
+
+
+def check_same_settings(settings: dict) -> None:
+    """Raise on every process unless all processes have the same settings. They decide how the
+    kernel is lowered: processes that lower it differently compile different programs, and a
+    job whose processes compile different programs can hang before any kernel runs."""
+    if jax.process_count() == 1:
+        return
+    global _settings_checks
+    _settings_checks += 1
+    client = _distributed_client()
+    mine = repr(sorted(settings.items()))
+    prefix = f"jaxnvrar/settings/{_settings_checks}"
+    client.key_value_set(f"{prefix}/{jax.process_index()}", mine)
+    for other in range(jax.process_count()):
+        theirs = client.blocking_key_value_get(f"{prefix}/{other}", _KV_TIMEOUT_MS)
+        if theirs != mine:
+            differ = [name for name, value in sorted(settings.items())
+                      if f"({name!r}, {value!r})" not in theirs]
+            raise RuntimeError(
+                f"jaxnvrar.initialize(): process {jax.process_index()} has {mine}, process {other} has "
+                f"{theirs}; set {', '.join('$' + n for n in differ) or 'these'} alike on every process "
+                "(None: unset), or the processes compile different programs and the job can hang"
+            )
 
 
 def _env_number(name: str, kind, default, *, minimum, maximum=None):
@@ -313,10 +409,12 @@ _DTYPE_CODES = {1: "float32", 2: "bfloat16", 3: "float16"}
 
 
 def describe_call(signature: tuple[int, int]) -> str:
-    """(elements, code) of a kernel call signature, in words."""
+    """(elements, code) of a kernel call signature, in words (code: csrc/nvrar_kernel.cuh's
+    CallSignature, dtype << 28 | launch << 24 | gpus_per_node << 16 | nodes)."""
     elements, code = signature
-    dtype = _DTYPE_CODES.get(code >> 24, f"dtype#{code >> 24}")
-    return f"{elements} x {dtype} over {code & 0xFFFF} node(s) of {(code >> 16) & 0xFF} GPU(s)"
+    dtype = _DTYPE_CODES.get(code >> 28, f"dtype#{code >> 28}")
+    launch = ", one-shot" if (code >> 24) & 1 else ""
+    return f"{elements} x {dtype} over {code & 0xFFFF} node(s) of {(code >> 16) & 0xFF} GPU(s){launch}"
 
 
 def describe_timeout(record: dict) -> str:

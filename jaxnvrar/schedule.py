@@ -19,6 +19,13 @@ local rank l owns slice l.
 
 Every element of the result is computed once, on one rank, and copied to the
 others, which is why all replicas end bit-identical.
+
+One node, small messages: the one-shot launch. With N = 1 the kernel can instead
+push the whole message to every local and let each sum all G copies itself, over
+locals 0, 1, ..., G-1 in float32, exactly the sums and order of step 1. The result
+is the same, bit for bit, on every rank; the data crosses NVLink once instead of
+twice (one hop of latency instead of two), at the price of (G-1) n bytes sent per
+GPU instead of 2 (G-1) n / G: equal for G = 2, more for larger nodes.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ __all__ = [
     "SLICE_ALIGN_BYTES",
     "slice_capacity_elements",
     "workspace_bytes_needed",
+    "one_shot_possible",
 ]
 
 # Slices start on 16-byte boundaries so the kernel can use 16-byte vector accesses.
@@ -164,6 +172,7 @@ def inter_node_steps(node: int, num_nodes: int) -> list[InterNodeStep]:
 # never overwrites cells a slow peer has yet to read):
 #   G reduce-scatter inboxes, S inter-node inboxes, S put-staging areas, G all-gather inboxes,
 # each one slice of cells; after a header (call counter, the peers' call signatures).
+# A one-shot launch has only the G inboxes, each the whole message.
 # Twin: WorkspaceBytesNeeded in csrc/schedule.h.
 CELL_BYTES = 16
 CELL_DATA_BYTES = 8
@@ -175,8 +184,18 @@ def slice_capacity_elements(num_elements: int, gpus_per_node: int, itemsize: int
     return slice_stride(num_elements, gpus_per_node, max(1, SLICE_ALIGN_BYTES // itemsize))
 
 
-def workspace_bytes_needed(num_elements: int, itemsize: int, topology: Topology) -> int:
+def one_shot_possible(topology: Topology) -> bool:
+    """A one-shot launch needs one node (no inter-node phase) of at least two GPUs."""
+    return topology.num_nodes == 1 and topology.gpus_per_node > 1
+
+
+def workspace_bytes_needed(num_elements: int, itemsize: int, topology: Topology, one_shot: bool = False) -> int:
     g = topology.gpus_per_node
+    if one_shot:
+        if not one_shot_possible(topology):
+            raise ValueError(f"a one-shot launch needs one node of several GPUs, not {topology}")
+        cells = slice_capacity_elements(num_elements, 1, itemsize) * itemsize // CELL_DATA_BYTES
+        return WORKSPACE_HEADER_BYTES + 2 * g * cells * CELL_BYTES
     steps = num_inter_node_steps(topology.num_nodes)
     slice_cells = slice_capacity_elements(num_elements, g, itemsize) * itemsize // CELL_DATA_BYTES
     inboxes = 2 * g + 2 * steps

@@ -1,18 +1,20 @@
-"""Launch tuning: which NVRAR launch width, and whether NVRAR at all, per message size.
+"""Launch tuning: which NVRAR launch (width, one-shot or not), and whether NVRAR at all, per
+message size.
 
 `jaxnvrar-bench tune` measures, once per (GPU kind, topology, dtype), psum and the kernel at
-several launch widths (thread blocks) for each size bucket, and writes the winners to a JSON
+several launches (thread blocks; on one node also one-shot) for each size bucket, checks each
+launch's result against psum, and writes the winners to a JSON
 file ($JAXNVRAR_TUNING_FILE, default ~/.cache/jaxnvrar/tuning.json). `jaxnvrar.initialize()`
 loads it on process 0 and shares it through jax.distributed, so every rank lowers the same
 choices (ranks that disagreed on nvrar-vs-psum would deadlock). Then:
 
 - `"auto"` takes the measured winner of the message's size bucket;
-- the kernel launches with the bucket's best width.
+- the kernel launches as the bucket's best launch did.
 
 Without a table entry, the documented heuristic applies (`api.choose_algorithm`): on one node
 NVRAR up to `api.AUTO_NVRAR_MAX_BYTES` (the 2 x H200 crossover, $JAXNVRAR_AUTO_MAX_BYTES), across
-nodes the cost model's projection; 128 blocks ($JAXNVRAR_MAX_BLOCKS). An explicit
-`jaxnvrar.runtime.set_max_blocks` wins over the table.
+nodes the cost model's projection; 128 blocks ($JAXNVRAR_MAX_BLOCKS), the full schedule
+($JAXNVRAR_ONE_SHOT=1 for one-shot). An explicit setting wins over the table.
 """
 
 from __future__ import annotations
@@ -49,21 +51,26 @@ def entry_key(device_kind: str, topology: Topology, dtype_name: str) -> str:
 class Choice:
     algorithm: str    # "nvrar" or "psum": the faster one measured for this bucket
     max_blocks: int   # the kernel's best launch width for this bucket
+    one_shot: bool = False  # whether that launch was one-shot
 
 
 class Table:
-    """Measured choices: entries[key][bucket] = {"algorithm", "max_blocks", "nvrar_us", "psum_us"}."""
+    """Measured choices: entries[key][bucket] = {"algorithm", "max_blocks", "one_shot", "nvrar_us",
+    "psum_us", "nvrar_us_by_launch"}."""
 
     def __init__(self, entries: dict | None = None):
         self.entries = entries or {}
 
-    def record(self, key: str, nbytes: int, *, psum_us: float, nvrar_us_by_blocks: dict[int, float]) -> Choice:
-        blocks, nvrar_us = min(nvrar_us_by_blocks.items(), key=lambda item: item[1])
+    def record(self, key: str, nbytes: int, *, psum_us: float, nvrar_us_by_launch: dict) -> Choice:
+        """Keep the faster of psum and the fastest launch (keys: `runtime.Launch`)."""
+        launch, nvrar_us = min(nvrar_us_by_launch.items(), key=lambda item: item[1])
         algorithm = "nvrar" if nvrar_us < psum_us else "psum"
         self.entries.setdefault(key, {})[str(bucket_of(nbytes))] = {
-            "algorithm": algorithm, "max_blocks": int(blocks), "nvrar_us": nvrar_us, "psum_us": psum_us,
-            "nvrar_us_by_blocks": {str(b): t for b, t in sorted(nvrar_us_by_blocks.items())}}
-        return Choice(algorithm, int(blocks))
+            "algorithm": algorithm, "max_blocks": launch.max_blocks, "one_shot": launch.one_shot,
+            "nvrar_us": nvrar_us, "psum_us": psum_us,
+            "nvrar_us_by_launch": {l.label: t for l, t in sorted(nvrar_us_by_launch.items(),
+                                                                 key=lambda item: item[0].label)}}
+        return Choice(algorithm, launch.max_blocks, launch.one_shot)
 
     def lookup(self, key: str, nbytes: int) -> Choice | None:
         """The choice measured for this message's bucket; past the largest bucket measured, that
@@ -75,7 +82,7 @@ class Table:
         wanted = bucket_of(nbytes)
         bucket = next((b for b in measured if b >= wanted), measured[-1])
         e = buckets[str(bucket)]
-        return Choice(e["algorithm"], int(e["max_blocks"]))
+        return Choice(e["algorithm"], int(e["max_blocks"]), bool(e.get("one_shot", False)))
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "entries": self.entries}, indent=1, sort_keys=True)

@@ -117,3 +117,24 @@ def test_allreduce_in_a_loop():
 def test_allreduce_peers_are_reported_not_fatal_without_cuda():
     out = _bench("allreduce", "--max-bytes", "8K", "--repeats", "1", "--algorithms", "psum", "--peers", "torch")
     assert "nccl-graph: not measured" in out and "8192" in out
+
+
+def test_the_tuners_correctness_check_measures_the_error(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    import jaxnvrar
+    from jaxnvrar.bench.allreduce import _split_launch, max_error_against_psum
+
+    mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    assert max_error_against_psum(mesh, "reference", 1000, jnp.float32, gpus_per_node=None) < 1e-6
+    # A "reference" that only sums half the message: the check must see it.
+    real = jaxnvrar.all_reduce
+
+    def broken(x, axis, algorithm, **kwargs):
+        out = real(x, axis, algorithm="psum", **kwargs)
+        return out if algorithm == "psum" else out.at[: x.shape[0] // 2].set(0)
+
+    monkeypatch.setattr(jaxnvrar, "all_reduce", broken)
+    assert max_error_against_psum(mesh, "reference", 1000, jnp.float32, gpus_per_node=None) > 0.1
+    assert _split_launch("nvrar/32-1shot")[1].one_shot and _split_launch("psum") == ("psum", None)

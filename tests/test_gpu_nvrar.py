@@ -3,7 +3,9 @@
     XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 \
         jaxnvrar-launch -n 2 -- python -m pytest -m gpu tests/test_gpu_nvrar.py
 
-Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py).
+Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py). With
+JAXNVRAR_ONE_SHOT=1 every one-node call launches one-shot (JAXNVRAR_FORCE_PUT=1: the
+inter-node phase through NVSHMEM puts).
 """
 
 import jax
@@ -60,6 +62,48 @@ def test_matches_psum_and_reference(size, dtype):
         # Same schedule, same float32 accumulation and rounding: the reference agrees bit for bit.
         reference = run_per_rank(_reduce("reference", gpus_per_node), host, mesh)
         assert out.tobytes() == reference.tobytes(), f"nvrar != reference for topology {topology}"
+
+
+@pytest.fixture
+def one_shot_launches():
+    jaxnvrar.runtime.set_one_shot(True)
+    yield
+    jaxnvrar.runtime.set_one_shot(None)
+
+
+@pytest.mark.parametrize("size", SIZES[:-1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_one_shot_launch_gives_the_same_bits(one_shot_launches, size, dtype):
+    # One node, every local sums all copies in local order: bit for bit the full schedule's sums.
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    host = _host(num_ranks, size, dtype)
+    out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
+    _assert_replicas_identical(out)
+    reference = run_per_rank(_reduce("reference", num_ranks), host, mesh)
+    assert out.tobytes() == reference.tobytes()
+    # Across "nodes" one-shot does not apply; the full schedule runs and still agrees.
+    if num_ranks > 1:
+        out = run_per_rank(_reduce("nvrar", 1), host, mesh)
+        assert out.tobytes() == run_per_rank(_reduce("reference", 1), host, mesh).tobytes()
+
+
+def test_one_shot_replays_and_alternates_with_the_full_schedule(one_shot_launches):
+    # Consecutive calls switch launches (one-shot on one node, the full schedule across
+    # "nodes"): both read the same call counter and halves of the workspace.
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+
+    def chain(a):
+        for i in range(8):
+            a = jaxnvrar.all_reduce(a, "x", algorithm="nvrar", gpus_per_node=num_ranks if i % 2 else 1)
+            a = lax.pcast(a / num_ranks, "x", to="varying")
+        return a
+
+    for run in range(10):
+        host = _host(num_ranks, 5000, jnp.float32, seed=run)
+        out = run_per_rank(chain, host, mesh)
+        np.testing.assert_allclose(out[0], host.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_scan_over_layers_mixed_with_psum():

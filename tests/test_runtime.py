@@ -48,7 +48,8 @@ def test_several_gpus_in_one_process_are_refused():
 
 @pytest.mark.parametrize("name,value", [("JAXNVRAR_TIMEOUT_S", "soon"), ("JAXNVRAR_TIMEOUT_S", "0"),
                                         ("JAXNVRAR_MAX_BLOCKS", "0"), ("JAXNVRAR_MAX_BLOCKS", "2000"),
-                                        ("JAXNVRAR_FIRST_CALL", "-1"), ("JAXNVRAR_WORKSPACE_BYTES", "1000")])
+                                        ("JAXNVRAR_FIRST_CALL", "-1"), ("JAXNVRAR_WORKSPACE_BYTES", "1000"),
+                                        ("JAXNVRAR_ONE_SHOT", "yes"), ("JAXNVRAR_ONE_SHOT", "2")])
 def test_bad_environment_values_are_rejected_by_name(name, value):
     result = _run_fresh("import jaxnvrar; jaxnvrar.initialize()", **{name: value})
     assert result.returncode != 0 and f"{name}={value!r}" in result.stderr, result.stderr[-500:]
@@ -77,3 +78,46 @@ def test_nvrar_after_finalize_names_the_cause(monkeypatch):
     monkeypatch.setattr(runtime, "_ever_initialized", True)
     with pytest.raises(RuntimeError, match=r"after jaxnvrar.finalize\(\).*algorithm='psum'"):
         nvrar_ffi.check_can_run(jnp.zeros(8), jaxnvrar.Topology(2, 2))
+
+
+def test_call_signatures_read_in_words():
+    from jaxnvrar.runtime import describe_call
+
+    # dtype << 28 | launch << 24 | gpus_per_node << 16 | nodes, as csrc/nvrar_ffi.cu packs them.
+    assert describe_call((1000, 1 << 28 | 2 << 16 | 1)) == "1000 x float32 over 1 node(s) of 2 GPU(s)"
+    assert describe_call((4096, 2 << 28 | 1 << 24 | 4 << 16 | 1)) == \
+        "4096 x bfloat16 over 1 node(s) of 4 GPU(s), one-shot"
+    assert describe_call((8, 3 << 28 | 2 << 16 | 3)) == "8 x float16 over 3 node(s) of 2 GPU(s)"
+
+
+SETTINGS_SCRIPT = """
+import jax
+import jaxnvrar
+from jaxnvrar import runtime
+jaxnvrar.initialize_distributed()
+runtime.check_same_settings({"JAXNVRAR_MAX_BLOCKS": 64, "JAXNVRAR_ONE_SHOT": None})
+print("SAME OK", flush=True)
+try:
+    runtime.check_same_settings({"JAXNVRAR_MAX_BLOCKS": 64, "JAXNVRAR_ONE_SHOT": jax.process_index() or None})
+    print("DIFFERENT PASSED", flush=True)
+except RuntimeError as err:
+    print("DIFFERENT RAISED", err, flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+def test_processes_with_different_kernel_settings_are_refused_by_name():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+    env.pop("JAXNVRAR_NUM_PROCESSES", None)
+    job = subprocess.run([sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--timeout", "120", "--",
+                          sys.executable, "-c", SETTINGS_SCRIPT], env=env, capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] SAME OK" in job.stdout, job.stdout[-2000:]
+        line = next(l for l in job.stdout.splitlines() if l.startswith(f"[rank {rank}] DIFFERENT"))
+        assert "RAISED" in line and "$JAXNVRAR_ONE_SHOT alike on every process" in line, line
+        assert "$JAXNVRAR_MAX_BLOCKS" not in line, line

@@ -69,6 +69,21 @@ def test_cpp_slices_and_workspace_match():
             topo = Topology(parts * nodes, parts)
             assert cpp.workspace_bytes_needed(n, itemsize, topo.num_ranks, parts) == \
                 schedule.workspace_bytes_needed(n, itemsize, topo)
+        if parts > 1:
+            topo = Topology(parts, parts)
+            assert cpp.workspace_bytes_needed(n, itemsize, parts, parts, True) == \
+                schedule.workspace_bytes_needed(n, itemsize, topo, one_shot=True)
+
+
+def test_one_shot_only_on_one_node():
+    assert schedule.one_shot_possible(Topology(4, 4))
+    assert not schedule.one_shot_possible(Topology(4, 2)) and not schedule.one_shot_possible(Topology(1, 1))
+    with pytest.raises(ValueError, match="one node"):
+        schedule.workspace_bytes_needed(1024, 2, Topology(4, 2), one_shot=True)
+    # Two GPUs: the same bytes as the two-shot launch (the whole message vs two half-size inboxes each way).
+    for n in (1 << 10, 1 << 16, 1 << 20):
+        assert schedule.workspace_bytes_needed(n, 2, Topology(2, 2), one_shot=True) == \
+            schedule.workspace_bytes_needed(n, 2, Topology(2, 2))
 
 
 def test_inboxes_hold_whole_cells_and_every_slice():

@@ -6,6 +6,8 @@ import pytest
 from jaxnvrar import runtime, tuning
 from jaxnvrar.schedule import Topology
 
+L = runtime.Launch
+
 
 def test_buckets_are_powers_of_two_from_1k():
     assert [tuning.bucket_of(n) for n in (1, 1024, 1025, 3 << 20)] == [1024, 1024, 2048, 4 << 20]
@@ -14,9 +16,9 @@ def test_buckets_are_powers_of_two_from_1k():
 def test_record_keeps_the_faster_algorithm_and_width():
     table = tuning.Table()
     key = tuning.entry_key("H200", Topology(2, 2), "bfloat16")
-    assert table.record(key, 8 << 10, psum_us=20.0, nvrar_us_by_blocks={32: 7.5, 128: 7.1}) == \
+    assert table.record(key, 8 << 10, psum_us=20.0, nvrar_us_by_launch={L(32): 7.5, L(128): 7.1}) == \
         tuning.Choice("nvrar", 128)
-    assert table.record(key, 64 << 20, psum_us=287.0, nvrar_us_by_blocks={32: 700.0, 128: 467.0}) == \
+    assert table.record(key, 64 << 20, psum_us=287.0, nvrar_us_by_launch={L(32): 700.0, L(128): 467.0}) == \
         tuning.Choice("psum", 128)
     assert table.lookup(key, 6000) == tuning.Choice("nvrar", 128)        # the 8 KB bucket
     assert table.lookup(key, 100) == tuning.Choice("nvrar", 128)         # below the smallest measured
@@ -27,7 +29,7 @@ def test_record_keeps_the_faster_algorithm_and_width():
 def test_table_file_round_trip_and_bad_files(tmp_path):
     table = tuning.Table()
     key = tuning.entry_key("H200", Topology(4, 2), "float32")
-    table.record(key, 1 << 20, psum_us=20.0, nvrar_us_by_blocks={64: 12.0})
+    table.record(key, 1 << 20, psum_us=20.0, nvrar_us_by_launch={L(64): 12.0})
     path = table.save(tmp_path / "sub" / "t.json")
     assert tuning.Table.load(path).lookup(key, 1 << 20) == tuning.Choice("nvrar", 64)
     assert tuning.Table.load(tmp_path / "missing.json").entries == {}
@@ -45,11 +47,49 @@ def test_the_active_table_sets_the_launch_width(monkeypatch):
     topology = Topology(2, 2)
     table = tuning.Table()
     table.record(tuning.entry_key(jax.devices()[0].device_kind, topology, "bfloat16"), 1 << 20,
-                 psum_us=20.0, nvrar_us_by_blocks={16: 30.0, 64: 11.0})
+                 psum_us=20.0, nvrar_us_by_launch={L(16): 30.0, L(64): 11.0})
     monkeypatch.setattr(tuning, "_active", table)
     assert tuning.choice_for(topology, "bfloat16", 1 << 20) == tuning.Choice("nvrar", 64)
     assert runtime.max_blocks(topology, "bfloat16", 1 << 20) == 64
     assert runtime.max_blocks(topology, "float32", 1 << 20) == runtime.DEFAULT_MAX_BLOCKS  # not measured
+
+
+def test_one_shot_launches_are_chosen_where_measured_faster_and_possible(monkeypatch):
+    if runtime.is_initialized():
+        pytest.skip("the runtime is up in this process")
+    kind = jax.devices()[0].device_kind
+    table = tuning.Table()
+    one_node, two_nodes = Topology(2, 2), Topology(4, 2)
+    assert table.record(tuning.entry_key(kind, one_node, "bfloat16"), 128 << 10, psum_us=20.0,
+                        nvrar_us_by_launch={L(128): 5.6, L(128, True): 3.9, L(32, True): 4.4}) == \
+        tuning.Choice("nvrar", 128, True)
+    entry = table.entries[tuning.entry_key(kind, one_node, "bfloat16")][str(128 << 10)]
+    assert entry["nvrar_us_by_launch"] == {"128": 5.6, "128-1shot": 3.9, "32-1shot": 4.4}
+    monkeypatch.setattr(tuning, "_active", table)
+    monkeypatch.setattr(runtime, "workspace_bytes", lambda: 64 << 20)
+    assert runtime.launch_for(one_node, "bfloat16", 64 << 10, 2) == L(128, True)
+    # Not measured: the default launch; one-shot needs a workspace that holds it.
+    assert runtime.launch_for(one_node, "float32", 64 << 10, 4) == L(runtime.DEFAULT_MAX_BLOCKS, False)
+    monkeypatch.setattr(runtime, "workspace_bytes", lambda: 1 << 20)
+    assert runtime.launch_for(one_node, "bfloat16", 64 << 10, 2) == L(128, False)
+    # Across nodes there is no one-shot launch, whatever a table says.
+    monkeypatch.setattr(runtime, "workspace_bytes", lambda: 64 << 20)
+    table.record(tuning.entry_key(kind, two_nodes, "bfloat16"), 128 << 10, psum_us=20.0,
+                 nvrar_us_by_launch={L(128, True): 3.0})
+    assert runtime.launch_for(two_nodes, "bfloat16", 64 << 10, 2) == L(128, False)
+
+
+def test_tables_from_before_one_shot_still_load():
+    table = tuning.Table({"H200|1x2|bfloat16": {"8192": {"algorithm": "nvrar", "max_blocks": 32}}})
+    assert table.lookup("H200|1x2|bfloat16", 8192) == tuning.Choice("nvrar", 32, False)
+
+
+def test_launch_labels_round_trip_and_bad_ones_are_named():
+    for launch in (L(128), L(32, True), L(1024, True)):
+        assert L.parse(launch.label) == launch
+    for bad in ("0", "x", "128-2shot", "2000", "-1shot"):
+        with pytest.raises(ValueError, match="BLOCKS or BLOCKS-1shot"):
+            L.parse(bad)
 
 
 def test_environment_names_the_file(monkeypatch, tmp_path):
@@ -77,7 +117,7 @@ def test_every_process_uses_process_0s_table(tmp_path):
     import sys
 
     table = tuning.Table()
-    table.record("H200|1x2|bfloat16", 8192, psum_us=20.0, nvrar_us_by_blocks={32: 7.0})
+    table.record("H200|1x2|bfloat16", 8192, psum_us=20.0, nvrar_us_by_launch={L(32): 7.0})
     path = table.save(tmp_path / "t.json")
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu", **{tuning.TUNING_FILE_ENV: str(path)})
     env.pop("JAXNVRAR_NUM_PROCESSES", None)
@@ -86,4 +126,4 @@ def test_every_process_uses_process_0s_table(tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', max_blocks=32)" in job.stdout, job.stdout[-2000:]
+        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', max_blocks=32, one_shot=False)" in job.stdout, job.stdout[-2000:]

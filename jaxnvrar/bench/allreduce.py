@@ -7,6 +7,7 @@ donated buffer (stable addresses, as in a decode loop) and divides by the chain 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -55,9 +56,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--peers", choices=["torch"], default=None,
                         help="also time NCCL (torch.distributed) and torch's symmetric-memory one-/two-shot "
                              "all-reduce, each replayed in a CUDA graph, in the same job")
-    parser.add_argument("--max-blocks", default=None,
-                        help="comma-separated launch widths to compare for nvrar (columns nvrar/B); "
-                             "default: the runtime's ($JAXNVRAR_MAX_BLOCKS or 128)")
+    parser.add_argument("--launches", "--max-blocks", dest="launches", default=None,
+                        help="comma-separated kernel launches to compare for nvrar, each BLOCKS (at most that "
+                             "many thread blocks) or BLOCKS-1shot (one-shot, one node only), e.g. 128,128-1shot "
+                             "(columns nvrar/128, nvrar/128-1shot); default: the runtime's choice")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
 
@@ -89,15 +91,13 @@ def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan=False)
 def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node,
             trace_dir: str | None = None, scan: bool = False) -> tuple[float, float | None]:
     """Median microseconds per all-reduce of `count` elements per rank, wall and (with
-    trace_dir) device kernel time. "nvrar/B": nvrar launched with at most B thread blocks."""
+    trace_dir) device kernel time. "nvrar/LAUNCH": nvrar launched as `runtime.Launch.parse(LAUNCH)`."""
     num_ranks = mesh.devices.size
-    algorithm, _, blocks = algorithm.partition("/")
-    if blocks:
-        jaxnvrar.runtime.set_max_blocks(int(blocks))
+    algorithm, launch = _split_launch(algorithm)
     program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan)
     sharding = NamedSharding(mesh, P("x"))
     x = jax.device_put(jnp.ones((num_ranks * count,), dtype), sharding)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), _launching(launch):
         for _ in range(3):
             x = program(x)
         x.block_until_ready()
@@ -118,6 +118,39 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
                          if breakdown.classify(name) == "communication"]
             device_us = statistics.median(durations) if durations else None
     return statistics.median(batches) * 1e6, device_us
+
+
+def _split_launch(algorithm: str):
+    """"nvrar/128-1shot" -> ("nvrar", Launch(128, True)); "psum" -> ("psum", None)."""
+    name, _, label = algorithm.partition("/")
+    return name, jaxnvrar.runtime.Launch.parse(label) if label else None
+
+
+def _launching(launch):
+    return jaxnvrar.runtime.launch_override(launch) if launch is not None else contextlib.nullcontext()
+
+
+def max_error_against_psum(mesh, algorithm, count, dtype, *, gpus_per_node) -> float:
+    """Largest |algorithm - psum| / (1 + |psum|) on random inputs: how the tuner makes sure a
+    launch computes the all-reduce before it times it."""
+    name, launch = _split_launch(algorithm)
+    spec = P("x")
+    num_ranks = mesh.devices.size
+
+    def program(which):
+        reduce = lambda a: jaxnvrar.all_reduce(a, "x", algorithm=which, gpus_per_node=gpus_per_node)  # noqa: E731
+        return jax.jit(jax.shard_map(lambda a: lax.pcast(reduce(a), "x", to="varying"), mesh=mesh,
+                                     in_specs=spec, out_specs=spec))
+
+    x = jax.random.normal(jax.random.key(count), (num_ranks * count,), dtype)
+    x = jax.device_put(x, NamedSharding(mesh, spec))
+    with jax.set_mesh(mesh):
+        with _launching(launch):
+            got = program(name)(x)
+        want = program("psum")(x)
+        error = jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
+                        / (1 + jnp.abs(want.astype(jnp.float32))))
+    return float(error)
 
 
 def _sizes(min_bytes, max_bytes, factor, itemsize):
@@ -199,9 +232,10 @@ def run(args) -> int:
         if a not in available:
             raise SystemExit(f"jaxnvrar-bench: algorithm {a!r} is not available here (available: {available})")
     algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # every speed-up is against psum
-    if args.max_blocks and "nvrar" in algorithms:
+    if args.launches and "nvrar" in algorithms:
         at = algorithms.index("nvrar")
-        algorithms[at:at + 1] = [f"nvrar/{int(b)}" for b in args.max_blocks.split(",")]
+        launches = [jaxnvrar.runtime.Launch.parse(label.strip()) for label in args.launches.split(",")]
+        algorithms[at:at + 1] = [f"nvrar/{launch.label}" for launch in launches]
     dtype = _DTYPES[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize
     mesh = jax.make_mesh((jax.device_count(),), ("x",))

@@ -1,6 +1,7 @@
-"""jaxnvrar-bench tune: measure psum and the kernel at several launch widths per size bucket,
-and write the winners to the tuning table that "auto" and the kernel's launch read (see
-jaxnvrar/tuning.py). Run once per machine type, topology and dtype, under jaxnvrar-launch:
+"""jaxnvrar-bench tune: measure psum and the kernel at several launches per size bucket (widths
+and, on one node, one-shot), and write the winners to the tuning table that "auto" and the
+kernel's launch read (see jaxnvrar/tuning.py). A launch whose result disagrees with psum is
+reported and never chosen. Run once per machine type, topology and dtype, under jaxnvrar-launch:
 
     jaxnvrar-launch -n 2 -- jaxnvrar-bench tune --max-bytes 64M
 """
@@ -12,18 +13,21 @@ import jax.numpy as jnp
 
 import jaxnvrar
 from jaxnvrar import tuning
-from jaxnvrar.bench.allreduce import _DTYPES, _sizes, measure, parse_bytes
+from jaxnvrar.bench.allreduce import _DTYPES, _sizes, max_error_against_psum, measure, parse_bytes
 from jaxnvrar.bench.setup import bring_up, is_printer
 from jaxnvrar.nvrar_ffi import fits_workspace
-from jaxnvrar.runtime import default_topology
-from jaxnvrar.schedule import Topology
+from jaxnvrar.runtime import Launch, default_topology
+from jaxnvrar.schedule import Topology, one_shot_possible
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--min-bytes", type=parse_bytes, default=8 << 10, help="smallest message (8K)")
     parser.add_argument("--max-bytes", type=parse_bytes, default=64 << 20, help="largest message (64M)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    parser.add_argument("--blocks", default="16,32,64,128", help="launch widths to try (16,32,64,128)")
+    parser.add_argument("--launches", default="16,32,64,128",
+                        help="launches to try: BLOCKS or BLOCKS-1shot (16,32,64,128; on one node each width "
+                             "is also tried one-shot unless --no-one-shot)")
+    parser.add_argument("--no-one-shot", action="store_true", help="do not add one-shot launches")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default: per host)")
     parser.add_argument("--chain", type=int, default=16, help="all-reduces per timed program (16)")
     parser.add_argument("--iters", type=int, default=30, help="executions per timed batch (30)")
@@ -44,28 +48,39 @@ def run(args) -> int:
     topology = Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node else default_topology(num_ranks)
     key = tuning.entry_key(jax.devices()[0].device_kind, topology, args.dtype)
     table = tuning.Table.load(args.output)
-    blocks = [int(b) for b in args.blocks.split(",")]
+    launches = [Launch.parse(label.strip()) for label in args.launches.split(",")]
+    if one_shot_possible(topology) and not args.no_one_shot:
+        launches += [Launch(l.max_blocks, True) for l in launches if Launch(l.max_blocks, True) not in launches]
     timing = dict(chain=args.chain, iters=args.iters, repeats=args.repeats, gpus_per_node=args.gpus_per_node)
     if is_printer():
         print(f"# jaxnvrar-bench tune: {description}; {key}")
-        print(f"{'size(B)':>10} {'psum us':>9} " + " ".join(f"{'nvrar/' + str(b):>10}" for b in blocks)
-              + f" {'choice':>12}", flush=True)
-    try:
-        for nbytes in _sizes(args.min_bytes, args.max_bytes, 2, itemsize):
-            count = nbytes // itemsize
-            if not fits_workspace(count, itemsize, topology):
-                break
-            psum_us = measure(mesh, "psum", count, dtype, **timing)[0]
-            by_blocks = {}
-            for b in blocks:
-                jaxnvrar.runtime.set_max_blocks(b)
-                by_blocks[b] = measure(mesh, "nvrar", count, dtype, **timing)[0]
-            choice = table.record(key, nbytes, psum_us=psum_us, nvrar_us_by_blocks=by_blocks)
-            if is_printer():
-                print(f"{nbytes:>10} {psum_us:>9.2f} " + " ".join(f"{by_blocks[b]:>10.2f}" for b in blocks)
-                      + f" {choice.algorithm + '/' + str(choice.max_blocks):>12}", flush=True)
-    finally:
-        jaxnvrar.runtime.set_max_blocks(None)
+        print(f"{'size(B)':>10} {'psum us':>9} " + " ".join(f"{'nvrar/' + l.label:>14}" for l in launches)
+              + f" {'choice':>18}", flush=True)
+    # Bad results show as "wrong" and are left out; a tolerance of a few roundings of the sum.
+    tolerance = 8 * float(jnp.finfo(dtype).eps) * num_ranks
+    for nbytes in _sizes(args.min_bytes, args.max_bytes, 2, itemsize):
+        count = nbytes // itemsize
+        if not fits_workspace(count, itemsize, topology):
+            break
+        psum_us = measure(mesh, "psum", count, dtype, **timing)[0]
+        by_launch, cells = {}, []
+        for launch in launches:
+            algorithm = f"nvrar/{launch.label}"
+            error = max_error_against_psum(mesh, algorithm, count, dtype, gpus_per_node=args.gpus_per_node)
+            if error > tolerance:
+                cells.append(f"{'wrong':>14}")
+                if is_printer():
+                    print(f"# nvrar/{launch.label} at {nbytes} B: error {error:.3g} against psum; not chosen",
+                          flush=True)
+                continue
+            by_launch[launch] = measure(mesh, algorithm, count, dtype, **timing)[0]
+            cells.append(f"{by_launch[launch]:>14.2f}")
+        if not by_launch:
+            raise SystemExit(f"jaxnvrar-bench tune: no launch gave psum's result at {nbytes} B; table not written")
+        choice = table.record(key, nbytes, psum_us=psum_us, nvrar_us_by_launch=by_launch)
+        if is_printer():
+            chosen = "psum" if choice.algorithm == "psum" else "nvrar/" + Launch(choice.max_blocks, choice.one_shot).label
+            print(f"{nbytes:>10} {psum_us:>9.2f} " + " ".join(cells) + f" {chosen:>18}", flush=True)
     tuning.use(table)  # this process; the others load the file at their next initialize()
     if is_printer():
         print(f"wrote {table.save(args.output)}")
