@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "nvrar_bulk_kernel.cuh"
 #include "nvrar_kernel.cuh"
 #include "nvshmem_runtime.h"
 #include "xla/ffi/api/ffi.h"
@@ -25,14 +26,18 @@ uint32_t DtypeCode(ffi::DataType dtype) {
 }
 
 template <typename T>
-void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, int64_t blocks) {
-  NvrarAllReduceKernel<T><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(args, layout);
+void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, int64_t blocks, bool bulk) {
+  if (bulk) {
+    NvrarBulkKernel<T><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(args, layout);
+  } else {
+    NvrarAllReduceKernel<T><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(args, layout);
+  }
 }
 
 // Decodes the call, maps the axis onto NVSHMEM PEs and launches one kernel. Host work is
 // a few lookups; inside a command buffer it runs only when XLA records the graph.
 ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
-                         int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks, int32_t one_shot,
+                         int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks, int32_t one_shot, int32_t bulk,
                          int32_t check_calls, ffi::Span<const int32_t> pe_groups) {
   const Runtime& rt = GetRuntime();
   if (!rt.initialized) {
@@ -52,8 +57,12 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
                                        std::to_string(kMaxGpusPerNode) + ")");
   }
   if (max_blocks < 1) return ffi::Error::InvalidArgument("jaxnvrar: max_blocks must be >= 1");
-  if (one_shot && (num_ranks != gpus_per_node || num_ranks < 2)) {
-    return ffi::Error::InvalidArgument("jaxnvrar: a one-shot launch needs one node of several GPUs");
+  if ((one_shot || bulk) && (num_ranks != gpus_per_node || num_ranks < 2)) {
+    return ffi::Error::InvalidArgument("jaxnvrar: one-shot and bulk launches need one node of several GPUs");
+  }
+  if (bulk && max_blocks > kBulkMaxBlocks) {
+    return ffi::Error::InvalidArgument("jaxnvrar: a bulk launch takes at most " + std::to_string(kBulkMaxBlocks) +
+                                       " blocks");
   }
   if (static_cast<int64_t>(pe_groups.size()) != static_cast<int64_t>(rt.num_pes) * num_ranks) {
     return ffi::Error::InvalidArgument(
@@ -70,7 +79,7 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
     }
     return ffi::Error::Success();
   }
-  const int64_t needed = WorkspaceBytesNeeded(n, itemsize, num_ranks, gpus_per_node, one_shot != 0);
+  const int64_t needed = WorkspaceBytesNeeded(n, itemsize, num_ranks, gpus_per_node, one_shot != 0, bulk != 0);
   if (needed > rt.workspace_bytes) {
     return ffi::Error::InvalidArgument(
         "jaxnvrar: message needs " + std::to_string(needed) + " bytes of workspace, have " +
@@ -93,7 +102,8 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.num_elements = n;
   // One-shot: a single slice, the whole message.
   const int32_t slices = one_shot ? 1 : gpus_per_node;
-  args.slice_cells = SliceCells(n, slices, itemsize);
+  // Units a thread moves: 16-byte LL cells of 8 data bytes, or (bulk) 16 data bytes.
+  args.slice_cells = bulk ? SliceCapacityElements(n, slices, itemsize) * itemsize / kChunkBytes : SliceCells(n, slices, itemsize);
   args.slice_stride = SliceCapacityElements(n, slices, itemsize);
   args.one_shot = one_shot != 0;
   args.workspace = rt.workspace;
@@ -102,7 +112,7 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.gpus_per_node = gpus_per_node;
   args.num_steps = NumInterNodeSteps(num_nodes);
   args.signature.elements = static_cast<uint32_t>(n);
-  args.signature.shape = DtypeCode(dtype) << 28 | (one_shot ? kLaunchOneShot : 0u) << 24 |
+  args.signature.shape = DtypeCode(dtype) << 28 | (one_shot ? kLaunchOneShot : 0u) << 24 | (bulk ? kLaunchBulk : 0u) << 24 |
                          static_cast<uint32_t>(gpus_per_node) << 16 |
                          (static_cast<uint32_t>(num_nodes) & 0xFFFFu);
   args.check_calls = check_calls;
@@ -131,18 +141,21 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
     args.inter_peer_ptr[s] = rt.force_put ? nullptr : static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
   }
   Layout layout;
+  static_assert(kCellBytes == kChunkBytes, "inboxes hold slice_cells units of 16 bytes");
   layout.slice_bytes = args.slice_cells * kCellBytes;
   layout.gpus_per_node = gpus_per_node;
   layout.num_steps = args.num_steps;
-  layout.half_bytes = (one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * args.num_steps) * layout.slice_bytes;
+  const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * args.num_steps;
+  layout.flags_offset = inboxes * layout.slice_bytes;
+  layout.half_bytes = layout.flags_offset + (bulk ? BulkFlagBytes(gpus_per_node) : 0);
 
   // One cell per thread up to max_blocks blocks; past that, threads take several cells.
   int64_t blocks = CeilDiv(args.slice_cells, kThreadsPerBlock);
   blocks = blocks < 1 ? 1 : (blocks > max_blocks ? max_blocks : blocks);
   switch (dtype) {
-    case ffi::F32: Launch<float>(stream, args, layout, blocks); break;
-    case ffi::BF16: Launch<__nv_bfloat16>(stream, args, layout, blocks); break;
-    default: Launch<__half>(stream, args, layout, blocks); break;
+    case ffi::F32: Launch<float>(stream, args, layout, blocks, bulk != 0); break;
+    case ffi::BF16: Launch<__nv_bfloat16>(stream, args, layout, blocks, bulk != 0); break;
+    default: Launch<__half>(stream, args, layout, blocks, bulk != 0); break;
   }
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
@@ -162,6 +175,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarAllReduce, AllReduceImpl,
                                   .Attr<int32_t>("gpus_per_node")
                                   .Attr<int32_t>("max_blocks")
                                   .Attr<int32_t>("one_shot")
+                                  .Attr<int32_t>("bulk")
                                   .Attr<int32_t>("check_calls")
                                   .Attr<ffi::Span<const int32_t>>("pe_groups"),
                               {ffi::Traits::kCmdBufferCompatible});

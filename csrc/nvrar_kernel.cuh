@@ -51,6 +51,7 @@ struct CallSignature {
 };
 // Launch bits of a CallSignature: ranks must agree on the workspace layout too.
 constexpr uint32_t kLaunchOneShot = 1u;
+constexpr uint32_t kLaunchBulk = 2u;
 
 struct KernelArgs {
   const void* input;
@@ -94,6 +95,12 @@ struct Layout {
   __device__ int64_t AllGatherInbox(int32_t from_local) const {
     return (gpus_per_node + 2 * num_steps + from_local) * slice_bytes;
   }
+  // Bulk launches (nvrar_bulk_kernel.cuh): one flag per (phase, sender, block) after the inboxes.
+  int64_t flags_offset;
+  __device__ int64_t BulkFlag(int32_t phase, int32_t from_local, int32_t block) const {
+    return flags_offset + ((static_cast<int64_t>(phase) * gpus_per_node + from_local) * kBulkMaxBlocks + block) *
+                              static_cast<int64_t>(sizeof(uint32_t));
+  }
   __device__ static int64_t SignatureSlot(unsigned long long calls, int32_t slot) {
     return kSignatureOffset + (static_cast<int64_t>(calls & 1ull) * kSignatureSlots + slot) * kCellBytes;
   }
@@ -121,15 +128,6 @@ template <>
 struct CellCodec<__half> {
   __device__ static float ToFloat(__half v) { return __half2float(v); }
   __device__ static __half FromFloat(float v) { return __float2half_rn(v); }
-};
-
-// A cell's 8 data bytes seen as elements of T.
-template <typename T>
-union CellData {
-  static constexpr int kPerCell = kCellDataBytes / sizeof(T);
-  Cell cell;
-  uint2 vector;
-  T values[kPerCell];
 };
 
 __device__ __forceinline__ uint64_t GlobalTimerNs() {
@@ -235,60 +233,79 @@ __device__ __forceinline__ Cell AwaitCell(const char* address, uint32_t flag, co
   return data;
 }
 
-// Cell `cell` of slice `slice` of a message, zero past the slice's end.
-template <typename T>
-__device__ __forceinline__ Cell LoadSliceCell(const KernelArgs& args, const void* message, int32_t slice,
-                                              int64_t cell) {
-  using Data = CellData<T>;
+// Unit `unit` (a Vector's worth of elements: 8 bytes for a cell, 16 for a bulk chunk) of
+// slice `slice` of a message, zero past the slice's end.
+template <typename T, typename Vector>
+union Packed {
+  static constexpr int kCount = sizeof(Vector) / sizeof(T);
+  Vector vector;
+  T values[kCount];
+};
+
+template <typename T, typename Vector>
+__device__ __forceinline__ Vector LoadSliceUnit(const KernelArgs& args, const void* message, int32_t slice,
+                                                int64_t unit) {
+  using Data = Packed<T, Vector>;
   const T* base = static_cast<const T*>(message);
   const int64_t slice_begin = Min64(slice * args.slice_stride, args.num_elements);
   const int64_t slice_end = Min64(slice_begin + args.slice_stride, args.num_elements);
-  const int64_t first = slice_begin + cell * Data::kPerCell;
-  Data d;
-  if (first + Data::kPerCell <= slice_end) {  // slices start 16-byte aligned: one 8-byte load
-    d.vector = *reinterpret_cast<const uint2*>(base + first);
-    return d.cell;
+  const int64_t first = slice_begin + unit * Data::kCount;
+  if (first + Data::kCount <= slice_end) {  // slices start 16-byte aligned: one vector load
+    return *reinterpret_cast<const Vector*>(base + first);
   }
-  d.cell = Cell{0, 0};
+  Data d;
+  d.vector = Vector{};
 #pragma unroll
-  for (int k = 0; k < Data::kPerCell; ++k) {
+  for (int k = 0; k < Data::kCount; ++k) {
     if (first + k < slice_end) d.values[k] = base[first + k];
   }
-  return d.cell;
+  return d.vector;
+}
+
+template <typename T, typename Vector>
+__device__ __forceinline__ void StoreSliceUnit(const KernelArgs& args, int32_t slice, int64_t unit, Vector data) {
+  using Data = Packed<T, Vector>;
+  T* output = static_cast<T*>(args.output);
+  const int64_t slice_begin = Min64(slice * args.slice_stride, args.num_elements);
+  const int64_t slice_end = Min64(slice_begin + args.slice_stride, args.num_elements);
+  const int64_t first = slice_begin + unit * Data::kCount;
+  if (first + Data::kCount <= slice_end) {
+    *reinterpret_cast<Vector*>(output + first) = data;
+    return;
+  }
+  Data d;
+  d.vector = data;
+#pragma unroll
+  for (int k = 0; k < Data::kCount; ++k) {
+    if (first + k < slice_end) output[first + k] = d.values[k];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Cell LoadSliceCell(const KernelArgs& args, const void* message, int32_t slice,
+                                              int64_t cell) {
+  const uint2 v = LoadSliceUnit<T, uint2>(args, message, slice, cell);
+  return Cell{v.x, v.y};
 }
 
 template <typename T>
 __device__ __forceinline__ void StoreSliceCell(const KernelArgs& args, int32_t slice, int64_t cell, Cell data) {
-  using Data = CellData<T>;
-  T* output = static_cast<T*>(args.output);
-  const int64_t slice_begin = Min64(slice * args.slice_stride, args.num_elements);
-  const int64_t slice_end = Min64(slice_begin + args.slice_stride, args.num_elements);
-  const int64_t first = slice_begin + cell * Data::kPerCell;
-  Data d;
-  d.cell = data;
-  if (first + Data::kPerCell <= slice_end) {
-    *reinterpret_cast<uint2*>(output + first) = d.vector;
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < Data::kPerCell; ++k) {
-    if (first + k < slice_end) output[first + k] = d.values[k];
-  }
+  StoreSliceUnit<T, uint2>(args, slice, cell, make_uint2(data.lo, data.hi));
 }
 
 // a + b per element in float32, rounded to T; the lower node's value goes first.
 template <typename T>
 __device__ __forceinline__ Cell AddCells(Cell first, Cell second) {
-  using Data = CellData<T>;
+  using Data = Packed<T, uint2>;
   using Codec = CellCodec<T>;
   Data a, b, out;
-  a.cell = first;
-  b.cell = second;
+  a.vector = make_uint2(first.lo, first.hi);
+  b.vector = make_uint2(second.lo, second.hi);
 #pragma unroll
-  for (int k = 0; k < Data::kPerCell; ++k) {
+  for (int k = 0; k < Data::kCount; ++k) {
     out.values[k] = Codec::FromFloat(Codec::ToFloat(a.values[k]) + Codec::ToFloat(b.values[k]));
   }
-  return out.cell;
+  return Cell{out.vector.x, out.vector.y};
 }
 
 // Thread 0 of block 0 tells every peer that sends to or receives from this GPU what this
@@ -330,22 +347,68 @@ __device__ __forceinline__ void AwaitSignatures(const KernelArgs& args, unsigned
   }
 }
 
+// What every block of a call works out first. Each call alternates workspace halves and carries
+// a non-zero flag that differs from the last call's; the block takes a contiguous range of the
+// slice's units (cells, or bulk chunks), so that it can put its range in one call.
+struct CallStart {
+  unsigned long long calls;
+  uint32_t flag;
+  int64_t half;
+  int64_t block_begin, block_end;
+};
+
+__device__ __forceinline__ CallStart BeginCall(const KernelArgs& args, const Layout& layout) {
+  const unsigned long long calls = reinterpret_cast<const WorkspaceHeader*>(args.workspace)->calls;
+  const int64_t per_block = CeilDiv(args.slice_cells, gridDim.x);
+  const int64_t begin = Min64(blockIdx.x * per_block, args.slice_cells);
+  return CallStart{calls, static_cast<uint32_t>(calls % 0xFFFFFFFEull) + 1u, layout.Half(calls), begin,
+                   Min64(begin + per_block, args.slice_cells)};
+}
+
+// The sum over locals 0..G-1, in that order, in float32, rounded to T once: the schedule's
+// reduce-scatter sum. fetch(j) gives local j's unit (a Vector of elements of T).
+template <typename T, typename Vector, typename Fetch>
+__device__ __forceinline__ Vector SumOverLocals(int32_t gpus_per_node, Fetch fetch) {
+  using Data = Packed<T, Vector>;
+  using Codec = CellCodec<T>;
+  float acc[Data::kCount];
+  for (int32_t j = 0; j < gpus_per_node; ++j) {
+    Data d;
+    d.vector = fetch(j);
+#pragma unroll
+    for (int k = 0; k < Data::kCount; ++k) {
+      const float v = Codec::ToFloat(d.values[k]);
+      acc[k] = j == 0 ? v : acc[k] + v;
+    }
+  }
+  Data sum;
+#pragma unroll
+  for (int k = 0; k < Data::kCount; ++k) sum.values[k] = Codec::FromFloat(acc[k]);
+  return sum.vector;
+}
+
+// The last block to finish advances the call counter for the next launch.
+__device__ __forceinline__ void FinishCall(WorkspaceHeader* header, unsigned long long calls) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&header->blocks_done, 1u) == gridDim.x - 1) {
+      header->blocks_done = 0;
+      header->calls = calls + 1;
+      __threadfence();
+    }
+  }
+}
+
 template <typename T>
 __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
-  using Data = CellData<T>;
-  using Codec = CellCodec<T>;
-  WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
-  // Every call alternates halves and carries a non-zero flag that differs from the last call's.
-  const unsigned long long calls = header->calls;
-  const uint32_t flag = static_cast<uint32_t>(calls % 0xFFFFFFFEull) + 1u;
-  const int64_t half = layout.Half(calls);
+  const CallStart start = BeginCall(args, layout);
+  const unsigned long long calls = start.calls;
+  const uint32_t flag = start.flag;
+  const int64_t half = start.half;
+  const int64_t block_begin = start.block_begin, block_end = start.block_end;
   const int32_t g = args.gpus_per_node;
   const bool one_node = args.num_steps == 0;
-
-  // Cells are split into contiguous block ranges (so a block can put its range in one call).
-  const int64_t per_block = CeilDiv(args.slice_cells, gridDim.x);
-  const int64_t block_begin = Min64(blockIdx.x * per_block, args.slice_cells);
-  const int64_t block_end = Min64(block_begin + per_block, args.slice_cells);
   const int64_t first_cell = block_begin + threadIdx.x;
   const int64_t stride = blockDim.x;
   auto at = [](const char* base, int64_t offset, int64_t cell) {
@@ -368,29 +431,21 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
   // ... then sum my slice over locals 0..G-1 in order, in float32. The partial result waits
   // in my slice of the output; with one node it is final and goes to the all-gather at once.
   for (int64_t cell = first_cell; cell < block_end; cell += stride) {
-    float acc[Data::kPerCell];
-    for (int32_t j = 0; j < g; ++j) {
-      Data d;
-      d.cell = j == args.local
-                   ? LoadSliceCell<T>(args, args.input, my_slice, cell)
-                   : AwaitCell(at(args.workspace, half + layout.ReduceScatterInbox(j), cell), flag, args, calls,
-                               WaitSite{kWaitReduceScatter, 0, j, j});
-#pragma unroll
-      for (int k = 0; k < Data::kPerCell; ++k) {
-        const float v = Codec::ToFloat(d.values[k]);
-        acc[k] = j == 0 ? v : acc[k] + v;
-      }
-    }
-    Data mine;
-#pragma unroll
-    for (int k = 0; k < Data::kPerCell; ++k) mine.values[k] = Codec::FromFloat(acc[k]);
+    const uint2 sum = SumOverLocals<T, uint2>(g, [&](int32_t j) {
+      const Cell c = j == args.local
+                         ? LoadSliceCell<T>(args, args.input, my_slice, cell)
+                         : AwaitCell(at(args.workspace, half + layout.ReduceScatterInbox(j), cell), flag, args,
+                                     calls, WaitSite{kWaitReduceScatter, 0, j, j});
+      return make_uint2(c.lo, c.hi);
+    });
+    const Cell mine{sum.x, sum.y};
     if (one_node && !args.one_shot) {
       for (int32_t d = 0; d < g; ++d) {
         if (d != args.local) StoreCell(at(args.node_peers[d], half + layout.AllGatherInbox(args.local), cell),
-                                       mine.cell, flag);
+                                       mine, flag);
       }
     }
-    StoreSliceCell<T>(args, my_slice, cell, mine.cell);
+    StoreSliceCell<T>(args, my_slice, cell, mine);
   }
 
   // 2. Between nodes, on my slice: recursive doubling (with fold-in/out for non-powers of 2).
@@ -451,16 +506,7 @@ __global__ void NvrarAllReduceKernel(KernelArgs args, Layout layout) {
 
   if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
   if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
-  // The last block to finish advances the call counter for the next launch.
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&header->blocks_done, 1u) == gridDim.x - 1) {
-      header->blocks_done = 0;
-      header->calls = calls + 1;
-      __threadfence();
-    }
-  }
+  FinishCall(reinterpret_cast<WorkspaceHeader*>(args.workspace), calls);
 }
 
 }  // namespace jaxnvrar

@@ -112,10 +112,24 @@ JAXNVRAR_HD int64_t SliceCells(int64_t num_elements, int32_t gpus_per_node, int6
   return SliceCapacityElements(num_elements, gpus_per_node, itemsize) * itemsize / kCellDataBytes;
 }
 
+// Bulk launches (one node only): raw 16-byte chunks, then one flag per (phase, sender, block).
+constexpr int64_t kBulkMaxBlocks = 1024;
+constexpr int64_t kChunkBytes = 16;  // data bytes a thread moves at once in a bulk launch
+
+JAXNVRAR_HD int64_t BulkFlagBytes(int32_t gpus_per_node) {
+  return 2 * gpus_per_node * kBulkMaxBlocks * static_cast<int64_t>(sizeof(uint32_t));
+}
+
 // A one-shot launch (one node only): G inboxes, each the whole message (a single "slice").
 JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize,
                                          int32_t num_ranks, int32_t gpus_per_node,
-                                         bool one_shot = false) {
+                                         bool one_shot = false, bool bulk = false) {
+  const int32_t slices = one_shot ? 1 : gpus_per_node;
+  if (bulk) {
+    const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node;
+    const int64_t slice_bytes = SliceCapacityElements(num_elements, slices, itemsize) * itemsize;
+    return kWorkspaceHeaderBytes + 2 * (inboxes * slice_bytes + BulkFlagBytes(gpus_per_node));
+  }
   if (one_shot) {
     return kWorkspaceHeaderBytes +
            2 * gpus_per_node * SliceCells(num_elements, 1, itemsize) * kCellBytes;

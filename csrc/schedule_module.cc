@@ -20,5 +20,6 @@ NB_MODULE(_jaxnvrar_cpu, m) {
   });
   m.def("slice_capacity_elements", &jaxnvrar::SliceCapacityElements);
   m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded, nb::arg("num_elements"),
-        nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false);
+        nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false,
+        nb::arg("bulk") = false);
 }

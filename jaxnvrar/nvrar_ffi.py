@@ -75,6 +75,7 @@ def lower(ctx, x, *, topology: Topology, groups):
         gpus_per_node=np.int32(topology.gpus_per_node),
         max_blocks=np.int32(launch.max_blocks),
         one_shot=np.int32(launch.one_shot),
+        bulk=np.int32(launch.bulk),
         check_calls=np.int32(runtime.check_calls()),
         pe_groups=table.reshape(-1),
     )

@@ -24,6 +24,7 @@ DEFAULT_TIMEOUT_S = 10.0
 FORCE_PUT_ENV = "JAXNVRAR_FORCE_PUT"  # 1: inter-node phase through nvshmem puts even over P2P
 MAX_BLOCKS_ENV = "JAXNVRAR_MAX_BLOCKS"  # thread blocks per all-reduce, at most (default 128)
 ONE_SHOT_ENV = "JAXNVRAR_ONE_SHOT"  # 1/0: one-shot launches on one node always/never (default: tuned)
+BULK_ENV = "JAXNVRAR_BULK"  # 1/0: bulk launches (raw data, a flag per block) on one node always/never
 CHECK_CALLS_ENV = "JAXNVRAR_CHECK_CALLS"  # 0: ranks do not compare call signatures (default 1)
 FIRST_CALL_ENV = "JAXNVRAR_FIRST_CALL"  # testing: start the call counter here (flag wrap-around)
 _KV_TIMEOUT_MS = 120_000
@@ -45,6 +46,7 @@ class _State:
     workspace_bytes: int
     max_blocks: int | None  # None: the tuning table's choice, else DEFAULT_MAX_BLOCKS
     one_shot: bool | None  # None: the tuning table's choice, else two-shot
+    bulk: bool | None  # None: the tuning table's choice, else LL cells
     check_calls: bool
     num_pes: int
     my_pe: int
@@ -161,42 +163,50 @@ def set_max_blocks(blocks: int | None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """How the kernel runs one call: its width, and one-shot (one node) or the full schedule."""
+    """How the kernel runs one call: its width; on one node also one-shot (no all-gather) and
+    bulk (raw data and a flag per block, for large messages) instead of LL cells."""
 
     max_blocks: int
     one_shot: bool = False
+    bulk: bool = False
 
     @property
     def label(self) -> str:
-        """"128" or "128-1shot": how benchmarks and the tuning table name a launch."""
-        return f"{self.max_blocks}-1shot" if self.one_shot else str(self.max_blocks)
+        """"128", "128-1shot", "128-bulk", "128-1shot-bulk": how benchmarks and the tuning table
+        name a launch."""
+        return str(self.max_blocks) + ("-1shot" if self.one_shot else "") + ("-bulk" if self.bulk else "")
 
     @classmethod
     def parse(cls, label: str) -> Launch:
-        blocks, _, variant = label.partition("-")
-        if not blocks.isdigit() or variant not in ("", "1shot") or not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT:
-            raise ValueError(f"bad kernel launch {label!r}: expected BLOCKS or BLOCKS-1shot, "
-                             f"BLOCKS in [1, {MAX_BLOCKS_LIMIT}], e.g. 128 or 32-1shot")
-        return cls(int(blocks), variant == "1shot")
+        blocks, *variants = label.split("-")
+        if (not blocks.isdigit() or not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT
+                or variants not in ([], ["1shot"], ["bulk"], ["1shot", "bulk"])):
+            raise ValueError(f"bad kernel launch {label!r}: expected BLOCKS[-1shot][-bulk] with BLOCKS in "
+                             f"[1, {MAX_BLOCKS_LIMIT}], e.g. 128, 32-1shot or 128-1shot-bulk")
+        return cls(int(blocks), "1shot" in variants, "bulk" in variants)
 
 
 def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> Launch:
     """The launch of a call lowered now. Each choice: the explicit setting ($JAXNVRAR_MAX_BLOCKS,
-    $JAXNVRAR_ONE_SHOT, `set_max_blocks`, `set_one_shot`), else the tuning table's, else 128
-    blocks and the full schedule. One-shot only where possible (one node) and where the
-    workspace holds it; otherwise the full schedule, which computes the same bits."""
+    $JAXNVRAR_ONE_SHOT, $JAXNVRAR_BULK, `launch_override`, `set_max_blocks`), else the tuning
+    table's, else 128 blocks, LL cells and the full schedule. One-shot and bulk only where
+    possible (one node) and where the workspace holds them; otherwise the default launch, which
+    computes the same bits."""
     from jaxnvrar import schedule, tuning
 
     nbytes = num_elements * itemsize
     blocks = max_blocks(topology, dtype_name, nbytes)
     one_shot = _state.one_shot if _state is not None else None
-    if one_shot is None:
+    bulk = _state.bulk if _state is not None else None
+    if one_shot is None or bulk is None:
         choice = tuning.choice_for(topology, dtype_name, nbytes)
-        one_shot = bool(choice and choice.one_shot)
-    one_shot = (one_shot and schedule.one_shot_possible(topology)
-                and schedule.workspace_bytes_needed(num_elements, itemsize, topology, one_shot=True)
-                <= workspace_bytes())
-    return Launch(blocks, one_shot)
+        one_shot = bool(choice and choice.one_shot) if one_shot is None else one_shot
+        bulk = bool(choice and choice.bulk) if bulk is None else bulk
+    if not schedule.one_shot_possible(topology):
+        return Launch(blocks)
+    bulk = bulk and blocks <= schedule.BULK_MAX_BLOCKS
+    fits = schedule.workspace_bytes_needed(num_elements, itemsize, topology, one_shot, bulk) <= workspace_bytes()
+    return Launch(blocks, one_shot, bulk) if fits else Launch(blocks)
 
 
 @contextlib.contextmanager
@@ -205,12 +215,12 @@ def launch_override(launch: Launch):
     launches this way); the settings before it come back afterwards."""
     if _state is None:
         raise RuntimeError("jaxnvrar.runtime.launch_override() needs jaxnvrar.initialize() first")
-    saved = _state.max_blocks, _state.one_shot
-    _state.max_blocks, _state.one_shot = launch.max_blocks, launch.one_shot
+    saved = _state.max_blocks, _state.one_shot, _state.bulk
+    _state.max_blocks, _state.one_shot, _state.bulk = launch.max_blocks, launch.one_shot, launch.bulk
     try:
         yield
     finally:
-        _state.max_blocks, _state.one_shot = saved
+        _state.max_blocks, _state.one_shot, _state.bulk = saved
 
 
 def set_one_shot(one_shot: bool | None) -> None:
@@ -318,6 +328,7 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     timeout_s = _env_number(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_S, minimum=0.001)
     max_blocks = _env_number(MAX_BLOCKS_ENV, int, None, minimum=1, maximum=MAX_BLOCKS_LIMIT)
     one_shot = _env_number(ONE_SHOT_ENV, int, None, minimum=0, maximum=1)
+    bulk = _env_number(BULK_ENV, int, None, minimum=0, maximum=1)
     first_call = _env_number(FIRST_CALL_ENV, int, 0, minimum=0)
     check_calls = bool(_env_number(CHECK_CALLS_ENV, int, 1, minimum=0))
     if _state is None and _ever_initialized:
@@ -333,15 +344,15 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
             )
         return
     _check_environment()
-    check_same_settings({MAX_BLOCKS_ENV: max_blocks, ONE_SHOT_ENV: one_shot, CHECK_CALLS_ENV: int(check_calls),
-                         WORKSPACE_ENV: requested})
+    check_same_settings({MAX_BLOCKS_ENV: max_blocks, ONE_SHOT_ENV: one_shot, BULK_ENV: bulk,
+                         CHECK_CALLS_ENV: int(check_calls), WORKSPACE_ENV: requested})
     extension = cuda_extension()
     # The symmetric heap must hold the workspace; leave NVSHMEM room for its own needs.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(requested + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
     extension.initialize(requested, timeout_s, os.environ.get(FORCE_PUT_ENV, "0") == "1", first_call)
-    _state = _State(requested, max_blocks, None if one_shot is None else bool(one_shot), check_calls,
-                    extension.num_pes(), extension.my_pe(), nvshmem)
+    _state = _State(requested, max_blocks, None if one_shot is None else bool(one_shot),
+                    None if bulk is None else bool(bulk), check_calls, extension.num_pes(), extension.my_pe(), nvshmem)
     _ever_initialized = True
     from jaxnvrar import nvrar_ffi, tuning
 
@@ -413,7 +424,7 @@ def describe_call(signature: tuple[int, int]) -> str:
     CallSignature, dtype << 28 | launch << 24 | gpus_per_node << 16 | nodes)."""
     elements, code = signature
     dtype = _DTYPE_CODES.get(code >> 28, f"dtype#{code >> 28}")
-    launch = ", one-shot" if (code >> 24) & 1 else ""
+    launch = (", one-shot" if (code >> 24) & 1 else "") + (", bulk" if (code >> 24) & 2 else "")
     return f"{elements} x {dtype} over {code & 0xFFFF} node(s) of {(code >> 16) & 0xFF} GPU(s){launch}"
 
 

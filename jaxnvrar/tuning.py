@@ -1,8 +1,8 @@
-"""Launch tuning: which NVRAR launch (width, one-shot or not), and whether NVRAR at all, per
-message size.
+"""Launch tuning: which NVRAR launch (width; on one node one-shot or not, LL cells or bulk), and
+whether NVRAR at all, per message size.
 
 `jaxnvrar-bench tune` measures, once per (GPU kind, topology, dtype), psum and the kernel at
-several launches (thread blocks; on one node also one-shot) for each size bucket, checks each
+several launches (thread blocks; on one node also one-shot and bulk) for each size bucket, checks each
 launch's result against psum, and writes the winners to a JSON
 file ($JAXNVRAR_TUNING_FILE, default ~/.cache/jaxnvrar/tuning.json). `jaxnvrar.initialize()`
 loads it on process 0 and shares it through jax.distributed, so every rank lowers the same
@@ -14,7 +14,8 @@ choices (ranks that disagreed on nvrar-vs-psum would deadlock). Then:
 Without a table entry, the documented heuristic applies (`api.choose_algorithm`): on one node
 NVRAR up to `api.AUTO_NVRAR_MAX_BYTES` (the 2 x H200 crossover, $JAXNVRAR_AUTO_MAX_BYTES), across
 nodes the cost model's projection; 128 blocks ($JAXNVRAR_MAX_BLOCKS), the full schedule
-($JAXNVRAR_ONE_SHOT=1 for one-shot). An explicit setting wins over the table.
+and LL cells ($JAXNVRAR_ONE_SHOT=1, $JAXNVRAR_BULK=1 to change). An explicit setting wins over the
+table.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ class Choice:
     algorithm: str    # "nvrar" or "psum": the faster one measured for this bucket
     max_blocks: int   # the kernel's best launch width for this bucket
     one_shot: bool = False  # whether that launch was one-shot
+    bulk: bool = False      # whether it moved raw data (a flag per block) instead of LL cells
 
 
 class Table:
-    """Measured choices: entries[key][bucket] = {"algorithm", "max_blocks", "one_shot", "nvrar_us",
-    "psum_us", "nvrar_us_by_launch"}."""
+    """Measured choices: entries[key][bucket] = {"algorithm", "max_blocks", "one_shot", "bulk",
+    "nvrar_us", "psum_us", "nvrar_us_by_launch"}."""
 
     def __init__(self, entries: dict | None = None):
         self.entries = entries or {}
@@ -67,10 +69,11 @@ class Table:
         algorithm = "nvrar" if nvrar_us < psum_us else "psum"
         self.entries.setdefault(key, {})[str(bucket_of(nbytes))] = {
             "algorithm": algorithm, "max_blocks": launch.max_blocks, "one_shot": launch.one_shot,
+            "bulk": launch.bulk,
             "nvrar_us": nvrar_us, "psum_us": psum_us,
             "nvrar_us_by_launch": {l.label: t for l, t in sorted(nvrar_us_by_launch.items(),
                                                                  key=lambda item: item[0].label)}}
-        return Choice(algorithm, launch.max_blocks, launch.one_shot)
+        return Choice(algorithm, launch.max_blocks, launch.one_shot, launch.bulk)
 
     def lookup(self, key: str, nbytes: int) -> Choice | None:
         """The choice measured for this message's bucket; past the largest bucket measured, that
@@ -82,7 +85,7 @@ class Table:
         wanted = bucket_of(nbytes)
         bucket = next((b for b in measured if b >= wanted), measured[-1])
         e = buckets[str(bucket)]
-        return Choice(e["algorithm"], int(e["max_blocks"]), bool(e.get("one_shot", False)))
+        return Choice(e["algorithm"], int(e["max_blocks"]), bool(e.get("one_shot", False)), bool(e.get("bulk", False)))
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "entries": self.entries}, indent=1, sort_keys=True)

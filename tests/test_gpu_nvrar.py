@@ -4,8 +4,8 @@
         jaxnvrar-launch -n 2 -- python -m pytest -m gpu tests/test_gpu_nvrar.py
 
 Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py). With
-JAXNVRAR_ONE_SHOT=1 every one-node call launches one-shot (JAXNVRAR_FORCE_PUT=1: the
-inter-node phase through NVSHMEM puts).
+JAXNVRAR_ONE_SHOT=1 / JAXNVRAR_BULK=1 every one-node call launches one-shot / bulk
+(JAXNVRAR_FORCE_PUT=1: the inter-node phase through NVSHMEM puts).
 """
 
 import jax
@@ -64,33 +64,34 @@ def test_matches_psum_and_reference(size, dtype):
         assert out.tobytes() == reference.tobytes(), f"nvrar != reference for topology {topology}"
 
 
-@pytest.fixture
-def one_shot_launches():
-    jaxnvrar.runtime.set_one_shot(True)
-    yield
-    jaxnvrar.runtime.set_one_shot(None)
+# One-node launches other than the default: one-shot, bulk, both; few blocks make every thread
+# take several cells/chunks.
+LAUNCHES = ["128-1shot", "128-bulk", "128-1shot-bulk", "3-bulk", "5-1shot"]
+LAUNCH_SIZES = [1, 7, 4097, (1 << 16) + 3, 1 << 20, 4 << 20]
 
 
-@pytest.mark.parametrize("size", SIZES[:-1])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_one_shot_launch_gives_the_same_bits(one_shot_launches, size, dtype):
-    # One node, every local sums all copies in local order: bit for bit the full schedule's sums.
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("size", LAUNCH_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=lambda d: jnp.dtype(d).name)
+def test_one_node_launches_give_the_same_bits(launch, size, dtype):
+    # Same schedule, same sums in the same order: bit for bit the reference's.
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
     host = _host(num_ranks, size, dtype)
-    out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
+    with jaxnvrar.runtime.launch_override(jaxnvrar.runtime.Launch.parse(launch)):
+        out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
+        # Across "nodes" these launches do not apply; the default one runs and still agrees.
+        across = run_per_rank(_reduce("nvrar", 1), host, mesh) if num_ranks > 1 else None
     _assert_replicas_identical(out)
-    reference = run_per_rank(_reduce("reference", num_ranks), host, mesh)
-    assert out.tobytes() == reference.tobytes()
-    # Across "nodes" one-shot does not apply; the full schedule runs and still agrees.
-    if num_ranks > 1:
-        out = run_per_rank(_reduce("nvrar", 1), host, mesh)
-        assert out.tobytes() == run_per_rank(_reduce("reference", 1), host, mesh).tobytes()
+    assert out.tobytes() == run_per_rank(_reduce("reference", num_ranks), host, mesh).tobytes()
+    if across is not None:
+        assert across.tobytes() == run_per_rank(_reduce("reference", 1), host, mesh).tobytes()
 
 
-def test_one_shot_replays_and_alternates_with_the_full_schedule(one_shot_launches):
-    # Consecutive calls switch launches (one-shot on one node, the full schedule across
-    # "nodes"): both read the same call counter and halves of the workspace.
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_launches_replay_and_alternate_with_the_default(launch):
+    # Consecutive calls switch launches (this one on one node, the default across "nodes"):
+    # all of them share the call counter and the halves of the workspace.
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
 
@@ -100,10 +101,11 @@ def test_one_shot_replays_and_alternates_with_the_full_schedule(one_shot_launche
             a = lax.pcast(a / num_ranks, "x", to="varying")
         return a
 
-    for run in range(10):
-        host = _host(num_ranks, 5000, jnp.float32, seed=run)
-        out = run_per_rank(chain, host, mesh)
-        np.testing.assert_allclose(out[0], host.mean(0), rtol=1e-5, atol=1e-6)
+    with jaxnvrar.runtime.launch_override(jaxnvrar.runtime.Launch.parse(launch)):
+        for run in range(10):
+            host = _host(num_ranks, 5000 + 4099 * run, jnp.float32, seed=run)
+            out = run_per_rank(chain, host, mesh)
+            np.testing.assert_allclose(out[0], host.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_scan_over_layers_mixed_with_psum():

@@ -49,7 +49,8 @@ def test_several_gpus_in_one_process_are_refused():
 @pytest.mark.parametrize("name,value", [("JAXNVRAR_TIMEOUT_S", "soon"), ("JAXNVRAR_TIMEOUT_S", "0"),
                                         ("JAXNVRAR_MAX_BLOCKS", "0"), ("JAXNVRAR_MAX_BLOCKS", "2000"),
                                         ("JAXNVRAR_FIRST_CALL", "-1"), ("JAXNVRAR_WORKSPACE_BYTES", "1000"),
-                                        ("JAXNVRAR_ONE_SHOT", "yes"), ("JAXNVRAR_ONE_SHOT", "2")])
+                                        ("JAXNVRAR_ONE_SHOT", "yes"), ("JAXNVRAR_ONE_SHOT", "2"),
+                                        ("JAXNVRAR_BULK", "-1")])
 def test_bad_environment_values_are_rejected_by_name(name, value):
     result = _run_fresh("import jaxnvrar; jaxnvrar.initialize()", **{name: value})
     assert result.returncode != 0 and f"{name}={value!r}" in result.stderr, result.stderr[-500:]
@@ -88,6 +89,7 @@ def test_call_signatures_read_in_words():
     assert describe_call((4096, 2 << 28 | 1 << 24 | 4 << 16 | 1)) == \
         "4096 x bfloat16 over 1 node(s) of 4 GPU(s), one-shot"
     assert describe_call((8, 3 << 28 | 2 << 16 | 3)) == "8 x float16 over 3 node(s) of 2 GPU(s)"
+    assert describe_call((8, 1 << 28 | 3 << 24 | 2 << 16 | 1)).endswith("of 2 GPU(s), one-shot, bulk")
 
 
 SETTINGS_SCRIPT = """

@@ -71,15 +71,17 @@ def test_cpp_slices_and_workspace_match():
                 schedule.workspace_bytes_needed(n, itemsize, topo)
         if parts > 1:
             topo = Topology(parts, parts)
-            assert cpp.workspace_bytes_needed(n, itemsize, parts, parts, True) == \
-                schedule.workspace_bytes_needed(n, itemsize, topo, one_shot=True)
+            for one_shot, bulk in ((True, False), (False, True), (True, True)):
+                assert cpp.workspace_bytes_needed(n, itemsize, parts, parts, one_shot, bulk) == \
+                    schedule.workspace_bytes_needed(n, itemsize, topo, one_shot, bulk)
 
 
 def test_one_shot_only_on_one_node():
     assert schedule.one_shot_possible(Topology(4, 4))
     assert not schedule.one_shot_possible(Topology(4, 2)) and not schedule.one_shot_possible(Topology(1, 1))
-    with pytest.raises(ValueError, match="one node"):
-        schedule.workspace_bytes_needed(1024, 2, Topology(4, 2), one_shot=True)
+    for variant in ({"one_shot": True}, {"bulk": True}):
+        with pytest.raises(ValueError, match="one node"):
+            schedule.workspace_bytes_needed(1024, 2, Topology(4, 2), **variant)
     # Two GPUs: the same bytes as the two-shot launch (the whole message vs two half-size inboxes each way).
     for n in (1 << 10, 1 << 16, 1 << 20):
         assert schedule.workspace_bytes_needed(n, 2, Topology(2, 2), one_shot=True) == \

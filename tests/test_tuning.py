@@ -77,6 +77,12 @@ def test_one_shot_launches_are_chosen_where_measured_faster_and_possible(monkeyp
     table.record(tuning.entry_key(kind, two_nodes, "bfloat16"), 128 << 10, psum_us=20.0,
                  nvrar_us_by_launch={L(128, True): 3.0})
     assert runtime.launch_for(two_nodes, "bfloat16", 64 << 10, 2) == L(128, False)
+    # Bulk, as measured; it needs at most 1024 blocks (its flags) and the workspace for its flags.
+    table.record(tuning.entry_key(kind, one_node, "bfloat16"), 4 << 20, psum_us=36.0,
+                 nvrar_us_by_launch={L(128): 33.0, L(128, False, True): 14.0, L(128, True, True): 15.0})
+    assert runtime.launch_for(one_node, "bfloat16", 2 << 20, 2) == L(128, False, True)
+    monkeypatch.setattr(runtime, "workspace_bytes", lambda: 8 << 20)
+    assert runtime.launch_for(one_node, "bfloat16", 2 << 20, 2) == L(128)
 
 
 def test_tables_from_before_one_shot_still_load():
@@ -85,10 +91,11 @@ def test_tables_from_before_one_shot_still_load():
 
 
 def test_launch_labels_round_trip_and_bad_ones_are_named():
-    for launch in (L(128), L(32, True), L(1024, True)):
+    for launch in (L(128), L(32, True), L(1024, True), L(64, False, True), L(128, True, True)):
         assert L.parse(launch.label) == launch
-    for bad in ("0", "x", "128-2shot", "2000", "-1shot"):
-        with pytest.raises(ValueError, match="BLOCKS or BLOCKS-1shot"):
+    assert L(128, True, True).label == "128-1shot-bulk"
+    for bad in ("0", "x", "128-2shot", "2000", "-1shot", "128-bulk-1shot", "128-1shot-1shot"):
+        with pytest.raises(ValueError, match=r"BLOCKS\[-1shot\]\[-bulk\]"):
             L.parse(bad)
 
 
@@ -126,4 +133,4 @@ def test_every_process_uses_process_0s_table(tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', max_blocks=32, one_shot=False)" in job.stdout, job.stdout[-2000:]
+        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', max_blocks=32, one_shot=False, bulk=False)" in job.stdout, job.stdout[-2000:]

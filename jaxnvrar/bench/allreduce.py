@@ -57,9 +57,9 @@ def add_arguments(parser) -> None:
                         help="also time NCCL (torch.distributed) and torch's symmetric-memory one-/two-shot "
                              "all-reduce, each replayed in a CUDA graph, in the same job")
     parser.add_argument("--launches", "--max-blocks", dest="launches", default=None,
-                        help="comma-separated kernel launches to compare for nvrar, each BLOCKS (at most that "
-                             "many thread blocks) or BLOCKS-1shot (one-shot, one node only), e.g. 128,128-1shot "
-                             "(columns nvrar/128, nvrar/128-1shot); default: the runtime's choice")
+                        help="comma-separated kernel launches to compare for nvrar, each BLOCKS[-1shot][-bulk]: "
+                             "at most BLOCKS thread blocks; one node only: one-shot, bulk data (a flag per block); "
+                             "e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); default: the runtime's choice")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
 

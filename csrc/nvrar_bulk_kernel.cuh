@@ -1,0 +1,141 @@
+// The "bulk" launch of the NVRAR all-reduce on one node, for messages where bandwidth counts.
+//
+// The LL cells of nvrar_kernel.cuh carry 8 data bytes in 16: half of NVLink's bandwidth goes to
+// flags. Here data moves as raw 16-byte chunks, and each block, once all its threads have
+// stored their chunks to a peer, fences and raises ONE flag for that (phase, peer, block); the
+// peer's block waits for that flag, then reads the chunks. A fence per block per phase costs
+// about a microsecond: bulk is for large messages, LL for small ones (the tuner decides).
+//
+// Same schedule and sums as the LL kernel (reduce-scatter, then all-gather; or one-shot), so
+// the results are the same bits. Block b of every rank covers the same chunks: all ranks must
+// launch the same grid, which the shared settings and tuning table guarantee.
+#pragma once
+
+#include "nvrar_kernel.cuh"
+
+namespace jaxnvrar {
+
+enum BulkPhase : int32_t { kBulkReduceScatter = 0, kBulkAllGather = 1 };
+
+// Loads and stores of a slice's chunks, as of its cells.
+template <typename T>
+__device__ __forceinline__ uint4 LoadSliceChunk(const KernelArgs& args, const void* message, int32_t slice,
+                                                int64_t chunk) {
+  return LoadSliceUnit<T, uint4>(args, message, slice, chunk);
+}
+
+template <typename T>
+__device__ __forceinline__ void StoreSliceChunk(const KernelArgs& args, int32_t slice, int64_t chunk, uint4 data) {
+  StoreSliceUnit<T, uint4>(args, slice, chunk, data);
+}
+
+// A chunk a peer wrote into my workspace: read from L2 (never a stale L1 line).
+__device__ __forceinline__ uint4 LoadInboxChunk(const char* address) {
+  return __ldcg(reinterpret_cast<const uint4*>(address));
+}
+
+__device__ __forceinline__ void StoreFlag(char* address, uint32_t flag) {
+  asm volatile("st.relaxed.sys.u32 [%0], %1;" ::"l"(address), "r"(flag) : "memory");
+}
+
+__device__ __forceinline__ uint32_t LoadFlagAcquire(const char* address) {
+  uint32_t value;
+  asm volatile("ld.acquire.sys.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+
+// Once every thread of the block has issued its chunks for `phase`: make them visible, then
+// raise this block's flag at every other local.
+__device__ __forceinline__ void PublishBlock(const KernelArgs& args, const Layout& layout, int64_t half,
+                                             int32_t phase, uint32_t flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();  // orders the whole block's stores (seen through the barrier) before the flags
+    for (int32_t d = 0; d < args.gpus_per_node; ++d) {
+      if (d != args.local) StoreFlag(args.node_peers[d] + half + layout.BulkFlag(phase, args.local, blockIdx.x), flag);
+    }
+  }
+}
+
+// Thread 0 waits for this block's flag from every other local (bounded, watching signatures
+// as AwaitCell does); the barrier then lets the whole block read what the flags cover.
+__device__ __forceinline__ void AwaitBlock(const KernelArgs& args, const Layout& layout, unsigned long long calls,
+                                           int64_t half, int32_t phase, uint32_t flag) {
+  if (threadIdx.x == 0) {
+    for (int32_t j = 0; j < args.gpus_per_node; ++j) {
+      if (j == args.local) continue;
+      const char* slot = args.workspace + half + layout.BulkFlag(phase, j, blockIdx.x);
+      const WaitSite site{phase == kBulkReduceScatter ? kWaitReduceScatter : kWaitAllGather, 0, j, j};
+      if (LoadFlagAcquire(slot) == flag) continue;
+      const uint64_t start = GlobalTimerNs();
+      for (uint32_t spin = 1; LoadFlagAcquire(slot) != flag; ++spin) {
+        if (spin % 64 == 0) {
+          if (args.check_calls) CheckSignature(args, calls, flag, site);
+          if (GlobalTimerNs() - start > args.timeout_ns) Fail(Where(args), kFailureTimeout, site, flag, Cell{0, 0});
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void NvrarBulkKernel(KernelArgs args, Layout layout) {
+  // slice_cells counts 16-byte chunks here.
+  const CallStart start = BeginCall(args, layout);
+  const int64_t half = start.half;
+  const int32_t g = args.gpus_per_node;
+  const int32_t my_slice = args.one_shot ? 0 : args.local;
+  const int64_t first_chunk = start.block_begin + threadIdx.x;
+  const int64_t stride = blockDim.x;
+  auto at = [](const char* base, int64_t offset, int64_t chunk) {
+    return const_cast<char*>(base) + offset + chunk * kChunkBytes;
+  };
+
+  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, start.calls, start.flag);
+
+  // 1. Push slice d to local d (one-shot: the whole message to every local).
+  for (int64_t chunk = first_chunk; chunk < start.block_end; chunk += stride) {
+    for (int32_t d = 0; d < g; ++d) {
+      if (d == args.local) continue;
+      *reinterpret_cast<uint4*>(at(args.node_peers[d], half + layout.ReduceScatterInbox(args.local), chunk)) =
+          LoadSliceChunk<T>(args, args.input, args.one_shot ? 0 : d, chunk);
+    }
+  }
+  PublishBlock(args, layout, half, kBulkReduceScatter, start.flag);
+  AwaitBlock(args, layout, start.calls, half, kBulkReduceScatter, start.flag);
+
+  // 2. Sum my slice over locals 0..G-1 in order, in float32 (the LL kernel's sums); push it on.
+  for (int64_t chunk = first_chunk; chunk < start.block_end; chunk += stride) {
+    const uint4 mine = SumOverLocals<T, uint4>(g, [&](int32_t j) {
+      return j == args.local ? LoadSliceChunk<T>(args, args.input, my_slice, chunk)
+                             : LoadInboxChunk(at(args.workspace, half + layout.ReduceScatterInbox(j), chunk));
+    });
+    if (!args.one_shot) {
+      for (int32_t d = 0; d < g; ++d) {
+        if (d != args.local) {
+          *reinterpret_cast<uint4*>(at(args.node_peers[d], half + layout.AllGatherInbox(args.local), chunk)) = mine;
+        }
+      }
+    }
+    StoreSliceChunk<T>(args, my_slice, chunk, mine);
+  }
+
+  // 3. All-gather: the other locals' finished slices.
+  if (!args.one_shot) {
+    PublishBlock(args, layout, half, kBulkAllGather, start.flag);
+    AwaitBlock(args, layout, start.calls, half, kBulkAllGather, start.flag);
+    for (int64_t chunk = first_chunk; chunk < start.block_end; chunk += stride) {
+      for (int32_t j = 0; j < g; ++j) {
+        if (j != args.local) {
+          StoreSliceChunk<T>(args, j, chunk, LoadInboxChunk(at(args.workspace, half + layout.AllGatherInbox(j), chunk)));
+        }
+      }
+    }
+  }
+
+  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, start.calls, start.flag);
+  FinishCall(reinterpret_cast<WorkspaceHeader*>(args.workspace), start.calls);
+}
+
+}  // namespace jaxnvrar
