@@ -59,16 +59,16 @@ def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
     choice = tuning.choice_for(topology, dtype.name, nbytes)
     if choice is not None:
         return choice.algorithm
-    if "JAXNVRAR_AUTO_MAX_BYTES" in os.environ or topology.num_nodes == 1:
-        limit = int(os.environ.get("JAXNVRAR_AUTO_MAX_BYTES", AUTO_NVRAR_MAX_BYTES))
+    if runtime.AUTO_MAX_BYTES_ENV in os.environ or topology.num_nodes == 1:
+        limit = runtime._env_number(runtime.AUTO_MAX_BYTES_ENV, int, AUTO_NVRAR_MAX_BYTES, minimum=0)
         return "nvrar" if nbytes <= limit else "psum"
     # Several nodes, not measured: the cost model's projection of the NCCL-like baseline
     # against NVRAR (network preset $JAXNVRAR_NETWORK, default InfiniBand NDR).
     from jaxnvrar import cost_model
 
-    network = os.environ.get("JAXNVRAR_NETWORK", "ndr")
+    network = os.environ.get(runtime.NETWORK_ENV, "ndr")
     if network not in cost_model.NETWORKS:
-        raise ValueError(f"JAXNVRAR_NETWORK={network!r}: choose one of {sorted(cost_model.NETWORKS)}")
+        raise ValueError(f"{runtime.NETWORK_ENV}={network!r}: choose one of {sorted(cost_model.NETWORKS)}")
     faster = cost_model.nvrar_predicted_faster(nbytes, topology.num_nodes, topology.gpus_per_node, network)
     return "nvrar" if faster else "psum"
 

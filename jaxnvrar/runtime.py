@@ -27,6 +27,8 @@ ONE_SHOT_ENV = "JAXNVRAR_ONE_SHOT"  # 1/0: one-shot launches on one node always/
 BULK_ENV = "JAXNVRAR_BULK"  # 1/0: bulk launches (raw data, a flag per block) on one node always/never
 CHECK_CALLS_ENV = "JAXNVRAR_CHECK_CALLS"  # 0: ranks do not compare call signatures (default 1)
 FIRST_CALL_ENV = "JAXNVRAR_FIRST_CALL"  # testing: start the call counter here (flag wrap-around)
+AUTO_MAX_BYTES_ENV = "JAXNVRAR_AUTO_MAX_BYTES"  # "auto" without a tuning table: nvrar up to this size
+NETWORK_ENV = "JAXNVRAR_NETWORK"  # "auto" across nodes without a table: the cost model's network
 _KV_TIMEOUT_MS = 120_000
 # Set for each rank by jaxnvrar-launch.
 ENV_COORDINATOR = "JAXNVRAR_COORDINATOR"
@@ -331,6 +333,12 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
     bulk = _env_number(BULK_ENV, int, None, minimum=0, maximum=1)
     first_call = _env_number(FIRST_CALL_ENV, int, 0, minimum=0)
     check_calls = bool(_env_number(CHECK_CALLS_ENV, int, 1, minimum=0))
+    # Everything that changes how programs are lowered: the same on every process, or they
+    # would compile different programs.
+    lowering_settings = {MAX_BLOCKS_ENV: max_blocks, ONE_SHOT_ENV: one_shot, BULK_ENV: bulk,
+                         CHECK_CALLS_ENV: int(check_calls), WORKSPACE_ENV: requested,
+                         AUTO_MAX_BYTES_ENV: _env_number(AUTO_MAX_BYTES_ENV, int, None, minimum=0),
+                         NETWORK_ENV: os.environ.get(NETWORK_ENV)}
     if _state is None and _ever_initialized:
         raise RuntimeError(
             "jaxnvrar.initialize() after jaxnvrar.finalize() in the same process is not supported: "
@@ -344,8 +352,7 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
             )
         return
     _check_environment()
-    check_same_settings({MAX_BLOCKS_ENV: max_blocks, ONE_SHOT_ENV: one_shot, BULK_ENV: bulk,
-                         CHECK_CALLS_ENV: int(check_calls), WORKSPACE_ENV: requested})
+    check_same_settings(lowering_settings)
     extension = cuda_extension()
     # The symmetric heap must hold the workspace; leave NVSHMEM room for its own needs.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(requested + (256 << 20)))

@@ -50,7 +50,7 @@ def test_several_gpus_in_one_process_are_refused():
                                         ("JAXNVRAR_MAX_BLOCKS", "0"), ("JAXNVRAR_MAX_BLOCKS", "2000"),
                                         ("JAXNVRAR_FIRST_CALL", "-1"), ("JAXNVRAR_WORKSPACE_BYTES", "1000"),
                                         ("JAXNVRAR_ONE_SHOT", "yes"), ("JAXNVRAR_ONE_SHOT", "2"),
-                                        ("JAXNVRAR_BULK", "-1")])
+                                        ("JAXNVRAR_BULK", "-1"), ("JAXNVRAR_AUTO_MAX_BYTES", "4M")])
 def test_bad_environment_values_are_rejected_by_name(name, value):
     result = _run_fresh("import jaxnvrar; jaxnvrar.initialize()", **{name: value})
     assert result.returncode != 0 and f"{name}={value!r}" in result.stderr, result.stderr[-500:]
