@@ -89,7 +89,7 @@ __global__ void NvrarBulkKernel(KernelArgs args, Layout layout) {
   const int64_t first_chunk = start.block_begin + threadIdx.x;
   const int64_t stride = blockDim.x;
   auto at = [](const char* base, int64_t offset, int64_t chunk) {
-    return const_cast<char*>(base) + offset + chunk * kChunkBytes;
+    return const_cast<char*>(base) + offset + chunk * kUnitBytes;
   };
 
   if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, start.calls, start.flag);

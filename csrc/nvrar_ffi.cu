@@ -100,11 +100,10 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.input = x.untyped_data();
   args.output = y->untyped_data();
   args.num_elements = n;
-  // One-shot: a single slice, the whole message.
-  const int32_t slices = one_shot ? 1 : gpus_per_node;
-  // Units a thread moves: 16-byte LL cells of 8 data bytes, or (bulk) 16 data bytes.
-  args.slice_cells = bulk ? SliceCapacityElements(n, slices, itemsize) * itemsize / kChunkBytes : SliceCells(n, slices, itemsize);
-  args.slice_stride = SliceCapacityElements(n, slices, itemsize);
+  // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
+  const Layout layout = MakeLayout(n, itemsize, num_ranks, gpus_per_node, one_shot != 0, bulk != 0);
+  args.slice_cells = layout.slice_units;
+  args.slice_stride = layout.slice_stride;
   args.one_shot = one_shot != 0;
   args.workspace = rt.workspace;
   args.node = my_rank / gpus_per_node;
@@ -112,8 +111,8 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   args.gpus_per_node = gpus_per_node;
   args.num_steps = NumInterNodeSteps(num_nodes);
   args.signature.elements = static_cast<uint32_t>(n);
-  args.signature.shape = DtypeCode(dtype) << 28 | (one_shot ? kLaunchOneShot : 0u) << 24 | (bulk ? kLaunchBulk : 0u) << 24 |
-                         static_cast<uint32_t>(gpus_per_node) << 16 |
+  const uint32_t launch_bits = (one_shot ? kLaunchOneShot : 0u) | (bulk ? kLaunchBulk : 0u);
+  args.signature.shape = DtypeCode(dtype) << 28 | launch_bits << 24 | static_cast<uint32_t>(gpus_per_node) << 16 |
                          (static_cast<uint32_t>(num_nodes) & 0xFFFFu);
   args.check_calls = check_calls;
   args.timeout_ns = rt.timeout_ns;
@@ -140,15 +139,6 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
     args.inter_peer_pe[s] = pe;
     args.inter_peer_ptr[s] = rt.force_put ? nullptr : static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
   }
-  Layout layout;
-  static_assert(kCellBytes == kChunkBytes, "inboxes hold slice_cells units of 16 bytes");
-  layout.slice_bytes = args.slice_cells * kCellBytes;
-  layout.gpus_per_node = gpus_per_node;
-  layout.num_steps = args.num_steps;
-  const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * args.num_steps;
-  layout.flags_offset = inboxes * layout.slice_bytes;
-  layout.half_bytes = layout.flags_offset + (bulk ? BulkFlagBytes(gpus_per_node) : 0);
-
   // One cell per thread up to max_blocks blocks; past that, threads take several cells.
   int64_t blocks = CeilDiv(args.slice_cells, kThreadsPerBlock);
   blocks = blocks < 1 ? 1 : (blocks > max_blocks ? max_blocks : blocks);

@@ -57,7 +57,7 @@ struct KernelArgs {
   const void* input;
   void* output;
   int64_t num_elements;
-  int64_t slice_cells;                       // cells per inbox (the largest slice)
+  int64_t slice_cells;                       // units per inbox (Layout::slice_units)
   int64_t slice_stride;                      // elements between slice starts
   char* workspace;                           // my workspace
   char* node_peers[kMaxGpusPerNode];         // workspaces of my node's GPUs, by local index
@@ -76,35 +76,10 @@ struct KernelArgs {
   TimeoutRecord* timeout_record;  // pinned host memory
 };
 
-// Inbox regions of one parity half, in units of slices of cells.
-struct Layout {
-  int64_t slice_bytes;  // bytes of one inbox
-  int64_t half_bytes;
-  int32_t gpus_per_node;
-  int32_t num_steps;
-  __device__ int64_t Half(unsigned long long calls) const {
-    return kWorkspaceHeaderBytes + static_cast<int64_t>(calls & 1ull) * half_bytes;
-  }
-  __device__ int64_t ReduceScatterInbox(int32_t from_local) const { return from_local * slice_bytes; }
-  __device__ int64_t InterNodeInbox(int32_t step) const {
-    return (gpus_per_node + step) * slice_bytes;
-  }
-  __device__ int64_t Stage(int32_t step) const {
-    return (gpus_per_node + num_steps + step) * slice_bytes;
-  }
-  __device__ int64_t AllGatherInbox(int32_t from_local) const {
-    return (gpus_per_node + 2 * num_steps + from_local) * slice_bytes;
-  }
-  // Bulk launches (nvrar_bulk_kernel.cuh): one flag per (phase, sender, block) after the inboxes.
-  int64_t flags_offset;
-  __device__ int64_t BulkFlag(int32_t phase, int32_t from_local, int32_t block) const {
-    return flags_offset + ((static_cast<int64_t>(phase) * gpus_per_node + from_local) * kBulkMaxBlocks + block) *
-                              static_cast<int64_t>(sizeof(uint32_t));
-  }
-  __device__ static int64_t SignatureSlot(unsigned long long calls, int32_t slot) {
-    return kSignatureOffset + (static_cast<int64_t>(calls & 1ull) * kSignatureSlots + slot) * kCellBytes;
-  }
-};
+// A peer's call-signature slot in the workspace header (one set of slots per parity half).
+__device__ __forceinline__ int64_t SignatureSlot(unsigned long long calls, int32_t slot) {
+  return kSignatureOffset + (static_cast<int64_t>(calls & 1ull) * kSignatureSlots + slot) * kCellBytes;
+}
 
 // The 8 data bytes of a cell.
 struct Cell {
@@ -210,7 +185,7 @@ __device__ __forceinline__ FailureContext Where(const KernelArgs& args) {
 __device__ __forceinline__ bool CheckSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag,
                                                const WaitSite& site) {
   Cell theirs;
-  if (!PollCell(args.workspace + Layout::SignatureSlot(calls, site.slot), flag, &theirs)) return false;
+  if (!PollCell(args.workspace + SignatureSlot(calls, site.slot), flag, &theirs)) return false;
   if (theirs.lo != args.signature.elements || theirs.hi != args.signature.shape) {
     Fail(Where(args), kFailureMismatch, site, flag, theirs);
   }
@@ -313,11 +288,11 @@ __device__ __forceinline__ Cell AddCells(Cell first, Cell second) {
 __device__ __forceinline__ void SendSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
   const Cell mine{args.signature.elements, args.signature.shape};
   for (int32_t d = 0; d < args.gpus_per_node; ++d) {
-    if (d != args.local) StoreCell(args.node_peers[d] + Layout::SignatureSlot(calls, args.local), mine, flag);
+    if (d != args.local) StoreCell(args.node_peers[d] + SignatureSlot(calls, args.local), mine, flag);
   }
   for (int32_t s = 0; s < args.num_steps; ++s) {
     if (!(args.inter_op[s] & kSend)) continue;
-    const int64_t slot = Layout::SignatureSlot(calls, kMaxGpusPerNode + s);
+    const int64_t slot = SignatureSlot(calls, kMaxGpusPerNode + s);
     if (args.inter_peer_ptr[s] != nullptr) {
       StoreCell(args.inter_peer_ptr[s] + slot, mine, flag);
     } else {  // two 8-byte puts, each half whole with its flag

@@ -108,36 +108,61 @@ JAXNVRAR_HD int64_t SliceCapacityElements(int64_t num_elements, int32_t gpus_per
   return SliceStride(num_elements, gpus_per_node, align < 1 ? 1 : align);
 }
 
-JAXNVRAR_HD int64_t SliceCells(int64_t num_elements, int32_t gpus_per_node, int64_t itemsize) {
-  return SliceCapacityElements(num_elements, gpus_per_node, itemsize) * itemsize / kCellDataBytes;
-}
-
 // Bulk launches (one node only): raw 16-byte chunks, then one flag per (phase, sender, block).
 constexpr int64_t kBulkMaxBlocks = 1024;
 constexpr int64_t kChunkBytes = 16;  // data bytes a thread moves at once in a bulk launch
+constexpr int64_t kUnitBytes = 16;   // workspace bytes of a unit: an LL cell or a bulk chunk
 
 JAXNVRAR_HD int64_t BulkFlagBytes(int32_t gpus_per_node) {
   return 2 * gpus_per_node * kBulkMaxBlocks * static_cast<int64_t>(sizeof(uint32_t));
 }
 
-// A one-shot launch (one node only): G inboxes, each the whole message (a single "slice").
-JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize,
-                                         int32_t num_ranks, int32_t gpus_per_node,
-                                         bool one_shot = false, bool bulk = false) {
-  const int32_t slices = one_shot ? 1 : gpus_per_node;
-  if (bulk) {
-    const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node;
-    const int64_t slice_bytes = SliceCapacityElements(num_elements, slices, itemsize) * itemsize;
-    return kWorkspaceHeaderBytes + 2 * (inboxes * slice_bytes + BulkFlagBytes(gpus_per_node));
+// One half of a PE's workspace (calls alternate halves), as offsets from the half's start:
+// G reduce-scatter inboxes, S inter-node inboxes, S put-staging areas, G all-gather inboxes,
+// each one slice of units; a one-shot launch has only the G inboxes, each the whole message;
+// a bulk launch then has its flags.
+struct Layout {
+  int64_t slice_stride;  // elements between slice starts (a slice's capacity)
+  int64_t slice_units;   // units per inbox: 16-byte LL cells of 8 data bytes, or bulk chunks
+  int64_t slice_bytes;
+  int64_t flags_offset;
+  int64_t half_bytes;
+  int32_t gpus_per_node;
+  int32_t num_steps;
+
+  JAXNVRAR_HD int64_t Half(unsigned long long calls) const {
+    return kWorkspaceHeaderBytes + static_cast<int64_t>(calls & 1ull) * half_bytes;
   }
-  if (one_shot) {
-    return kWorkspaceHeaderBytes +
-           2 * gpus_per_node * SliceCells(num_elements, 1, itemsize) * kCellBytes;
+  JAXNVRAR_HD int64_t ReduceScatterInbox(int32_t from_local) const { return from_local * slice_bytes; }
+  JAXNVRAR_HD int64_t InterNodeInbox(int32_t step) const { return (gpus_per_node + step) * slice_bytes; }
+  JAXNVRAR_HD int64_t Stage(int32_t step) const { return (gpus_per_node + num_steps + step) * slice_bytes; }
+  JAXNVRAR_HD int64_t AllGatherInbox(int32_t from_local) const {
+    return (gpus_per_node + 2 * num_steps + from_local) * slice_bytes;
   }
-  int64_t steps = NumInterNodeSteps(num_ranks / gpus_per_node);
-  int64_t inboxes = 2 * gpus_per_node + 2 * steps;
-  return kWorkspaceHeaderBytes +
-         2 * inboxes * SliceCells(num_elements, gpus_per_node, itemsize) * kCellBytes;
+  JAXNVRAR_HD int64_t BulkFlag(int32_t phase, int32_t from_local, int32_t block) const {
+    return flags_offset + ((static_cast<int64_t>(phase) * gpus_per_node + from_local) * kBulkMaxBlocks + block) *
+                              static_cast<int64_t>(sizeof(uint32_t));
+  }
+};
+
+// One-shot and bulk launches are for one node only (num_ranks == gpus_per_node).
+JAXNVRAR_HD Layout MakeLayout(int64_t num_elements, int64_t itemsize, int32_t num_ranks, int32_t gpus_per_node,
+                              bool one_shot = false, bool bulk = false) {
+  Layout l = {};
+  l.gpus_per_node = gpus_per_node;
+  l.num_steps = NumInterNodeSteps(num_ranks / gpus_per_node);
+  l.slice_stride = SliceCapacityElements(num_elements, one_shot ? 1 : gpus_per_node, itemsize);
+  l.slice_units = l.slice_stride * itemsize / (bulk ? kChunkBytes : kCellDataBytes);
+  l.slice_bytes = l.slice_units * kUnitBytes;
+  const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * l.num_steps;
+  l.flags_offset = inboxes * l.slice_bytes;
+  l.half_bytes = l.flags_offset + (bulk ? BulkFlagBytes(gpus_per_node) : 0);
+  return l;
+}
+
+JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize, int32_t num_ranks,
+                                         int32_t gpus_per_node, bool one_shot = false, bool bulk = false) {
+  return kWorkspaceHeaderBytes + 2 * MakeLayout(num_elements, itemsize, num_ranks, gpus_per_node, one_shot, bulk).half_bytes;
 }
 
 }  // namespace jaxnvrar

@@ -2,6 +2,9 @@
 // kernel's schedule is the one jaxnvrar/schedule.py defines.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+
+#include <string>
 
 #include "schedule.h"
 
@@ -19,6 +22,26 @@ NB_MODULE(_jaxnvrar_cpu, m) {
     return std::make_pair(s.op, s.peer);
   });
   m.def("slice_capacity_elements", &jaxnvrar::SliceCapacityElements);
+  // Every region of one workspace half: (name, offset, bytes), for tests of the layout.
+  m.def("layout_regions", [](int64_t num_elements, int64_t itemsize, int32_t num_ranks, int32_t gpus_per_node,
+                             bool one_shot, bool bulk) {
+    const jaxnvrar::Layout l = jaxnvrar::MakeLayout(num_elements, itemsize, num_ranks, gpus_per_node, one_shot, bulk);
+    nb::list regions;
+    auto add = [&](const char* name, int32_t index, int64_t offset, int64_t bytes) {
+      regions.append(nb::make_tuple(std::string(name) + std::to_string(index), offset, bytes));
+    };
+    for (int32_t j = 0; j < gpus_per_node; ++j) add("reduce_scatter", j, l.ReduceScatterInbox(j), l.slice_bytes);
+    if (!one_shot) {
+      for (int32_t s = 0; s < l.num_steps; ++s) add("inter_node", s, l.InterNodeInbox(s), l.slice_bytes);
+      for (int32_t s = 0; s < l.num_steps; ++s) add("stage", s, l.Stage(s), l.slice_bytes);
+      for (int32_t j = 0; j < gpus_per_node; ++j) add("all_gather", j, l.AllGatherInbox(j), l.slice_bytes);
+    }
+    if (bulk) {
+      const int64_t last = l.BulkFlag(1, gpus_per_node - 1, jaxnvrar::kBulkMaxBlocks - 1) + 4;
+      add("flags", 0, l.BulkFlag(0, 0, 0), last - l.BulkFlag(0, 0, 0));
+    }
+    return nb::make_tuple(regions, l.half_bytes, l.slice_units, l.slice_stride);
+  });
   m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded, nb::arg("num_elements"),
         nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false,
         nb::arg("bulk") = false);

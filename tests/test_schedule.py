@@ -94,3 +94,21 @@ def test_inboxes_hold_whole_cells_and_every_slice():
         assert capacity * itemsize % schedule.SLICE_ALIGN_BYTES == 0
         align = schedule.SLICE_ALIGN_BYTES // itemsize
         assert all(e - b <= capacity for b, e in schedule.slice_bounds(n, g, align))
+
+
+def test_workspace_regions_are_disjoint_and_fill_each_half():
+    # The kernels' offsets (csrc/schedule.h's Layout): every inbox, staging area and flag array of
+    # a half, for every launch, lies inside the half and overlaps no other.
+    for n, g, nodes, itemsize in itertools.product([1, 7, 4097, 1 << 20], [1, 2, 3, 4, 8], [1, 2, 3, 5], (2, 4)):
+        launches = [(False, False)] + ([(True, False), (False, True), (True, True)] if nodes == 1 and g > 1 else [])
+        for one_shot, bulk in launches:
+            regions, half, units, stride = cpp.layout_regions(n, itemsize, g * nodes, g, one_shot, bulk)
+            spans = sorted((offset, offset + size, name) for name, offset, size in regions)
+            assert spans[0][0] == 0 and spans[-1][1] == half, (n, g, nodes, one_shot, bulk)
+            for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+                assert end == begin, f"{name} and {other} overlap or leave a gap ({n}, {g}, {nodes}, {one_shot}, {bulk})"
+            # Each inbox holds a slice's units: the capacity of its elements, 8 (LL) or 16 (bulk) bytes each.
+            assert units * (16 if bulk else 8) == stride * itemsize
+            assert stride >= -(-n // (1 if one_shot else g))
+            assert schedule.workspace_bytes_needed(n, itemsize, Topology(g * nodes, g), one_shot, bulk) == \
+                schedule.WORKSPACE_HEADER_BYTES + 2 * half
