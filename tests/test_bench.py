@@ -101,6 +101,20 @@ def test_soak_counts_wrong_results(monkeypatch):
     assert errors == 5 * 2 * 2  # 5 calls, 2 elements per rank, 2 ranks
 
 
+def test_host_launches_count_single_kernels_and_graphs():
+    from jaxnvrar.bench import breakdown
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}]
+    host = [("cuLaunchKernelEx", 0, 4), ("cuLaunchKernel", 10, 13), ("cuGraphLaunch", 20, 30),
+            ("cudaLaunchKernel", 40, 42), ("cuStreamSynchronize", 50, 90)]
+    events = meta + [{"ph": "X", "pid": 1, "name": n, "ts": s, "dur": e - s} for n, s, e in host]
+    events.append({"ph": "X", "pid": 7, "name": "cuLaunchKernel_named_kernel", "ts": 0, "dur": 5})  # device: ignored
+    assert breakdown.host_launches(events, steps=2) == {
+        "kernel_launches_per_step": 1.5, "graph_launches_per_step": 0.5, "launch_host_ms_per_step": 0.019 / 2}
+    assert breakdown.host_launches(meta, steps=1) == {}
+
+
 def test_top_kernels_rank_by_device_time():
     from jaxnvrar.bench import breakdown
 

@@ -3,7 +3,9 @@
 Device kernels (the trace's "/device:GPU:N" processes) are sorted into matmul, communication
 and other by name; each class's time is the union of its kernels' intervals, and idle is the
 part of the step's window (first kernel start to last kernel end) that no kernel covers: on a
-decode step, mostly launch and host overhead. Kernels per step are counted too.
+decode step, mostly launch and host overhead. Kernels per step are counted too, and so are the
+host's launches (kernels one by one, or whole command buffers, i.e. CUDA graphs) where the
+trace has the CUDA API calls.
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ def _union_length(intervals) -> float:
     return total
 
 
+def _device_processes(events) -> dict:
+    return {e["pid"]: e["args"]["name"] for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"
+            and re.search(r"/device:(GPU|TPU)", e.get("args", {}).get("name", ""))}
+
+
 def device_kernels(events) -> list[tuple[str, float, float]]:
     """(name, start_us, end_us) of every kernel on the first device in a Chrome/Perfetto trace."""
-    devices = {e["pid"]: e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "process_name"
-               and re.search(r"/device:(GPU|TPU)", e.get("args", {}).get("name", ""))}
+    devices = _device_processes(events)
     if not devices:
         return []
     first = min(devices, key=lambda pid: devices[pid])
@@ -66,6 +72,31 @@ def breakdown(kernels, steps: int) -> dict:
     out["idle"] = (window - busy) / 1e3 / steps
     out["kernels_per_step"] = len(kernels) / steps
     return out
+
+
+# cuLaunchKernel, cuLaunchKernelEx, cudaLaunchKernel, cuGraphLaunch, cudaGraphLaunch, ...
+_LAUNCH = re.compile(r"^cu(da)?(Graph)?Launch", re.IGNORECASE)
+
+
+def host_launches(events, steps: int) -> dict:
+    """Per step, from the host's CUDA API calls in the trace: kernels launched one by one, command
+    buffers (CUDA graphs) launched, and the host milliseconds spent launching. Empty where the
+    trace has no such calls. Many single launches mean the host, not the GPU, paces a step."""
+    devices = _device_processes(events)
+    kernels = graphs = 0
+    host_us = 0.0
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") in devices or not _LAUNCH.match(e.get("name", "")):
+            continue
+        if "graph" in e["name"].lower():
+            graphs += 1
+        else:
+            kernels += 1
+        host_us += float(e.get("dur", 0))
+    if not kernels + graphs:
+        return {}
+    return {"kernel_launches_per_step": kernels / steps, "graph_launches_per_step": graphs / steps,
+            "launch_host_ms_per_step": host_us / 1e3 / steps}
 
 
 def top_kernels(kernels, steps: int, count: int = 8) -> list[dict]:

@@ -155,9 +155,11 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         with breakdown.traced(directory):
             queued_steps(_PROFILED_STEPS)
         try:
-            kernels = breakdown.device_kernels(breakdown.read_trace(directory))
+            events = breakdown.read_trace(directory)
+            kernels = breakdown.device_kernels(events)
             result["breakdown"] = breakdown.breakdown(kernels, _PROFILED_STEPS)
             result["top_kernels"] = breakdown.top_kernels(kernels, _PROFILED_STEPS)
+            result["launches"] = breakdown.host_launches(events, _PROFILED_STEPS)
         except (OSError, ValueError, KeyError) as err:  # the timings above still count
             print(f"jaxnvrar-bench decode: no breakdown from {directory}: {err}", file=sys.stderr)
     return result
@@ -165,14 +167,17 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
 
 def _print_breakdown(rows: dict) -> None:
     print(f"  device time per step (ms), from the profiler:  {'matmul':>7} {'comm':>7} {'other':>7} "
-          f"{'idle':>7} {'kernels':>8}")
+          f"{'idle':>7} {'kernels':>8}   host launches per step: kernels, graphs, host ms")
     for algorithm, r in rows.items():
         b = r.get("breakdown")
         if not b:
             print(f"  {algorithm:<12} no device kernels in the trace (the CPU backend records none)")
             continue
+        launches = r.get("launches") or {}
+        launched = (f"   {launches['kernel_launches_per_step']:.0f}, {launches['graph_launches_per_step']:.0f}, "
+                    f"{launches['launch_host_ms_per_step']:.3f}" if launches else "   (no CUDA API calls in the trace)")
         print(f"  {algorithm:<47} {b['matmul']:>7.3f} {b['communication']:>7.3f} {b['other']:>7.3f} "
-              f"{b['idle']:>7.3f} {b['kernels_per_step']:>8.0f}")
+              f"{b['idle']:>7.3f} {b['kernels_per_step']:>8.0f}{launched}")
     for algorithm, r in rows.items():
         if r.get("top_kernels"):
             print(f"  {algorithm}: kernels with the most device time (ms per step, launches per step)")
