@@ -225,14 +225,6 @@ def launch_override(launch: Launch):
         _state.max_blocks, _state.one_shot, _state.bulk = saved
 
 
-def set_one_shot(one_shot: bool | None) -> None:
-    """Fix one-shot (True) or two-shot (False) launches on one node for programs lowered from
-    now on; None goes back to the tuning table's choice (or two-shot)."""
-    if _state is None:
-        raise RuntimeError("jaxnvrar.runtime.set_one_shot() needs jaxnvrar.initialize() first")
-    _state.one_shot = None if one_shot is None else bool(one_shot)
-
-
 def check_calls() -> bool:
     """Whether kernels lowered from now on compare call signatures with their peers."""
     return bool(_state and _state.check_calls)
