@@ -35,6 +35,8 @@ def test_decode_reports_every_algorithm(tmp_path):
     for r in report["results"]:
         assert set(r["algorithms"]) == {"psum", "reference", "none"}
         assert r["algorithms"]["psum"]["speedup_vs_psum"] == 1.0
+        assert r["algorithms"]["psum"]["queued_speedup_vs_psum"] == 1.0
+        assert r["algorithms"]["none"]["queued_vs_roofline"] > 0
 
 
 def test_breakdown_accounts_device_time_by_class():
