@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import jaxnvrar
 from jaxnvrar.runtime import default_topology
 from jaxnvrar.nvrar_ffi import fits_workspace
-from jaxnvrar.schedule import Topology
+from jaxnvrar.schedule import Topology, one_shot_possible
 from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer
 
@@ -242,6 +242,12 @@ def run(args) -> int:
     num_ranks = jax.device_count()
     topology = (Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node
                 else default_topology(num_ranks))
+    for a in algorithms:
+        launch = _split_launch(a)[1]
+        if launch is not None and (launch.one_shot or launch.bulk) and not one_shot_possible(topology):
+            raise SystemExit(f"jaxnvrar-bench: launch {launch.label} needs one node of several GPUs, but the "
+                             f"topology is {topology.num_nodes} node(s) of {topology.gpus_per_node}; it would run "
+                             "as the default launch. Drop -1shot/-bulk or --gpus-per-node")
     if is_printer():
         print(f"# jaxnvrar-bench allreduce: {description}")
         loop = "in a loop" if args.scan else "unrolled"
