@@ -57,8 +57,8 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
                                        std::to_string(kMaxGpusPerNode) + ")");
   }
   if (max_blocks < 1) return ffi::Error::InvalidArgument("jaxnvrar: max_blocks must be >= 1");
-  if ((one_shot || bulk) && (num_ranks != gpus_per_node || num_ranks < 2)) {
-    return ffi::Error::InvalidArgument("jaxnvrar: one-shot and bulk launches need one node of several GPUs");
+  if (one_shot && (num_ranks != gpus_per_node || num_ranks < 2)) {
+    return ffi::Error::InvalidArgument("jaxnvrar: a one-shot launch needs one node of several GPUs");
   }
   if (bulk && max_blocks > kBulkMaxBlocks) {
     return ffi::Error::InvalidArgument("jaxnvrar: a bulk launch takes at most " + std::to_string(kBulkMaxBlocks) +

@@ -269,18 +269,24 @@ __device__ __forceinline__ void StoreSliceCell(const KernelArgs& args, int32_t s
 }
 
 // a + b per element in float32, rounded to T; the lower node's value goes first.
-template <typename T>
-__device__ __forceinline__ Cell AddCells(Cell first, Cell second) {
-  using Data = Packed<T, uint2>;
+template <typename T, typename Vector>
+__device__ __forceinline__ Vector AddUnits(Vector first, Vector second) {
+  using Data = Packed<T, Vector>;
   using Codec = CellCodec<T>;
   Data a, b, out;
-  a.vector = make_uint2(first.lo, first.hi);
-  b.vector = make_uint2(second.lo, second.hi);
+  a.vector = first;
+  b.vector = second;
 #pragma unroll
   for (int k = 0; k < Data::kCount; ++k) {
     out.values[k] = Codec::FromFloat(Codec::ToFloat(a.values[k]) + Codec::ToFloat(b.values[k]));
   }
-  return Cell{out.vector.x, out.vector.y};
+  return out.vector;
+}
+
+template <typename T>
+__device__ __forceinline__ Cell AddCells(Cell first, Cell second) {
+  const uint2 sum = AddUnits<T, uint2>(make_uint2(first.lo, first.hi), make_uint2(second.lo, second.hi));
+  return Cell{sum.x, sum.y};
 }
 
 // Thread 0 of block 0 tells every peer that sends to or receives from this GPU what this

@@ -108,19 +108,23 @@ JAXNVRAR_HD int64_t SliceCapacityElements(int64_t num_elements, int32_t gpus_per
   return SliceStride(num_elements, gpus_per_node, align < 1 ? 1 : align);
 }
 
-// Bulk launches (one node only): raw 16-byte chunks, then one flag per (phase, sender, block).
+// Bulk launches: raw 16-byte chunks, and after the inboxes one 8-byte flag (an NVSHMEM signal
+// word) per block for each of: reduce-scatter senders (G), all-gather senders (G), inter-node
+// steps (S).
 constexpr int64_t kBulkMaxBlocks = 1024;
+constexpr int64_t kBulkFlagBytes = 8;
+enum BulkPhase : int32_t { kBulkReduceScatter = 0, kBulkAllGather = 1, kBulkInterNode = 2 };
 constexpr int64_t kChunkBytes = 16;  // data bytes a thread moves at once in a bulk launch
 constexpr int64_t kUnitBytes = 16;   // workspace bytes of a unit: an LL cell or a bulk chunk
 
-JAXNVRAR_HD int64_t BulkFlagBytes(int32_t gpus_per_node) {
-  return 2 * gpus_per_node * kBulkMaxBlocks * static_cast<int64_t>(sizeof(uint32_t));
+JAXNVRAR_HD int64_t BulkFlagAreaBytes(int32_t gpus_per_node, int32_t num_steps) {
+  return (2 * gpus_per_node + num_steps) * kBulkMaxBlocks * kBulkFlagBytes;
 }
 
 // One half of a PE's workspace (calls alternate halves), as offsets from the half's start:
 // G reduce-scatter inboxes, S inter-node inboxes, S put-staging areas, G all-gather inboxes,
-// each one slice of units; a one-shot launch has only the G inboxes, each the whole message;
-// a bulk launch then has its flags.
+// each one slice of units; a one-shot launch (one node) has only the G inboxes, each the whole
+// message; a bulk launch then has its flags.
 struct Layout {
   int64_t slice_stride;  // elements between slice starts (a slice's capacity)
   int64_t slice_units;   // units per inbox: 16-byte LL cells of 8 data bytes, or bulk chunks
@@ -139,13 +143,14 @@ struct Layout {
   JAXNVRAR_HD int64_t AllGatherInbox(int32_t from_local) const {
     return (gpus_per_node + 2 * num_steps + from_local) * slice_bytes;
   }
-  JAXNVRAR_HD int64_t BulkFlag(int32_t phase, int32_t from_local, int32_t block) const {
-    return flags_offset + ((static_cast<int64_t>(phase) * gpus_per_node + from_local) * kBulkMaxBlocks + block) *
-                              static_cast<int64_t>(sizeof(uint32_t));
+  // `index`: the sending local for kBulkReduceScatter / kBulkAllGather, the step for kBulkInterNode.
+  JAXNVRAR_HD int64_t BulkFlag(int32_t phase, int32_t index, int32_t block) const {
+    const int64_t row = static_cast<int64_t>(phase < kBulkInterNode ? phase : kBulkInterNode) * gpus_per_node + index;
+    return flags_offset + (row * kBulkMaxBlocks + block) * kBulkFlagBytes;
   }
 };
 
-// One-shot and bulk launches are for one node only (num_ranks == gpus_per_node).
+// One-shot launches are for one node only (num_ranks == gpus_per_node).
 JAXNVRAR_HD Layout MakeLayout(int64_t num_elements, int64_t itemsize, int32_t num_ranks, int32_t gpus_per_node,
                               bool one_shot = false, bool bulk = false) {
   Layout l = {};
@@ -156,7 +161,7 @@ JAXNVRAR_HD Layout MakeLayout(int64_t num_elements, int64_t itemsize, int32_t nu
   l.slice_bytes = l.slice_units * kUnitBytes;
   const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * l.num_steps;
   l.flags_offset = inboxes * l.slice_bytes;
-  l.half_bytes = l.flags_offset + (bulk ? BulkFlagBytes(gpus_per_node) : 0);
+  l.half_bytes = l.flags_offset + (bulk ? BulkFlagAreaBytes(gpus_per_node, one_shot ? 0 : l.num_steps) : 0);
   return l;
 }
 

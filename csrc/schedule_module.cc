@@ -36,9 +36,14 @@ NB_MODULE(_jaxnvrar_cpu, m) {
       for (int32_t s = 0; s < l.num_steps; ++s) add("stage", s, l.Stage(s), l.slice_bytes);
       for (int32_t j = 0; j < gpus_per_node; ++j) add("all_gather", j, l.AllGatherInbox(j), l.slice_bytes);
     }
-    if (bulk) {
-      const int64_t last = l.BulkFlag(1, gpus_per_node - 1, jaxnvrar::kBulkMaxBlocks - 1) + 4;
-      add("flags", 0, l.BulkFlag(0, 0, 0), last - l.BulkFlag(0, 0, 0));
+    if (bulk) {  // the flag rows, in order: reduce-scatter senders, all-gather senders, steps
+      const int32_t rows[] = {gpus_per_node, gpus_per_node, one_shot ? 0 : l.num_steps};
+      for (int32_t phase = 0; phase < 3; ++phase) {
+        for (int32_t index = 0; index < rows[phase]; ++index) {
+          add(phase == 0 ? "flags_reduce_scatter" : phase == 1 ? "flags_all_gather" : "flags_step", index,
+              l.BulkFlag(phase, index, 0), jaxnvrar::kBulkMaxBlocks * jaxnvrar::kBulkFlagBytes);
+        }
+      }
     }
     return nb::make_tuple(regions, l.half_bytes, l.slice_units, l.slice_stride);
   });

@@ -24,7 +24,7 @@ DEFAULT_TIMEOUT_S = 10.0
 FORCE_PUT_ENV = "JAXNVRAR_FORCE_PUT"  # 1: inter-node phase through nvshmem puts even over P2P
 MAX_BLOCKS_ENV = "JAXNVRAR_MAX_BLOCKS"  # thread blocks per all-reduce, at most (default 128)
 ONE_SHOT_ENV = "JAXNVRAR_ONE_SHOT"  # 1/0: one-shot launches on one node always/never (default: tuned)
-BULK_ENV = "JAXNVRAR_BULK"  # 1/0: bulk launches (raw data, a flag per block) on one node always/never
+BULK_ENV = "JAXNVRAR_BULK"  # 1/0: bulk launches (raw data, a flag per block) always/never (default: tuned)
 CHECK_CALLS_ENV = "JAXNVRAR_CHECK_CALLS"  # 0: ranks do not compare call signatures (default 1)
 FIRST_CALL_ENV = "JAXNVRAR_FIRST_CALL"  # testing: start the call counter here (flag wrap-around)
 AUTO_MAX_BYTES_ENV = "JAXNVRAR_AUTO_MAX_BYTES"  # "auto" without a tuning table: nvrar up to this size
@@ -165,8 +165,8 @@ def set_max_blocks(blocks: int | None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """How the kernel runs one call: its width; on one node also one-shot (no all-gather) and
-    bulk (raw data and a flag per block, for large messages) instead of LL cells."""
+    """How the kernel runs one call: its width; one-shot (one node: no all-gather) or not; bulk
+    (raw data and a flag per block, for large messages) or LL cells."""
 
     max_blocks: int
     one_shot: bool = False
@@ -191,9 +191,9 @@ class Launch:
 def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> Launch:
     """The launch of a call lowered now. Each choice: the explicit setting ($JAXNVRAR_MAX_BLOCKS,
     $JAXNVRAR_ONE_SHOT, $JAXNVRAR_BULK, `launch_override`, `set_max_blocks`), else the tuning
-    table's, else 128 blocks, LL cells and the full schedule. One-shot and bulk only where
-    possible (one node) and where the workspace holds them; otherwise the default launch, which
-    computes the same bits."""
+    table's, else 128 blocks, LL cells and the full schedule. One-shot only where possible (one
+    node); both only where the workspace holds them, else the default launch, which computes the
+    same bits."""
     from jaxnvrar import schedule, tuning
 
     nbytes = num_elements * itemsize
@@ -204,8 +204,7 @@ def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> L
         choice = tuning.choice_for(topology, dtype_name, nbytes)
         one_shot = bool(choice and choice.one_shot) if one_shot is None else one_shot
         bulk = bool(choice and choice.bulk) if bulk is None else bulk
-    if not schedule.one_shot_possible(topology):
-        return Launch(blocks)
+    one_shot = one_shot and schedule.one_shot_possible(topology)
     bulk = bulk and blocks <= schedule.BULK_MAX_BLOCKS
     fits = schedule.workspace_bytes_needed(num_elements, itemsize, topology, one_shot, bulk) <= workspace_bytes()
     return Launch(blocks, one_shot, bulk) if fits else Launch(blocks)

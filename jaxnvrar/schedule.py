@@ -20,15 +20,15 @@ local rank l owns slice l.
 Every element of the result is computed once, on one rank, and copied to the
 others, which is why all replicas end bit-identical.
 
-One node: two more launches of the same schedule and sums, so of the same bits.
-The one-shot launch, for small messages. With N = 1 the kernel can instead
+Two more launches of the same schedule and sums, so of the same bits.
+The one-shot launch (one node), for small messages. With N = 1 the kernel can instead
 push the whole message to every local and let each sum all G copies itself, over
 locals 0, 1, ..., G-1 in float32, exactly the sums and order of step 1. The result
 is the same, bit for bit, on every rank; the data crosses NVLink once instead of
 twice (one hop of latency instead of two), at the price of (G-1) n bytes sent per
 GPU instead of 2 (G-1) n / G: equal for G = 2, more for larger nodes.
-The bulk launch, for large messages: raw data and one flag per block and phase
-instead of a flag in every 8 bytes (with or without one-shot).
+The bulk launch, for large messages (any topology): raw data and one flag per block
+and phase instead of a flag in every 8 bytes (with or without one-shot).
 """
 
 from __future__ import annotations
@@ -180,9 +180,9 @@ def inter_node_steps(node: int, num_nodes: int) -> list[InterNodeStep]:
 CELL_BYTES = 16
 CELL_DATA_BYTES = 8
 WORKSPACE_HEADER_BYTES = 2048
-# Bulk launches (one node; csrc/nvrar_bulk_kernel.cuh) move raw 16-byte chunks, and each block
-# raises one flag per phase and peer after its chunks: the same inboxes at twice the data per
-# byte, then a flag area. At most BULK_MAX_BLOCKS blocks.
+# Bulk launches (csrc/nvrar_bulk_kernel.cuh) move raw 16-byte chunks, and each block raises one
+# flag per phase and peer after its chunks: the same inboxes at twice the data per byte, then a
+# flag area. At most BULK_MAX_BLOCKS blocks.
 BULK_MAX_BLOCKS = 1024
 
 
@@ -192,28 +192,24 @@ def slice_capacity_elements(num_elements: int, gpus_per_node: int, itemsize: int
 
 
 def one_shot_possible(topology: Topology) -> bool:
-    """One-shot and bulk launches need one node (no inter-node phase) of at least two GPUs."""
+    """A one-shot launch needs one node (no inter-node phase) of at least two GPUs."""
     return topology.num_nodes == 1 and topology.gpus_per_node > 1
 
 
 def workspace_bytes_needed(num_elements: int, itemsize: int, topology: Topology, one_shot: bool = False,
                            bulk: bool = False) -> int:
     g = topology.gpus_per_node
-    if (one_shot or bulk) and not one_shot_possible(topology):
-        raise ValueError(f"one-shot and bulk launches need one node of several GPUs, not {topology}")
+    if one_shot and not one_shot_possible(topology):
+        raise ValueError(f"a one-shot launch needs one node of several GPUs, not {topology}")
+    steps = 0 if one_shot else num_inter_node_steps(topology.num_nodes)
+    inboxes = g if one_shot else 2 * g + 2 * steps
+    slice_elements = slice_capacity_elements(num_elements, 1 if one_shot else g, itemsize)
     if bulk:
-        inboxes = g if one_shot else 2 * g
-        slice_bytes = slice_capacity_elements(num_elements, 1 if one_shot else g, itemsize) * itemsize
-        return WORKSPACE_HEADER_BYTES + 2 * (inboxes * slice_bytes + bulk_flag_bytes(g))
-    if one_shot:
-        cells = slice_capacity_elements(num_elements, 1, itemsize) * itemsize // CELL_DATA_BYTES
-        return WORKSPACE_HEADER_BYTES + 2 * g * cells * CELL_BYTES
-    steps = num_inter_node_steps(topology.num_nodes)
-    slice_cells = slice_capacity_elements(num_elements, g, itemsize) * itemsize // CELL_DATA_BYTES
-    inboxes = 2 * g + 2 * steps
-    return WORKSPACE_HEADER_BYTES + 2 * inboxes * slice_cells * CELL_BYTES
+        return WORKSPACE_HEADER_BYTES + 2 * (inboxes * slice_elements * itemsize + bulk_flag_bytes(g, steps))
+    return WORKSPACE_HEADER_BYTES + 2 * inboxes * (slice_elements * itemsize // CELL_DATA_BYTES) * CELL_BYTES
 
 
-def bulk_flag_bytes(gpus_per_node: int) -> int:
-    """A bulk launch's flags: one 4-byte word per (phase, sending local, block)."""
-    return 2 * gpus_per_node * BULK_MAX_BLOCKS * 4
+def bulk_flag_bytes(gpus_per_node: int, num_steps: int) -> int:
+    """A bulk launch's flags: one 8-byte word per block for each reduce-scatter sender, each
+    all-gather sender and each inter-node step."""
+    return (2 * gpus_per_node + num_steps) * BULK_MAX_BLOCKS * 8

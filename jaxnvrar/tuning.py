@@ -1,8 +1,8 @@
-"""Launch tuning: which NVRAR launch (width; on one node one-shot or not, LL cells or bulk), and
+"""Launch tuning: which NVRAR launch (width; one-shot or not on one node; LL cells or bulk), and
 whether NVRAR at all, per message size.
 
 `jaxnvrar-bench tune` measures, once per (GPU kind, topology, dtype), psum and the kernel at
-several launches (thread blocks; on one node also one-shot and bulk) for each size bucket, checks each
+several launches (thread blocks; bulk; on one node one-shot) for each size bucket, checks each
 launch's result against psum, and writes the winners to a JSON
 file ($JAXNVRAR_TUNING_FILE, default ~/.cache/jaxnvrar/tuning.json). `jaxnvrar.initialize()`
 loads it on process 0 and shares it through jax.distributed, so every rank lowers the same

@@ -58,7 +58,7 @@ def add_arguments(parser) -> None:
                              "all-reduce, each replayed in a CUDA graph, in the same job")
     parser.add_argument("--launches", "--max-blocks", dest="launches", default=None,
                         help="comma-separated kernel launches to compare for nvrar, each BLOCKS[-1shot][-bulk]: "
-                             "at most BLOCKS thread blocks; one node only: one-shot, bulk data (a flag per block); "
+                             "at most BLOCKS thread blocks; one-shot (one node only); bulk data (a flag per block); "
                              "e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); default: the runtime's choice")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
@@ -244,10 +244,10 @@ def run(args) -> int:
                 else default_topology(num_ranks))
     for a in algorithms:
         launch = _split_launch(a)[1]
-        if launch is not None and (launch.one_shot or launch.bulk) and not one_shot_possible(topology):
+        if launch is not None and launch.one_shot and not one_shot_possible(topology):
             raise SystemExit(f"jaxnvrar-bench: launch {launch.label} needs one node of several GPUs, but the "
                              f"topology is {topology.num_nodes} node(s) of {topology.gpus_per_node}; it would run "
-                             "as the default launch. Drop -1shot/-bulk or --gpus-per-node")
+                             "as the default launch. Drop -1shot or --gpus-per-node")
     if is_printer():
         print(f"# jaxnvrar-bench allreduce: {description}")
         loop = "in a loop" if args.scan else "unrolled"

@@ -1,5 +1,5 @@
 """jaxnvrar-bench tune: measure psum and the kernel at several launches per size bucket (widths
-and, on one node, one-shot and bulk), and write the winners to the tuning table that "auto" and the
+and, as variants, bulk and on one node one-shot), and write the winners to the tuning table that "auto" and the
 kernel's launch read (see jaxnvrar/tuning.py). A launch whose result disagrees with psum is
 reported and never chosen. Run once per machine type, topology and dtype, under jaxnvrar-launch:
 
@@ -25,8 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-bytes", type=parse_bytes, default=64 << 20, help="largest message (64M)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--launches", default="32,128",
-                        help="launches to try, each BLOCKS[-1shot][-bulk] (32,128; on one node each width is "
-                             "also tried one-shot, bulk, and both, unless --no-variants)")
+                        help="launches to try, each BLOCKS[-1shot][-bulk] (32,128; each width is also tried "
+                             "bulk, and on one node one-shot and both, unless --no-variants)")
     parser.add_argument("--no-variants", action="store_true", help="try only the launches given")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default: per host)")
     parser.add_argument("--chain", type=int, default=16, help="all-reduces per timed program (16)")
@@ -49,9 +49,10 @@ def run(args) -> int:
     key = tuning.entry_key(jax.devices()[0].device_kind, topology, args.dtype)
     table = tuning.Table.load(args.output)
     launches = [Launch.parse(label.strip()) for label in args.launches.split(",")]
-    if one_shot_possible(topology) and not args.no_variants:
-        variants = [Launch(l.max_blocks, one_shot, bulk) for l in launches
-                    for one_shot in (False, True) for bulk in (False, True)]
+    if not args.no_variants:
+        one_shots = (False, True) if one_shot_possible(topology) else (False,)
+        variants = [Launch(l.max_blocks, one_shot, bulk) for l in launches for one_shot in one_shots
+                    for bulk in (False, True)]
         launches = list(dict.fromkeys(launches + variants))
     timing = dict(chain=args.chain, iters=args.iters, repeats=args.repeats, gpus_per_node=args.gpus_per_node)
     if is_printer():
