@@ -16,6 +16,8 @@ per-call cost c (launch, XLA's own overhead). For P = N nodes x G GPUs, apart fr
 
 where steps(N) = log2 N (+ 2 fold steps when N is not a power of two, see jaxnvrar.schedule)
 and w = bytes on the wire per data byte (2 for the kernel's 16-byte cells carrying 8 data bytes).
+The bulk launch (raw data, a flag per block and phase) has w = 1 and pays an ASSUMED fence
+(BULK_FENCE_S) per phase; its projection is a model of a launch that has not been measured.
 Intra-node beta and c come from a measured sweep of one node of 2 GPUs (`jaxnvrar-bench allreduce
 --json`); such a sweep cannot separate c from the per-step alpha, so the intra-node alpha is an
 assumption (NVLINK_STEP_ALPHA_S). Inter-node links come from the network presets below. Every
@@ -33,6 +35,7 @@ from jaxnvrar.schedule import num_inter_node_steps
 
 WIRE_BYTES_PER_DATA_BYTE = 2.0  # 16-byte {data, flag, data, flag} cells carry 8 data bytes
 NVLINK_STEP_ALPHA_S = 1e-6  # ASSUMED latency of one step over NVLink (store, flag seen by the peer)
+BULK_FENCE_S = 1e-6  # ASSUMED cost of a bulk launch's system fence before each phase's flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +92,11 @@ def baseline_time(n_bytes, nodes, gpus_per_node, intra, inter) -> float:
 
 
 def nvrar_time(n_bytes: float, nodes: int, gpus_per_node: int, intra: Link, inter: Link,
-               wire: float = WIRE_BYTES_PER_DATA_BYTE) -> float:
+               bulk: bool = False) -> float:
     g = gpus_per_node
-    in_node = 0.0 if g == 1 else 2 * (intra.alpha_s + n_bytes * (g - 1) / g * intra.beta_s_per_byte * wire)
-    between = num_inter_node_steps(nodes) * (inter.alpha_s + n_bytes / g * inter.beta_s_per_byte * wire)
+    wire, fence = (1.0, BULK_FENCE_S) if bulk else (WIRE_BYTES_PER_DATA_BYTE, 0.0)
+    in_node = 0.0 if g == 1 else 2 * (intra.alpha_s + fence + n_bytes * (g - 1) / g * intra.beta_s_per_byte * wire)
+    between = num_inter_node_steps(nodes) * (inter.alpha_s + fence + n_bytes / g * inter.beta_s_per_byte * wire)
     return in_node + between
 
 
@@ -128,8 +132,9 @@ def projection(sizes_bytes, node_counts, gpus_per_node: int, baseline: Fitted, n
         for n in sizes_bytes:
             base = baseline.per_call_s + baseline_time(n, nodes, gpus_per_node, baseline.intra, inter)
             ours = nvrar.per_call_s + nvrar_time(n, nodes, gpus_per_node, nvrar.intra, inter)
+            bulk = nvrar.per_call_s + nvrar_time(n, nodes, gpus_per_node, nvrar.intra, inter, bulk=True)
             rows.append({"nodes": nodes, "bytes": n, "baseline_us": base * 1e6, "nvrar_us": ours * 1e6,
-                         "speedup": base / ours})
+                         "speedup": base / ours, "nvrar_bulk_us": bulk * 1e6, "bulk_speedup": base / bulk})
     return rows
 
 

@@ -77,3 +77,16 @@ def test_multi_node_ring_uses_every_nic():
     # G rings side by side: the network bandwidth term shrinks with G, the latency term does not.
     one, four = (cost_model.ring_time(1 << 30, 4, g, FAST, SLOW) for g in (1, 4))
     assert four < one / 3
+
+
+def test_bulk_projection_halves_the_wire_and_pays_a_fence_per_phase():
+    baseline, nvrar = cost_model.H200_FITS
+    inter = cost_model.NETWORKS["ndr"]
+    small, large = 8 << 10, 8 << 20
+    # Small messages: the assumed fences cost more than the flag bytes; large ones: half the bytes win.
+    assert cost_model.nvrar_time(small, 4, 4, nvrar.intra, inter, bulk=True) > \
+        cost_model.nvrar_time(small, 4, 4, nvrar.intra, inter)
+    assert cost_model.nvrar_time(large, 4, 4, nvrar.intra, inter, bulk=True) < \
+        0.6 * cost_model.nvrar_time(large, 4, 4, nvrar.intra, inter)
+    row = cost_model.projection([2 << 20], [8], 4, baseline, nvrar, inter)[0]
+    assert row["bulk_speedup"] == pytest.approx(row["baseline_us"] / row["nvrar_bulk_us"])

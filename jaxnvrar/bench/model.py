@@ -33,9 +33,12 @@ def run(args) -> int:
     print(f"#   intra-node nvrar:    {nvrar.intra.source}; per call {nvrar.per_call_s * 1e6:.1f} us")
     print(f"#   nvrar wire bytes per data byte: {cost_model.WIRE_BYTES_PER_DATA_BYTE:g}; "
           "baseline = min(ring, tree) as NCCL chooses")
-    print(f"{'nodes':>5} {'size(B)':>9} {'baseline us':>12} {'nvrar us':>9} {'speed-up':>8}")
+    print(f"#   bulk: 1 wire byte per data byte, {cost_model.BULK_FENCE_S * 1e6:g} us fence per phase assumed "
+          "(a launch not yet measured)")
+    print(f"{'nodes':>5} {'size(B)':>9} {'baseline us':>12} {'nvrar us':>9} {'speed-up':>8} {'bulk us':>9} {'speed-up':>8}")
     for r in rows:
-        print(f"{r['nodes']:>5} {r['bytes']:>9} {r['baseline_us']:>12.1f} {r['nvrar_us']:>9.1f} {r['speedup']:>8.2f}")
+        print(f"{r['nodes']:>5} {r['bytes']:>9} {r['baseline_us']:>12.1f} {r['nvrar_us']:>9.1f} {r['speedup']:>8.2f} "
+              f"{r['nvrar_bulk_us']:>9.1f} {r['bulk_speedup']:>8.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"network": args.network, "gpus_per_node": args.gpus_per_node, "rows": rows}, f, indent=1)
