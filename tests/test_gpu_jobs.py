@@ -55,8 +55,10 @@ def run_scenario(name: str, **env) -> dict[int, dict]:
     return reports
 
 
-def test_a_rank_that_skips_a_call_gets_a_timeout_report_not_a_hang():
-    reports = run_scenario("skip")
+@pytest.mark.parametrize("launch", [{}, {"JAXNVRAR_ONE_SHOT": "1"}, {"JAXNVRAR_BULK": "1"}],
+                         ids=["default", "one-shot", "bulk"])
+def test_a_rank_that_skips_a_call_gets_a_timeout_report_not_a_hang(launch):
+    reports = run_scenario("skip", **launch)
     waiting = reports[0]
     assert waiting["raised"], waiting
     assert waiting["seconds"] < TIMEOUT_S + 10, waiting
