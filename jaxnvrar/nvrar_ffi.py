@@ -22,8 +22,10 @@ def register() -> None:
     _registered = True
 
 
-def fits_workspace(num_elements: int, itemsize: int, topology: Topology) -> bool:
-    return workspace_bytes_needed(num_elements, itemsize, topology) <= runtime.workspace_bytes()
+def fits_workspace(num_elements: int, itemsize: int, topology: Topology, launch=None) -> bool:
+    """Whether the workspace holds this message with the default launch (or with `launch`)."""
+    variant = {} if launch is None else {"one_shot": launch.one_shot, "bulk": launch.bulk}
+    return workspace_bytes_needed(num_elements, itemsize, topology, **variant) <= runtime.workspace_bytes()
 
 
 def check_can_run(x, topology: Topology) -> None:

@@ -269,7 +269,8 @@ def run(args) -> int:
         row = {"bytes": count * itemsize, "count": count, "dtype": args.dtype, "results": {}}
         timings = {}
         for a in algorithms:
-            if a.startswith("nvrar") and not fits_workspace(count, itemsize, topology):
+            # n/a where the workspace does not hold it (a launch would fall back to the default one)
+            if a.startswith("nvrar") and not fits_workspace(count, itemsize, topology, _split_launch(a)[1]):
                 continue
             trace_dir = None if args.device_time is None else os.path.join(
                 args.device_time, f"{a.replace('/', '_')}_{nbytes}_rank{jax.process_index()}")
