@@ -139,20 +139,6 @@ DEFAULT_MAX_BLOCKS = 128
 MAX_BLOCKS_LIMIT = 1024
 
 
-def max_blocks(topology=None, dtype_name: str = "", nbytes: int = 0) -> int:
-    """Thread blocks per NVRAR kernel at most, for a call lowered now: the explicit setting
-    ($JAXNVRAR_MAX_BLOCKS or `set_max_blocks`), else the tuning table's for this call, else 128."""
-    if _state is not None and _state.max_blocks is not None:
-        return _state.max_blocks
-    if topology is not None:
-        from jaxnvrar import tuning
-
-        choice = tuning.choice_for(topology, dtype_name, nbytes)
-        if choice is not None:
-            return choice.max_blocks
-    return DEFAULT_MAX_BLOCKS
-
-
 def set_max_blocks(blocks: int | None) -> None:
     """Fix the launch width of programs lowered from now on (compiled ones keep theirs);
     None goes back to the tuning table's choice (or the default)."""
@@ -196,14 +182,12 @@ def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> L
     same bits."""
     from jaxnvrar import schedule, tuning
 
-    nbytes = num_elements * itemsize
-    blocks = max_blocks(topology, dtype_name, nbytes)
-    one_shot = _state.one_shot if _state is not None else None
-    bulk = _state.bulk if _state is not None else None
-    if one_shot is None or bulk is None:
-        choice = tuning.choice_for(topology, dtype_name, nbytes)
-        one_shot = bool(choice and choice.one_shot) if one_shot is None else one_shot
-        bulk = bool(choice and choice.bulk) if bulk is None else bulk
+    explicit = (_state.max_blocks, _state.one_shot, _state.bulk) if _state is not None else (None, None, None)
+    choice = None
+    if None in explicit:
+        choice = tuning.choice_for(topology, dtype_name, num_elements * itemsize)
+    measured = (choice.max_blocks, choice.one_shot, choice.bulk) if choice else (DEFAULT_MAX_BLOCKS, False, False)
+    blocks, one_shot, bulk = (mine if mine is not None else theirs for mine, theirs in zip(explicit, measured))
     one_shot = one_shot and schedule.one_shot_possible(topology)
     bulk = bulk and blocks <= schedule.BULK_MAX_BLOCKS
     fits = schedule.workspace_bytes_needed(num_elements, itemsize, topology, one_shot, bulk) <= workspace_bytes()

@@ -50,8 +50,8 @@ def test_the_active_table_sets_the_launch_width(monkeypatch):
                  psum_us=20.0, nvrar_us_by_launch={L(16): 30.0, L(64): 11.0})
     monkeypatch.setattr(tuning, "_active", table)
     assert tuning.choice_for(topology, "bfloat16", 1 << 20) == tuning.Choice("nvrar", 64)
-    assert runtime.max_blocks(topology, "bfloat16", 1 << 20) == 64
-    assert runtime.max_blocks(topology, "float32", 1 << 20) == runtime.DEFAULT_MAX_BLOCKS  # not measured
+    assert runtime.launch_for(topology, "bfloat16", 1 << 19, 2).max_blocks == 64
+    assert runtime.launch_for(topology, "float32", 1 << 18, 4).max_blocks == runtime.DEFAULT_MAX_BLOCKS  # not measured
 
 
 def test_one_shot_launches_are_chosen_where_measured_faster_and_possible(monkeypatch):
