@@ -1,8 +1,10 @@
 """Soak: many consecutive all-reduces in one long-running program, every result checked.
 
-Each rank starts from its rank + 1; every call must return the exact sum P(P+1)/2 (small
-integers are exact in every dtype), and the next call's input is derived from that output,
-so a wrong or stale result is counted and the calls stay dependent. Reports errors, calls
+Call i gives each rank the value rank + 1 + (i mod 5); it must return the exact sum
+P(P+1)/2 + P (i mod 5) (small integers are exact in every dtype). Consecutive calls, and calls
+two apart (which share a half of the workspace), expect different sums, so a stale result is
+counted as well as a wrong one; the next call's input is derived from the output, so the calls
+stay dependent. Reports errors, calls
 per second and the time of each chunk of calls, first against last (drift).
 """
 
@@ -38,15 +40,17 @@ def soak_program(mesh, algorithm: str, chunk: int):
 
     def body(x):
         mine = x  # rank + 1 everywhere
+        shift = lambda i: (jnp.asarray(i) % 5).astype(x.dtype)  # noqa: E731
 
-        def one_call(_, carry):
+        def one_call(i, carry):
             value, errors = carry
             summed = jaxnvrar.all_reduce(value, "x", algorithm=algorithm)
-            errors = errors + jnp.sum(summed != total, dtype=jnp.int32)
-            # Back to rank + 1 through the result, so the next call depends on this one.
-            return lax.pcast(summed - total, "x", to="varying") + mine, errors
+            expected = total + num_ranks * shift(i)
+            errors = errors + jnp.sum(summed != expected, dtype=jnp.int32)
+            # The next input through the result, so the next call depends on this one.
+            return lax.pcast(summed - expected, "x", to="varying") + mine + shift(i + 1), errors
 
-        _, errors = lax.fori_loop(0, chunk, one_call, (x, jnp.zeros((), jnp.int32)))
+        _, errors = lax.fori_loop(0, chunk, one_call, (x + shift(0), jnp.zeros((), jnp.int32)))
         return lax.psum(errors, "x")
 
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P()))
