@@ -77,10 +77,12 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
     """Sum ``x`` over the mesh axis ``axis_name``; call inside `jax.shard_map`.
 
     Returns an array of ``x``'s shape and dtype equal to ``jax.lax.psum(x, axis_name)`` within
-    the dtype's rounding, bit-identical on every rank of the axis.
+    the dtype's rounding, bit-identical on every rank of the axis. A pytree of arrays gives the
+    same pytree, as psum does; its leaves of one dtype are reduced together, as one message
+    (one kernel launch instead of one per leaf: small messages pay latency, not bandwidth).
 
     Args:
-      x: float32, bfloat16 or float16 array, any shape.
+      x: float32, bfloat16 or float16 array, any shape; or a pytree of them.
       axis_name: one mesh axis (of possibly several).
       algorithm: "psum" (XLA's), "reference" (the NVRAR schedule in JAX collectives, any
         backend), "nvrar" (the CUDA kernel; needs `jaxnvrar.initialize()`), or "auto"
@@ -88,6 +90,9 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
       gpus_per_node: consecutive ranks of the axis that form one node. Default: the ranks
         that share a host. Must divide the axis size.
     """
+    leaves, treedef = jax.tree.flatten(x)
+    if treedef.num_leaves != 1 or not treedef.num_nodes == 1:
+        return _all_reduce_tree(leaves, treedef, axis_name, algorithm, gpus_per_node)
     x = jnp.asarray(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -110,3 +115,21 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
     return all_reduce_p.bind(
         x, axis_name=axis_name, num_ranks=num_ranks, gpus_per_node=gpus_per_node, algorithm=algorithm
     )
+
+
+def _all_reduce_tree(leaves, treedef, axis_name, algorithm, gpus_per_node):
+    """The leaves of each dtype flattened into one message, reduced, and cut back."""
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    by_dtype: dict = {}
+    for index, leaf in enumerate(leaves):
+        by_dtype.setdefault(leaf.dtype, []).append(index)
+    out = list(leaves)
+    for dtype, indices in by_dtype.items():
+        group = [leaves[i] for i in indices]
+        message = group[0].ravel() if len(group) == 1 else jnp.concatenate([leaf.ravel() for leaf in group])
+        reduced = all_reduce(message, axis_name, algorithm=algorithm, gpus_per_node=gpus_per_node)
+        offset = 0
+        for i, leaf in zip(indices, group):
+            out[i] = reduced[offset:offset + leaf.size].reshape(leaf.shape)
+            offset += leaf.size
+    return jax.tree.unflatten(treedef, out)

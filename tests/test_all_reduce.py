@@ -160,6 +160,47 @@ def test_replicated_out_specs_like_psum():
     np.testing.assert_allclose(np.asarray(out), host.sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["reference", "psum", "auto"])
+def test_pytrees_like_psum(algorithm):
+    # A pytree comes back as the same pytree, as from psum; leaves of one dtype travel as one
+    # message. Invariant typing holds for every leaf (out_specs=P()).
+    num_ranks = jax.device_count()
+    _needs_ranks(num_ranks)
+    mesh = mesh_1d(num_ranks)
+    tree = {"w": _inputs(num_ranks, (3, 5), jnp.float32), "b": (_inputs(num_ranks, (7,), jnp.bfloat16, seed=1),
+                                                                _inputs(num_ranks, (), jnp.float32, seed=2))}
+    spec = P("x")
+    arrays = jax.tree.map(lambda h: global_array(h, mesh, spec), tree)
+
+    def run(reduce):
+        fn = jax.shard_map(lambda t: reduce(jax.tree.map(lambda a: a[0], t)), mesh=mesh, in_specs=spec, out_specs=P())
+        with jax.set_mesh(mesh):
+            return jax.tree.map(np.asarray, jax.jit(fn)(arrays))
+
+    got = run(lambda t: jaxnvrar.all_reduce(t, "x", algorithm=algorithm))
+    want = run(lambda t: lax.psum(t, "x"))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w, dtype in zip(jax.tree.leaves(got), jax.tree.leaves(want), (jnp.bfloat16, jnp.float32, jnp.float32)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), **_tolerance(dtype, num_ranks))
+
+
+def test_pytree_leaves_of_one_dtype_share_one_all_reduce():
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    spec = P("x")
+    tree = [global_array(np.ones((num_ranks, n), np.float32), mesh, spec) for n in (3, 4, 5)]
+    fn = jax.shard_map(lambda t: jaxnvrar.all_reduce(t, "x", algorithm="reference", gpus_per_node=num_ranks),
+                       mesh=mesh, in_specs=spec, out_specs=spec)
+    with jax.set_mesh(mesh):
+        one_message = jax.jit(fn).lower(tree).as_text().count("collective_permute")
+        fn_single = jax.shard_map(lambda a: jaxnvrar.all_reduce(a, "x", algorithm="reference",
+                                                                gpus_per_node=num_ranks),
+                                  mesh=mesh, in_specs=spec, out_specs=spec)
+        per_leaf = jax.jit(fn_single).lower(tree[0]).as_text().count("collective_permute")
+    assert one_message == per_leaf > 0  # three leaves, the permutes of one all-reduce
+
+
 @pytest.mark.parametrize("out_spec", ["replicated", "sharded"])
 def test_grad_matches_psum(out_spec):
     num_ranks = jax.device_count()
@@ -210,6 +251,8 @@ def _call(fn, num_ranks=None):
 def test_rejects_integer_dtype():
     with pytest.raises(TypeError, match="int32.*psum"):
         _call(lambda a: jaxnvrar.all_reduce(a.astype(jnp.int32), "x"))
+    with pytest.raises(TypeError, match="int32.*psum"):  # a leaf of a pytree too
+        _call(lambda a: jaxnvrar.all_reduce((a, a.astype(jnp.int32)), "x")[0])
 
 
 def test_rejects_gpus_per_node_that_does_not_divide():
