@@ -81,10 +81,11 @@ def test_ranks_in_different_calls_report_a_mismatch(scenario):
     assert expected in reports[0]["message"], reports[0]["message"]
 
 
+@pytest.mark.parametrize("launch", [{}, {"JAXNVRAR_BULK": "1"}], ids=["default", "bulk"])
 @pytest.mark.parametrize("start_before_wrap", [6, 7])  # both parities
-def test_flags_wrap_around_without_error(start_before_wrap):
+def test_flags_wrap_around_without_error(start_before_wrap, launch):
     first_call = 2 * 0xFFFFFFFE - start_before_wrap
-    reports = run_scenario("wrap", JAXNVRAR_FIRST_CALL=str(first_call))
+    reports = run_scenario("wrap", JAXNVRAR_FIRST_CALL=str(first_call), **launch)
     for rank, seen in reports.items():
         assert seen["max_error"] < 1e-5, (rank, seen)
 
