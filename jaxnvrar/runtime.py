@@ -158,6 +158,13 @@ class Launch:
     one_shot: bool = False
     bulk: bool = False
 
+    def __post_init__(self):
+        blocks = self.max_blocks
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= MAX_BLOCKS_LIMIT:
+            raise ValueError(f"Launch.max_blocks must be an int in [1, {MAX_BLOCKS_LIMIT}], got {blocks!r}")
+        if not isinstance(self.one_shot, bool) or not isinstance(self.bulk, bool):
+            raise TypeError(f"Launch.one_shot and Launch.bulk must be bools, got {self.one_shot!r}, {self.bulk!r}")
+
     @property
     def label(self) -> str:
         """"128", "128-1shot", "128-bulk", "128-1shot-bulk": how benchmarks and the tuning table
@@ -195,11 +202,16 @@ def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> L
 
 
 @contextlib.contextmanager
-def launch_override(launch: Launch):
-    """Within the block, programs lowered launch as `launch` (benchmarks and the tuner compare
-    launches this way); the settings before it come back afterwards."""
+def launch_override(launch: Launch | str):
+    """Within the block, programs lowered launch as `launch` (a Launch or its label, e.g.
+    "128-1shot"; benchmarks and the tuner compare launches this way); the settings before it
+    come back afterwards. Every process must make the same override."""
     if _state is None:
         raise RuntimeError("jaxnvrar.runtime.launch_override() needs jaxnvrar.initialize() first")
+    if isinstance(launch, str):
+        launch = Launch.parse(launch)
+    if not isinstance(launch, Launch):
+        raise TypeError(f"launch_override takes a jaxnvrar.runtime.Launch or its label, got {launch!r}")
     saved = _state.max_blocks, _state.one_shot, _state.bulk
     _state.max_blocks, _state.one_shot, _state.bulk = launch.max_blocks, launch.one_shot, launch.bulk
     try:

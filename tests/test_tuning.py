@@ -97,6 +97,13 @@ def test_launch_labels_round_trip_and_bad_ones_are_named():
     for bad in ("0", "x", "128-2shot", "2000", "-1shot", "128-bulk-1shot", "128-1shot-1shot"):
         with pytest.raises(ValueError, match=r"BLOCKS\[-1shot\]\[-bulk\]"):
             L.parse(bad)
+    with pytest.raises(ValueError, match=r"max_blocks must be an int in \[1, 1024\]"):
+        L(0)
+    with pytest.raises(TypeError, match="must be bools"):
+        L(128, "yes")
+    with pytest.raises(RuntimeError, match="needs jaxnvrar.initialize"):
+        with runtime.launch_override("128-bulk"):
+            pass
 
 
 def test_environment_names_the_file(monkeypatch, tmp_path):

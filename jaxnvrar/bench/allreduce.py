@@ -234,7 +234,10 @@ def run(args) -> int:
     algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # every speed-up is against psum
     if args.launches and "nvrar" in algorithms:
         at = algorithms.index("nvrar")
-        launches = [jaxnvrar.runtime.Launch.parse(label.strip()) for label in args.launches.split(",")]
+        try:
+            launches = [jaxnvrar.runtime.Launch.parse(label.strip()) for label in args.launches.split(",")]
+        except ValueError as err:
+            raise SystemExit(f"jaxnvrar-bench allreduce --launches: {err}") from None
         algorithms[at:at + 1] = [f"nvrar/{launch.label}" for launch in launches]
     dtype = _DTYPES[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize

@@ -48,7 +48,10 @@ def run(args) -> int:
     topology = Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node else default_topology(num_ranks)
     key = tuning.entry_key(jax.devices()[0].device_kind, topology, args.dtype)
     table = tuning.Table.load(args.output)
-    launches = [Launch.parse(label.strip()) for label in args.launches.split(",")]
+    try:
+        launches = [Launch.parse(label.strip()) for label in args.launches.split(",")]
+    except ValueError as err:
+        raise SystemExit(f"jaxnvrar-bench tune --launches: {err}") from None
     if not args.no_variants:
         one_shots = (False, True) if one_shot_possible(topology) else (False,)
         variants = [Launch(l.max_blocks, one_shot, bulk) for l in launches for one_shot in one_shots
