@@ -5,7 +5,7 @@
     jaxnvrar-bench model --fit sweep.json [--network ndr]          cost-model projection to 64 nodes
     jaxnvrar-bench gemm [-m 512 -k 8192 -n 28672]                  GEMM speed when M or K is split
     jaxnvrar-bench soak [--calls 100000 --bytes 128K]              consecutive calls, each checked
-    jaxnvrar-bench tune [--max-bytes 64M --blocks 16,32,64,128]    measure and save "auto"'s choices
+    jaxnvrar-bench tune [--max-bytes 64M --launches 32,128]        measure and save "auto"'s choices
 
 On a GPU machine each process drives one GPU: started alone on a host with several GPUs, the
 multi-GPU benchmarks start themselves again under jaxnvrar-launch, one process per GPU
