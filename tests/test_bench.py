@@ -154,3 +154,16 @@ def test_the_tuners_correctness_check_measures_the_error(monkeypatch):
     monkeypatch.setattr(jaxnvrar, "all_reduce", broken)
     assert max_error_against_psum(mesh, "reference", 1000, jnp.float32, gpus_per_node=None) > 0.1
     assert _split_launch("nvrar/32-1shot")[1].one_shot and _split_launch("psum") == ("psum", None)
+
+
+def test_launch_lists_are_checked_against_the_topology():
+    from jaxnvrar.bench.allreduce import parse_launches
+    from jaxnvrar.runtime import Launch
+    from jaxnvrar.schedule import Topology
+
+    assert parse_launches("128, 32-1shot-bulk", Topology(2, 2), "x") == [Launch(128), Launch(32, True, True)]
+    assert parse_launches("64-bulk", Topology(2, 1), "x") == [Launch(64, bulk=True)]  # bulk runs across nodes
+    with pytest.raises(SystemExit, match="tune --launches: bad kernel launch '12x'"):
+        parse_launches("12x", Topology(2, 2), "tune --launches")
+    with pytest.raises(SystemExit, match="128-1shot needs one node.*2 node"):
+        parse_launches("128-1shot", Topology(2, 1), "allreduce --launches")

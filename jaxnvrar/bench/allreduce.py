@@ -120,6 +120,22 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
     return statistics.median(batches) * 1e6, device_us
 
 
+def parse_launches(text: str, topology: Topology, option: str) -> list:
+    """Comma-separated launch labels as `runtime.Launch`es; a one-line error (SystemExit) for a
+    bad label, or for one-shot where the topology has several nodes (it would run as the
+    default launch under the wrong name)."""
+    try:
+        launches = [jaxnvrar.runtime.Launch.parse(label.strip()) for label in text.split(",")]
+    except ValueError as err:
+        raise SystemExit(f"jaxnvrar-bench {option}: {err}") from None
+    for launch in launches:
+        if launch.one_shot and not one_shot_possible(topology):
+            raise SystemExit(f"jaxnvrar-bench {option}: launch {launch.label} needs one node of several GPUs, but "
+                             f"the topology is {topology.num_nodes} node(s) of {topology.gpus_per_node}; drop -1shot "
+                             "or change --gpus-per-node")
+    return launches
+
+
 def _split_launch(algorithm: str):
     """"nvrar/128-1shot" -> ("nvrar", Launch(128, True)); "psum" -> ("psum", None)."""
     name, _, label = algorithm.partition("/")
@@ -232,25 +248,16 @@ def run(args) -> int:
         if a not in available:
             raise SystemExit(f"jaxnvrar-bench: algorithm {a!r} is not available here (available: {available})")
     algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # every speed-up is against psum
-    if args.launches and "nvrar" in algorithms:
-        at = algorithms.index("nvrar")
-        try:
-            launches = [jaxnvrar.runtime.Launch.parse(label.strip()) for label in args.launches.split(",")]
-        except ValueError as err:
-            raise SystemExit(f"jaxnvrar-bench allreduce --launches: {err}") from None
-        algorithms[at:at + 1] = [f"nvrar/{launch.label}" for launch in launches]
     dtype = _DTYPES[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
     num_ranks = jax.device_count()
     topology = (Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node
                 else default_topology(num_ranks))
-    for a in algorithms:
-        launch = _split_launch(a)[1]
-        if launch is not None and launch.one_shot and not one_shot_possible(topology):
-            raise SystemExit(f"jaxnvrar-bench: launch {launch.label} needs one node of several GPUs, but the "
-                             f"topology is {topology.num_nodes} node(s) of {topology.gpus_per_node}; it would run "
-                             "as the default launch. Drop -1shot or --gpus-per-node")
+    if args.launches and "nvrar" in algorithms:
+        at = algorithms.index("nvrar")
+        launches = parse_launches(args.launches, topology, "allreduce --launches")
+        algorithms[at:at + 1] = [f"nvrar/{launch.label}" for launch in launches]
     if is_printer():
         print(f"# jaxnvrar-bench allreduce: {description}")
         loop = "in a loop" if args.scan else "unrolled"

@@ -1,6 +1,6 @@
 """jaxnvrar-bench tune: measure psum and the kernel at several launches per size bucket (widths
-and, as variants, bulk and on one node one-shot), and write the winners to the tuning table that "auto" and the
-kernel's launch read (see jaxnvrar/tuning.py). A launch whose result disagrees with psum is
+and, as variants, bulk and on one node one-shot), and write the winners to the tuning table
+that "auto" and the kernel's launch read (see jaxnvrar/tuning.py). A launch whose result disagrees with psum is
 reported and never chosen. Run once per machine type, topology and dtype, under jaxnvrar-launch:
 
     jaxnvrar-launch -n 2 -- jaxnvrar-bench tune --max-bytes 64M
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 import jaxnvrar
 from jaxnvrar import tuning
-from jaxnvrar.bench.allreduce import _DTYPES, _sizes, max_error_against_psum, measure, parse_bytes
+from jaxnvrar.bench.allreduce import _DTYPES, _sizes, max_error_against_psum, measure, parse_bytes, parse_launches
 from jaxnvrar.bench.setup import bring_up, is_printer
 from jaxnvrar.nvrar_ffi import fits_workspace
 from jaxnvrar.runtime import Launch, default_topology
@@ -48,10 +48,7 @@ def run(args) -> int:
     topology = Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node else default_topology(num_ranks)
     key = tuning.entry_key(jax.devices()[0].device_kind, topology, args.dtype)
     table = tuning.Table.load(args.output)
-    try:
-        launches = [Launch.parse(label.strip()) for label in args.launches.split(",")]
-    except ValueError as err:
-        raise SystemExit(f"jaxnvrar-bench tune --launches: {err}") from None
+    launches = parse_launches(args.launches, topology, "tune --launches")
     if not args.no_variants:
         one_shots = (False, True) if one_shot_possible(topology) else (False,)
         variants = [Launch(l.max_blocks, one_shot, bulk) for l in launches for one_shot in one_shots
