@@ -193,7 +193,8 @@ def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> L
     choice = None
     if None in explicit:
         choice = tuning.choice_for(topology, dtype_name, num_elements * itemsize)
-    measured = (choice.max_blocks, choice.one_shot, choice.bulk) if choice else (DEFAULT_MAX_BLOCKS, False, False)
+    measured = choice.launch if choice else Launch(DEFAULT_MAX_BLOCKS)
+    measured = (measured.max_blocks, measured.one_shot, measured.bulk)
     blocks, one_shot, bulk = (mine if mine is not None else theirs for mine, theirs in zip(explicit, measured))
     one_shot = one_shot and schedule.one_shot_possible(topology)
     bulk = bulk and blocks <= schedule.BULK_MAX_BLOCKS

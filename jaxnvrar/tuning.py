@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 
+from jaxnvrar.runtime import Launch
 from jaxnvrar.schedule import Topology
 
 TUNING_FILE_ENV = "JAXNVRAR_TUNING_FILE"
@@ -51,9 +52,7 @@ def entry_key(device_kind: str, topology: Topology, dtype_name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Choice:
     algorithm: str    # "nvrar" or "psum": the faster one measured for this bucket
-    max_blocks: int   # the kernel's best launch width for this bucket
-    one_shot: bool = False  # whether that launch was one-shot
-    bulk: bool = False      # whether it moved raw data (a flag per block) instead of LL cells
+    launch: Launch    # the kernel's fastest launch for this bucket
 
 
 class Table:
@@ -73,7 +72,7 @@ class Table:
             "nvrar_us": nvrar_us, "psum_us": psum_us,
             "nvrar_us_by_launch": {l.label: t for l, t in sorted(nvrar_us_by_launch.items(),
                                                                  key=lambda item: item[0].label)}}
-        return Choice(algorithm, launch.max_blocks, launch.one_shot, launch.bulk)
+        return Choice(algorithm, launch)
 
     def lookup(self, key: str, nbytes: int) -> Choice | None:
         """The choice measured for this message's bucket; past the largest bucket measured, that
@@ -85,7 +84,7 @@ class Table:
         wanted = bucket_of(nbytes)
         bucket = next((b for b in measured if b >= wanted), measured[-1])
         e = buckets[str(bucket)]
-        return Choice(e["algorithm"], int(e["max_blocks"]), bool(e.get("one_shot", False)), bool(e.get("bulk", False)))
+        return Choice(e["algorithm"], Launch(int(e["max_blocks"]), bool(e.get("one_shot", False)), bool(e.get("bulk", False))))
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "entries": self.entries}, indent=1, sort_keys=True)

@@ -17,11 +17,11 @@ def test_record_keeps_the_faster_algorithm_and_width():
     table = tuning.Table()
     key = tuning.entry_key("H200", Topology(2, 2), "bfloat16")
     assert table.record(key, 8 << 10, psum_us=20.0, nvrar_us_by_launch={L(32): 7.5, L(128): 7.1}) == \
-        tuning.Choice("nvrar", 128)
+        tuning.Choice("nvrar", L(128))
     assert table.record(key, 64 << 20, psum_us=287.0, nvrar_us_by_launch={L(32): 700.0, L(128): 467.0}) == \
-        tuning.Choice("psum", 128)
-    assert table.lookup(key, 6000) == tuning.Choice("nvrar", 128)        # the 8 KB bucket
-    assert table.lookup(key, 100) == tuning.Choice("nvrar", 128)         # below the smallest measured
+        tuning.Choice("psum", L(128))
+    assert table.lookup(key, 6000) == tuning.Choice("nvrar", L(128))        # the 8 KB bucket
+    assert table.lookup(key, 100) == tuning.Choice("nvrar", L(128))         # below the smallest measured
     assert table.lookup(key, 1 << 30).algorithm == "psum"                # past the largest measured
     assert table.lookup(tuning.entry_key("H100", Topology(2, 2), "bfloat16"), 6000) is None
 
@@ -31,7 +31,7 @@ def test_table_file_round_trip_and_bad_files(tmp_path):
     key = tuning.entry_key("H200", Topology(4, 2), "float32")
     table.record(key, 1 << 20, psum_us=20.0, nvrar_us_by_launch={L(64): 12.0})
     path = table.save(tmp_path / "sub" / "t.json")
-    assert tuning.Table.load(path).lookup(key, 1 << 20) == tuning.Choice("nvrar", 64)
+    assert tuning.Table.load(path).lookup(key, 1 << 20) == tuning.Choice("nvrar", L(64))
     assert tuning.Table.load(tmp_path / "missing.json").entries == {}
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON.*tune again"):
@@ -49,7 +49,7 @@ def test_the_active_table_sets_the_launch_width(monkeypatch):
     table.record(tuning.entry_key(jax.devices()[0].device_kind, topology, "bfloat16"), 1 << 20,
                  psum_us=20.0, nvrar_us_by_launch={L(16): 30.0, L(64): 11.0})
     monkeypatch.setattr(tuning, "_active", table)
-    assert tuning.choice_for(topology, "bfloat16", 1 << 20) == tuning.Choice("nvrar", 64)
+    assert tuning.choice_for(topology, "bfloat16", 1 << 20) == tuning.Choice("nvrar", L(64))
     assert runtime.launch_for(topology, "bfloat16", 1 << 19, 2).max_blocks == 64
     assert runtime.launch_for(topology, "float32", 1 << 18, 4).max_blocks == runtime.DEFAULT_MAX_BLOCKS  # not measured
 
@@ -62,7 +62,7 @@ def test_one_shot_launches_are_chosen_where_measured_faster_and_possible(monkeyp
     one_node, two_nodes = Topology(2, 2), Topology(4, 2)
     assert table.record(tuning.entry_key(kind, one_node, "bfloat16"), 128 << 10, psum_us=20.0,
                         nvrar_us_by_launch={L(128): 5.6, L(128, True): 3.9, L(32, True): 4.4}) == \
-        tuning.Choice("nvrar", 128, True)
+        tuning.Choice("nvrar", L(128, True))
     entry = table.entries[tuning.entry_key(kind, one_node, "bfloat16")][str(128 << 10)]
     assert entry["nvrar_us_by_launch"] == {"128": 5.6, "128-1shot": 3.9, "32-1shot": 4.4}
     monkeypatch.setattr(tuning, "_active", table)
@@ -87,7 +87,7 @@ def test_one_shot_launches_are_chosen_where_measured_faster_and_possible(monkeyp
 
 def test_tables_from_before_one_shot_still_load():
     table = tuning.Table({"H200|1x2|bfloat16": {"8192": {"algorithm": "nvrar", "max_blocks": 32}}})
-    assert table.lookup("H200|1x2|bfloat16", 8192) == tuning.Choice("nvrar", 32, False)
+    assert table.lookup("H200|1x2|bfloat16", 8192) == tuning.Choice("nvrar", L(32))
 
 
 def test_launch_labels_round_trip_and_bad_ones_are_named():
@@ -140,4 +140,4 @@ def test_every_process_uses_process_0s_table(tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', max_blocks=32, one_shot=False, bulk=False)" in job.stdout, job.stdout[-2000:]
+        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', launch=Launch(max_blocks=32, one_shot=False, bulk=False))" in job.stdout, job.stdout[-2000:]

@@ -85,7 +85,7 @@ def run(args) -> int:
             raise SystemExit(f"jaxnvrar-bench tune: no launch gave psum's result at {nbytes} B; table not written")
         choice = table.record(key, nbytes, psum_us=psum_us, nvrar_us_by_launch=by_launch)
         if is_printer():
-            chosen = "psum" if choice.algorithm == "psum" else "nvrar/" + Launch(choice.max_blocks, choice.one_shot).label
+            chosen = "psum" if choice.algorithm == "psum" else "nvrar/" + choice.launch.label
             print(f"{nbytes:>10} {psum_us:>9.2f} " + " ".join(cells) + f" {chosen:>18}", flush=True)
     tuning.use(table)  # this process; the others load the file at their next initialize()
     if is_printer():
