@@ -91,7 +91,7 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
         that share a host. Must divide the axis size.
     """
     leaves, treedef = jax.tree.flatten(x)
-    if treedef.num_leaves != 1 or not treedef.num_nodes == 1:
+    if not (treedef.num_leaves == 1 and treedef.num_nodes == 1):  # not a single array
         return _all_reduce_tree(leaves, treedef, axis_name, algorithm, gpus_per_node)
     x = jnp.asarray(x)
     if x.dtype not in SUPPORTED_DTYPES:
