@@ -87,8 +87,18 @@ __device__ __forceinline__ void AwaitBlock(const KernelArgs& args, const Layout&
   __syncthreads();
 }
 
+// The block's staged range to the same place in a peer's workspace, then the flag word, which
+// NVSHMEM sets only after the data has landed. Not inlined: the put's registers would otherwise
+// count against every thread of the kernel, and it runs only between hosts.
+__device__ __noinline__ void PutWithSignal(char* remote, const char* staged, int64_t bytes, char* flag_word,
+                                           uint32_t flag, int32_t pe) {
+  nvshmemx_putmem_signal_nbi_block(remote, staged, bytes, reinterpret_cast<uint64_t*>(flag_word), flag,
+                                   NVSHMEM_SIGNAL_SET, pe);
+}
+
 template <typename T>
-__global__ void NvrarBulkKernel(KernelArgs args, Layout layout) {
+// Two blocks per SM: at most 64 registers a thread (without it, 80), no spills (ptxas -v).
+__global__ void __launch_bounds__(kThreadsPerBlock, 2) NvrarBulkKernel(KernelArgs args, Layout layout) {
   // slice_cells counts 16-byte chunks here.
   const CallStart start = BeginCall(args, layout);
   const int64_t half = start.half;
@@ -154,11 +164,10 @@ __global__ void NvrarBulkKernel(KernelArgs args, Layout layout) {
       } else {
         __threadfence();
         __syncthreads();
-        nvshmemx_putmem_signal_nbi_block(at(args.workspace, half + layout.InterNodeInbox(s), start.block_begin),
-                                         at(args.workspace, half + layout.Stage(s), start.block_begin),
-                                         (start.block_end - start.block_begin) * kUnitBytes,
-                                         reinterpret_cast<uint64_t*>(args.workspace + flag_at), start.flag,
-                                         NVSHMEM_SIGNAL_SET, args.inter_peer_pe[s]);
+        PutWithSignal(at(args.workspace, half + layout.InterNodeInbox(s), start.block_begin),
+                      at(args.workspace, half + layout.Stage(s), start.block_begin),
+                      (start.block_end - start.block_begin) * kUnitBytes, args.workspace + flag_at, start.flag,
+                      args.inter_peer_pe[s]);
         issued_puts = true;
       }
     }

@@ -18,8 +18,6 @@ namespace nb = nanobind;
 namespace jaxnvrar {
 namespace {
 
-constexpr int kThreadsPerBlock = 512;
-
 // The dtype's code in a CallSignature.
 uint32_t DtypeCode(ffi::DataType dtype) {
   return dtype == ffi::F32 ? 1u : dtype == ffi::BF16 ? 2u : 3u;

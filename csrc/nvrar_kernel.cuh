@@ -27,6 +27,7 @@
 
 namespace jaxnvrar {
 
+constexpr int kThreadsPerBlock = 512;  // both kernels launch blocks of this many threads
 constexpr int kMaxGpusPerNode = 32;
 constexpr int kMaxInterNodeSteps = 16;
 // Signature slots: one per sender, local GPUs 0..31, then inter-node steps.
