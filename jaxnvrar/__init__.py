@@ -1,6 +1,7 @@
 """jaxnvrar: a hierarchical all-reduce (NVRAR) for JAX, used like `jax.lax.psum` in `jax.shard_map`."""
 
 from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm
+from jaxnvrar.info import print_environment_info
 from jaxnvrar.runtime import cuda_available, finalize, initialize, initialize_distributed, is_initialized, last_timeout
 from jaxnvrar.schedule import Topology
 
@@ -17,4 +18,5 @@ __all__ = [
     "initialize_distributed",
     "is_initialized",
     "last_timeout",
+    "print_environment_info",
 ]

@@ -1,0 +1,60 @@
+"""What this installation and this host offer jaxnvrar: `python -m jaxnvrar` prints it.
+
+The first thing to run when something does not work, and the thing to paste into a bug report:
+versions, the CUDA part (built or not, NVSHMEM), the GPUs this host offers, the runtime's
+state, every JAXNVRAR_* setting, and the tuning table "auto" will read. It starts no CUDA work:
+GPUs are counted without initialising them, so it is safe next to a running job.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info() -> dict:
+    import jax
+
+    from jaxnvrar import __version__, launch, runtime, tuning
+
+    try:
+        runtime.cuda_extension()
+        cuda = "built"
+    except ImportError as err:
+        cuda = f"not built ({str(err).split(';')[0]})"
+    path = tuning.default_path()
+    try:
+        table = tuning.Table.load(path)
+        tuned = sorted(table.entries) or "none"
+    except ValueError as err:
+        tuned = f"unreadable: {err}"
+    return {
+        "jaxnvrar": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "jax CUDA plugin": _version("jax-cuda13-plugin") or _version("jax-cuda12-plugin"),
+        "NVSHMEM (nvidia-nvshmem-cu13)": _version("nvidia-nvshmem-cu13"),
+        "nvshmem4py": _version("nvshmem4py-cu13") or _version("nvshmem4py-cu12"),
+        "CUDA extension": cuda,
+        "GPUs on this host": launch.local_gpu_count(),
+        "runtime": (f"initialised: PE {runtime._state.my_pe} of {runtime._state.num_pes}, "
+                    f"workspace {runtime.workspace_bytes()} B") if runtime.is_initialized() else "not initialised",
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("JAXNVRAR_")} or "none",
+        "tuning table": f"{path} ({'present' if path.exists() else 'absent'}); entries: {tuned}",
+    }
+
+
+def print_environment_info(file=None) -> None:
+    for key, value in environment_info().items():
+        print(f"{key + ':':<31} {'not installed' if value is None else value}", file=file or sys.stdout)
