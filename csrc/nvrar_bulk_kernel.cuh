@@ -46,18 +46,10 @@ __device__ __forceinline__ uint64_t LoadFlagAcquire(const char* address) {
   return value;
 }
 
-// One thread spins until the flag word holds `flag`: bounded by the timeout, watching the
-// peer's signature as AwaitCell does.
+// One thread waits until the flag word holds `flag` (SpinUntil: bounded, watching signatures).
 __device__ __forceinline__ void AwaitFlag(const char* address, uint32_t flag, const KernelArgs& args,
                                           unsigned long long calls, const WaitSite& site) {
-  if (LoadFlagAcquire(address) == flag) return;
-  const uint64_t start = GlobalTimerNs();
-  for (uint32_t spin = 1; LoadFlagAcquire(address) != flag; ++spin) {
-    if (spin % 64 == 0) {
-      if (args.check_calls) CheckSignature(args, calls, flag, site);
-      if (GlobalTimerNs() - start > args.timeout_ns) Fail(Where(args), kFailureTimeout, site, flag, Cell{0, 0});
-    }
-  }
+  SpinUntil([&] { return LoadFlagAcquire(address) == flag; }, flag, args, calls, site);
 }
 
 // Once every thread of the block has issued its chunks for `phase`: make them visible, then

@@ -193,19 +193,27 @@ __device__ __forceinline__ bool CheckSignature(const KernelArgs& args, unsigned 
   return true;
 }
 
-// Spins until the cell carries `flag`; bounded by the timeout, and while spinning, watches
-// the peer's signature so that a rank in a different call is reported at once.
-__device__ __forceinline__ Cell AwaitCell(const char* address, uint32_t flag, const KernelArgs& args,
+// Spins until `ready()`; bounded by the timeout, and while spinning, watches the peer's
+// signature so that a rank in a different call is reported at once. Every wait on a peer's
+// data goes through here (cells, and the bulk kernel's flag words).
+template <typename Ready>
+__device__ __forceinline__ void SpinUntil(Ready ready, uint32_t flag, const KernelArgs& args,
                                           unsigned long long calls, const WaitSite& site) {
-  Cell data;
-  if (PollCell(address, flag, &data)) return data;
+  if (ready()) return;
   const uint64_t start = GlobalTimerNs();
-  for (uint32_t spin = 1; !PollCell(address, flag, &data); ++spin) {
+  for (uint32_t spin = 1; !ready(); ++spin) {
     if (spin % 64 == 0) {
       if (args.check_calls) CheckSignature(args, calls, flag, site);
       if (GlobalTimerNs() - start > args.timeout_ns) Fail(Where(args), kFailureTimeout, site, flag, Cell{0, 0});
     }
   }
+}
+
+// The cell's data, once both its halves carry `flag`.
+__device__ __forceinline__ Cell AwaitCell(const char* address, uint32_t flag, const KernelArgs& args,
+                                          unsigned long long calls, const WaitSite& site) {
+  Cell data;
+  SpinUntil([&] { return PollCell(address, flag, &data); }, flag, args, calls, site);
   return data;
 }
 
