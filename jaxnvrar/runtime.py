@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -367,18 +368,18 @@ def check_same_settings(settings: dict) -> None:
     global _settings_checks
     _settings_checks += 1
     client = _distributed_client()
-    mine = repr(sorted(settings.items()))
     prefix = f"jaxnvrar/settings/{_settings_checks}"
-    client.key_value_set(f"{prefix}/{jax.process_index()}", mine)
+    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(settings, sort_keys=True))
     for other in range(jax.process_count()):
-        theirs = client.blocking_key_value_get(f"{prefix}/{other}", _KV_TIMEOUT_MS)
-        if theirs != mine:
-            differ = [name for name, value in sorted(settings.items())
-                      if f"({name!r}, {value!r})" not in theirs]
+        theirs = json.loads(client.blocking_key_value_get(f"{prefix}/{other}", _KV_TIMEOUT_MS))
+        differ = [name for name in sorted(settings) if theirs.get(name) != settings[name]]
+        if differ:
             raise RuntimeError(
-                f"jaxnvrar.initialize(): process {jax.process_index()} has {mine}, process {other} has "
-                f"{theirs}; set {', '.join('$' + n for n in differ) or 'these'} alike on every process "
-                "(None: unset), or the processes compile different programs and the job can hang"
+                f"jaxnvrar.initialize(): process {jax.process_index()} has "
+                f"{', '.join(f'{n}={settings[n]}' for n in differ)}, process {other} has "
+                f"{', '.join(f'{n}={theirs.get(n)}' for n in differ)}; set "
+                f"{', '.join('$' + n for n in differ)} alike on every process (None: unset), or the processes "
+                "compile different programs and the job can hang"
             )
 
 
