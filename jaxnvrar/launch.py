@@ -2,8 +2,12 @@
 
     jaxnvrar-launch -n 2 -- python my_script.py
 
-Each rank gets JAXNVRAR_COORDINATOR, JAXNVRAR_NUM_PROCESSES, JAXNVRAR_PROCESS_ID and
-JAXNVRAR_LOCAL_RANK, which `jaxnvrar.initialize_distributed()` reads. Output lines are
+Each rank gets JAXNVRAR_COORDINATOR, JAXNVRAR_NUM_PROCESSES, JAXNVRAR_PROCESS_ID,
+JAXNVRAR_LOCAL_RANK and JAXNVRAR_LOCAL_DEVICE (the GPU it uses), which
+`jaxnvrar.initialize_distributed()` reads. Rank r uses GPU r, or with `--gpus G` GPU r % G: fewer
+GPUs than ranks put several ranks on one GPU, for testing the kernels' logic on a machine with
+fewer GPUs (NCCL, hence psum, refuses ranks that share a GPU; start CUDA MPS so that their
+kernels run side by side, or they only alternate). Output lines are
 prefixed with the rank. If a rank fails, the others are stopped and the launcher exits with
 its code, naming it and repeating its last lines; past --timeout every rank is stopped and
 the launcher exits 124. Multi-host jobs (Slurm, mpirun) need no launcher: there
@@ -22,7 +26,8 @@ import sys
 import threading
 import time
 
-from jaxnvrar.runtime import ENV_COORDINATOR, ENV_LOCAL_RANK, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from jaxnvrar.runtime import (ENV_COORDINATOR, ENV_GPUS, ENV_LOCAL_DEVICE, ENV_LOCAL_RANK, ENV_NUM_PROCESSES,
+                              ENV_PROCESS_ID)
 
 _TAIL_LINES = 20
 _KILL_GRACE_S = 5.0
@@ -88,15 +93,20 @@ def _stop_all(ranks: list[_Rank]) -> None:
             r.process.wait()
 
 
-def launch(num_processes: int, command: list[str], *, timeout: float, port: int | None = None) -> int:
+def launch(num_processes: int, command: list[str], *, timeout: float, port: int | None = None,
+           gpus: int | None = None) -> int:
+    """Runs `command` as ranks 0..num_processes-1; rank r on GPU r % gpus (default: GPU r)."""
+    gpus = gpus or num_processes
     env = dict(os.environ)
     env[ENV_COORDINATOR] = f"127.0.0.1:{port or _free_port()}"
     env[ENV_NUM_PROCESSES] = str(num_processes)
+    env[ENV_GPUS] = str(gpus)
     env["PYTHONUNBUFFERED"] = "1"
     lock = threading.Lock()
     ranks = []
     for rank in range(num_processes):
-        rank_env = dict(env, **{ENV_PROCESS_ID: str(rank), ENV_LOCAL_RANK: str(rank)})
+        rank_env = dict(env, **{ENV_PROCESS_ID: str(rank), ENV_LOCAL_RANK: str(rank),
+                                ENV_LOCAL_DEVICE: str(rank % gpus)})
         ranks.append(_Rank(rank, command, rank_env, lock))
 
     deadline = time.monotonic() + timeout
@@ -143,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--num-processes", type=int, required=True, help="ranks to start")
     parser.add_argument("--timeout", type=float, default=1800.0, help="stop every rank after S seconds")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="spread the ranks over G GPUs, rank r on GPU r %% G (default: one GPU per rank). "
+                             "Fewer GPUs than ranks is for testing only: psum (NCCL) refuses ranks that share "
+                             "a GPU, and their kernels run side by side only under CUDA MPS")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="command to run on every rank")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -150,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the command to run after --")
     if args.num_processes < 1:
         parser.error(f"-n must be at least 1, got {args.num_processes}")
-    return launch(args.num_processes, command, timeout=args.timeout, port=args.port)
+    if args.gpus is not None and not 1 <= args.gpus <= args.num_processes:
+        parser.error(f"--gpus must be between 1 and the rank count {args.num_processes}, got {args.gpus}")
+    return launch(args.num_processes, command, timeout=args.timeout, port=args.port, gpus=args.gpus)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ ENV_COORDINATOR = "JAXNVRAR_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXNVRAR_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXNVRAR_PROCESS_ID"
 ENV_LOCAL_RANK = "JAXNVRAR_LOCAL_RANK"
+ENV_LOCAL_DEVICE = "JAXNVRAR_LOCAL_DEVICE"  # the GPU of this rank (launch --gpus: ranks may share one)
+ENV_GPUS = "JAXNVRAR_GPUS"  # GPUs the launcher spread its ranks over
 _BUILD_HINT = (
     "build jaxnvrar on a machine with nvcc and NVSHMEM: "
     "pip install nvidia-nvshmem-cu13 nvshmem4py-cu13 scikit-build-core nanobind && "
@@ -70,11 +72,19 @@ def initialize_distributed(**kwargs) -> None:
     num_processes = int(os.environ[ENV_NUM_PROCESSES])
     if num_processes == 1:
         return
-    local_rank = int(os.environ[ENV_LOCAL_RANK])
-    kwargs.setdefault("local_device_ids", [local_rank])
+    device = os.environ.get(ENV_LOCAL_DEVICE, os.environ[ENV_LOCAL_RANK])
+    kwargs.setdefault("local_device_ids", [int(device)])
     jax.distributed.initialize(
         os.environ[ENV_COORDINATOR], num_processes, int(os.environ[ENV_PROCESS_ID]), **kwargs
     )
+
+
+def ranks_share_gpus() -> bool:
+    """True where jaxnvrar-launch put several ranks on one GPU (`--gpus` fewer than ranks): the
+    kernels' logic can be tested there, but NCCL (so psum and ppermute) refuses to run, and
+    timings mean nothing."""
+    gpus, ranks = os.environ.get(ENV_GPUS), os.environ.get(ENV_NUM_PROCESSES)
+    return bool(gpus and ranks) and int(gpus) < int(ranks)
 
 
 def _distributed_client():

@@ -12,7 +12,9 @@ import pytest
 if "JAXNVRAR_NUM_PROCESSES" not in os.environ:
     jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAX_NUM_CPU_DEVICES", "8")))
 else:
-    jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAX_NUM_CPU_DEVICES", "2")))
+    # As many CPU devices as ranks: where ranks share a GPU, reference results come from them.
+    ranks = max(2, int(os.environ["JAXNVRAR_NUM_PROCESSES"]))
+    jax.config.update("jax_num_cpu_devices", int(os.environ.get("JAX_NUM_CPU_DEVICES", str(ranks))))
     import jaxnvrar
 
     jaxnvrar.initialize_distributed()

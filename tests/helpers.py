@@ -1,14 +1,28 @@
 """Run a per-shard function over a 1-D (or 2-D) mesh and fetch the whole result on every process."""
 
+import itertools
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnvrar.runtime import ranks_share_gpus
+
 
 def mesh_1d(num_ranks: int, name: str = "x"):
     return jax.make_mesh((num_ranks,), (name,), devices=jax.devices()[:num_ranks])
+
+
+def xla_collectives_mesh(num_ranks: int, name: str = "x"):
+    """A mesh on which XLA's own collectives (psum, ppermute) run, for reference results: the
+    job's devices, or where ranks share a GPU (NCCL refuses that) this process's CPU devices."""
+    if not ranks_share_gpus():
+        return mesh_1d(num_ranks, name)
+    cpus = jax.local_devices(backend="cpu")
+    assert len(cpus) >= num_ranks, f"set JAX_NUM_CPU_DEVICES >= {num_ranks}"
+    return jax.make_mesh((num_ranks,), (name,), devices=cpus[:num_ranks])
 
 
 def global_array(host: np.ndarray, mesh, spec):
@@ -16,6 +30,34 @@ def global_array(host: np.ndarray, mesh, spec):
     if host.size == 0:  # make_array_from_callback passes whole-array indices for empty arrays
         return jax.device_put(host, sharding)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+_gather_calls = itertools.count()
+_CHUNK_BYTES = 1 << 20
+
+
+def _gather_rows_by_key_value(out: jax.Array) -> np.ndarray:
+    """process_allgather without a collective (ranks that share a GPU cannot run NCCL): every
+    process posts its rows to jax.distributed's key-value store and reads the others'."""
+    from jax._src import distributed
+
+    client, call = distributed.global_state.client, next(_gather_calls)
+    whole = np.zeros(out.shape, out.dtype)
+    for shard in out.addressable_shards:
+        data = np.ascontiguousarray(np.asarray(shard.data)).tobytes()
+        start = shard.index[0].start or 0
+        chunks = range(0, max(len(data), 1), _CHUNK_BYTES)
+        client.key_value_set(f"tests/gather/{call}/{start}", str(len(chunks)))
+        for i, offset in enumerate(chunks):
+            client.key_value_set_bytes(f"tests/gather/{call}/{start}/{i}", data[offset:offset + _CHUNK_BYTES])
+    rows_per_shard = out.shape[0] // len(out.sharding.device_set)
+    for start in range(0, out.shape[0], rows_per_shard):
+        count = int(client.blocking_key_value_get(f"tests/gather/{call}/{start}", 120_000))
+        data = b"".join(client.blocking_key_value_get_bytes(f"tests/gather/{call}/{start}/{i}", 120_000)
+                        for i in range(count))
+        whole[start:start + rows_per_shard] = np.frombuffer(data, out.dtype).reshape(
+            (rows_per_shard,) + out.shape[1:])
+    return whole
 
 
 def run_per_rank(fn, host: np.ndarray, mesh, axis: str = "x", *, jit: bool = True):
@@ -28,4 +70,8 @@ def run_per_rank(fn, host: np.ndarray, mesh, axis: str = "x", *, jit: bool = Tru
         out = mapped(global_array(host, mesh, spec))
     if out.size == 0:  # jax cannot fetch an empty sharded array; there is nothing to compare
         return np.zeros(out.shape, out.dtype)
+    if out.is_fully_addressable:
+        return np.asarray(out)
+    if ranks_share_gpus():
+        return _gather_rows_by_key_value(out)
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))

@@ -69,3 +69,20 @@ def test_gpu_count_follows_cuda_visible_devices(monkeypatch):
     assert local_gpu_count() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert local_gpu_count() == 0
+
+
+def test_gpus_option_spreads_ranks_round_robin():
+    code = ("import os; print('rank', os.environ['JAXNVRAR_PROCESS_ID'], 'gpu', os.environ['JAXNVRAR_LOCAL_DEVICE'],"
+            " 'of', os.environ['JAXNVRAR_GPUS'])")
+    result = _run(["-n", "4", "--gpus", "2", "--", sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    for rank in range(4):
+        assert f"[rank {rank}] rank {rank} gpu {rank % 2} of 2" in result.stdout
+    default = _run(["-n", "2", "--", sys.executable, "-c", code])
+    assert "[rank 1] rank 1 gpu 1 of 2" in default.stdout
+
+
+def test_gpus_option_must_lie_between_one_and_the_rank_count():
+    for bad in ("0", "3"):
+        result = _run(["-n", "2", "--gpus", bad, "--", sys.executable, "-c", "pass"])
+        assert result.returncode == 2 and "--gpus must be between 1 and the rank count 2" in result.stderr

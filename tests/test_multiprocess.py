@@ -24,3 +24,33 @@ def test_all_reduce_suite_across_processes(num_processes):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     for rank in range(num_processes):
         assert f"[rank {rank}]" in result.stdout and "passed" in result.stdout
+
+
+_SHARED_GPU_JOB = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax, numpy as np
+jax.config.update("jax_num_cpu_devices", 1)
+import jaxnvrar
+jaxnvrar.initialize_distributed()
+from helpers import mesh_1d, run_per_rank
+from jaxnvrar.runtime import ranks_share_gpus
+assert ranks_share_gpus()
+host = np.arange(2 * 3_000_001, dtype=np.float32).reshape(2, -1)  # 12 MB a row: several chunks
+out = run_per_rank(lambda a: jaxnvrar.all_reduce(a, "x", algorithm="reference", gpus_per_node=1), host, mesh_1d(2))
+np.testing.assert_array_equal(out, np.broadcast_to(host.sum(0), host.shape))
+print("gathered", out.shape)
+"""
+
+
+@pytest.mark.multiprocess
+def test_ranks_sharing_a_gpu_gather_results_without_collectives():
+    # Under `jaxnvrar-launch --gpus 1` the test helpers gather through the key-value store,
+    # since NCCL would refuse ranks on one GPU (here on CPU, the same code path).
+    env = dict(os.environ)
+    env.pop("JAXNVRAR_NUM_PROCESSES", None)
+    command = [sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--gpus", "1", "--timeout", "200", "--",
+               sys.executable, "-c", _SHARED_GPU_JOB.format(tests=str(TESTS))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "[rank 0] gathered (2, 3000001)" in result.stdout and "[rank 1] gathered" in result.stdout
