@@ -96,16 +96,12 @@ def main(name: str) -> None:
             expect_failure(fn, x)
 
         if name == "wrap":  # run with JAXNVRAR_FIRST_CALL a few calls before a flag wrap
-            rng = np.random.default_rng(rank)
-            host = rng.standard_normal(70000).astype(np.float32)
-            x = sharded(mesh, host)
-            nvrar = all_reduce_fn(mesh, calls=16)
-            psum = jax.jit(jax.shard_map(
-                lambda a: lax.fori_loop(0, 16, lambda i, v: lax.pcast(lax.psum(v, "x") / 2, "x", to="varying"), a),
-                mesh=mesh, in_specs=P("x"), out_specs=P("x")))
-            out, expected = nvrar(x), psum(x)
+            inputs = [np.random.default_rng(r).standard_normal(70000).astype(np.float32) for r in range(2)]
+            out = all_reduce_fn(mesh, calls=16)(sharded(mesh, inputs[rank]))
+            # Each call halves the sum of 2: after the first, every call gives its input back.
+            # (Checked on the host, not with psum: NCCL refuses ranks that share a GPU.)
+            want = (inputs[0] + inputs[1]) / 2
             got = np.asarray(out.addressable_data(0))
-            want = np.asarray(expected.addressable_data(0))
             report(max_error=float(np.max(np.abs(got - want))), first_call=os.environ.get("JAXNVRAR_FIRST_CALL"))
 
         if name == "finalize-in-flight":

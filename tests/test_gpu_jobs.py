@@ -1,8 +1,10 @@
-"""Failure modes and the runtime's lifecycle on 2 GPUs, each scenario of tests/gpu_scenarios.py
-in a 2-rank job of its own (a kernel that traps ends its process). Run on a GPU machine,
-NOT under jaxnvrar-launch:
+"""Failure modes and the runtime's lifecycle, each scenario of tests/gpu_scenarios.py in a 2-rank
+job of its own (a kernel that traps ends its process). Run on a GPU machine, NOT under
+jaxnvrar-launch:
 
     python -m pytest -m gpu_jobs tests/test_gpu_jobs.py
+
+With one GPU both ranks share it (`jaxnvrar-launch --gpus 1`; start CUDA MPS first).
 """
 
 import json
@@ -23,8 +25,8 @@ TIMEOUT_S = 2.0
 def _skip_reason() -> str | None:
     if "JAXNVRAR_NUM_PROCESSES" in os.environ:
         return "starts jobs of its own: run it outside jaxnvrar-launch"
-    if local_gpu_count() < 2:  # not through jax: this process leaves the GPUs to its jobs
-        return "needs a machine with 2 or more GPUs"
+    if local_gpu_count() < 1:  # not through jax: this process leaves the GPUs to its jobs
+        return "needs a machine with a GPU"
     try:
         from jaxnvrar import _jaxnvrar_cuda  # noqa: F401
     except ImportError:
@@ -42,7 +44,8 @@ def _needs_gpus():
 def run_scenario(name: str, **env) -> dict[int, dict]:
     job_env = dict(os.environ, JAXNVRAR_TIMEOUT_S=str(TIMEOUT_S), **env)
     job = subprocess.run(
-        [sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--timeout", "80", "--",
+        [sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--gpus", str(min(2, local_gpu_count())),
+         "--timeout", "80", "--",
          sys.executable, str(SCENARIOS), name],
         env=job_env, capture_output=True, text=True, timeout=120,
     )
