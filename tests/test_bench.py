@@ -117,6 +117,19 @@ def test_host_launches_count_single_kernels_and_graphs():
     assert breakdown.host_launches(meta, steps=1) == {}
 
 
+def test_top_host_events_rank_host_calls_not_python_frames_or_device_kernels():
+    from jaxnvrar.bench import breakdown
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}]
+    calls = [("cuGraphLaunch", 300), ("command_buffer::update", 200), ("cuGraphLaunch", 340),
+             ("$llama.py:369 advance", 5000), ("Handle inputs", 20)]
+    events = meta + [{"ph": "X", "pid": 1, "name": n, "ts": 0, "dur": d} for n, d in calls]
+    events.append({"ph": "X", "pid": 7, "name": "gemm_fusion", "ts": 0, "dur": 9000})  # device: not host
+    top = breakdown.top_host_events(events, steps=2, count=2)
+    assert top == [{"name": "cuGraphLaunch", "ms_per_step": 0.32, "per_step": 1.0},
+                   {"name": "command_buffer::update", "ms_per_step": 0.1, "per_step": 0.5}]
+
+
 def test_top_kernels_rank_by_device_time():
     from jaxnvrar.bench import breakdown
 

@@ -3,7 +3,8 @@
     XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 \
         jaxnvrar-launch -n 2 -- python -m pytest -m gpu tests/test_gpu_nvrar.py
 
-Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py). With
+Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py); the 64 MB
+messages need JAXNVRAR_WORKSPACE_BYTES=2147483648 (4294967296 for 3 ranks), or are skipped. With
 JAXNVRAR_ONE_SHOT=1 / JAXNVRAR_BULK=1 every one-node call launches one-shot / bulk
 (JAXNVRAR_FORCE_PUT=1: the inter-node phase through NVSHMEM puts).
 
@@ -20,6 +21,7 @@ import pytest
 from jax import lax
 
 import jaxnvrar
+from jaxnvrar.schedule import workspace_bytes_needed
 from helpers import mesh_1d, run_per_rank, xla_collectives_mesh
 from jaxnvrar.runtime import ranks_share_gpus
 
@@ -44,6 +46,15 @@ def _host(num_ranks, size, dtype, seed=0):
     return rng.standard_normal((num_ranks, size)).astype(jnp.dtype(dtype))
 
 
+def _skip_unless_workspace_holds(size, dtype, topologies):
+    itemsize = jnp.dtype(dtype).itemsize
+    for num_ranks, gpus_per_node in topologies:
+        need = workspace_bytes_needed(size, itemsize, jaxnvrar.Topology(num_ranks, gpus_per_node))
+        if need > jaxnvrar.runtime.workspace_bytes():
+            pytest.skip(f"{size * itemsize} B on {num_ranks} ranks ({gpus_per_node} per node) needs {need} B of "
+                        f"workspace; set JAXNVRAR_WORKSPACE_BYTES={1 << (need - 1).bit_length()} to run it")
+
+
 def _assert_replicas_identical(out):
     for r in range(1, out.shape[0]):
         assert out[r].tobytes() == out[0].tobytes(), f"rank {r} differs from rank 0"
@@ -55,6 +66,7 @@ def test_matches_psum_and_reference(size, dtype):
     if size == SIZES[-1] and dtype != jnp.float32:
         size = 32 << 20  # 64 MB in the 16-bit types too
     num_ranks = jax.device_count()
+    _skip_unless_workspace_holds(size, dtype, _topologies())
     mesh = mesh_1d(num_ranks)
     host = _host(num_ranks, size, dtype)
     peers = xla_collectives_mesh(num_ranks)

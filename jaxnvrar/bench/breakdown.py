@@ -99,6 +99,24 @@ def host_launches(events, steps: int) -> dict:
             "launch_host_ms_per_step": host_us / 1e3 / steps}
 
 
+def top_host_events(events, steps: int, count: int = 8) -> list[dict]:
+    """The host's traced calls (not Python frames) that take the most time, per step: where a
+    waited step's host time goes (dispatch, `command_buffer::update` when XLA re-records a
+    command buffer because buffer addresses changed, `cuGraphLaunch`, ...). Nested calls each
+    count their whole duration."""
+    devices = _device_processes(events)
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") in devices or not e.get("dur") or e["name"].startswith("$"):
+            continue
+        entry = totals.setdefault(e["name"], [0.0, 0])
+        entry[0] += float(e["dur"])
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"name": name, "ms_per_step": total / 1e3 / steps, "per_step": n / steps}
+            for name, (total, n) in ranked]
+
+
 def top_kernels(kernels, steps: int, count: int = 8) -> list[dict]:
     """The kernels (by name) that take the most device time, per step."""
     totals: dict[str, list[float]] = {}

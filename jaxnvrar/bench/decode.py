@@ -166,6 +166,7 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
             result["breakdown"] = breakdown.breakdown(kernels, _PROFILED_STEPS)
             result["top_kernels"] = breakdown.top_kernels(kernels, _PROFILED_STEPS)
             result["launches"] = breakdown.host_launches(events, _PROFILED_STEPS)
+            result["top_host_events"] = breakdown.top_host_events(events, _PROFILED_STEPS, count=12)
         except (OSError, ValueError, KeyError) as err:  # the timings above still count
             print(f"jaxnvrar-bench decode: no breakdown from {directory}: {err}", file=sys.stderr)
     return result
@@ -189,6 +190,10 @@ def _print_breakdown(rows: dict) -> None:
             print(f"  {algorithm}: kernels with the most device time (ms per step, launches per step)")
             for k in r["top_kernels"]:
                 print(f"    {k['ms_per_step']:>7.3f} {k['per_step']:>5.0f}  {k['class']:<13} {k['name'][:90]}")
+        if r.get("top_host_events"):
+            print(f"  {algorithm}: host calls with the most time (ms per step, calls per step; nested calls overlap)")
+            for k in r["top_host_events"]:
+                print(f"    {k['ms_per_step']:>7.3f} {k['per_step']:>5.1f}  {k['name'][:100]}")
 
 
 # (prompt tokens, new tokens) of the two workloads of the layout comparison.
