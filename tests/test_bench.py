@@ -180,3 +180,12 @@ def test_launch_lists_are_checked_against_the_topology():
         parse_launches("12x", Topology(2, 2), "tune --launches")
     with pytest.raises(SystemExit, match="128-1shot needs one node.*2 node"):
         parse_launches("128-1shot", Topology(2, 1), "allreduce --launches")
+
+
+def test_timed_benchmarks_refuse_ranks_that_share_a_gpu(monkeypatch):
+    from jaxnvrar.bench import setup
+
+    monkeypatch.setenv("JAXNVRAR_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXNVRAR_GPUS", "1")
+    with pytest.raises(SystemExit, match="2 ranks share 1 GPU.*give each rank its own GPU"):
+        setup.bring_up()

@@ -7,11 +7,21 @@ import os
 import jax
 
 import jaxnvrar
+from jaxnvrar.runtime import ranks_share_gpus
 
 
-def bring_up(cpu_devices: int = 8) -> str:
+def bring_up(cpu_devices: int = 8, timed: bool = True) -> str:
     """Initialise jax.distributed (under jaxnvrar-launch) and NVSHMEM (on GPUs); returns a
-    one-line description of the devices."""
+    one-line description of the devices. A `timed` benchmark refuses ranks that share a GPU
+    (`jaxnvrar-launch --gpus`): its peers (NCCL) cannot run there, and its times would be
+    those of one GPU's shares."""
+    if timed and ranks_share_gpus():
+        raise SystemExit(
+            f"jaxnvrar-bench: {os.environ['JAXNVRAR_NUM_PROCESSES']} ranks share {os.environ['JAXNVRAR_GPUS']} "
+            "GPU(s) (jaxnvrar-launch --gpus): psum cannot run there (NCCL refuses ranks on one GPU) and times "
+            "would not be those of separate GPUs; give each rank its own GPU (soak, which only checks "
+            "results, runs there)"
+        )
     if "JAXNVRAR_NUM_PROCESSES" in os.environ:
         jaxnvrar.initialize_distributed()
     else:

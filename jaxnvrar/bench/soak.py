@@ -57,7 +57,7 @@ def soak_program(mesh, algorithm: str, chunk: int):
 
 
 def run(args) -> int:
-    description = bring_up()
+    description = bring_up(timed=False)
     algorithm = args.algorithm or ("nvrar" if jaxnvrar.is_initialized() else "reference")
     dtype = _DTYPES[args.dtype]
     num_ranks = jax.device_count()
