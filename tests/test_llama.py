@@ -173,6 +173,19 @@ def test_greedy_tokens_match_argmax_over_the_whole_vocabulary(algorithm):
     assert tokens[1] == 3 and tokens[2] == 9
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (2, 3, 64)])
+def test_project_is_a_matrix_product_and_keeps_a_single_row_a_gemm(shape):
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal(shape).astype(np.float32), rng.standard_normal((64, 48)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(llama.project(x, w)), x @ w, rtol=1e-5, atol=1e-5)
+    # A single row goes in as two rows, behind a barrier XLA's simplifier does not look through
+    # (a matrix-vector product would be rewritten into multiply + reduce on GPUs).
+    hlo = jax.jit(llama.project).lower(x, w).as_text()
+    single_row = int(np.prod(shape[:-1])) == 1
+    assert ("optimization_barrier" in hlo) == single_row
+    assert ("tensor<2x64xf32>" in hlo) == single_row
+
+
 _LONG_GENERATE = """
 import jax
 jax.config.update("jax_num_cpu_devices", 2)
