@@ -56,7 +56,8 @@ def project(x, w):
     whose operands hold fewer than 10^7 elements into multiply + reduce ("dot strength
     reduction"), which reads the weight at a fraction of the bandwidth of a GEMM and, for some
     shapes, first writes the whole elementwise product (seen at batch 1: Llama 3.2 1B's 2048 x 2048
-    o-projection took 13 us instead of ~4; at TP 2 the 8B o-projection is below the bound too).
+    o-projection took 13 us for 8 MB of weight, ~3 TB/s would take 3; at TP 2 the 8B o-projection
+    is below the bound too).
     A second row of zeros, behind an optimization barrier so that it is not simplified away,
     keeps it a GEMM; the extra row costs nothing next to reading the weight."""
     rows = math.prod(x.shape[:-1])

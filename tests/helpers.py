@@ -57,6 +57,10 @@ def _gather_rows_by_key_value(out: jax.Array) -> np.ndarray:
                         for i in range(count))
         whole[start:start + rows_per_shard] = np.frombuffer(data, out.dtype).reshape(
             (rows_per_shard,) + out.shape[1:])
+    # Once every process has read, free the store (it lives in process 0's memory).
+    client.wait_at_barrier(f"tests/gather/{call}", 120_000)
+    for shard in out.addressable_shards:
+        client.key_value_delete(f"tests/gather/{call}/{shard.index[0].start or 0}")
     return whole
 
 

@@ -39,6 +39,12 @@ assert ranks_share_gpus()
 host = np.arange(2 * 3_000_001, dtype=np.float32).reshape(2, -1)  # 12 MB a row: several chunks
 out = run_per_rank(lambda a: jaxnvrar.all_reduce(a, "x", algorithm="reference", gpus_per_node=1), host, mesh_1d(2))
 np.testing.assert_array_equal(out, np.broadcast_to(host.sum(0), host.shape))
+from jax._src import distributed
+try:  # the rows were deleted from the key-value store once both processes had them
+    distributed.global_state.client.key_value_try_get_bytes("tests/gather/0/0/0")
+    raise AssertionError("the gathered rows are still in the key-value store")
+except Exception as err:
+    assert "NOT_FOUND" in str(err) or "not found" in str(err).lower(), err
 print("gathered", out.shape)
 """
 
