@@ -65,9 +65,15 @@ _hosts: dict[int, str] | None = None
 
 def initialize_distributed(**kwargs) -> None:
     """`jax.distributed.initialize` for a rank started by jaxnvrar-launch (one device each),
-    or with jax's own cluster detection (Slurm, Open MPI, ...) elsewhere. No-op for one process."""
+    or with jax's own cluster detection (Slurm, Open MPI, ...) elsewhere. No-op for one process,
+    also where nothing launched this one: the same script runs alone or as one rank of many."""
     if ENV_COORDINATOR not in os.environ:
-        jax.distributed.initialize(**kwargs)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as err:
+            # jax found no cluster to join; alone, there is nothing to connect to.
+            if kwargs or _looks_like_multi_process_job() or "coordinator_address" not in str(err):
+                raise
         return
     num_processes = int(os.environ[ENV_NUM_PROCESSES])
     if num_processes == 1:

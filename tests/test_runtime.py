@@ -123,3 +123,18 @@ def test_processes_with_different_kernel_settings_are_refused_by_name():
         line = next(l for l in job.stdout.splitlines() if l.startswith(f"[rank {rank}] DIFFERENT"))
         assert "RAISED" in line and "$JAXNVRAR_ONE_SHOT alike on every process" in line, line
         assert "$JAXNVRAR_MAX_BLOCKS" not in line, line
+
+
+def test_initialize_distributed_alone_is_a_no_op_but_a_cluster_without_coordinator_still_raises():
+    import subprocess
+    import sys
+
+    script = ("import jax, jaxnvrar; jaxnvrar.initialize_distributed(); "
+              "print('processes', jax.process_count())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXNVRAR_", "SLURM_", "OMPI_", "PMI_"))}
+    alone = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0 and "processes 1" in alone.stdout, alone.stderr[-2000:]
+    # A job that says it has 4 processes but gives no way to reach them is an error, not one process.
+    cluster = subprocess.run([sys.executable, "-c", script], env=dict(env, PMI_SIZE="4"), capture_output=True,
+                             text=True, timeout=120)
+    assert cluster.returncode != 0 and "coordinator_address" in cluster.stderr
