@@ -51,6 +51,10 @@ class LlamaConfig:
 # ---------------------------------------------------------------- modules (hold local shards)
 
 
+# XLA:GPU (jax 0.11) strength-reduces a matrix-vector dot whose operands sum to fewer elements.
+_DOT_STRENGTH_REDUCTION_BOUND = 10_000_000
+
+
 def project(x, w):
     """x @ w, kept a matrix product for a single row. XLA:GPU rewrites a matrix-vector product
     whose operands hold fewer than 10^7 elements into multiply + reduce ("dot strength
@@ -59,9 +63,10 @@ def project(x, w):
     o-projection took 13 us for 8 MB of weight, ~3 TB/s would take 3; at TP 2 the 8B o-projection
     is below the bound too).
     A second row of zeros, behind an optimization barrier so that it is not simplified away,
-    keeps it a GEMM; the extra row costs nothing next to reading the weight."""
+    keeps it a GEMM; the extra row costs nothing next to reading the weight, but the zero row is
+    one more small kernel, so only products below the bound get it."""
     rows = math.prod(x.shape[:-1])
-    if rows != 1:
+    if rows != 1 or x.size + w.size >= _DOT_STRENGTH_REDUCTION_BOUND:
         return x @ w
     flat = x.reshape(1, x.shape[-1])
     padded = lax.optimization_barrier(jnp.concatenate([flat, jnp.zeros_like(flat)]))
