@@ -94,6 +94,22 @@ def test_random_preset_generates():
     assert out.shape == (3, 9) and int(out.max()) < model.config.vocab_size
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_without_all_reduce_has_no_collective_at_all(batch):
+    # The greedy token, the cache update and the history write must not gather anything across
+    # ranks: once an argmax over the vocabulary-sharded logits made XLA all-gather the logits on
+    # every step. With all_reduce="none" the compiled step must hold no collective whatsoever.
+    _needs(2)
+    model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="none", num_layers=2)
+    caches = llama.init_cache(model, batch, 12)
+    history = llama._replicated(model.mesh, np.zeros((batch, 12), np.int32))
+    leaves, step = llama._compiled_advance(model)
+    with jax.set_mesh(model.mesh):
+        hlo = step.lower(leaves, history, caches, llama._replicated(model.mesh, 4)).compile().as_text()
+    for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
+        assert collective not in hlo, collective
+
+
 # ---------------------------------------------------------------- loader errors
 
 
