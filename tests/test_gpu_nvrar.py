@@ -21,6 +21,7 @@ import pytest
 from jax import lax
 
 import jaxnvrar
+from jaxnvrar.nvrar_ffi import fits_workspace
 from jaxnvrar.schedule import workspace_bytes_needed
 from helpers import mesh_1d, run_per_rank, xla_collectives_mesh
 from jaxnvrar.runtime import ranks_share_gpus
@@ -49,8 +50,9 @@ def _host(num_ranks, size, dtype, seed=0):
 def _skip_unless_workspace_holds(size, dtype, topologies):
     itemsize = jnp.dtype(dtype).itemsize
     for num_ranks, gpus_per_node in topologies:
-        need = workspace_bytes_needed(size, itemsize, jaxnvrar.Topology(num_ranks, gpus_per_node))
-        if need > jaxnvrar.runtime.workspace_bytes():
+        topology = jaxnvrar.Topology(num_ranks, gpus_per_node)
+        if not fits_workspace(size, itemsize, topology):
+            need = workspace_bytes_needed(size, itemsize, topology)
             pytest.skip(f"{size * itemsize} B on {num_ranks} ranks ({gpus_per_node} per node) needs {need} B of "
                         f"workspace; set JAXNVRAR_WORKSPACE_BYTES={1 << (need - 1).bit_length()} to run it")
 

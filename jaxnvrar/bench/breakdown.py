@@ -105,28 +105,28 @@ def top_host_events(events, steps: int, count: int = 8) -> list[dict]:
     command buffer because buffer addresses changed, `cuGraphLaunch`, ...). Nested calls each
     count their whole duration."""
     devices = _device_processes(events)
-    totals: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") in devices or not e.get("dur") or e["name"].startswith("$"):
-            continue
-        entry = totals.setdefault(e["name"], [0.0, 0])
-        entry[0] += float(e["dur"])
-        entry[1] += 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    calls = [(e["name"], float(e["dur"])) for e in events
+             if e.get("ph") == "X" and e.get("pid") not in devices and e.get("dur") and not e["name"].startswith("$")]
     return [{"name": name, "ms_per_step": total / 1e3 / steps, "per_step": n / steps}
-            for name, (total, n) in ranked]
+            for name, total, n in _most_time(calls, count)]
 
 
 def top_kernels(kernels, steps: int, count: int = 8) -> list[dict]:
     """The kernels (by name) that take the most device time, per step."""
+    ranked = _most_time([(name, end - start) for name, start, end in kernels], count)
+    return [{"name": name, "class": classify(name), "ms_per_step": total / 1e3 / steps, "per_step": n / steps}
+            for name, total, n in ranked]
+
+
+def _most_time(durations, count: int) -> list[tuple[str, float, int]]:
+    """(name, total microseconds, occurrences) of the `count` names with the most total time."""
     totals: dict[str, list[float]] = {}
-    for name, start, end in kernels:
+    for name, us in durations:
         entry = totals.setdefault(name, [0.0, 0])
-        entry[0] += end - start
+        entry[0] += us
         entry[1] += 1
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
-    return [{"name": name, "class": classify(name), "ms_per_step": total / 1e3 / steps, "per_step": n / steps}
-            for name, (total, n) in ranked]
+    return [(name, total, n) for name, (total, n) in ranked]
 
 
 def read_trace(directory: str) -> list[dict]:
