@@ -14,6 +14,7 @@ import time
 import jax
 
 from jaxnvrar.launch import _free_port
+from jaxnvrar.runtime import _KV_TIMEOUT_MS, _distributed_client
 
 PEERS = ("nccl-graph", "symm-one-shot", "symm-two-shot")
 
@@ -32,6 +33,10 @@ class TorchPeers:
                 self.unavailable[peer] = f"torch.distributed not available: {type(err).__name__}: {err}"
 
     def _start(self):
+        if jax.process_count() == 1:
+            # A one-rank NCCL all-reduce launches nothing: its "time" would be an empty graph's.
+            raise RuntimeError("the job has one process, and a one-rank all-reduce moves nothing; run one "
+                               "process per GPU (jaxnvrar-launch -n N)")
         # torch's symmetric memory must not start a second NVSHMEM next to jaxnvrar's.
         os.environ.setdefault("TORCH_SYMMMEM", "CUDA")
         import torch
@@ -42,16 +47,11 @@ class TorchPeers:
         local = jax.local_devices()[0].local_hardware_id
         torch.cuda.set_device(local)
         rank, world = jax.process_index(), jax.process_count()
-        if world > 1:
-            from jaxnvrar.runtime import _KV_TIMEOUT_MS, _distributed_client
-
-            client = _distributed_client()
-            if rank == 0:
-                client.key_value_set("jaxnvrar/torch_port", str(_free_port()))
-            port = int(client.blocking_key_value_get("jaxnvrar/torch_port", _KV_TIMEOUT_MS))
-            host = os.environ.get("JAXNVRAR_COORDINATOR", "127.0.0.1:0").rsplit(":", 1)[0]
-        else:
-            host, port = "127.0.0.1", _free_port()
+        client = _distributed_client()
+        if rank == 0:
+            client.key_value_set("jaxnvrar/torch_port", str(_free_port()))
+        port = int(client.blocking_key_value_get("jaxnvrar/torch_port", _KV_TIMEOUT_MS))
+        host = os.environ.get("JAXNVRAR_COORDINATOR", "127.0.0.1:0").rsplit(":", 1)[0]
         dist.init_process_group("nccl", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
                                 device_id=torch.device("cuda", local))
         self._torch, self._dist = torch, dist
