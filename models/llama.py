@@ -120,13 +120,43 @@ class Attention(nnx.Module):
         kv_heads = k.shape[1]
         # Group the query heads of each KV head: [batch, kv_heads, group, length, head_dim].
         q = q.reshape(b, length, kv_heads, -1, hd).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(hd)
-        visible = key_positions[None, :] <= positions[:, None]
-        scores = jnp.where(visible, scores, -jnp.inf)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bksd->bkgld", weights, v).transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
+        out = causal_attention(q, k, v, positions, key_positions)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
         return all_reduce(project(out, self.wo[...])), cache
+
+
+# A prefill's float32 scores [batch, kv_heads, group, queries, keys] for all queries at once
+# outgrow a GPU (Llama 3.1 8B, batch 64 x 1024 on one H100: ~9 GB per layer, and softmax
+# keeps copies); longer prompts go through in blocks of queries holding at most this much.
+ATTENTION_SCORES_BYTES = 1 << 30
+
+
+def causal_attention(q, k, v, positions, key_positions):
+    """softmax(q k / sqrt(d), keys at positions <= the query's) v, in blocks of queries where the
+    scores of all of them would exceed ATTENTION_SCORES_BYTES (each block sees every key, so the
+    result does not depend on the blocking). q [b, kv, g, L, d], k and v [b, kv, S, d],
+    positions [L], key_positions [S]; returns [b, kv, g, L, d]."""
+    b, kv, g, length, d = q.shape
+    bytes_per_query = b * kv * g * k.shape[2] * 4
+    block = 1 << max(0, (ATTENTION_SCORES_BYTES // bytes_per_query).bit_length() - 1)  # a power of 2
+    if length <= block:
+        return _attend(q, k, v, positions, key_positions)
+    blocks = -(-length // block)
+    pad = blocks * block - length  # padded queries repeat the last position; their rows are dropped
+    q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+    positions = jnp.pad(positions, (0, pad), mode="edge")
+    q = q.reshape(b, kv, g, blocks, block, d).transpose(3, 0, 1, 2, 4, 5)
+    out = lax.map(lambda qp: _attend(qp[0], k, v, qp[1], key_positions), (q, positions.reshape(blocks, block)))
+    return out.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, blocks * block, d)[:, :, :, :length]
+
+
+def _attend(q, k, v, positions, key_positions):
+    scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    visible = key_positions[None, :] <= positions[:, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgls,bksd->bkgld", weights, v)
 
 
 class MLP(nnx.Module):
@@ -410,16 +440,36 @@ def _start_history(prompt, next_tokens, max_new_tokens, sharding):
     return jax.lax.with_sharding_constraint(history, sharding)
 
 
+# Prompt tokens (batch x positions) per prefill call. One call over the whole prompt holds the
+# activations of every token at once (Llama 3.1 8B, batch 64 x 1024: 30 GiB of temporaries);
+# chunks of positions, each attending to the cache the chunks before it wrote, hold one chunk's.
+PREFILL_TOKENS = 16384
+
+
+def prefill_in_chunks(step, tokens, caches, max_tokens: int | None = None):
+    """Writes the prompt tokens [B, L] into the cache with `step(tokens, caches, write_at)` (a
+    decode_step) over chunks of positions of at most `max_tokens` tokens of the batch
+    (PREFILL_TOKENS); returns the last chunk's (next tokens, logits, caches, position)."""
+    batch, length = tokens.shape
+    if length < 1:
+        raise ValueError("the prompt is empty: give at least one token per sequence")
+    chunk = max(1, (max_tokens or PREFILL_TOKENS) // batch)
+    for start in range(0, length, chunk):
+        result = step(tokens[:, start:start + chunk], caches, start)
+        caches = result[2]
+    return result
+
+
 def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, prefill, step) -> jax.Array:
-    """Prefill, then one greedy token per step: the loop of both `generate`s. `new_cache(batch,
-    length)` makes an empty cache; `prefill(tokens, caches, 0)` is a decode_step; `step(history,
-    caches, position)` is an advance."""
+    """Prefill (in chunks, `prefill_in_chunks`), then one greedy token per step: the loop of both
+    `generate`s. `new_cache(batch, length)` makes an empty cache; `prefill(tokens, caches,
+    write_at)` is a decode_step; `step(history, caches, position)` is an advance."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:
         return tokens
     batch, length = tokens.shape
-    next_tokens, _, caches, position = prefill(tokens, new_cache(batch, length + max_new_tokens), 0)
+    next_tokens, _, caches, position = prefill_in_chunks(prefill, tokens, new_cache(batch, length + max_new_tokens))
     history = start_history(tokens, next_tokens, max_new_tokens)
     for _ in range(1, max_new_tokens):
         history, caches, position = step(history, caches, position)

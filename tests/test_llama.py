@@ -53,6 +53,34 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint, tp):
     np.testing.assert_array_equal(tokens, hf_tokens)
 
 
+def test_attention_in_blocks_of_queries_matches_transformers(checkpoint, monkeypatch):
+    # A budget of ~2 queries' scores: the 7-token forward runs in 4 blocks of 2 (the last one
+    # padded), the prefill into a 13-position cache in 7 blocks of 1; decode steps stay whole.
+    _needs(2)
+    directory, hf_logits, hf_tokens = checkpoint
+    monkeypatch.setattr(llama, "ATTENTION_SCORES_BYTES", 250)
+    model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(llama.forward_logits(model, PROMPTS)), hf_logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(llama.generate(model, PROMPTS, NEW_TOKENS)), hf_tokens)
+    traced = jax.make_jaxpr(lambda q, k, v: llama.causal_attention(q, k, v, jnp.arange(7), jnp.arange(7)))(
+        jnp.zeros((2, 1, 2, 7, 16)), jnp.zeros((2, 1, 7, 16)), jnp.zeros((2, 1, 7, 16)))
+    assert "scan" in str(traced)  # the blocked path really ran (lax.map)
+
+
+def test_prefill_in_chunks_matches_transformers(checkpoint, monkeypatch):
+    # 4 tokens per chunk at batch 2: the 7-token prompt goes in as 2 + 2 + 2 + 1 positions, each
+    # chunk attending to what the ones before it wrote into the cache.
+    _needs(2)
+    directory, _, hf_tokens = checkpoint
+    monkeypatch.setattr(llama, "PREFILL_TOKENS", 4)
+    model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(llama.generate(model, PROMPTS, NEW_TOKENS)), hf_tokens)
+    writes = []
+    llama.prefill_in_chunks(lambda t, c, at: writes.append((t.shape[1], at)) or (None, None, c, None),
+                            jnp.zeros((2, 7), jnp.int32), None)
+    assert writes == [(2, 0), (2, 2), (2, 4), (1, 6)]
+
+
 def test_psum_and_reference_all_reduce_give_identical_tokens(checkpoint):
     _needs(4)
     directory, _, hf_tokens = checkpoint

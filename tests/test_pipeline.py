@@ -37,6 +37,15 @@ def test_pipeline_tokens_match_tp_only_and_transformers(checkpoint, pp, tp, micr
     np.testing.assert_array_equal(tokens, np.asarray(llama.generate(tp_only, PROMPTS, 5)))
 
 
+def test_pipeline_prefill_in_chunks_matches_transformers(checkpoint, monkeypatch):
+    # 8 tokens per chunk at batch 4: the 5-token prompt goes in as 2 + 2 + 1 positions.
+    directory, hf_tokens = checkpoint
+    monkeypatch.setattr(llama, "PREFILL_TOKENS", 8)
+    model = llama.load_checkpoint(directory, pipeline.make_mesh(2, 2), all_reduce="psum", dtype=jnp.float32)
+    tokens = np.asarray(pipeline.generate(pipeline.pipeline(model), PROMPTS, 5, micro_batches=2))
+    np.testing.assert_array_equal(tokens, hf_tokens)
+
+
 def test_pipeline_errors(checkpoint):
     directory, _ = checkpoint
     with pytest.raises(ValueError, match="'pp' axis"):

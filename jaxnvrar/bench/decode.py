@@ -16,6 +16,7 @@ here by a device copy).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -120,7 +121,8 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         caches = llama.init_cache(model, batch, total)
         jax.block_until_ready(caches)
         start = time.perf_counter()
-        token, _, caches, position = llama.decode_step(model, prompt, caches, 0)
+        token, _, caches, position = llama.prefill_in_chunks(functools.partial(llama.decode_step, model),
+                                                             prompt, caches)
         token.block_until_ready()
         return time.perf_counter() - start, llama.start_history(prompt, token, new_tokens), caches, position
 
@@ -221,7 +223,7 @@ def _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype) -> dict:
         model = llama.random_model(args.preset, llama.make_mesh(tp), all_reduce=args.all_reduce, dtype=dtype,
                                    num_layers=args.layers)
         init = lambda: llama.init_cache(model, batch, prompt_len + new_tokens)  # noqa: E731
-        prefill = lambda t, c: llama.decode_step(model, t, c, 0)  # noqa: E731
+        prefill = lambda t, c: llama.prefill_in_chunks(functools.partial(llama.decode_step, model), t, c)  # noqa: E731
         step = lambda h, c, p: llama.advance(model, h, c, p)  # noqa: E731
     else:
         base = llama.random_model(args.preset, pipeline.make_mesh(pp, tp), all_reduce=args.all_reduce,
@@ -229,7 +231,8 @@ def _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype) -> dict:
         model = pipeline.pipeline(base)
         micro = pp if batch % pp == 0 else 1
         init = lambda: pipeline.init_cache(model, batch, prompt_len + new_tokens)  # noqa: E731
-        prefill = lambda t, c: pipeline.decode_step(model, t, c, 0, micro_batches=micro)  # noqa: E731
+        prefill = lambda t, c: llama.prefill_in_chunks(  # noqa: E731
+            functools.partial(pipeline.decode_step, model, micro_batches=micro), t, c)
         step = lambda h, c, p: pipeline.advance(model, h, c, p, micro_batches=micro)  # noqa: E731
     host_prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len))
     prompt = llama._replicated(model.mesh, host_prompt.astype(np.int32))
@@ -313,7 +316,8 @@ def run(args) -> int:
         print(f"# model {source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads {c.num_attention_heads}"
               f"/{c.num_key_value_heads} kv, vocab {c.vocab_size}, {args.dtype}; TP {tp}; prompt {prompt_len}, "
               f"{new_tokens} new tokens; all-reduce of {c.hidden_size * jnp.dtype(dtype).itemsize} B x batch, "
-              f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s")
+              f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s; prefill in chunks "
+              f"of at most {llama.PREFILL_TOKENS} tokens")
     results = []
     for batch in args.batch:
         rows = {}
