@@ -6,7 +6,8 @@ ones NVRAR exists for. KV heads fewer than TP ranks are replicated so each rank 
 head its query heads use. The whole forward runs in one `jax.shard_map`; parameters are global
 arrays whose own shardings give the in_specs (see `llama_params.py` for loading and init).
 
-API: `load_checkpoint`, `random_model`, `forward_logits`, `generate`, `decode_step`, `advance`.
+API: `load_checkpoint`, `random_model`, `forward_logits`, `generate`; for your own loop
+`init_cache`, `prefill`, `decode_step`, `advance`.
 """
 
 from __future__ import annotations
@@ -460,16 +461,22 @@ def prefill_in_chunks(step, tokens, caches, max_tokens: int | None = None):
     return result
 
 
-def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, prefill, step) -> jax.Array:
+def prefill(model: Llama, tokens, caches):
+    """The prompt tokens [B, L] into an empty cache (`init_cache`), in chunks (`prefill_in_chunks`):
+    (greedy next tokens [B], last logits, caches, next position), as `decode_step` returns them."""
+    return prefill_in_chunks(functools.partial(decode_step, model), _replicated(model.mesh, tokens), caches)
+
+
+def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, run_tokens, step) -> jax.Array:
     """Prefill (in chunks, `prefill_in_chunks`), then one greedy token per step: the loop of both
-    `generate`s. `new_cache(batch, length)` makes an empty cache; `prefill(tokens, caches,
+    `generate`s. `new_cache(batch, length)` makes an empty cache; `run_tokens(tokens, caches,
     write_at)` is a decode_step; `step(history, caches, position)` is an advance."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:
         return tokens
     batch, length = tokens.shape
-    next_tokens, _, caches, position = prefill_in_chunks(prefill, tokens, new_cache(batch, length + max_new_tokens))
+    next_tokens, _, caches, position = prefill_in_chunks(run_tokens, tokens, new_cache(batch, length + max_new_tokens))
     history = start_history(tokens, next_tokens, max_new_tokens)
     for _ in range(1, max_new_tokens):
         history, caches, position = step(history, caches, position)

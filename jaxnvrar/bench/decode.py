@@ -121,8 +121,7 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         caches = llama.init_cache(model, batch, total)
         jax.block_until_ready(caches)
         start = time.perf_counter()
-        token, _, caches, position = llama.prefill_in_chunks(functools.partial(llama.decode_step, model),
-                                                             prompt, caches)
+        token, _, caches, position = llama.prefill(model, prompt, caches)
         token.block_until_ready()
         return time.perf_counter() - start, llama.start_history(prompt, token, new_tokens), caches, position
 
@@ -223,7 +222,7 @@ def _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype) -> dict:
         model = llama.random_model(args.preset, llama.make_mesh(tp), all_reduce=args.all_reduce, dtype=dtype,
                                    num_layers=args.layers)
         init = lambda: llama.init_cache(model, batch, prompt_len + new_tokens)  # noqa: E731
-        prefill = lambda t, c: llama.prefill_in_chunks(functools.partial(llama.decode_step, model), t, c)  # noqa: E731
+        prefill = lambda t, c: llama.prefill(model, t, c)  # noqa: E731
         step = lambda h, c, p: llama.advance(model, h, c, p)  # noqa: E731
     else:
         base = llama.random_model(args.preset, pipeline.make_mesh(pp, tp), all_reduce=args.all_reduce,
