@@ -215,8 +215,10 @@ def launch_for(topology, dtype_name: str, num_elements: int, itemsize: int) -> L
     blocks, one_shot, bulk = (mine if mine is not None else theirs for mine, theirs in zip(explicit, measured))
     one_shot = one_shot and schedule.one_shot_possible(topology)
     bulk = bulk and blocks <= schedule.BULK_MAX_BLOCKS
-    fits = schedule.workspace_bytes_needed(num_elements, itemsize, topology, one_shot, bulk) <= workspace_bytes()
-    return Launch(blocks, one_shot, bulk) if fits else Launch(blocks)
+    from jaxnvrar.nvrar_ffi import fits_workspace
+
+    launch = Launch(blocks, one_shot, bulk)
+    return launch if fits_workspace(num_elements, itemsize, topology, launch) else Launch(blocks)
 
 
 @contextlib.contextmanager
