@@ -451,6 +451,8 @@ def prefill_in_chunks(step, tokens, caches, max_tokens: int | None = None):
     """Writes the prompt tokens [B, L] into the cache with `step(tokens, caches, write_at)` (a
     decode_step) over chunks of positions of at most `max_tokens` tokens of the batch
     (PREFILL_TOKENS); returns the last chunk's (next tokens, logits, caches, position)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"the prompt must be token ids [batch, length], got shape {tuple(tokens.shape)}")
     batch, length = tokens.shape
     if length < 1:
         raise ValueError("the prompt is empty: give at least one token per sequence")
@@ -464,7 +466,16 @@ def prefill_in_chunks(step, tokens, caches, max_tokens: int | None = None):
 def prefill(model: Llama, tokens, caches):
     """The prompt tokens [B, L] into an empty cache (`init_cache`), in chunks (`prefill_in_chunks`):
     (greedy next tokens [B], last logits, caches, next position), as `decode_step` returns them."""
-    return prefill_in_chunks(functools.partial(decode_step, model), _replicated(model.mesh, tokens), caches)
+    ids = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"the prompt must be integer token ids, got {ids.dtype}")
+    if ids.ndim == 2:  # (prefill_in_chunks names other shapes)
+        cache_batch, _, cache_length, _ = caches[0][0].shape
+        if ids.shape[0] != cache_batch or ids.shape[1] > cache_length:
+            raise ValueError(f"a prompt of {ids.shape[0]} x {ids.shape[1]} tokens does not fit a cache of "
+                             f"{cache_batch} sequences x {cache_length} positions: make the cache with "
+                             "init_cache(model, batch, prompt length + new tokens)")
+    return prefill_in_chunks(functools.partial(decode_step, model), _replicated(model.mesh, ids), caches)
 
 
 def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, run_tokens, step) -> jax.Array:

@@ -81,6 +81,25 @@ def test_prefill_in_chunks_matches_transformers(checkpoint, monkeypatch):
     assert writes == [(2, 0), (2, 2), (2, 4), (1, 6)]
 
 
+def test_prefill_rejects_prompts_that_do_not_fit(checkpoint):
+    _needs(2)
+    directory, _, _ = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
+    caches = llama.init_cache(model, 2, 8)
+    with pytest.raises(ValueError, match="does not fit a cache of 2 sequences x 8 positions"):
+        llama.prefill(model, np.zeros((2, 9), np.int32), caches)
+    with pytest.raises(ValueError, match="does not fit"):
+        llama.prefill(model, np.zeros((3, 4), np.int32), caches)
+    with pytest.raises(TypeError, match="integer token ids"):
+        llama.prefill(model, np.zeros((2, 4), np.float32), caches)
+    with pytest.raises(ValueError, match=r"\[batch, length\], got shape \(4,\)"):
+        llama.prefill(model, np.zeros(4, np.int32), caches)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        llama.prefill(model, np.zeros((2, 0), np.int32), caches)
+    next_tokens, _, _, position = llama.prefill(model, PROMPTS[:, :5], caches)
+    assert next_tokens.shape == (2,) and int(position) == 5
+
+
 def test_psum_and_reference_all_reduce_give_identical_tokens(checkpoint):
     _needs(4)
     directory, _, hf_tokens = checkpoint
