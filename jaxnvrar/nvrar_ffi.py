@@ -36,6 +36,12 @@ def check_can_run(x, topology: Topology) -> None:
             "shut down for the rest of this process; use algorithm='psum' (or 'auto', which does)"
         )
     if not runtime.is_initialized():
+        if jax.default_backend() != "gpu":
+            raise RuntimeError(
+                f"jaxnvrar.all_reduce(algorithm='nvrar') runs on CUDA GPUs after jaxnvrar.initialize(), but "
+                f"this process runs on {jax.default_backend()!r}; use algorithm='reference' or 'psum' here "
+                "('auto' picks psum), and see `python -m jaxnvrar` for what this install can do"
+            )
         runtime.cuda_extension()  # says how to build, if that is what is missing
         raise RuntimeError(
             "jaxnvrar.all_reduce(algorithm='nvrar') needs jaxnvrar.initialize() first "

@@ -32,6 +32,11 @@ TP = "tp"
 ALL_REDUCE_CHOICES = ("auto", "psum", "reference", "nvrar", "none")
 
 
+def check_all_reduce_choice(all_reduce: str) -> None:
+    if all_reduce not in ALL_REDUCE_CHOICES:
+        raise ValueError(f"all_reduce must be one of {ALL_REDUCE_CHOICES}, got {all_reduce!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
@@ -208,8 +213,7 @@ class Llama(nnx.Module):
     """The model; `params` maps names to (global, sharded) arrays, see llama_params.py."""
 
     def __init__(self, params: dict, config: LlamaConfig, mesh, all_reduce: str = "auto"):
-        if all_reduce not in ALL_REDUCE_CHOICES:
-            raise ValueError(f"all_reduce must be one of {ALL_REDUCE_CHOICES}, got {all_reduce!r}")
+        check_all_reduce_choice(all_reduce)
         self.config = config
         self.mesh = mesh
         self.all_reduce = all_reduce
@@ -252,11 +256,15 @@ def greedy_tokens(logits, reduce) -> jax.Array:
 
 def with_all_reduce(model: Llama, algorithm: str) -> Llama:
     """The same weights (shared, not copied) with another all-reduce algorithm."""
-    if algorithm not in ALL_REDUCE_CHOICES:
-        raise ValueError(f"all_reduce must be one of {ALL_REDUCE_CHOICES}, got {algorithm!r}")
+    check_all_reduce_choice(algorithm)
     twin = nnx.merge(*nnx.split(model))
     twin.all_reduce = algorithm
     return twin
+
+
+# Messages that algorithm="nvrar" handed to psum because they outgrow the NVSHMEM workspace
+# (prefill of a long prompt), as (shape, dtype) per traced call site; benchmarks report them.
+psum_fallbacks: list[tuple[tuple[int, ...], str]] = []
 
 
 def _reducer(algorithm: str):
@@ -266,11 +274,15 @@ def _reducer(algorithm: str):
         return lambda partial: jaxnvrar.all_reduce(partial, TP, algorithm=algorithm)
 
     def reduce(partial):
-        # Prefill messages (batch x prompt x hidden) can outgrow the NVSHMEM workspace: those
-        # go to psum; every decode-step message takes the kernel.
-        topology = default_topology(lax.axis_size(TP))
-        fits = fits_workspace(partial.size, partial.dtype.itemsize, topology)
-        return jaxnvrar.all_reduce(partial, TP, algorithm="nvrar" if fits else "psum")
+        # "nvrar" means the kernel: without the runtime this raises, naming jaxnvrar.initialize().
+        # Only with it up may a prefill message (batch x prompt x hidden) that outgrows the
+        # workspace go to psum; every decode-step message takes the kernel.
+        if jaxnvrar.is_initialized():
+            topology = default_topology(lax.axis_size(TP))
+            if not fits_workspace(partial.size, partial.dtype.itemsize, topology):
+                psum_fallbacks.append((tuple(partial.shape), partial.dtype.name))
+                return jaxnvrar.all_reduce(partial, TP, algorithm="psum")
+        return jaxnvrar.all_reduce(partial, TP, algorithm="nvrar")
 
     return reduce
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .llama import TP, Llama, LlamaConfig
+from .llama import TP, Llama, LlamaConfig, check_all_reduce_choice
 
 _LLAMA3_ROPE = (8.0, 1.0, 4.0, 8192)
 PRESETS = {
@@ -229,6 +229,7 @@ def _reader(tensors: _SafetensorsDir, config, hf_name, kind, tp, dtype):
 def load_checkpoint(path, mesh, *, all_reduce: str = "auto", dtype=jnp.bfloat16) -> Llama:
     """A Hugging Face Llama directory (config.json + safetensors) as a tensor-parallel model on
     `mesh` (axis "tp"); each process reads only the slices its devices hold."""
+    check_all_reduce_choice(all_reduce)
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
@@ -262,6 +263,7 @@ def random_model(config: LlamaConfig | str, mesh, *, all_reduce: str = "auto", d
                  num_layers: int | None = None, seed: int = 0) -> Llama:
     """Random weights of a config or preset name; `num_layers` overrides the layer count so that
     large shapes fit the GPUs at hand. Weights are made on the devices, already sharded."""
+    check_all_reduce_choice(all_reduce)
     if isinstance(config, str):
         if config not in PRESETS:
             raise ValueError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")

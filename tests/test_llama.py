@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxnvrar
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
@@ -279,3 +281,26 @@ def test_long_generate_on_two_cpu_devices_finishes(tmp_path):
                             timeout=180, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("(2, 108)")
+
+
+def test_nvrar_without_the_runtime_raises_instead_of_running_psum(checkpoint):
+    # "nvrar" must mean the kernel: before jaxnvrar.initialize() (here: no GPU at all) the
+    # model refuses to trace instead of quietly running psum under the kernel's name.
+    _needs(2)
+    if jaxnvrar.is_initialized():
+        pytest.skip("the runtime is up in this process")
+    directory, _, _ = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="nvrar", dtype=jnp.float32)
+    with pytest.raises(RuntimeError, match=r"jaxnvrar\.initialize\(\)"):
+        llama.forward_logits(model, PROMPTS)
+    with pytest.raises(RuntimeError, match=r"jaxnvrar\.initialize\(\)"):
+        llama.generate(model, PROMPTS, 2)
+
+
+def test_unknown_all_reduce_is_refused_before_any_weight_is_made(monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were made before the all_reduce argument was checked")
+
+    monkeypatch.setattr(jax.random, "normal", no_weights)
+    with pytest.raises(ValueError, match="all_reduce must be one of"):
+        llama.random_model("tiny", llama.make_mesh(1), all_reduce="nccl")

@@ -322,8 +322,11 @@ def run(args) -> int:
         rows = {}
         for algorithm in algorithms:
             twin = llama.with_all_reduce(model, algorithm)
+            llama.psum_fallbacks.clear()
             rows[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens, f"batch {batch} {algorithm}",
                                          args.profile)
+            # Call sites of "nvrar" that went to psum (prefill messages over the workspace).
+            rows[algorithm]["psum_fallbacks"] = [f"{list(shape)} {dtype}" for shape, dtype in llama.psum_fallbacks]
         context = prompt_len + new_tokens // 2
         roofline_ms = _bytes_per_step(model, batch, context) / bandwidth * 1e3
         for r in rows.values():
@@ -345,6 +348,11 @@ def run(args) -> int:
                       f"{r['step_p90_ms']:>8.3f} {r['speedup_vs_psum']:>7.2f} {r['step_queued_ms']:>8.3f} "
                       f"{r['queued_speedup_vs_psum']:>7.2f} {r['queued_vs_roofline']:>10.2f} "
                       f"{r['queued_tokens_per_s']:>9.1f}{note}", flush=True)
+            for algorithm, r in rows.items():
+                if r["psum_fallbacks"]:
+                    print(f"  note: {algorithm}: {len(r['psum_fallbacks'])} traced all-reduce call(s) over the "
+                          f"NVSHMEM workspace ran psum ({', '.join(sorted(set(r['psum_fallbacks'])))}; prefill "
+                          f"messages; raise $JAXNVRAR_WORKSPACE_BYTES to keep them on the kernel)")
             if args.profile:
                 _print_breakdown(rows)
     if is_printer() and args.profile_plot and args.profile:
