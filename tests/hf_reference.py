@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import transformers
 
-from models.llama_params import LlamaConfig, hf_config_dict
+from jaxnvrar.models.llama import LlamaConfig, hf_config_dict
 
 
 def save_reference(directory, config: LlamaConfig, prompts: np.ndarray, new_tokens: int, **save_kwargs):

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
 
-from models import llama  # noqa: E402
+from jaxnvrar.models import llama  # noqa: E402
 from hf_reference import save_reference  # noqa: E402
-from models.llama_params import LlamaConfig  # noqa: E402
+from jaxnvrar.models.llama import LlamaConfig  # noqa: E402
 
 # GQA (4 query heads, 2 KV heads), Llama 3 RoPE scaling; TP 4 replicates the KV heads.
 CONFIG = LlamaConfig(256, 64, 128, 2, 4, 2, 16, rope_theta=10000.0, rope_llama3=(8.0, 1.0, 4.0, 32),
@@ -60,7 +60,7 @@ def test_attention_in_blocks_of_queries_matches_transformers(checkpoint, monkeyp
     # padded), the prefill into a 13-position cache in 7 blocks of 1; decode steps stay whole.
     _needs(2)
     directory, hf_logits, hf_tokens = checkpoint
-    monkeypatch.setattr(llama, "ATTENTION_SCORES_BYTES", 250)
+    monkeypatch.setattr(llama.modules, "ATTENTION_SCORES_BYTES", 250)
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(llama.forward_logits(model, PROMPTS)), hf_logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(llama.generate(model, PROMPTS, NEW_TOKENS)), hf_tokens)
@@ -74,7 +74,7 @@ def test_prefill_in_chunks_matches_transformers(checkpoint, monkeypatch):
     # chunk attending to what the ones before it wrote into the cache.
     _needs(2)
     directory, _, hf_tokens = checkpoint
-    monkeypatch.setattr(llama, "PREFILL_TOKENS", 4)
+    monkeypatch.setattr(llama.decoding, "PREFILL_TOKENS", 4)
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(llama.generate(model, PROMPTS, NEW_TOKENS)), hf_tokens)
     writes = []
@@ -151,10 +151,10 @@ def test_decode_step_without_all_reduce_has_no_collective_at_all(batch):
     _needs(2)
     model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="none", num_layers=2)
     caches = llama.init_cache(model, batch, 12)
-    history = llama._replicated(model.mesh, np.zeros((batch, 12), np.int32))
-    leaves, step = llama._compiled_advance(model)
+    history = llama.replicated(model.mesh, np.zeros((batch, 12), np.int32))
+    leaves, step = llama.decoding._compiled_advance(model)
     with jax.set_mesh(model.mesh):
-        hlo = step.lower(leaves, history, caches, llama._replicated(model.mesh, 4)).compile().as_text()
+        hlo = step.lower(leaves, history, caches, llama.replicated(model.mesh, 4)).compile().as_text()
     for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
         assert collective not in hlo, collective
 
@@ -230,7 +230,7 @@ def test_greedy_tokens_match_argmax_over_the_whole_vocabulary(algorithm):
     logits = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
     logits[1, [3, 19]] = 9.0  # a tie across shards: the lower index wins, as in jnp.argmax
     logits[2, [9, 10]] = 9.0  # a tie inside a shard
-    pick = jax.jit(jax.shard_map(lambda x: llama.greedy_tokens(x, llama._reducer(algorithm)), mesh=mesh,
+    pick = jax.jit(jax.shard_map(lambda x: llama.greedy_tokens(x, llama.reducer(algorithm)), mesh=mesh,
                                  in_specs=P(None, "tp"), out_specs=P(), check_vma=False))
     with jax.set_mesh(mesh):
         tokens = np.asarray(pick(jax.device_put(logits, jax.NamedSharding(mesh, P(None, "tp")))))
@@ -261,7 +261,7 @@ _LONG_GENERATE = """
 import jax
 jax.config.update("jax_num_cpu_devices", 2)
 import numpy as np
-from models import llama
+from jaxnvrar.models import llama
 model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="psum")
 print(np.asarray(llama.generate(model, np.ones((2, 8), np.int32), 100)).shape)
 """

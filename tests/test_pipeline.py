@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
 
-from models import llama, pipeline  # noqa: E402
+from jaxnvrar.models import llama, pipeline  # noqa: E402
 from hf_reference import save_reference  # noqa: E402
-from models.llama_params import LlamaConfig  # noqa: E402
+from jaxnvrar.models.llama import LlamaConfig  # noqa: E402
 
 CONFIG = LlamaConfig(256, 64, 128, 4, 4, 2, 16, rope_theta=10000.0, rope_llama3=(8.0, 1.0, 4.0, 32),
                      max_position_embeddings=256)
@@ -40,7 +40,7 @@ def test_pipeline_tokens_match_tp_only_and_transformers(checkpoint, pp, tp, micr
 def test_pipeline_prefill_in_chunks_matches_transformers(checkpoint, monkeypatch):
     # 8 tokens per chunk at batch 4: the 5-token prompt goes in as 2 + 2 + 1 positions.
     directory, hf_tokens = checkpoint
-    monkeypatch.setattr(llama, "PREFILL_TOKENS", 8)
+    monkeypatch.setattr(llama.decoding, "PREFILL_TOKENS", 8)
     model = llama.load_checkpoint(directory, pipeline.make_mesh(2, 2), all_reduce="psum", dtype=jnp.float32)
     tokens = np.asarray(pipeline.generate(pipeline.pipeline(model), PROMPTS, 5, micro_batches=2))
     np.testing.assert_array_equal(tokens, hf_tokens)

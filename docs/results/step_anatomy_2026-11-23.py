@@ -10,7 +10,7 @@ if len(sys.argv) > 5 and sys.argv[5] == "nvrar":
     jaxnvrar.initialize()
 from jaxnvrar.bench import breakdown
 from jaxnvrar.models import llama
-from jaxnvrar.models.llama_params import make_mesh
+from jaxnvrar.models.llama import make_mesh
 
 preset, layers, batch, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 algorithm = sys.argv[5] if len(sys.argv) > 5 else "none"
@@ -20,10 +20,10 @@ mesh = make_mesh(jax.device_count())
 model = llama.random_model(preset, mesh, all_reduce=algorithm, dtype=jnp.bfloat16, num_layers=layers)
 new = 16
 caches = llama.init_cache(model, batch, prompt + new)
-tokens = llama._replicated(mesh, np.zeros((batch, prompt), np.int32))
+tokens = llama.replicated(mesh, np.zeros((batch, prompt), np.int32))
 tok, _, caches, position = llama.decode_step(model, tokens, caches, 0)
 history = llama.start_history(tokens, tok, new)
-leaves, step = llama._compiled_advance(model)
+leaves, step = llama.decoding._compiled_advance(model)
 with jax.set_mesh(mesh):
     compiled = step.lower(leaves, history, caches, position).compile()
 if jax.process_index() == 0:

@@ -4,7 +4,7 @@ new position is ready. Usage: python3 host_gap.py PRESET LAYERS BATCH [PROMPT]""
 import sys, time
 import jax, jax.numpy as jnp, numpy as np
 from jaxnvrar.models import llama
-from jaxnvrar.models.llama_params import make_mesh
+from jaxnvrar.models.llama import make_mesh
 
 preset, layers, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 prompt = int(sys.argv[4]) if len(sys.argv) > 4 else 1024
@@ -16,7 +16,7 @@ mesh = make_mesh(1)
 model = llama.random_model(preset, mesh, all_reduce=algorithm, dtype=jnp.bfloat16, num_layers=layers)
 new = 64
 caches = llama.init_cache(model, batch, prompt + new)
-tokens = llama._replicated(mesh, np.zeros((batch, prompt), np.int32))
+tokens = llama.replicated(mesh, np.zeros((batch, prompt), np.int32))
 tok, _, caches, position = llama.decode_step(model, tokens, caches, 0)
 history = llama.start_history(tokens, tok, new)
 for _ in range(3):

@@ -114,7 +114,7 @@ _PROFILED_STEPS = 5
 def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label: str,
                profile_dir: str | None = None) -> dict:
     host_prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len))
-    prompt = llama._replicated(model.mesh, host_prompt.astype(np.int32))
+    prompt = llama.replicated(model.mesh, host_prompt.astype(np.int32))
     total = prompt_len + new_tokens
 
     def prefill():
@@ -234,7 +234,7 @@ def _batch_latency(args, pp, tp, batch, prompt_len, new_tokens, dtype) -> dict:
             functools.partial(pipeline.decode_step, model, micro_batches=micro), t, c)
         step = lambda h, c, p: pipeline.advance(model, h, c, p, micro_batches=micro)  # noqa: E731
     host_prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len))
-    prompt = llama._replicated(model.mesh, host_prompt.astype(np.int32))
+    prompt = llama.replicated(model.mesh, host_prompt.astype(np.int32))
 
     def one_batch():
         caches = init()
@@ -303,7 +303,7 @@ def run(args) -> int:
         raise SystemExit("jaxnvrar-bench decode: nvrar needs the CUDA build on GPUs (run under jaxnvrar-launch)")
     dtype = _DTYPES[args.dtype]
 
-    from jaxnvrar.models.llama_params import make_mesh
+    from jaxnvrar.models.llama import make_mesh
 
     mesh = make_mesh(tp)
     llama, model = _load_model(args, mesh, dtype)

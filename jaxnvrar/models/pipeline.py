@@ -1,7 +1,7 @@
-"""Hybrid tensor x pipeline parallelism for models.llama: `pp` stages of `tp` ranks each.
+"""Hybrid tensor x pipeline parallelism for jaxnvrar.models.llama: `pp` stages of `tp` ranks each.
 
 Layers are split into equal consecutive blocks, one per stage, and stacked over the mesh axis
-"pp"; inside a stage the layers are tensor-parallel over "tp" exactly as in llama.py (with
+"pp"; inside a stage the layers are tensor-parallel over "tp" exactly as in llama (with
 jaxnvrar's all-reduce). The batch is cut into micro-batches that flow through the stages with
 `lax.ppermute` (GPipe order: at tick t stage s works on micro-batch t - s). Every rank runs
 every tick; a stage without a micro-batch (the pipeline bubble) computes on a placeholder whose
@@ -19,8 +19,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, _reducer, _replicated, greedy_decode,
-                    greedy_tokens, rope_frequencies)
+from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, greedy_decode, greedy_tokens, reducer,
+                    replicated, rope_frequencies)
 
 PP = "pp"
 _LAYER_PARAMS = ("input_norm", "post_attention_norm", "wqkv", "wo", "w_gate_up", "w_down")
@@ -59,7 +59,7 @@ def pipeline(model: Llama) -> PipelinedLlama:
     replicate it over "pp") into stages: stage s keeps layers [s L/pp, (s+1) L/pp)."""
     mesh = model.mesh
     if PP not in mesh.axis_names:
-        raise ValueError("pipeline() needs a model on a mesh with a 'pp' axis: use models.pipeline.make_mesh")
+        raise ValueError("pipeline() needs a model on a mesh with a 'pp' axis: use jaxnvrar.models.pipeline.make_mesh")
     pp, layers = mesh.shape[PP], len(model.layers)
     if layers % pp:
         raise ValueError(f"{layers} layers cannot be split into {pp} equal pipeline stages")
@@ -92,7 +92,7 @@ def init_cache(pmodel: PipelinedLlama, batch: int, max_length: int):
 
 def _stage_body(pmodel: PipelinedLlama, num_micro: int):
     config, pp = pmodel.config, pmodel.num_stages
-    reduce = _reducer(pmodel.all_reduce)
+    reduce = reducer(pmodel.all_reduce)
     forward_pairs = [(s, s + 1) for s in range(pp - 1)]
 
     def body(stages, embed, norm_weight, lm_head, tokens, caches, write_at):
@@ -139,14 +139,14 @@ def _check_micro_batches(batch: int, micro_batches: int) -> None:
 
 def decode_step(pmodel: PipelinedLlama, tokens, caches, write_at, *, micro_batches: int = 1):
     """Like llama.decode_step, with the batch cut into `micro_batches` pipeline micro-batches."""
-    tokens = _replicated(pmodel.mesh, tokens)
+    tokens = replicated(pmodel.mesh, tokens)
     batch, length = tokens.shape
     _check_micro_batches(batch, micro_batches)
     step = _compiled(pmodel, micro_batches)
     with jax.set_mesh(pmodel.mesh):
         return step(pmodel.stages, pmodel.embed, pmodel.norm, pmodel.lm_head,
                     tokens.reshape(micro_batches, batch // micro_batches, length), caches,
-                    _replicated(pmodel.mesh, write_at))
+                    replicated(pmodel.mesh, write_at))
 
 
 def advance(pmodel: PipelinedLlama, history, caches, position, *, micro_batches: int = 1):
@@ -155,7 +155,7 @@ def advance(pmodel: PipelinedLlama, history, caches, position, *, micro_batches:
     step = _compiled_advance(pmodel, micro_batches)
     with jax.set_mesh(pmodel.mesh):
         return step(pmodel.stages, pmodel.embed, pmodel.norm, pmodel.lm_head, history, caches,
-                    _replicated(pmodel.mesh, position))
+                    replicated(pmodel.mesh, position))
 
 
 @functools.lru_cache(maxsize=32)
@@ -196,6 +196,6 @@ def _compiled_advance(pmodel: PipelinedLlama, micro_batches: int):
 
 def generate(pmodel: PipelinedLlama, input_ids, max_new_tokens: int, *, micro_batches: int = 1):
     """Greedy decoding through the pipeline; same contract as llama.generate."""
-    return greedy_decode(_replicated(pmodel.mesh, input_ids), max_new_tokens, functools.partial(init_cache, pmodel),
+    return greedy_decode(replicated(pmodel.mesh, input_ids), max_new_tokens, functools.partial(init_cache, pmodel),
                          functools.partial(decode_step, pmodel, micro_batches=micro_batches),
                          functools.partial(advance, pmodel, micro_batches=micro_batches))

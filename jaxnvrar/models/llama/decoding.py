@@ -1,0 +1,238 @@
+"""Running the model over its mesh: the forward and the decoding steps as one `jax.shard_map`
+each, compiled once per model, and the loops around them.
+
+API: `forward_logits`, `generate`; for your own loop `init_cache`, `prefill`, `decode_step`, `advance`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .config import TP
+from .modules import Llama
+from .reduction import reducer
+
+
+def replicated(mesh, value, dtype=jnp.int32) -> jax.Array:
+    """A host value as a global array replicated over the mesh (every process passes the same)."""
+    if isinstance(value, jax.Array):
+        return value
+    host = np.asarray(value, dtype)
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
+
+
+def greedy_tokens(logits, reduce) -> jax.Array:
+    """Greedy next tokens [B] from this rank's vocabulary slice [B, V/tp] of the last logits,
+    inside shard_map: each rank offers its best (value, index) and one all-reduce of a
+    [2, tp, B] table, zero but for the rank's own row, gathers them all. Ties go to the
+    lowest index, as jnp.argmax does; no rank ever holds the whole vocabulary."""
+    ranks, rank = lax.axis_size(TP), lax.axis_index(TP)
+    best = jnp.max(logits, axis=-1)
+    index = jnp.argmax(logits, axis=-1) + rank * logits.shape[-1]  # < 2^24: exact in float32
+    table = jnp.zeros((2, ranks, logits.shape[0]), jnp.float32)
+    table = lax.dynamic_update_index_in_dim(table, jnp.stack([best, index.astype(jnp.float32)])[:, None], rank, 1)
+    table = reduce(table)
+    winner = jnp.argmax(table[0], axis=0)  # the first rank holding the maximum
+    return jnp.take_along_axis(table[1], winner[None], axis=0)[0].astype(jnp.int32)
+
+
+def _specs(tree):
+    return jax.tree.map(lambda a: a.sharding.spec, tree)
+
+
+def _sharded_forward(model: Llama, with_cache: bool):
+    """The model as a shard_map over its mesh. Without a cache: logits of every position. With
+    a cache (decoding): greedy next tokens [B], last-position logits [B, V] (vocab-sharded) and
+    the updated cache."""
+    graphdef, state = nnx.split(model)
+    vocab_spec = P(None, None, TP)
+    if not with_cache:
+        def forward(state, tokens, write_at):
+            return nnx.merge(graphdef, state)(tokens, write_at + jnp.arange(tokens.shape[1]), None, write_at)[0]
+
+        return state, jax.shard_map(forward, mesh=model.mesh, in_specs=(_specs(state), P(), P()),
+                                    out_specs=vocab_spec, check_vma=False)
+
+    def decode(state, tokens, caches, write_at):
+        net = nnx.merge(graphdef, state)
+        logits, caches = net(tokens, write_at + jnp.arange(tokens.shape[1]), caches, write_at, last_only=True)
+        logits = logits[:, 0]
+        return greedy_tokens(logits, reducer(net.all_reduce)), logits, caches
+
+    cache_spec = P(None, TP, None, None)
+    cache_specs = ((cache_spec, cache_spec),) * model.config.num_hidden_layers
+    mapped = jax.shard_map(
+        decode, mesh=model.mesh,
+        in_specs=(_specs(state), P(), cache_specs, P()),
+        out_specs=(P(), P(None, TP), cache_specs),
+        check_vma=False,
+    )
+    return state, mapped
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_forward(model: Llama):
+    state, mapped = _sharded_forward(model, with_cache=False)
+    return state, jax.jit(lambda s, t: mapped(s, t, jnp.int32(0)))
+
+
+def forward_logits(model: Llama, input_ids) -> jax.Array:
+    """Full forward, no cache: float32 logits [batch, length, vocab]."""
+    state, forward = _compiled_forward(model)
+    with jax.set_mesh(model.mesh):
+        return forward(state, replicated(model.mesh, input_ids))
+
+
+def init_cache(model: Llama, batch: int, max_length: int):
+    """Zeroed KV cache: one (k, v) per layer, [batch, kv_heads, max_length, head_dim], sharded on heads."""
+    heads = model.layers[0].attention.kv_heads()
+    sharding = NamedSharding(model.mesh, P(None, TP, None, None))
+    shape = (batch, heads, max_length, model.config.head_dim)
+    dtype = model.embed[...].dtype
+    make = jax.jit(lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                                 for _ in range(model.config.num_hidden_layers)),
+                   out_shardings=tuple((sharding, sharding) for _ in range(model.config.num_hidden_layers)))
+    return make()
+
+
+@functools.lru_cache(maxsize=32)  # modules hash by identity: one set of compiled steps per model
+def _decoder(model: Llama):
+    """The decoding shard_map, and the parameters as a flat tuple: jit's dispatch flattens a
+    tuple of arrays in C++, while an nnx.State (a Python pytree) costs host time every step."""
+    state, mapped = _sharded_forward(model, with_cache=True)
+    leaves, treedef = jax.tree.flatten(state)
+    return tuple(leaves), lambda leaves, *args: mapped(jax.tree.unflatten(treedef, leaves), *args)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_step(model: Llama):
+    leaves, mapped = _decoder(model)
+
+    def step(leaves, tokens, caches, write_at):
+        next_tokens, logits, caches = mapped(leaves, tokens, caches, write_at)
+        return next_tokens, logits, caches, write_at + tokens.shape[1]
+
+    return leaves, jax.jit(step, donate_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_advance(model: Llama):
+    leaves, mapped = _decoder(model)
+
+    def advance(leaves, history, caches, position):
+        tokens = lax.dynamic_slice_in_dim(history, position, 1, axis=1)
+        next_tokens, _, caches = mapped(leaves, tokens, caches, position)
+        history = lax.dynamic_update_slice_in_dim(history, next_tokens[:, None], position + 1, axis=1)
+        return history, caches, position + 1
+
+    # Everything it changes is donated and comes back in the same buffers: the step's buffer
+    # addresses never change, so XLA replays its command buffer without re-recording it.
+    return leaves, jax.jit(advance, donate_argnums=(1, 2, 3))
+
+
+def decode_step(model: Llama, tokens, caches, write_at):
+    """Runs tokens [B, L] at positions write_at.. through the model, writing the cache (donated).
+    Returns (greedy next tokens [B], last-position logits [B, V] (float32, vocab-sharded),
+    caches, next write position); pass the returned position (a device scalar) to the next
+    step to keep host transfers off the loop."""
+    leaves, step = _compiled_step(model)
+    with jax.set_mesh(model.mesh):
+        return step(leaves, replicated(model.mesh, tokens), caches, replicated(model.mesh, write_at))
+
+
+def advance(model: Llama, history, caches, position):
+    """One greedy decode step in place, as `generate` runs them: reads the token at `position` of
+    `history` [B, T], writes the cache there and the next token at `position + 1`. history,
+    caches and position are donated and returned (same buffers): (history, caches, position + 1)."""
+    leaves, step = _compiled_advance(model)
+    with jax.set_mesh(model.mesh):
+        return step(leaves, history, caches, replicated(model.mesh, position))
+
+
+def start_history(prompt: jax.Array, next_tokens: jax.Array, max_new_tokens: int) -> jax.Array:
+    """[B, L + max_new_tokens]: the prompt, the first generated token, room for the rest
+    (laid out like the prompt: replicated over its mesh, also across processes)."""
+    return _start_history(prompt, next_tokens, max_new_tokens, prompt.sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _start_history(prompt, next_tokens, max_new_tokens, sharding):
+    pad = jnp.zeros((prompt.shape[0], max_new_tokens - 1), prompt.dtype)
+    history = jnp.concatenate([prompt, next_tokens[:, None].astype(prompt.dtype), pad], axis=1)
+    return jax.lax.with_sharding_constraint(history, sharding)
+
+
+# Prompt tokens (batch x positions) per prefill call. One call over the whole prompt holds the
+# activations of every token at once (Llama 3.1 8B, batch 64 x 1024: 30 GiB of temporaries);
+# chunks of positions, each attending to the cache the chunks before it wrote, hold one chunk's.
+PREFILL_TOKENS = 16384
+
+
+def prefill_in_chunks(step, tokens, caches, max_tokens: int | None = None):
+    """Writes the prompt tokens [B, L] into the cache with `step(tokens, caches, write_at)` (a
+    decode_step) over chunks of positions of at most `max_tokens` tokens of the batch
+    (PREFILL_TOKENS); returns the last chunk's (next tokens, logits, caches, position)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"the prompt must be token ids [batch, length], got shape {tuple(tokens.shape)}")
+    batch, length = tokens.shape
+    if length < 1:
+        raise ValueError("the prompt is empty: give at least one token per sequence")
+    chunk = max(1, (max_tokens or PREFILL_TOKENS) // batch)
+    for start in range(0, length, chunk):
+        result = step(tokens[:, start:start + chunk], caches, start)
+        caches = result[2]
+    return result
+
+
+def prefill(model: Llama, tokens, caches):
+    """The prompt tokens [B, L] into an empty cache (`init_cache`), in chunks (`prefill_in_chunks`):
+    (greedy next tokens [B], last logits, caches, next position), as `decode_step` returns them."""
+    ids = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"the prompt must be integer token ids, got {ids.dtype}")
+    if ids.ndim == 2:  # (prefill_in_chunks names other shapes)
+        cache_batch, _, cache_length, _ = caches[0][0].shape
+        if ids.shape[0] != cache_batch or ids.shape[1] > cache_length:
+            raise ValueError(f"a prompt of {ids.shape[0]} x {ids.shape[1]} tokens does not fit a cache of "
+                             f"{cache_batch} sequences x {cache_length} positions: make the cache with "
+                             "init_cache(model, batch, prompt length + new tokens)")
+    return prefill_in_chunks(functools.partial(decode_step, model), replicated(model.mesh, ids), caches)
+
+
+def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, run_tokens, step) -> jax.Array:
+    """Prefill (in chunks, `prefill_in_chunks`), then one greedy token per step: the loop of both
+    `generate`s. `new_cache(batch, length)` makes an empty cache; `run_tokens(tokens, caches,
+    write_at)` is a decode_step; `step(history, caches, position)` is an advance."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return tokens
+    batch, length = tokens.shape
+    next_tokens, _, caches, position = prefill_in_chunks(run_tokens, tokens, new_cache(batch, length + max_new_tokens))
+    history = start_history(tokens, next_tokens, max_new_tokens)
+    for _ in range(1, max_new_tokens):
+        history, caches, position = step(history, caches, position)
+        if queue_may_deadlock(history):
+            history.block_until_ready()
+    return history
+
+
+def queue_may_deadlock(array: jax.Array) -> bool:
+    """True on XLA:CPU, whose collectives block one of its few worker threads each: with several
+    multi-device steps queued, every worker can end up waiting in a rendezvous that a queued step
+    would complete (seen: generate of 100 tokens at TP 2 on 2 cores stuck in an all-reduce)."""
+    return next(iter(array.devices())).platform == "cpu"
+
+
+def generate(model: Llama, input_ids, max_new_tokens: int) -> jax.Array:
+    """Greedy decoding: prefill, then one token per step. Returns [batch, length + max_new_tokens]."""
+    return greedy_decode(replicated(model.mesh, input_ids), max_new_tokens, functools.partial(init_cache, model),
+                         functools.partial(decode_step, model), functools.partial(advance, model))

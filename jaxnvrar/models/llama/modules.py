@@ -1,0 +1,243 @@
+"""The Llama's modules in Flax NNX, with explicit tensor parallelism over the mesh axis "tp".
+
+q/k/v and gate/up are column-parallel (each rank holds some heads / some of the MLP width),
+o and down are row-parallel and end in `jaxnvrar.all_reduce`: two all-reduces per layer, the
+ones NVRAR exists for. KV heads fewer than TP ranks are replicated so each rank holds the KV
+head its query heads use. The modules hold local shards: they run inside one `jax.shard_map`
+(see `decoding.py`); parameters are global arrays whose own shardings give the in_specs (see
+`weights.py` for loading and init).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from .config import TP, LlamaConfig
+from .reduction import check_all_reduce_choice, reducer
+
+
+# ---------------------------------------------------------------- modules (hold local shards)
+
+
+# XLA:GPU (jax 0.11) strength-reduces a matrix-vector dot whose operands sum to fewer elements.
+_DOT_STRENGTH_REDUCTION_BOUND = 10_000_000
+
+
+def project(x, w):
+    """x @ w, kept a matrix product for a single row. XLA:GPU rewrites a matrix-vector product
+    whose operands hold fewer than 10^7 elements into multiply + reduce ("dot strength
+    reduction"), which reads the weight at a fraction of the bandwidth of a GEMM and, for some
+    shapes, first writes the whole elementwise product (seen at batch 1: Llama 3.2 1B's 2048 x 2048
+    o-projection took 13 us for 8 MB of weight, ~3 TB/s would take 3; at TP 2 the 8B o-projection
+    is below the bound too).
+    A second row of zeros, behind an optimization barrier so that it is not simplified away,
+    keeps it a GEMM; the extra row costs nothing next to reading the weight, but the zero row is
+    one more small kernel, so only products below the bound get it."""
+    rows = math.prod(x.shape[:-1])
+    if rows != 1 or x.size + w.size >= _DOT_STRENGTH_REDUCTION_BOUND:
+        return x @ w
+    flat = x.reshape(1, x.shape[-1])
+    padded = lax.optimization_barrier(jnp.concatenate([flat, jnp.zeros_like(flat)]))
+    return (padded @ w)[:1].reshape(*x.shape[:-1], w.shape[-1])
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, weight, eps: float):
+        self.weight = nnx.Param(weight)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """q, k and v come from one matmul with `wqkv`, whose shard on each rank is that rank's
+    [q | k | v] columns (`fuse_columns`): one weight read and one kernel instead of three."""
+
+    def __init__(self, wqkv, wo, head_dim: int, q_width: int, kv_width: int):
+        self.wqkv, self.wo = nnx.Param(wqkv), nnx.Param(wo)
+        self.head_dim = head_dim
+        self.q_width, self.kv_width = q_width, kv_width  # global columns (KV heads as replicated)
+
+    def kv_heads(self) -> int:
+        """KV heads over all ranks, as replicated for tensor parallelism (the cache's width)."""
+        return self.kv_width // self.head_dim
+
+    def __call__(self, x, rope, positions, cache, write_at, all_reduce):
+        b, length, _ = x.shape
+        hd = self.head_dim
+        tp = lax.axis_size(TP)
+        qkv = project(x, self.wqkv[...])
+        q_local, kv_local = self.q_width // tp, self.kv_width // tp
+        q = qkv[..., :q_local].reshape(b, length, -1, hd)  # this rank's query heads
+        k = qkv[..., q_local:q_local + kv_local].reshape(b, length, -1, hd)  # this rank's KV heads
+        v = qkv[..., q_local + kv_local:].reshape(b, length, -1, hd)
+        q, k = _apply_rope(q, rope, positions), _apply_rope(k, rope, positions)
+        # Keys and values as [batch, kv_heads, positions, head_dim]: the layout of the cache, in
+        # which both attention products are plain batched matmuls (no copy of the cache per step).
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            cache_k = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, write_at, 0))
+            cache_v = lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, write_at, 0))
+            k, v, cache = cache_k, cache_v, (cache_k, cache_v)
+            key_positions = jnp.arange(k.shape[2])
+        else:
+            key_positions = positions
+        kv_heads = k.shape[1]
+        # Group the query heads of each KV head: [batch, kv_heads, group, length, head_dim].
+        q = q.reshape(b, length, kv_heads, -1, hd).transpose(0, 2, 3, 1, 4)
+        out = causal_attention(q, k, v, positions, key_positions)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
+        return all_reduce(project(out, self.wo[...])), cache
+
+
+# A prefill's float32 scores [batch, kv_heads, group, queries, keys] for all queries at once
+# outgrow a GPU (Llama 3.1 8B, batch 64 x 1024 on one H100: ~9 GB per layer, and softmax
+# keeps copies); longer prompts go through in blocks of queries holding at most this much.
+ATTENTION_SCORES_BYTES = 1 << 30
+
+
+def causal_attention(q, k, v, positions, key_positions):
+    """softmax(q k / sqrt(d), keys at positions <= the query's) v, in blocks of queries where the
+    scores of all of them would exceed ATTENTION_SCORES_BYTES (each block sees every key, so the
+    result does not depend on the blocking). q [b, kv, g, L, d], k and v [b, kv, S, d],
+    positions [L], key_positions [S]; returns [b, kv, g, L, d]."""
+    b, kv, g, length, d = q.shape
+    bytes_per_query = b * kv * g * k.shape[2] * 4
+    block = 1 << max(0, (ATTENTION_SCORES_BYTES // bytes_per_query).bit_length() - 1)  # a power of 2
+    if length <= block:
+        return _attend(q, k, v, positions, key_positions)
+    blocks = -(-length // block)
+    pad = blocks * block - length  # padded queries repeat the last position; their rows are dropped
+    q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+    positions = jnp.pad(positions, (0, pad), mode="edge")
+    q = q.reshape(b, kv, g, blocks, block, d).transpose(3, 0, 1, 2, 4, 5)
+    out = lax.map(lambda qp: _attend(qp[0], k, v, qp[1], key_positions), (q, positions.reshape(blocks, block)))
+    return out.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, blocks * block, d)[:, :, :, :length]
+
+
+def _attend(q, k, v, positions, key_positions):
+    scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    visible = key_positions[None, :] <= positions[:, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgls,bksd->bkgld", weights, v)
+
+
+class MLP(nnx.Module):
+    """gate and up from one matmul with `w_gate_up` (each rank's [gate | up] columns)."""
+
+    def __init__(self, w_gate_up, w_down):
+        self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
+
+    def __call__(self, x, all_reduce):
+        gate, up = jnp.split(project(x, self.w_gate_up[...]), 2, axis=-1)
+        return all_reduce(project(jax.nn.silu(gate) * up, self.w_down[...]))
+
+
+def fuse_columns(*parts: jax.Array) -> jax.Array:
+    """One column-parallel array whose shard on each rank is the concatenation of the parts'
+    shards there (global arrays sharded the same way on their last axis)."""
+    sharding = parts[0].sharding
+    concat = jax.shard_map(lambda *xs: jnp.concatenate(xs, axis=-1), mesh=sharding.mesh,
+                           in_specs=(sharding.spec,) * len(parts), out_specs=sharding.spec)
+    return jax.jit(concat)(*parts)
+
+
+class DecoderLayer(nnx.Module):
+    """`p`: the layer's arrays, with the projections fused ("wqkv", "w_gate_up": see
+    `fuse_layer`); `widths`: (q, kv) global columns of wqkv."""
+
+    def __init__(self, p: dict, config: LlamaConfig, widths: tuple[int, int]):
+        self.input_norm = RMSNorm(p["input_norm"], config.rms_norm_eps)
+        self.attention = Attention(p["wqkv"], p["wo"], config.head_dim, *widths)
+        self.post_attention_norm = RMSNorm(p["post_attention_norm"], config.rms_norm_eps)
+        self.mlp = MLP(p["w_gate_up"], p["w_down"])
+
+    def __call__(self, x, rope, positions, cache, write_at, all_reduce):
+        attended, cache = self.attention(self.input_norm(x), rope, positions, cache, write_at, all_reduce)
+        x = x + attended
+        return x + self.mlp(self.post_attention_norm(x), all_reduce), cache
+
+
+def fuse_layer(p: dict) -> tuple[dict, tuple[int, int]]:
+    """A layer's loaded arrays (wq, wk, wv, w_gate, w_up separate) with the projections fused."""
+    fused = {k: v for k, v in p.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
+    fused["wqkv"] = fuse_columns(p["wq"], p["wk"], p["wv"])
+    fused["w_gate_up"] = fuse_columns(p["w_gate"], p["w_up"])
+    return fused, (p["wq"].shape[-1], p["wk"].shape[-1])
+
+
+class Llama(nnx.Module):
+    """The model; `params` maps names to (global, sharded) arrays, see weights.py."""
+
+    def __init__(self, params: dict, config: LlamaConfig, mesh, all_reduce: str = "auto"):
+        check_all_reduce_choice(all_reduce)
+        self.config = config
+        self.mesh = mesh
+        self.all_reduce = all_reduce
+        self.embed = nnx.Param(params["embed"])
+        self.layers = nnx.List([DecoderLayer(fused, config, widths)
+                                for fused, widths in map(fuse_layer, params["layers"])])
+        self.norm = RMSNorm(params["norm"], config.rms_norm_eps)
+        self.lm_head = nnx.Param(params["lm_head"])
+
+    def __call__(self, tokens, positions, caches, write_at, last_only: bool = False):
+        """Per-shard forward: tokens [B, L] -> this rank's vocabulary slice of the logits, of
+        every position, or with `last_only` of the last one ([B, 1, V/tp]: all decoding needs)."""
+        reduce = reducer(self.all_reduce)
+        rope = rope_frequencies(self.config)
+        x = self.embed[...][tokens]
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, rope, positions, None if caches is None else caches[i], write_at, reduce)
+            new_caches.append(cache)
+        if last_only:
+            x = x[:, -1:]
+        logits = project(self.norm(x), self.lm_head[...])
+        return logits.astype(jnp.float32), (None if caches is None else tuple(new_caches))
+
+
+def with_all_reduce(model: Llama, algorithm: str) -> Llama:
+    """The same weights (shared, not copied) with another all-reduce algorithm."""
+    check_all_reduce_choice(algorithm)
+    twin = nnx.merge(*nnx.split(model))
+    twin.all_reduce = algorithm
+    return twin
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+def rope_frequencies(config: LlamaConfig) -> jax.Array:
+    """Inverse frequencies, with Llama 3's scaling of the long wavelengths where configured."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if config.rope_llama3 is None:
+        return inv_freq
+    factor, low_freq_factor, high_freq_factor, original_context = config.rope_llama3
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength = original_context / low_freq_factor
+    high_freq_wavelength = original_context / high_freq_factor
+    scaled = jnp.where(wavelength > low_freq_wavelength, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def _apply_rope(x, inv_freq, positions):
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, hd/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[None, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[None, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
