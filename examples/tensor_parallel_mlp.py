@@ -51,7 +51,7 @@ def main() -> None:
         return run
 
     xla = mlp(lambda p: jax.lax.psum(p, "tp"))
-    topology = jaxnvrar.runtime.default_topology(tp)
+    topology = jaxnvrar.distributed.default_topology(tp)
     with jax.set_mesh(mesh):
         want = xla(x, w_up, w_down)
         # "auto" picks per message; "reference" is the NVRAR schedule in plain JAX (any backend).

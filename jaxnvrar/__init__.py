@@ -1,14 +1,16 @@
 """jaxnvrar: a hierarchical all-reduce (NVRAR) for JAX, used like `jax.lax.psum` in `jax.shard_map`."""
 
-from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm
+from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm, initialize
+from jaxnvrar.distributed import initialize_distributed
 from jaxnvrar.info import print_environment_info
-from jaxnvrar.runtime import cuda_available, finalize, initialize, initialize_distributed, is_initialized, last_timeout
-from jaxnvrar.schedule import Topology
+from jaxnvrar.runtime import cuda_available, finalize, is_initialized, last_timeout
+from jaxnvrar.schedule import KernelConfig, Topology
 
-__version__ = "0.1.0"
+from jaxnvrar.version import __version__
 
 __all__ = [
     "ALGORITHMS",
+    "KernelConfig",
     "Topology",
     "all_reduce",
     "choose_algorithm",

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnvrar import runtime
+from jaxnvrar import distributed, nvrar_ffi, runtime, tuning
 from jaxnvrar.primitive import all_reduce_p
 from jaxnvrar.schedule import Topology
+from jaxnvrar.tuning import choose_algorithm
 
 ALGORITHMS = ("auto", "psum", "reference", "nvrar")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -37,40 +36,16 @@ def _single_axis(axis_name):
     return axis_name
 
 
-# Measured crossover on 2 x H200 (docs/results/allreduce_2xH200_2026-11-23.txt): the kernel
-# wins up to 4 MB (1.10x there) and loses to psum from 8 MB on. Override with
-# $JAXNVRAR_AUTO_MAX_BYTES.
-AUTO_NVRAR_MAX_BYTES = 4 << 20
+def initialize(*, workspace_bytes: int | None = None) -> None:
+    """Start NVSHMEM and allocate the symmetric workspace; call after jax.distributed.initialize().
 
-
-def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
-    """What algorithm="auto" runs. "nvrar" needs the CUDA runtime up and the message to fit the
-    workspace; then the tuning table's measured winner for the message's size bucket decides
-    (`jaxnvrar-bench tune`), or without one: on one node, "nvrar" up to AUTO_NVRAR_MAX_BYTES
-    ($JAXNVRAR_AUTO_MAX_BYTES); across nodes, the cost model's projection. Otherwise "psum"."""
-    from jaxnvrar import tuning
-    from jaxnvrar.nvrar_ffi import fits_workspace
-
-    dtype = jnp.dtype(dtype)
-    nbytes = num_elements * dtype.itemsize
-    if not (runtime.is_initialized() and jax.default_backend() == "gpu"
-            and fits_workspace(num_elements, dtype.itemsize, topology)):
-        return "psum"
-    choice = tuning.choice_for(topology, dtype.name, nbytes)
-    if choice is not None:
-        return choice.algorithm
-    if runtime.AUTO_MAX_BYTES_ENV in os.environ or topology.num_nodes == 1:
-        limit = runtime._env_number(runtime.AUTO_MAX_BYTES_ENV, int, AUTO_NVRAR_MAX_BYTES, minimum=0)
-        return "nvrar" if nbytes <= limit else "psum"
-    # Several nodes, not measured: the cost model's projection of the NCCL-like baseline
-    # against NVRAR (network preset $JAXNVRAR_NETWORK, default InfiniBand NDR).
-    from jaxnvrar import cost_model
-
-    network = os.environ.get(runtime.NETWORK_ENV, "ndr")
-    if network not in cost_model.NETWORKS:
-        raise ValueError(f"{runtime.NETWORK_ENV}={network!r}: choose one of {sorted(cost_model.NETWORKS)}")
-    faster = cost_model.nvrar_predicted_faster(nbytes, topology.num_nodes, topology.gpus_per_node, network)
-    return "nvrar" if faster else "psum"
+    ``workspace_bytes`` (default: ${JAXNVRAR_WORKSPACE_BYTES} or 512 MiB) bounds the largest
+    message `algorithm="nvrar"` takes. The JAXNVRAR_* settings are read once, here, and must be
+    alike on every process. Calling it again is a no-op; after `finalize()` it raises (NVSHMEM
+    cannot restart within a process).
+    """
+    if runtime.start(workspace_bytes=workspace_bytes):
+        tuning.load_shared()  # process 0's table on every process: they must lower alike
 
 
 def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | None = None):
@@ -103,15 +78,14 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
-    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else runtime.default_topology(num_ranks)
+    topology = (Topology(num_ranks, gpus_per_node) if gpus_per_node is not None
+                else distributed.default_topology(num_ranks))
     if algorithm == "auto":
         algorithm = choose_algorithm(x.size, x.dtype, topology)
     if algorithm == "psum":
         return lax.psum(x, axis_name)
     if algorithm == "nvrar":
-        from jaxnvrar.nvrar_ffi import check_can_run
-
-        check_can_run(x, topology)
+        nvrar_ffi.check_can_run(x, topology)
     return all_reduce_p.bind(
         x, axis_name=axis_name, num_ranks=num_ranks, gpus_per_node=gpus_per_node, algorithm=algorithm
     )

@@ -13,6 +13,9 @@ import os
 import platform
 import sys
 
+from jaxnvrar import launcher, runtime, settings, tuning
+from jaxnvrar.version import __version__
+
 
 def _version(distribution: str) -> str | None:
     try:
@@ -24,13 +27,13 @@ def _version(distribution: str) -> str | None:
 def environment_info() -> dict:
     import jax
 
-    from jaxnvrar import __version__, launch, runtime, tuning
-
     try:
         runtime.cuda_extension()
         cuda = "built"
     except ImportError as err:
         cuda = f"not built ({str(err).split(';')[0]})"
+    pe, num_pes = runtime.pe()
+    problems = settings.problems()
     path = tuning.default_path()
     try:
         table = tuning.Table.load(path)
@@ -47,10 +50,11 @@ def environment_info() -> dict:
         "NVSHMEM (nvidia-nvshmem-cu13)": _version("nvidia-nvshmem-cu13"),
         "nvshmem4py": _version("nvshmem4py-cu13") or _version("nvshmem4py-cu12"),
         "CUDA extension": cuda,
-        "GPUs on this host": launch.local_gpu_count(),
-        "runtime": (f"initialised: PE {runtime._state.my_pe} of {runtime._state.num_pes}, "
-                    f"workspace {runtime.workspace_bytes()} B") if runtime.is_initialized() else "not initialised",
-        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("JAXNVRAR_")} or "none",
+        "GPUs on this host": launcher.local_gpu_count(),
+        "runtime": (f"initialised: PE {pe} of {num_pes}, workspace {runtime.workspace_bytes()} B"
+                    if runtime.is_initialized() else "not initialised"),
+        "settings": {k: (f"{v}  <- INVALID: {problems[k]}" if k in problems else v)
+                     for k, v in sorted(os.environ.items()) if k.startswith("JAXNVRAR_")} or "none",
         "tuning table": f"{path} ({'present' if path.exists() else 'absent'}); entries: {tuned}",
     }
 

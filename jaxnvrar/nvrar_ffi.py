@@ -1,31 +1,15 @@
-"""The CUDA path: registration of the XLA FFI target and the lowering to it."""
+"""The CUDA path: the checks before a call takes the kernel, and the lowering to the XLA FFI
+target that `jaxnvrar.initialize()` registered (csrc/nvrar_ffi.cu)."""
 
 from __future__ import annotations
 
 import numpy as np
 import jax
 
-from jaxnvrar import runtime
+from jaxnvrar import runtime, tuning
 from jaxnvrar.schedule import Topology, workspace_bytes_needed
 
 TARGET = "jaxnvrar_nvrar_all_reduce"
-_registered = False
-
-
-def register() -> None:
-    """Register the handler with XLA (done by `jaxnvrar.initialize`)."""
-    global _registered
-    if _registered:
-        return
-    for name, handler in runtime.cuda_extension().registrations().items():
-        jax.ffi.register_ffi_target(name, handler, platform="CUDA")
-    _registered = True
-
-
-def fits_workspace(num_elements: int, itemsize: int, topology: Topology, launch=None) -> bool:
-    """Whether the workspace holds this message with the default launch (or with `launch`)."""
-    variant = {} if launch is None else {"one_shot": launch.one_shot, "bulk": launch.bulk}
-    return workspace_bytes_needed(num_elements, itemsize, topology, **variant) <= runtime.workspace_bytes()
 
 
 def check_can_run(x, topology: Topology) -> None:
@@ -47,12 +31,12 @@ def check_can_run(x, topology: Topology) -> None:
             "jaxnvrar.all_reduce(algorithm='nvrar') needs jaxnvrar.initialize() first "
             "(after jax.distributed.initialize() in a multi-process job)"
         )
-    if not fits_workspace(x.size, x.dtype.itemsize, topology):
+    if not runtime.fits_workspace(x.size, x.dtype.itemsize, topology):
         needed = workspace_bytes_needed(x.size, x.dtype.itemsize, topology)
         raise ValueError(
             f"a {x.size * x.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, "
             f"but it has {runtime.workspace_bytes()}; raise it with jaxnvrar.initialize("
-            f"workspace_bytes=...) or ${runtime.WORKSPACE_ENV}, or use algorithm='psum'"
+            f"workspace_bytes=...) or $JAXNVRAR_WORKSPACE_BYTES, or use algorithm='psum'"
         )
 
 
@@ -74,16 +58,16 @@ def lower(ctx, x, *, topology: Topology, groups):
         )
     table = _pe_groups(groups, jax.process_count())
     aval = ctx.avals_in[0]
-    launch = runtime.launch_for(topology, aval.dtype.name, aval.size, aval.dtype.itemsize)
+    config = tuning.kernel_config_for(topology, aval.dtype.name, aval.size, aval.dtype.itemsize)
     rule = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)
     return rule(
         ctx,
         x,
         num_ranks=np.int32(topology.num_ranks),
         gpus_per_node=np.int32(topology.gpus_per_node),
-        max_blocks=np.int32(launch.max_blocks),
-        one_shot=np.int32(launch.one_shot),
-        bulk=np.int32(launch.bulk),
+        max_blocks=np.int32(config.max_blocks),
+        one_shot=np.int32(config.one_shot),
+        bulk=np.int32(config.bulk),
         check_calls=np.int32(runtime.check_calls()),
         pe_groups=table.reshape(-1),
     )

@@ -16,7 +16,7 @@ from jax._src import core
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxnvrar import runtime
+from jaxnvrar import distributed, nvrar_ffi
 from jaxnvrar.reference import all_reduce_reference
 from jaxnvrar.schedule import Topology
 
@@ -84,7 +84,7 @@ def _mesh_of(ctx):
 
 def _node_size_of(group: list) -> int:
     """How many consecutive ranks of one axis group share a host."""
-    hosts = [runtime.host_of_process(d.process_index) for d in group]
+    hosts = [distributed.host_of_process(d.process_index) for d in group]
     size = 1
     while size < len(hosts) and hosts[size] == hosts[0]:
         size += 1
@@ -105,7 +105,7 @@ def resolve_topology(ctx, axis_name, num_ranks, gpus_per_node) -> tuple[Topology
     groups = _axis_groups(mesh, axis_name) if mesh is not None else None
     if gpus_per_node is None:
         if groups is None:
-            gpus_per_node = runtime.default_topology(num_ranks).gpus_per_node
+            gpus_per_node = distributed.default_topology(num_ranks).gpus_per_node
         else:
             sizes = {_node_size_of(group) for group in groups}
             if len(sizes) != 1:
@@ -136,8 +136,6 @@ def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm):
     if algorithm != "nvrar":
         return _lower_reference(ctx, x, axis_name=axis_name, num_ranks=num_ranks,
                                 gpus_per_node=gpus_per_node, algorithm=algorithm)
-    from jaxnvrar import nvrar_ffi
-
     topology, groups = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups)
 

@@ -49,6 +49,7 @@ __all__ = [
     "slice_capacity_elements",
     "workspace_bytes_needed",
     "one_shot_possible",
+    "KernelConfig",
 ]
 
 # Slices start on 16-byte boundaries so the kernel can use 16-byte vector accesses.
@@ -196,8 +197,10 @@ def one_shot_possible(topology: Topology) -> bool:
     return topology.num_nodes == 1 and topology.gpus_per_node > 1
 
 
-def workspace_bytes_needed(num_elements: int, itemsize: int, topology: Topology, one_shot: bool = False,
-                           bulk: bool = False) -> int:
+def workspace_bytes_needed(num_elements: int, itemsize: int, topology: Topology,
+                           config: KernelConfig | None = None) -> int:
+    """Symmetric workspace bytes a call needs with `config` (default: the full schedule, LL cells)."""
+    one_shot, bulk = (config.one_shot, config.bulk) if config is not None else (False, False)
     g = topology.gpus_per_node
     if one_shot and not one_shot_possible(topology):
         raise ValueError(f"a one-shot launch needs one node of several GPUs, not {topology}")
@@ -213,3 +216,48 @@ def bulk_flag_bytes(gpus_per_node: int, num_steps: int) -> int:
     """A bulk launch's flags: one 8-byte word per block for each reduce-scatter sender, each
     all-gather sender and each inter-node step."""
     return (2 * gpus_per_node + num_steps) * BULK_MAX_BLOCKS * 8
+
+
+# ---------------------------------------------------------------- kernel configuration
+
+DEFAULT_MAX_BLOCKS = 128
+MAX_BLOCKS_LIMIT = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How the kernel runs one call: its width (thread blocks); one-shot (one node: no
+    all-gather) or the full schedule; bulk (raw data and a flag per block, for large messages)
+    or LL cells. Every configuration computes the same bits."""
+
+    max_blocks: int = DEFAULT_MAX_BLOCKS
+    one_shot: bool = False
+    bulk: bool = False
+
+    def __post_init__(self):
+        blocks = self.max_blocks
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= MAX_BLOCKS_LIMIT:
+            raise ValueError(f"KernelConfig.max_blocks must be an int in [1, {MAX_BLOCKS_LIMIT}], got {blocks!r}")
+        if not isinstance(self.one_shot, bool) or not isinstance(self.bulk, bool):
+            raise TypeError(f"KernelConfig.one_shot and .bulk must be bools, got {self.one_shot!r}, {self.bulk!r}")
+
+    @property
+    def label(self) -> str:
+        """"128", "128-1shot", "128-bulk", "128-1shot-bulk": how benchmarks and the tuning table
+        name a configuration."""
+        return str(self.max_blocks) + ("-1shot" if self.one_shot else "") + ("-bulk" if self.bulk else "")
+
+    @classmethod
+    def parse(cls, label: str) -> KernelConfig:
+        blocks, *variants = label.split("-")
+        if (not blocks.isdigit() or not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT
+                or variants not in ([], ["1shot"], ["bulk"], ["1shot", "bulk"])):
+            raise ValueError(f"bad kernel configuration {label!r}: expected BLOCKS[-1shot][-bulk] with BLOCKS in "
+                             f"[1, {MAX_BLOCKS_LIMIT}], e.g. 128, 32-1shot or 128-1shot-bulk")
+        return cls(int(blocks), "1shot" in variants, "bulk" in variants)
+
+    def possible_for(self, topology: Topology) -> KernelConfig:
+        """This configuration, less what the topology cannot run (one-shot needs one node; bulk
+        at most BULK_MAX_BLOCKS blocks)."""
+        return KernelConfig(self.max_blocks, self.one_shot and one_shot_possible(topology),
+                            self.bulk and self.max_blocks <= BULK_MAX_BLOCKS)

@@ -1,32 +1,35 @@
-"""Launch tuning: which NVRAR launch (width; one-shot or not on one node; LL cells or bulk), and
-whether NVRAR at all, per message size.
+"""The policy per call: which algorithm "auto" runs, and which kernel configuration (width;
+one-shot or not on one node; LL cells or bulk) the kernel runs, per message size.
 
 `jaxnvrar-bench tune` measures, once per (GPU kind, topology, dtype), psum and the kernel at
-several launches (thread blocks; bulk; on one node one-shot) for each size bucket, checks each
-launch's result against psum, and writes the winners to a JSON
+several kernel configurations (thread blocks; bulk; on one node one-shot) for each size bucket,
+checks each one's result against psum, and writes the winners to a JSON
 file ($JAXNVRAR_TUNING_FILE, default ~/.cache/jaxnvrar/tuning.json). `jaxnvrar.initialize()`
 loads it on process 0 and shares it through jax.distributed, so every rank lowers the same
 choices (ranks that disagreed on nvrar-vs-psum would deadlock). Then:
 
 - `"auto"` takes the measured winner of the message's size bucket;
-- the kernel launches as the bucket's best launch did.
+- the kernel runs the bucket's best configuration.
 
-Without a table entry, the documented heuristic applies (`api.choose_algorithm`): on one node
-NVRAR up to `api.AUTO_NVRAR_MAX_BYTES` (the 2 x H200 crossover, $JAXNVRAR_AUTO_MAX_BYTES), across
+Without a table entry, the documented heuristic applies (`choose_algorithm`): on one node
+NVRAR up to `AUTO_NVRAR_MAX_BYTES` (the 2 x H200 crossover, $JAXNVRAR_AUTO_MAX_BYTES), across
 nodes the cost model's projection; 128 blocks ($JAXNVRAR_MAX_BLOCKS), the full schedule
 and LL cells ($JAXNVRAR_ONE_SHOT=1, $JAXNVRAR_BULK=1 to change). An explicit setting wins over the
-table.
+table, and `set_max_blocks` / `kernel_config_override` win over the settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 
-from jaxnvrar.runtime import Launch
-from jaxnvrar.schedule import Topology
+import jax
+import jax.numpy as jnp
+
+from jaxnvrar import cost_model, distributed, runtime, settings
+from jaxnvrar.schedule import MAX_BLOCKS_LIMIT, KernelConfig, Topology
 
 TUNING_FILE_ENV = "JAXNVRAR_TUNING_FILE"
 FORMAT_VERSION = 1
@@ -34,7 +37,7 @@ _KV_KEY = "jaxnvrar/tuning_table"
 
 
 def default_path() -> pathlib.Path:
-    return pathlib.Path(os.environ.get(TUNING_FILE_ENV, pathlib.Path.home() / ".cache" / "jaxnvrar" / "tuning.json"))
+    return pathlib.Path(settings.get(TUNING_FILE_ENV) or pathlib.Path.home() / ".cache" / "jaxnvrar" / "tuning.json")
 
 
 def bucket_of(nbytes: int) -> int:
@@ -52,7 +55,7 @@ def entry_key(device_kind: str, topology: Topology, dtype_name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Choice:
     algorithm: str    # "nvrar" or "psum": the faster one measured for this bucket
-    launch: Launch    # the kernel's fastest launch for this bucket
+    config: KernelConfig  # the kernel's fastest configuration for this bucket
 
 
 class Table:
@@ -62,17 +65,18 @@ class Table:
     def __init__(self, entries: dict | None = None):
         self.entries = entries or {}
 
-    def record(self, key: str, nbytes: int, *, psum_us: float, nvrar_us_by_launch: dict) -> Choice:
-        """Keep the faster of psum and the fastest launch (keys: `runtime.Launch`)."""
-        launch, nvrar_us = min(nvrar_us_by_launch.items(), key=lambda item: item[1])
+    def record(self, key: str, nbytes: int, *, psum_us: float, nvrar_us_by_config: dict) -> Choice:
+        """Keep the faster of psum and the fastest kernel configuration (keys: `KernelConfig`)."""
+        config, nvrar_us = min(nvrar_us_by_config.items(), key=lambda item: item[1])
         algorithm = "nvrar" if nvrar_us < psum_us else "psum"
+        # "nvrar_us_by_launch": the file format's name, kept so that older tables still load.
         self.entries.setdefault(key, {})[str(bucket_of(nbytes))] = {
-            "algorithm": algorithm, "max_blocks": launch.max_blocks, "one_shot": launch.one_shot,
-            "bulk": launch.bulk,
+            "algorithm": algorithm, "max_blocks": config.max_blocks, "one_shot": config.one_shot,
+            "bulk": config.bulk,
             "nvrar_us": nvrar_us, "psum_us": psum_us,
-            "nvrar_us_by_launch": {l.label: t for l, t in sorted(nvrar_us_by_launch.items(),
+            "nvrar_us_by_launch": {c.label: t for c, t in sorted(nvrar_us_by_config.items(),
                                                                  key=lambda item: item[0].label)}}
-        return Choice(algorithm, launch)
+        return Choice(algorithm, config)
 
     def lookup(self, key: str, nbytes: int) -> Choice | None:
         """The choice measured for this message's bucket; past the largest bucket measured, that
@@ -84,7 +88,8 @@ class Table:
         wanted = bucket_of(nbytes)
         bucket = next((b for b in measured if b >= wanted), measured[-1])
         e = buckets[str(bucket)]
-        return Choice(e["algorithm"], Launch(int(e["max_blocks"]), bool(e.get("one_shot", False)), bool(e.get("bulk", False))))
+        return Choice(e["algorithm"], KernelConfig(int(e["max_blocks"]), bool(e.get("one_shot", False)),
+                                                   bool(e.get("bulk", False))))
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "entries": self.entries}, indent=1, sort_keys=True)
@@ -130,25 +135,119 @@ def use(table: Table) -> None:
 
 def load_shared() -> Table:
     """Process 0's table, the same on every process (called by `jaxnvrar.initialize()`)."""
-    import jax
-
     if jax.process_count() == 1:
         table = Table.load()
     else:
-        from jaxnvrar.runtime import _KV_TIMEOUT_MS, _distributed_client
-
-        client = _distributed_client()
+        client = distributed.kv_client()
         if jax.process_index() == 0:
             table = Table.load()
             client.key_value_set(_KV_KEY, table.to_json())
         else:
-            table = Table.from_json(client.blocking_key_value_get(_KV_KEY, _KV_TIMEOUT_MS), "process 0's tuning table")
+            table = Table.from_json(client.blocking_key_value_get(_KV_KEY, distributed.KV_TIMEOUT_MS),
+                                    "process 0's tuning table")
     use(table)
     return table
 
 
 def choice_for(topology: Topology, dtype_name: str, nbytes: int) -> Choice | None:
-    import jax
-
     kind = jax.devices()[0].device_kind
     return _active.lookup(entry_key(kind, topology, dtype_name), nbytes)
+
+
+# ---------------------------------------------------------------- the algorithm "auto" runs
+
+# Measured crossover on 2 x H200 (docs/results/allreduce_2xH200_2026-11-23.txt): the kernel
+# wins up to 4 MB (1.10x there) and loses to psum from 8 MB on. Override with
+# $JAXNVRAR_AUTO_MAX_BYTES.
+AUTO_NVRAR_MAX_BYTES = 4 << 20
+
+
+def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
+    """What algorithm="auto" runs. "nvrar" needs the CUDA runtime up and the message to fit the
+    workspace; then the tuning table's measured winner for the message's size bucket decides
+    (`jaxnvrar-bench tune`), or without one: on one node, "nvrar" up to AUTO_NVRAR_MAX_BYTES
+    ($JAXNVRAR_AUTO_MAX_BYTES); across nodes, the cost model's projection. Otherwise "psum"."""
+    dtype = jnp.dtype(dtype)
+    nbytes = num_elements * dtype.itemsize
+    if not (runtime.is_initialized() and jax.default_backend() == "gpu"
+            and runtime.fits_workspace(num_elements, dtype.itemsize, topology)):
+        return "psum"
+    choice = choice_for(topology, dtype.name, nbytes)
+    if choice is not None:
+        return choice.algorithm
+    snapshot = runtime.settings()
+    if snapshot.auto_max_bytes is not None or topology.num_nodes == 1:
+        limit = AUTO_NVRAR_MAX_BYTES if snapshot.auto_max_bytes is None else snapshot.auto_max_bytes
+        return "nvrar" if nbytes <= limit else "psum"
+    # Several nodes, not measured: the cost model's projection of the NCCL-like baseline
+    # against NVRAR (network preset $JAXNVRAR_NETWORK, default InfiniBand NDR).
+    faster = cost_model.nvrar_predicted_faster(nbytes, topology.num_nodes, topology.gpus_per_node, snapshot.network)
+    return "nvrar" if faster else "psum"
+
+
+# ---------------------------------------------------------------- the kernel configuration
+
+# Set by set_max_blocks / kernel_config_override, over the settings: field -> value (None: the
+# tuning table's choice).
+_overrides: dict = {}
+
+
+def _explicit() -> dict:
+    snapshot = runtime.settings()
+    if snapshot is None:
+        return {"max_blocks": None, "one_shot": None, "bulk": None}
+    as_bool = lambda value: None if value is None else bool(value)  # noqa: E731
+    return {"max_blocks": snapshot.max_blocks, "one_shot": as_bool(snapshot.one_shot),
+            "bulk": as_bool(snapshot.bulk), **_overrides}
+
+
+def kernel_config_for(topology: Topology, dtype_name: str, num_elements: int, itemsize: int) -> KernelConfig:
+    """The kernel configuration of a call lowered now. Each field: the explicit setting
+    ($JAXNVRAR_MAX_BLOCKS, $JAXNVRAR_ONE_SHOT, $JAXNVRAR_BULK, `kernel_config_override`,
+    `set_max_blocks`), else the tuning table's, else 128 blocks, LL cells and the full schedule.
+    One-shot only where possible (one node); both only where the workspace holds them, else the
+    default configuration, which computes the same bits."""
+    explicit = _explicit()
+    measured = KernelConfig()
+    if None in explicit.values():
+        choice = choice_for(topology, dtype_name, num_elements * itemsize)
+        measured = choice.config if choice else measured
+    config = KernelConfig(**{field: measured_value if explicit[field] is None else explicit[field]
+                             for field, measured_value in dataclasses.asdict(measured).items()})
+    config = config.possible_for(topology)
+    if runtime.fits_workspace(num_elements, itemsize, topology, config):
+        return config
+    return KernelConfig(config.max_blocks)
+
+
+def _needs_runtime(what: str) -> None:
+    if not runtime.is_initialized():
+        raise RuntimeError(f"jaxnvrar.tuning.{what}() needs jaxnvrar.initialize() first")
+
+
+def set_max_blocks(blocks: int | None) -> None:
+    """Fix the kernel width of programs lowered from now on (compiled ones keep theirs);
+    None goes back to the tuning table's choice (or the default)."""
+    _needs_runtime("set_max_blocks")
+    if blocks is not None and not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT:
+        raise ValueError(f"max_blocks must be in [1, {MAX_BLOCKS_LIMIT}], got {blocks}")
+    _overrides["max_blocks"] = None if blocks is None else int(blocks)
+
+
+@contextlib.contextmanager
+def kernel_config_override(config: KernelConfig | str):
+    """Within the block, programs lowered run the kernel as `config` (a KernelConfig or its
+    label, e.g. "128-1shot"; benchmarks and the tuner compare configurations this way); the
+    settings before it come back afterwards. Every process must make the same override."""
+    _needs_runtime("kernel_config_override")
+    if isinstance(config, str):
+        config = KernelConfig.parse(config)
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"kernel_config_override takes a jaxnvrar.KernelConfig or its label, got {config!r}")
+    saved = dict(_overrides)
+    _overrides.update(dataclasses.asdict(config))
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)

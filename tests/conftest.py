@@ -1,7 +1,9 @@
 """Test setup shared by the single-process run and the runs under jaxnvrar-launch.
 
 Single process: 8 virtual CPU devices. Under jaxnvrar-launch (JAXNVRAR_NUM_PROCESSES set):
-jax.distributed is initialised first, and on GPUs the NVSHMEM runtime too.
+jax.distributed is initialised first (tests/gpu/conftest.py starts NVSHMEM for the GPU suite).
+Slow end-to-end tests (marked `slow`: whole suites again in several processes) run with
+`pytest --run-slow`, as CI does; the default loop skips them.
 """
 
 import os
@@ -20,22 +22,14 @@ else:
     jaxnvrar.initialize_distributed()
 
 
-def _gpu_ready() -> tuple[bool, str]:
-    import jaxnvrar
-
-    if jax.default_backend() != "gpu":
-        return False, f"needs CUDA GPUs; the backend here is {jax.default_backend()}"
-    if not jaxnvrar.cuda_available():
-        return False, "jaxnvrar was built without its CUDA/NVSHMEM part"
-    jaxnvrar.initialize()
-    return True, ""
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the slow end-to-end tests (CI does)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if not any("gpu" in item.keywords for item in items):
+    if config.getoption("--run-slow"):
         return
-    ready, reason = _gpu_ready()
-    if not ready:
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+    skip = pytest.mark.skip(reason="slow end-to-end test: pytest --run-slow runs it")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)

@@ -8,7 +8,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnvrar.runtime import _KV_TIMEOUT_MS, _distributed_client, ranks_share_gpus
+from jaxnvrar.distributed import KV_TIMEOUT_MS, kv_client, ranks_share_gpus
 
 
 def mesh_1d(num_ranks: int, name: str = "x"):
@@ -39,7 +39,7 @@ _CHUNK_BYTES = 1 << 20
 def _gather_rows_by_key_value(out: jax.Array) -> np.ndarray:
     """process_allgather without a collective (ranks that share a GPU cannot run NCCL): every
     process posts its rows to jax.distributed's key-value store and reads the others'."""
-    client, call = _distributed_client(), next(_gather_calls)
+    client, call = kv_client(), next(_gather_calls)
     whole = np.zeros(out.shape, out.dtype)
     for shard in out.addressable_shards:
         data = np.ascontiguousarray(np.asarray(shard.data)).tobytes()
@@ -50,13 +50,13 @@ def _gather_rows_by_key_value(out: jax.Array) -> np.ndarray:
             client.key_value_set_bytes(f"tests/gather/{call}/{start}/{i}", data[offset:offset + _CHUNK_BYTES])
     rows_per_shard = out.shape[0] // len(out.sharding.device_set)
     for start in range(0, out.shape[0], rows_per_shard):
-        count = int(client.blocking_key_value_get(f"tests/gather/{call}/{start}", _KV_TIMEOUT_MS))
-        data = b"".join(client.blocking_key_value_get_bytes(f"tests/gather/{call}/{start}/{i}", _KV_TIMEOUT_MS)
+        count = int(client.blocking_key_value_get(f"tests/gather/{call}/{start}", KV_TIMEOUT_MS))
+        data = b"".join(client.blocking_key_value_get_bytes(f"tests/gather/{call}/{start}/{i}", KV_TIMEOUT_MS)
                         for i in range(count))
         whole[start:start + rows_per_shard] = np.frombuffer(data, out.dtype).reshape(
             (rows_per_shard,) + out.shape[1:])
     # Once every process has read, free the store (it lives in process 0's memory).
-    client.wait_at_barrier(f"tests/gather/{call}", _KV_TIMEOUT_MS)
+    client.wait_at_barrier(f"tests/gather/{call}", KV_TIMEOUT_MS)
     for shard in out.addressable_shards:
         client.key_value_delete(f"tests/gather/{call}/{shard.index[0].start or 0}")
     return whole

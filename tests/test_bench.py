@@ -155,7 +155,7 @@ def test_the_tuners_correctness_check_measures_the_error(monkeypatch):
     import jax.numpy as jnp
 
     import jaxnvrar
-    from jaxnvrar.bench.allreduce import _split_launch, max_error_against_psum
+    from jaxnvrar.bench.allreduce import max_error_against_psum, split_config
 
     mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
     assert max_error_against_psum(mesh, "reference", 1000, jnp.float32, gpus_per_node=None) < 1e-6
@@ -168,20 +168,20 @@ def test_the_tuners_correctness_check_measures_the_error(monkeypatch):
 
     monkeypatch.setattr(jaxnvrar, "all_reduce", broken)
     assert max_error_against_psum(mesh, "reference", 1000, jnp.float32, gpus_per_node=None) > 0.1
-    assert _split_launch("nvrar/32-1shot")[1].one_shot and _split_launch("psum") == ("psum", None)
+    assert split_config("nvrar/32-1shot")[1].one_shot and split_config("psum") == ("psum", None)
 
 
-def test_launch_lists_are_checked_against_the_topology():
-    from jaxnvrar.bench.allreduce import parse_launches
-    from jaxnvrar.runtime import Launch
+def test_kernel_config_lists_are_checked_against_the_topology():
+    from jaxnvrar.bench.allreduce import parse_kernel_configs
+    from jaxnvrar.schedule import KernelConfig
     from jaxnvrar.schedule import Topology
 
-    assert parse_launches("128, 32-1shot-bulk", Topology(2, 2), "x") == [Launch(128), Launch(32, True, True)]
-    assert parse_launches("64-bulk", Topology(2, 1), "x") == [Launch(64, bulk=True)]  # bulk runs across nodes
-    with pytest.raises(SystemExit, match="tune --launches: bad kernel launch '12x'"):
-        parse_launches("12x", Topology(2, 2), "tune --launches")
+    assert parse_kernel_configs("128, 32-1shot-bulk", Topology(2, 2), "x") == [KernelConfig(128), KernelConfig(32, True, True)]
+    assert parse_kernel_configs("64-bulk", Topology(2, 1), "x") == [KernelConfig(64, bulk=True)]  # bulk runs across nodes
+    with pytest.raises(SystemExit, match="tune --kernel-configs: bad kernel configuration '12x'"):
+        parse_kernel_configs("12x", Topology(2, 2), "tune --kernel-configs")
     with pytest.raises(SystemExit, match="128-1shot needs one node.*2 node"):
-        parse_launches("128-1shot", Topology(2, 1), "allreduce --launches")
+        parse_kernel_configs("128-1shot", Topology(2, 1), "allreduce --kernel-configs")
 
 
 def test_timed_benchmarks_refuse_ranks_that_share_a_gpu(monkeypatch):

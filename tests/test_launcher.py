@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-LAUNCH = [sys.executable, "-m", "jaxnvrar.launch"]
+LAUNCH = [sys.executable, "-m", "jaxnvrar.launcher"]
 
 
 def _run(args, timeout=60):
@@ -46,24 +46,24 @@ def test_needs_a_command():
 
 
 def test_benchmarks_relaunch_themselves_one_process_per_gpu(monkeypatch):
-    from jaxnvrar import bench, launch, runtime
+    from jaxnvrar import bench, launcher, runtime
 
     monkeypatch.delenv("JAXNVRAR_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("JAXNVRAR_NO_RELAUNCH", raising=False)
-    monkeypatch.setattr(launch, "local_gpu_count", lambda: 2)
+    monkeypatch.setattr(launcher, "local_gpu_count", lambda: 2)
     monkeypatch.setattr(runtime, "cuda_available", lambda: True)
     again = bench.relaunch_command("decode", ["decode", "--batch", "16"])
-    assert again[1:6] == ["-m", "jaxnvrar.launch", "-n", "2", "--"] and again[-3:] == ["decode", "--batch", "16"]
+    assert again[1:6] == ["-m", "jaxnvrar.launcher", "-n", "2", "--"] and again[-3:] == ["decode", "--batch", "16"]
     assert bench.relaunch_command("gemm", ["gemm"]) is None  # one GPU's benchmark
     monkeypatch.setenv("JAXNVRAR_NO_RELAUNCH", "1")
     assert bench.relaunch_command("decode", ["decode"]) is None
     monkeypatch.delenv("JAXNVRAR_NO_RELAUNCH")
-    monkeypatch.setattr(launch, "local_gpu_count", lambda: 1)
+    monkeypatch.setattr(launcher, "local_gpu_count", lambda: 1)
     assert bench.relaunch_command("decode", ["decode"]) is None
 
 
 def test_gpu_count_follows_cuda_visible_devices(monkeypatch):
-    from jaxnvrar.launch import local_gpu_count
+    from jaxnvrar.launcher import local_gpu_count
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,3")
     assert local_gpu_count() == 3

@@ -11,12 +11,13 @@ TESTS = Path(__file__).parent
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_all_reduce_suite_across_processes(num_processes):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2")
     env.pop("JAXNVRAR_NUM_PROCESSES", None)
     command = [
-        sys.executable, "-m", "jaxnvrar.launch", "-n", str(num_processes), "--timeout", "900", "--",
+        sys.executable, "-m", "jaxnvrar.launcher", "-n", str(num_processes), "--timeout", "900", "--",
         sys.executable, "-m", "pytest", str(TESTS / "test_all_reduce.py"), "-q", "-x",
         "-p", "no:cacheprovider", "-m", "not gpu",
     ]
@@ -34,7 +35,7 @@ jax.config.update("jax_num_cpu_devices", 1)
 import jaxnvrar
 jaxnvrar.initialize_distributed()
 from helpers import mesh_1d, run_per_rank
-from jaxnvrar.runtime import ranks_share_gpus
+from jaxnvrar.distributed import ranks_share_gpus
 assert ranks_share_gpus()
 host = np.arange(2 * 3_000_001, dtype=np.float32).reshape(2, -1)  # 12 MB a row: several chunks
 out = run_per_rank(lambda a: jaxnvrar.all_reduce(a, "x", algorithm="reference", gpus_per_node=1), host, mesh_1d(2))
@@ -55,7 +56,7 @@ def test_ranks_sharing_a_gpu_gather_results_without_collectives():
     # since NCCL would refuse ranks on one GPU (here on CPU, the same code path).
     env = dict(os.environ)
     env.pop("JAXNVRAR_NUM_PROCESSES", None)
-    command = [sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--gpus", "1", "--timeout", "200", "--",
+    command = [sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--gpus", "1", "--timeout", "200", "--",
                sys.executable, "-c", _SHARED_GPU_JOB.format(tests=str(TESTS))]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from jaxnvrar import schedule
-from jaxnvrar.schedule import StepOp, Topology
+from jaxnvrar.schedule import KernelConfig, StepOp, Topology
 
 cpp = pytest.importorskip("jaxnvrar._jaxnvrar_cpu", reason="the CPU extension is not built")
 
@@ -70,22 +70,22 @@ def test_cpp_slices_and_workspace_match():
             assert cpp.workspace_bytes_needed(n, itemsize, topo.num_ranks, parts) == \
                 schedule.workspace_bytes_needed(n, itemsize, topo)
             assert cpp.workspace_bytes_needed(n, itemsize, topo.num_ranks, parts, False, True) == \
-                schedule.workspace_bytes_needed(n, itemsize, topo, bulk=True)
+                schedule.workspace_bytes_needed(n, itemsize, topo, KernelConfig(bulk=True))
         if parts > 1:
             topo = Topology(parts, parts)
             for one_shot, bulk in ((True, False), (True, True)):
                 assert cpp.workspace_bytes_needed(n, itemsize, parts, parts, one_shot, bulk) == \
-                    schedule.workspace_bytes_needed(n, itemsize, topo, one_shot, bulk)
+                    schedule.workspace_bytes_needed(n, itemsize, topo, KernelConfig(one_shot=one_shot, bulk=bulk))
 
 
 def test_one_shot_only_on_one_node():
     assert schedule.one_shot_possible(Topology(4, 4))
     assert not schedule.one_shot_possible(Topology(4, 2)) and not schedule.one_shot_possible(Topology(1, 1))
     with pytest.raises(ValueError, match="one node"):
-        schedule.workspace_bytes_needed(1024, 2, Topology(4, 2), one_shot=True)
-    # Two GPUs: the same bytes as the two-shot launch (the whole message vs two half-size inboxes each way).
+        schedule.workspace_bytes_needed(1024, 2, Topology(4, 2), KernelConfig(one_shot=True))
+    # Two GPUs: the same bytes as the two-shot kernel (the whole message vs two half-size inboxes each way).
     for n in (1 << 10, 1 << 16, 1 << 20):
-        assert schedule.workspace_bytes_needed(n, 2, Topology(2, 2), one_shot=True) == \
+        assert schedule.workspace_bytes_needed(n, 2, Topology(2, 2), KernelConfig(one_shot=True)) == \
             schedule.workspace_bytes_needed(n, 2, Topology(2, 2))
 
 
@@ -99,10 +99,10 @@ def test_inboxes_hold_whole_cells_and_every_slice():
 
 def test_workspace_regions_are_disjoint_and_fill_each_half():
     # The kernels' offsets (csrc/schedule.h's Layout): every inbox, staging area and flag array of
-    # a half, for every launch, lies inside the half and overlaps no other.
+    # a half, for every kernel configuration, lies inside the half and overlaps no other.
     for n, g, nodes, itemsize in itertools.product([1, 7, 4097, 1 << 20], [1, 2, 3, 4, 8], [1, 2, 3, 5], (2, 4)):
-        launches = [(False, False), (False, True)] + ([(True, False), (True, True)] if nodes == 1 and g > 1 else [])
-        for one_shot, bulk in launches:
+        configs = [(False, False), (False, True)] + ([(True, False), (True, True)] if nodes == 1 and g > 1 else [])
+        for one_shot, bulk in configs:
             regions, half, units, stride = cpp.layout_regions(n, itemsize, g * nodes, g, one_shot, bulk)
             spans = sorted((offset, offset + size, name) for name, offset, size in regions)
             assert spans[0][0] == 0 and spans[-1][1] == half, (n, g, nodes, one_shot, bulk)
@@ -111,5 +111,6 @@ def test_workspace_regions_are_disjoint_and_fill_each_half():
             # Each inbox holds a slice's units: the capacity of its elements, 8 (LL) or 16 (bulk) bytes each.
             assert units * (16 if bulk else 8) == stride * itemsize
             assert stride >= -(-n // (1 if one_shot else g))
-            assert schedule.workspace_bytes_needed(n, itemsize, Topology(g * nodes, g), one_shot, bulk) == \
+            config = KernelConfig(one_shot=one_shot, bulk=bulk)
+            assert schedule.workspace_bytes_needed(n, itemsize, Topology(g * nodes, g), config) == \
                 schedule.WORKSPACE_HEADER_BYTES + 2 * half

@@ -1,12 +1,12 @@
-"""The tuning table behind "auto" and the kernel's launch width (measured by jaxnvrar-bench tune)."""
+"""The tuning table behind "auto" and the kernel configuration (measured by jaxnvrar-bench tune)."""
 
 import jax
 import pytest
 
 from jaxnvrar import runtime, tuning
-from jaxnvrar.schedule import Topology
+from jaxnvrar.schedule import DEFAULT_MAX_BLOCKS, KernelConfig, Topology
 
-L = runtime.Launch
+L = KernelConfig
 
 
 def test_buckets_are_powers_of_two_from_1k():
@@ -16,9 +16,9 @@ def test_buckets_are_powers_of_two_from_1k():
 def test_record_keeps_the_faster_algorithm_and_width():
     table = tuning.Table()
     key = tuning.entry_key("H200", Topology(2, 2), "bfloat16")
-    assert table.record(key, 8 << 10, psum_us=20.0, nvrar_us_by_launch={L(32): 7.5, L(128): 7.1}) == \
+    assert table.record(key, 8 << 10, psum_us=20.0, nvrar_us_by_config={L(32): 7.5, L(128): 7.1}) == \
         tuning.Choice("nvrar", L(128))
-    assert table.record(key, 64 << 20, psum_us=287.0, nvrar_us_by_launch={L(32): 700.0, L(128): 467.0}) == \
+    assert table.record(key, 64 << 20, psum_us=287.0, nvrar_us_by_config={L(32): 700.0, L(128): 467.0}) == \
         tuning.Choice("psum", L(128))
     assert table.lookup(key, 6000) == tuning.Choice("nvrar", L(128))        # the 8 KB bucket
     assert table.lookup(key, 100) == tuning.Choice("nvrar", L(128))         # below the smallest measured
@@ -29,7 +29,7 @@ def test_record_keeps_the_faster_algorithm_and_width():
 def test_table_file_round_trip_and_bad_files(tmp_path):
     table = tuning.Table()
     key = tuning.entry_key("H200", Topology(4, 2), "float32")
-    table.record(key, 1 << 20, psum_us=20.0, nvrar_us_by_launch={L(64): 12.0})
+    table.record(key, 1 << 20, psum_us=20.0, nvrar_us_by_config={L(64): 12.0})
     path = table.save(tmp_path / "sub" / "t.json")
     assert tuning.Table.load(path).lookup(key, 1 << 20) == tuning.Choice("nvrar", L(64))
     assert tuning.Table.load(tmp_path / "missing.json").entries == {}
@@ -41,48 +41,48 @@ def test_table_file_round_trip_and_bad_files(tmp_path):
         tuning.Table.load(tmp_path / "old.json")
 
 
-def test_the_active_table_sets_the_launch_width(monkeypatch):
+def test_the_active_table_sets_the_kernel_width(monkeypatch):
     if runtime.is_initialized():
         pytest.skip("the runtime is up in this process")
     topology = Topology(2, 2)
     table = tuning.Table()
     table.record(tuning.entry_key(jax.devices()[0].device_kind, topology, "bfloat16"), 1 << 20,
-                 psum_us=20.0, nvrar_us_by_launch={L(16): 30.0, L(64): 11.0})
+                 psum_us=20.0, nvrar_us_by_config={L(16): 30.0, L(64): 11.0})
     monkeypatch.setattr(tuning, "_active", table)
     assert tuning.choice_for(topology, "bfloat16", 1 << 20) == tuning.Choice("nvrar", L(64))
-    assert runtime.launch_for(topology, "bfloat16", 1 << 19, 2).max_blocks == 64
-    assert runtime.launch_for(topology, "float32", 1 << 18, 4).max_blocks == runtime.DEFAULT_MAX_BLOCKS  # not measured
+    assert tuning.kernel_config_for(topology, "bfloat16", 1 << 19, 2).max_blocks == 64
+    assert tuning.kernel_config_for(topology, "float32", 1 << 18, 4).max_blocks == DEFAULT_MAX_BLOCKS  # not measured
 
 
-def test_one_shot_launches_are_chosen_where_measured_faster_and_possible(monkeypatch):
+def test_one_shot_configs_are_chosen_where_measured_faster_and_possible(monkeypatch):
     if runtime.is_initialized():
         pytest.skip("the runtime is up in this process")
     kind = jax.devices()[0].device_kind
     table = tuning.Table()
     one_node, two_nodes = Topology(2, 2), Topology(4, 2)
     assert table.record(tuning.entry_key(kind, one_node, "bfloat16"), 128 << 10, psum_us=20.0,
-                        nvrar_us_by_launch={L(128): 5.6, L(128, True): 3.9, L(32, True): 4.4}) == \
+                        nvrar_us_by_config={L(128): 5.6, L(128, True): 3.9, L(32, True): 4.4}) == \
         tuning.Choice("nvrar", L(128, True))
     entry = table.entries[tuning.entry_key(kind, one_node, "bfloat16")][str(128 << 10)]
     assert entry["nvrar_us_by_launch"] == {"128": 5.6, "128-1shot": 3.9, "32-1shot": 4.4}
     monkeypatch.setattr(tuning, "_active", table)
     monkeypatch.setattr(runtime, "workspace_bytes", lambda: 64 << 20)
-    assert runtime.launch_for(one_node, "bfloat16", 64 << 10, 2) == L(128, True)
-    # Not measured: the default launch; one-shot needs a workspace that holds it.
-    assert runtime.launch_for(one_node, "float32", 64 << 10, 4) == L(runtime.DEFAULT_MAX_BLOCKS, False)
+    assert tuning.kernel_config_for(one_node, "bfloat16", 64 << 10, 2) == L(128, True)
+    # Not measured: the default configuration; one-shot needs a workspace that holds it.
+    assert tuning.kernel_config_for(one_node, "float32", 64 << 10, 4) == L(DEFAULT_MAX_BLOCKS, False)
     monkeypatch.setattr(runtime, "workspace_bytes", lambda: 1 << 20)
-    assert runtime.launch_for(one_node, "bfloat16", 64 << 10, 2) == L(128, False)
-    # Across nodes there is no one-shot launch, whatever a table says.
+    assert tuning.kernel_config_for(one_node, "bfloat16", 64 << 10, 2) == L(128, False)
+    # Across nodes there is no one-shot kernel, whatever a table says.
     monkeypatch.setattr(runtime, "workspace_bytes", lambda: 64 << 20)
     table.record(tuning.entry_key(kind, two_nodes, "bfloat16"), 128 << 10, psum_us=20.0,
-                 nvrar_us_by_launch={L(128, True): 3.0})
-    assert runtime.launch_for(two_nodes, "bfloat16", 64 << 10, 2) == L(128, False)
+                 nvrar_us_by_config={L(128, True): 3.0})
+    assert tuning.kernel_config_for(two_nodes, "bfloat16", 64 << 10, 2) == L(128, False)
     # Bulk, as measured; it needs at most 1024 blocks (its flags) and the workspace for its flags.
     table.record(tuning.entry_key(kind, one_node, "bfloat16"), 4 << 20, psum_us=36.0,
-                 nvrar_us_by_launch={L(128): 33.0, L(128, False, True): 14.0, L(128, True, True): 15.0})
-    assert runtime.launch_for(one_node, "bfloat16", 2 << 20, 2) == L(128, False, True)
+                 nvrar_us_by_config={L(128): 33.0, L(128, False, True): 14.0, L(128, True, True): 15.0})
+    assert tuning.kernel_config_for(one_node, "bfloat16", 2 << 20, 2) == L(128, False, True)
     monkeypatch.setattr(runtime, "workspace_bytes", lambda: 8 << 20)
-    assert runtime.launch_for(one_node, "bfloat16", 2 << 20, 2) == L(128)
+    assert tuning.kernel_config_for(one_node, "bfloat16", 2 << 20, 2) == L(128)
 
 
 def test_tables_from_before_one_shot_still_load():
@@ -90,9 +90,9 @@ def test_tables_from_before_one_shot_still_load():
     assert table.lookup("H200|1x2|bfloat16", 8192) == tuning.Choice("nvrar", L(32))
 
 
-def test_launch_labels_round_trip_and_bad_ones_are_named():
-    for launch in (L(128), L(32, True), L(1024, True), L(64, False, True), L(128, True, True)):
-        assert L.parse(launch.label) == launch
+def test_kernel_config_labels_round_trip_and_bad_ones_are_named():
+    for config in (L(128), L(32, True), L(1024, True), L(64, False, True), L(128, True, True)):
+        assert L.parse(config.label) == config
     assert L(128, True, True).label == "128-1shot-bulk"
     for bad in ("0", "x", "128-2shot", "2000", "-1shot", "128-bulk-1shot", "128-1shot-1shot"):
         with pytest.raises(ValueError, match=r"BLOCKS\[-1shot\]\[-bulk\]"):
@@ -102,7 +102,7 @@ def test_launch_labels_round_trip_and_bad_ones_are_named():
     with pytest.raises(TypeError, match="must be bools"):
         L(128, "yes")
     with pytest.raises(RuntimeError, match="needs jaxnvrar.initialize"):
-        with runtime.launch_override("128-bulk"):
+        with tuning.kernel_config_override("128-bulk"):
             pass
 
 
@@ -131,13 +131,13 @@ def test_every_process_uses_process_0s_table(tmp_path):
     import sys
 
     table = tuning.Table()
-    table.record("H200|1x2|bfloat16", 8192, psum_us=20.0, nvrar_us_by_launch={L(32): 7.0})
+    table.record("H200|1x2|bfloat16", 8192, psum_us=20.0, nvrar_us_by_config={L(32): 7.0})
     path = table.save(tmp_path / "t.json")
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu", **{tuning.TUNING_FILE_ENV: str(path)})
     env.pop("JAXNVRAR_NUM_PROCESSES", None)
-    job = subprocess.run([sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--timeout", "120", "--",
+    job = subprocess.run([sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--timeout", "120", "--",
                           sys.executable, "-c", SHARE_SCRIPT, str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', launch=Launch(max_blocks=32, one_shot=False, bulk=False))" in job.stdout, job.stdout[-2000:]
+        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', config=KernelConfig(max_blocks=32, one_shot=False, bulk=False))" in job.stdout, job.stdout[-2000:]

@@ -1,11 +1,11 @@
 """jaxnvrar-bench: the project's benchmarks.
 
-    jaxnvrar-bench allreduce [--min-bytes 8K --max-bytes 8M ...]   latency per algorithm and size
-    jaxnvrar-bench decode [--preset llama3.1-8b --batch 1,16 ...]  Llama decode step per algorithm
-    jaxnvrar-bench model --fit sweep.json [--network ndr]          cost-model projection to 64 nodes
-    jaxnvrar-bench gemm [-m 512 -k 8192 -n 28672]                  GEMM speed when M or K is split
-    jaxnvrar-bench soak [--calls 100000 --bytes 128K]              consecutive calls, each checked
-    jaxnvrar-bench tune [--max-bytes 64M --launches 32,128]        measure and save "auto"'s choices
+    jaxnvrar-bench allreduce [--min-bytes 8K --max-bytes 8M ...]  latency per algorithm and size
+    jaxnvrar-bench decode [--preset llama3.1-8b --batch 1,16 ...] Llama decode step per algorithm
+    jaxnvrar-bench model --fit sweep.json [--network ndr]         cost-model projection to 64 nodes
+    jaxnvrar-bench gemm [-m 512 -k 8192 -n 28672]                 GEMM speed when M or K is split
+    jaxnvrar-bench soak [--calls 100000 --bytes 128K]             consecutive calls, each checked
+    jaxnvrar-bench tune [--max-bytes 64M --kernel-configs 32,128] measure and save "auto"'s choices
 
 On a GPU machine each process drives one GPU: started alone on a host with several GPUs, the
 multi-GPU benchmarks start themselves again under jaxnvrar-launch, one process per GPU
@@ -26,16 +26,17 @@ def relaunch_command(command: str, argv: list[str]) -> list[str] | None:
     started alone on a host with several GPUs; else None."""
     import os
 
-    from jaxnvrar.launch import local_gpu_count
-    from jaxnvrar.runtime import ENV_NUM_PROCESSES, _looks_like_multi_process_job, cuda_available
+    from jaxnvrar.distributed import ENV_NUM_PROCESSES, looks_like_multi_process_job
+    from jaxnvrar.launcher import local_gpu_count
+    from jaxnvrar.runtime import cuda_available
 
     if (command not in _MULTI_GPU or ENV_NUM_PROCESSES in os.environ or os.environ.get("JAXNVRAR_NO_RELAUNCH") == "1"
-            or _looks_like_multi_process_job()):
+            or looks_like_multi_process_job()):
         return None
     gpus = local_gpu_count()
     if gpus < 2 or not cuda_available():
         return None
-    return [sys.executable, "-m", "jaxnvrar.launch", "-n", str(gpus), "--",
+    return [sys.executable, "-m", "jaxnvrar.launcher", "-n", str(gpus), "--",
             sys.executable, "-m", "jaxnvrar.bench", *argv]
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     model.add_arguments(commands.add_parser("model", help="alpha-beta projection of ring/tree vs NVRAR"))
     gemm.add_arguments(commands.add_parser("gemm", help="GEMM speed when M (pipeline) or K (tensor) is split"))
     soak.add_arguments(commands.add_parser("soak", help="many consecutive all-reduces, every result checked"))
-    tune.add_arguments(commands.add_parser("tune", help="measure the best launch width and algorithm per size"))
+    tune.add_arguments(commands.add_parser("tune", help="measure the best kernel configuration and algorithm per size"))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     again = relaunch_command(args.command, argv)

@@ -20,13 +20,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
-from jaxnvrar.runtime import default_topology
-from jaxnvrar.nvrar_ffi import fits_workspace
-from jaxnvrar.schedule import Topology, one_shot_possible
+from jaxnvrar.distributed import default_topology
+from jaxnvrar.runtime import fits_workspace
+from jaxnvrar.schedule import KernelConfig, Topology, one_shot_possible
+from jaxnvrar.tuning import kernel_config_override
 from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def parse_bytes(text: str) -> int:
@@ -41,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-bytes", type=parse_bytes, default=8 << 10, help="smallest message (8K)")
     parser.add_argument("--max-bytes", type=parse_bytes, default=8 << 20, help="largest message (8M)")
     parser.add_argument("--factor", type=int, default=None, help="size step (default 2 on GPU, 4 on CPU)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--algorithms", default=None,
                         help="comma-separated, from psum,reference,nvrar (default: all available)")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default: per host)")
@@ -56,10 +57,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--peers", choices=["torch"], default=None,
                         help="also time NCCL (torch.distributed) and torch's symmetric-memory one-/two-shot "
                              "all-reduce, each replayed in a CUDA graph, in the same job")
-    parser.add_argument("--launches", "--max-blocks", dest="launches", default=None,
-                        help="comma-separated kernel launches to compare for nvrar, each BLOCKS[-1shot][-bulk]: "
-                             "at most BLOCKS thread blocks; one-shot (one node only); bulk data (a flag per block); "
-                             "e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); default: the runtime's choice")
+    parser.add_argument("--kernel-configs", "--launches", "--max-blocks", dest="kernel_configs", default=None,
+                        help="comma-separated kernel configurations to compare for nvrar, each "
+                             "BLOCKS[-1shot][-bulk]: at most BLOCKS thread blocks; one-shot (one node only); bulk "
+                             "data (a flag per block); e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); "
+                             "default: the tuning policy's choice (--launches: the old spelling)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
 
@@ -91,13 +93,13 @@ def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan=False)
 def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node,
             trace_dir: str | None = None, scan: bool = False) -> tuple[float, float | None]:
     """Median microseconds per all-reduce of `count` elements per rank, wall and (with
-    trace_dir) device kernel time. "nvrar/LAUNCH": nvrar launched as `runtime.Launch.parse(LAUNCH)`."""
+    trace_dir) device kernel time. "nvrar/LABEL": nvrar run as `KernelConfig.parse(LABEL)`."""
     num_ranks = mesh.devices.size
-    algorithm, launch = _split_launch(algorithm)
+    algorithm, config = split_config(algorithm)
     program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan)
     sharding = NamedSharding(mesh, P("x"))
     x = jax.device_put(jnp.ones((num_ranks * count,), dtype), sharding)
-    with jax.set_mesh(mesh), _launching(launch):
+    with jax.set_mesh(mesh), _configured(config):
         for _ in range(3):
             x = program(x)
         x.block_until_ready()
@@ -120,36 +122,36 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
     return statistics.median(batches) * 1e6, device_us
 
 
-def parse_launches(text: str, topology: Topology, option: str) -> list:
-    """Comma-separated launch labels as `runtime.Launch`es; a one-line error (SystemExit) for a
-    bad label, or for one-shot where the topology has several nodes (it would run as the
-    default launch under the wrong name)."""
+def parse_kernel_configs(text: str, topology: Topology, option: str) -> list[KernelConfig]:
+    """Comma-separated kernel configuration labels; a one-line error (SystemExit) for a bad
+    label, or for one-shot where the topology has several nodes (it would run as the default
+    configuration under the wrong name)."""
     try:
-        launches = [jaxnvrar.runtime.Launch.parse(label.strip()) for label in text.split(",")]
+        configs = [KernelConfig.parse(label.strip()) for label in text.split(",")]
     except ValueError as err:
         raise SystemExit(f"jaxnvrar-bench {option}: {err}") from None
-    for launch in launches:
-        if launch.one_shot and not one_shot_possible(topology):
-            raise SystemExit(f"jaxnvrar-bench {option}: launch {launch.label} needs one node of several GPUs, but "
+    for config in configs:
+        if config.one_shot and not one_shot_possible(topology):
+            raise SystemExit(f"jaxnvrar-bench {option}: {config.label} needs one node of several GPUs, but "
                              f"the topology is {topology.num_nodes} node(s) of {topology.gpus_per_node}; drop -1shot "
                              "or change --gpus-per-node")
-    return launches
+    return configs
 
 
-def _split_launch(algorithm: str):
-    """"nvrar/128-1shot" -> ("nvrar", Launch(128, True)); "psum" -> ("psum", None)."""
+def split_config(algorithm: str) -> tuple[str, KernelConfig | None]:
+    """"nvrar/128-1shot" -> ("nvrar", KernelConfig(128, True)); "psum" -> ("psum", None)."""
     name, _, label = algorithm.partition("/")
-    return name, jaxnvrar.runtime.Launch.parse(label) if label else None
+    return name, KernelConfig.parse(label) if label else None
 
 
-def _launching(launch):
-    return jaxnvrar.runtime.launch_override(launch) if launch is not None else contextlib.nullcontext()
+def _configured(config: KernelConfig | None):
+    return kernel_config_override(config) if config is not None else contextlib.nullcontext()
 
 
 def max_error_against_psum(mesh, algorithm, count, dtype, *, gpus_per_node) -> float:
     """Largest |algorithm - psum| / (1 + |psum|) on random inputs: how the tuner makes sure a
-    launch computes the all-reduce before it times it."""
-    name, launch = _split_launch(algorithm)
+    configuration computes the all-reduce before it times it."""
+    name, config = split_config(algorithm)
     spec = P("x")
     num_ranks = mesh.devices.size
 
@@ -161,7 +163,7 @@ def max_error_against_psum(mesh, algorithm, count, dtype, *, gpus_per_node) -> f
     x = jax.random.normal(jax.random.key(count), (num_ranks * count,), dtype)
     x = jax.device_put(x, NamedSharding(mesh, spec))
     with jax.set_mesh(mesh):
-        with _launching(launch):
+        with _configured(config):
             got = program(name)(x)
         want = program("psum")(x)
         error = jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
@@ -169,7 +171,7 @@ def max_error_against_psum(mesh, algorithm, count, dtype, *, gpus_per_node) -> f
     return float(error)
 
 
-def _sizes(min_bytes, max_bytes, factor, itemsize):
+def message_sizes(min_bytes, max_bytes, factor, itemsize):
     size, sizes = max(min_bytes, itemsize), []
     while size <= max_bytes:
         sizes.append(size)
@@ -248,16 +250,16 @@ def run(args) -> int:
         if a not in available:
             raise SystemExit(f"jaxnvrar-bench: algorithm {a!r} is not available here (available: {available})")
     algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # every speed-up is against psum
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
     num_ranks = jax.device_count()
     topology = (Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node
                 else default_topology(num_ranks))
-    if args.launches and "nvrar" in algorithms:
+    if args.kernel_configs and "nvrar" in algorithms:
         at = algorithms.index("nvrar")
-        launches = parse_launches(args.launches, topology, "allreduce --launches")
-        algorithms[at:at + 1] = [f"nvrar/{launch.label}" for launch in launches]
+        configs = parse_kernel_configs(args.kernel_configs, topology, "allreduce --kernel-configs")
+        algorithms[at:at + 1] = [f"nvrar/{config.label}" for config in configs]
     if is_printer():
         print(f"# jaxnvrar-bench allreduce: {description}")
         loop = "in a loop" if args.scan else "unrolled"
@@ -274,13 +276,13 @@ def run(args) -> int:
     if is_printer():
         print(_header(columns, args.device_time is not None), flush=True)
     rows = []
-    for nbytes in _sizes(args.min_bytes, args.max_bytes, factor, itemsize):
+    for nbytes in message_sizes(args.min_bytes, args.max_bytes, factor, itemsize):
         count = nbytes // itemsize
         row = {"bytes": count * itemsize, "count": count, "dtype": args.dtype, "results": {}}
         timings = {}
         for a in algorithms:
-            # n/a where the workspace does not hold it (a launch would fall back to the default one)
-            if a.startswith("nvrar") and not fits_workspace(count, itemsize, topology, _split_launch(a)[1]):
+            # n/a where the workspace does not hold it (it would fall back to the default configuration)
+            if a.startswith("nvrar") and not fits_workspace(count, itemsize, topology, split_config(a)[1]):
                 continue
             trace_dir = None if args.device_time is None else os.path.join(
                 args.device_time, f"{a.replace('/', '_')}_{nbytes}_rank{jax.process_index()}")

@@ -34,7 +34,7 @@ def run(args) -> int:
     print(f"#   nvrar wire bytes per data byte: {cost_model.WIRE_BYTES_PER_DATA_BYTE:g}; "
           "baseline = min(ring, tree) as NCCL chooses")
     print(f"#   bulk: 1 wire byte per data byte, {cost_model.BULK_FENCE_S * 1e6:g} us fence per phase assumed "
-          "(a launch not yet measured)")
+          "(an assumption, not a measurement)")
     print(f"{'nodes':>5} {'size(B)':>9} {'baseline us':>12} {'nvrar us':>9} {'speed-up':>8} {'bulk us':>9} {'speed-up':>8}")
     for r in rows:
         print(f"{r['nodes']:>5} {r['bytes']:>9} {r['baseline_us']:>12.1f} {r['nvrar_us']:>9.1f} {r['speedup']:>8.2f} "

@@ -13,8 +13,8 @@ import time
 
 import jax
 
-from jaxnvrar.launch import _free_port
-from jaxnvrar.runtime import _KV_TIMEOUT_MS, _distributed_client
+from jaxnvrar.distributed import KV_TIMEOUT_MS, kv_client
+from jaxnvrar.launcher import free_port
 
 PEERS = ("nccl-graph", "symm-one-shot", "symm-two-shot")
 
@@ -47,10 +47,10 @@ class TorchPeers:
         local = jax.local_devices()[0].local_hardware_id
         torch.cuda.set_device(local)
         rank, world = jax.process_index(), jax.process_count()
-        client = _distributed_client()
+        client = kv_client()
         if rank == 0:
-            client.key_value_set("jaxnvrar/torch_port", str(_free_port()))
-        port = int(client.blocking_key_value_get("jaxnvrar/torch_port", _KV_TIMEOUT_MS))
+            client.key_value_set("jaxnvrar/torch_port", str(free_port()))
+        port = int(client.blocking_key_value_get("jaxnvrar/torch_port", KV_TIMEOUT_MS))
         host = os.environ.get("JAXNVRAR_COORDINATOR", "127.0.0.1:0").rsplit(":", 1)[0]
         dist.init_process_group("nccl", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
                                 device_id=torch.device("cuda", local))

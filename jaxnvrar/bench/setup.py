@@ -7,7 +7,7 @@ import os
 import jax
 
 import jaxnvrar
-from jaxnvrar.runtime import ranks_share_gpus
+from jaxnvrar.distributed import ranks_share_gpus
 
 
 def bring_up(cpu_devices: int = 8, timed: bool = True) -> str:

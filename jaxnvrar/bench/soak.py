@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
-from jaxnvrar.bench.allreduce import _DTYPES, parse_bytes
+from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
 from jaxnvrar.bench.setup import bring_up, is_printer
 
 
@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calls", type=int, default=100_000, help="all-reduces in all (100000)")
     parser.add_argument("--chunk", type=int, default=1000, help="calls per jitted loop execution (1000)")
     parser.add_argument("--bytes", type=parse_bytes, default=128 << 10, help="message size (128K)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--algorithm", default=None, help="nvrar where available, else reference")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
 
@@ -59,7 +59,7 @@ def soak_program(mesh, algorithm: str, chunk: int):
 def run(args) -> int:
     description = bring_up(timed=False)
     algorithm = args.algorithm or ("nvrar" if jaxnvrar.is_initialized() else "reference")
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     num_ranks = jax.device_count()
     mesh = jax.make_mesh((num_ranks,), ("x",))
     count = max(1, args.bytes // jnp.dtype(dtype).itemsize)

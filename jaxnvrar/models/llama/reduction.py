@@ -6,8 +6,8 @@ from __future__ import annotations
 from jax import lax
 
 import jaxnvrar
-from jaxnvrar.nvrar_ffi import fits_workspace
-from jaxnvrar.runtime import default_topology
+from jaxnvrar.distributed import default_topology
+from jaxnvrar.runtime import fits_workspace
 
 from .config import TP
 

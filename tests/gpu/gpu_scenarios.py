@@ -1,8 +1,8 @@
 """Failure and lifecycle scenarios of the CUDA kernel, one per 2-GPU job:
 
-    jaxnvrar-launch -n 2 -- python tests/gpu_scenarios.py NAME
+    jaxnvrar-launch -n 2 -- python tests/gpu/gpu_scenarios.py NAME
 
-Each rank prints one line `SCENARIO {json}` with what it saw; tests/test_gpu_jobs.py starts
+Each rank prints one line `SCENARIO {json}` with what it saw; tests/gpu/test_gpu_jobs.py starts
 the jobs and checks those lines. A kernel that traps takes the CUDA context with it, so a rank
 leaves with os._exit after reporting.
 """

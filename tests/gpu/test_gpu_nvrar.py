@@ -1,9 +1,10 @@
-"""algorithm="nvrar" (the CUDA kernel) on GPUs: run one process per GPU under jaxnvrar-launch,
+"""algorithm="nvrar" (the CUDA kernel) on GPUs: one process per GPU under jaxnvrar-launch
+(tests/gpu/run.py runs it so, with JAXNVRAR_FORCE_PUT=1 too):
 
     XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 \
-        jaxnvrar-launch -n 2 -- python -m pytest -m gpu tests/test_gpu_nvrar.py
+        jaxnvrar-launch -n 2 -- python -m pytest tests/gpu/test_gpu_nvrar.py
 
-Skipped with a reason where there is no GPU or no CUDA build (tests/conftest.py); the 64 MB
+Skipped with a reason where there is no GPU or no CUDA build (tests/gpu/conftest.py); the 64 MB
 messages need JAXNVRAR_WORKSPACE_BYTES=2147483648 (4294967296 for 3 ranks), or are skipped. With
 JAXNVRAR_ONE_SHOT=1 / JAXNVRAR_BULK=1 every one-node call launches one-shot / bulk
 (JAXNVRAR_FORCE_PUT=1: the inter-node phase through NVSHMEM puts).
@@ -21,12 +22,13 @@ import pytest
 from jax import lax
 
 import jaxnvrar
-from jaxnvrar.nvrar_ffi import fits_workspace
-from jaxnvrar.schedule import workspace_bytes_needed
 from helpers import mesh_1d, run_per_rank, xla_collectives_mesh
-from jaxnvrar.runtime import ranks_share_gpus
+from jaxnvrar.distributed import ranks_share_gpus
+from jaxnvrar.runtime import fits_workspace
+from jaxnvrar.schedule import KernelConfig, workspace_bytes_needed
+from jaxnvrar.tuning import kernel_config_override
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nvshmem_runtime")]
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # 1 element to 64 MB (of float32), odd sizes among them.
@@ -85,7 +87,7 @@ def test_matches_psum_and_reference(size, dtype):
         assert out.tobytes() == reference.tobytes(), f"nvrar != reference for topology {topology}"
 
 
-# Launches other than the default: one-shot (one node), bulk (any topology), both; few blocks make
+# Kernel configurations other than the default: one-shot (one node), bulk (any topology), both; few blocks make
 # every thread take several cells/chunks.
 LAUNCHES = ["128-1shot", "128-bulk", "128-1shot-bulk", "3-bulk", "5-1shot"]
 LAUNCH_SIZES = [1, 7, 4097, (1 << 16) + 3, 1 << 20, 4 << 20]
@@ -99,7 +101,7 @@ def test_other_launches_give_the_same_bits(launch, size, dtype):
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
     host = _host(num_ranks, size, dtype)
-    with jaxnvrar.runtime.launch_override(jaxnvrar.runtime.Launch.parse(launch)):
+    with kernel_config_override(KernelConfig.parse(launch)):
         out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
         # Across "nodes": bulk runs there too (with JAXNVRAR_FORCE_PUT=1 through puts with signal);
         # one-shot falls back to the full schedule. The bits agree either way.
@@ -124,7 +126,7 @@ def test_launches_replay_and_alternate_with_the_default(launch):
             a = lax.pcast(a / num_ranks, "x", to="varying")
         return a
 
-    with jaxnvrar.runtime.launch_override(jaxnvrar.runtime.Launch.parse(launch)):
+    with kernel_config_override(KernelConfig.parse(launch)):
         for run in range(10):
             host = _host(num_ranks, 5000 + 4099 * run, jnp.float32, seed=run)
             out = run_per_rank(chain, host, mesh)

@@ -1,8 +1,8 @@
-"""Failure modes and the runtime's lifecycle, each scenario of tests/gpu_scenarios.py in a 2-rank
-job of its own (a kernel that traps ends its process). Run on a GPU machine, NOT under
-jaxnvrar-launch:
+"""Failure modes and the runtime's lifecycle, each scenario of tests/gpu/gpu_scenarios.py in a
+2-rank job of its own (a kernel that traps ends its process). Run on a GPU machine, NOT under
+jaxnvrar-launch (tests/gpu/run.py does):
 
-    python -m pytest -m gpu_jobs tests/test_gpu_jobs.py
+    python -m pytest tests/gpu/test_gpu_jobs.py
 
 With one GPU both ranks share it (`jaxnvrar-launch --gpus 1`; start CUDA MPS first).
 """
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from jaxnvrar.launch import local_gpu_count
+from jaxnvrar.launcher import local_gpu_count
 
 pytestmark = pytest.mark.gpu_jobs
 SCENARIOS = pathlib.Path(__file__).with_name("gpu_scenarios.py")
@@ -41,10 +41,23 @@ def _needs_gpus():
         pytest.skip(reason)
 
 
+def test_several_gpus_in_one_process_are_refused():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("JAXNVRAR_")}
+    clean["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(len(jax.devices()))"], env=clean,
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0 or int(probe.stdout.split()[-1]) < 2:
+        pytest.skip("needs a host with 2 or more GPUs")
+    result = subprocess.run([sys.executable, "-c", "import jaxnvrar; jaxnvrar.initialize()"], env=clean,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "exactly one GPU per process" in result.stderr
+
+
 def run_scenario(name: str, **env) -> dict[int, dict]:
     job_env = dict(os.environ, JAXNVRAR_TIMEOUT_S=str(TIMEOUT_S), **env)
     job = subprocess.run(
-        [sys.executable, "-m", "jaxnvrar.launch", "-n", "2", "--gpus", str(min(2, local_gpu_count())),
+        [sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--gpus", str(min(2, local_gpu_count())),
          "--timeout", "80", "--",
          sys.executable, str(SCENARIOS), name],
         env=job_env, capture_output=True, text=True, timeout=120,

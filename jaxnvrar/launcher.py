@@ -26,8 +26,8 @@ import sys
 import threading
 import time
 
-from jaxnvrar.runtime import (ENV_COORDINATOR, ENV_GPUS, ENV_LOCAL_DEVICE, ENV_LOCAL_RANK, ENV_NUM_PROCESSES,
-                              ENV_PROCESS_ID)
+from jaxnvrar.distributed import (ENV_COORDINATOR, ENV_GPUS, ENV_LOCAL_DEVICE, ENV_LOCAL_RANK, ENV_NUM_PROCESSES,
+                                  ENV_PROCESS_ID)
 
 _TAIL_LINES = 20
 _KILL_GRACE_S = 5.0
@@ -46,7 +46,8 @@ def local_gpu_count() -> int:
     return listing.stdout.count("GPU ") if listing.returncode == 0 else 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -93,12 +94,12 @@ def _stop_all(ranks: list[_Rank]) -> None:
             r.process.wait()
 
 
-def launch(num_processes: int, command: list[str], *, timeout: float, port: int | None = None,
-           gpus: int | None = None) -> int:
+def run_ranks(num_processes: int, command: list[str], *, timeout: float, port: int | None = None,
+              gpus: int | None = None) -> int:
     """Runs `command` as ranks 0..num_processes-1; rank r on GPU r % gpus (default: GPU r)."""
     gpus = gpus or num_processes
     env = dict(os.environ)
-    env[ENV_COORDINATOR] = f"127.0.0.1:{port or _free_port()}"
+    env[ENV_COORDINATOR] = f"127.0.0.1:{port or free_port()}"
     env[ENV_NUM_PROCESSES] = str(num_processes)
     env[ENV_GPUS] = str(gpus)
     env["PYTHONUNBUFFERED"] = "1"
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-n must be at least 1, got {args.num_processes}")
     if args.gpus is not None and not 1 <= args.gpus <= args.num_processes:
         parser.error(f"--gpus must be between 1 and the rank count {args.num_processes}, got {args.gpus}")
-    return launch(args.num_processes, command, timeout=args.timeout, port=args.port, gpus=args.gpus)
+    return run_ranks(args.num_processes, command, timeout=args.timeout, port=args.port, gpus=args.gpus)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""The whole GPU suite in one command, on a machine with 2 or more GPUs:
+
+    python tests/gpu/run.py [--gpus N] [--logs DIR] [-- extra pytest arguments]
+
+1. the kernel tests in N ranks (one process per GPU, under jaxnvrar-launch);
+2. the same with JAXNVRAR_FORCE_PUT=1 (the inter-node phase through NVSHMEM puts);
+3. the failure-mode and lifecycle jobs (outside the launcher: they start jobs of their own).
+
+Each part's output goes to DIR/<part>.log (default: printed); exits non-zero if any part failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+def parts(gpus: int, extra: list[str]) -> list[tuple[str, list[str], dict]]:
+    in_ranks = [sys.executable, "-m", "jaxnvrar.launcher", "-n", str(gpus), "--timeout", "1500", "--",
+                sys.executable, "-m", "pytest", str(HERE / "test_gpu_nvrar.py"), "-x", "-q", "-p", "no:cacheprovider",
+                *extra]
+    # Every program replays as a command buffer (CUDA graph), however small.
+    graphs = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip()}
+    return [
+        ("kernel", in_ranks, graphs),
+        ("kernel_force_put", in_ranks, dict(graphs, JAXNVRAR_FORCE_PUT="1")),
+        ("jobs", [sys.executable, "-m", "pytest", str(HERE / "test_gpu_jobs.py"), "-q", "-p", "no:cacheprovider",
+                  *extra], {}),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=2, help="ranks (one GPU each) of the kernel tests (2)")
+    parser.add_argument("--logs", type=pathlib.Path, default=None, help="write each part's output here")
+    parser.add_argument("--only", default=None, help="comma-separated parts to run (kernel,kernel_force_put,jobs)")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more pytest arguments")
+    args = parser.parse_args(argv)
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    chosen = parts(args.gpus, extra)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = set(wanted) - {name for name, _, _ in chosen}
+        if unknown:
+            parser.error(f"--only: unknown part(s) {sorted(unknown)}")
+        chosen = [part for part in chosen if part[0] in wanted]
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name, command, env in chosen:
+        start = time.monotonic()
+        log = open(args.logs / f"{name}.log", "w") if args.logs else None
+        result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, **env), stdout=log or None,
+                                stderr=subprocess.STDOUT if log else None)
+        if log:
+            log.close()
+        status = "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+        print(f"tests/gpu/run.py: {name}: {status} in {time.monotonic() - start:.0f} s", flush=True)
+        if result.returncode != 0:
+            failed.append(name)
+    print(f"tests/gpu/run.py: {len(chosen) - len(failed)} passed, {len(failed)} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
