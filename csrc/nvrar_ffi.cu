@@ -1,15 +1,23 @@
-// XLA FFI handler for the NVRAR all-reduce, and the nanobind module `_jaxnvrar_cuda`
-// that registers it and drives the NVSHMEM runtime.
+// XLA FFI handler of the NVRAR all-reduce, and the nanobind module `_jaxnvrar_cuda` that
+// registers it and drives the NVSHMEM runtime.
+//
+// A call does only what changes per call. At XLA's instantiate stage, once per call site, the
+// attributes are validated and the site planned: its topology, my place in it, the peers'
+// workspaces. The site's first execute completes the plan with what the buffers fix (their dtype
+// and size never change for a site): workspace layout, call signature, grid, kernel. Every
+// execute then checks its buffers against the plan and launches: the same device work on every
+// call and on every replay of a command buffer.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
-#include <cstdlib>
-#include <stdexcept>
+#include <memory>
+#include <mutex>
 #include <string>
 
-#include "nvrar_bulk_kernel.cuh"
-#include "nvrar_kernel.cuh"
+#include "all_reduce_kernel.cuh"
 #include "nvshmem_runtime.h"
+#include "protocol_bulk.cuh"
+#include "protocol_ll.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -18,36 +26,70 @@ namespace nb = nanobind;
 namespace jaxnvrar {
 namespace {
 
-// The dtype's code in a CallSignature.
-uint32_t DtypeCode(ffi::DataType dtype) {
-  return dtype == ffi::F32 ? 1u : dtype == ffi::BF16 ? 2u : 3u;
+using KernelFn = void (*)(KernelArgs, Layout);
+
+// A protocol's kernels, one per dtype, and the workspace layout they expect.
+struct Protocol {
+  bool bulk_layout;
+  KernelFn float32, bfloat16, float16;
+};
+
+template <typename P>
+Protocol ProtocolOf() {
+  return Protocol{P::kBulkLayout, AllReduceKernel<float, P>, AllReduceKernel<__nv_bfloat16, P>,
+                  AllReduceKernel<__half, P>};
 }
 
-template <typename T>
-void Launch(cudaStream_t stream, const KernelArgs& args, const Layout& layout, int64_t blocks, bool bulk) {
-  if (bulk) {
-    NvrarBulkKernel<T><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(args, layout);
-  } else {
-    NvrarAllReduceKernel<T><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(args, layout);
+// The protocol a call site asked for (the lowering's `bulk`): a new protocol is its header and
+// its line here.
+Protocol SelectProtocol(bool bulk) { return bulk ? ProtocolOf<BulkProtocol>() : ProtocolOf<LLProtocol>(); }
+
+DtypeCode DtypeCodeOf(ffi::DataType dtype) {
+  return dtype == ffi::F32 ? kDtypeFloat32 : dtype == ffi::BF16 ? kDtypeBFloat16 : kDtypeFloat16;
+}
+
+std::string DtypeName(uint32_t code) {
+  switch (code) {
+    case kDtypeFloat32: return "float32";
+    case kDtypeBFloat16: return "bfloat16";
+    case kDtypeFloat16: return "float16";
+    default: return "dtype#" + std::to_string(code);
   }
 }
 
-// Decodes the call, maps the axis onto NVSHMEM PEs and launches one kernel. Host work is
-// a few lookups; inside a command buffer it runs only when XLA records the graph.
-ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
-                         int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks, int32_t one_shot, int32_t bulk,
-                         int32_t check_calls, ffi::Span<const int32_t> pe_groups) {
-  const Runtime& rt = GetRuntime();
-  if (!rt.initialized) {
-    return ffi::Error::Internal("jaxnvrar: the NVSHMEM runtime is not initialised; call jaxnvrar.initialize()");
-  }
-  const ffi::DataType dtype = x.element_type();
-  if (dtype != ffi::F32 && dtype != ffi::BF16 && dtype != ffi::F16) {
-    return ffi::Error::InvalidArgument("jaxnvrar: all_reduce supports float32, bfloat16, float16");
-  }
-  if (y->element_type() != dtype || y->element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("jaxnvrar: output must match the input's shape and dtype");
-  }
+// Everything about a call site that never changes; XLA keeps it as the site's state.
+struct CallSitePlan {
+  static ffi::TypeId id;
+
+  // At instantiate, from the attributes and the runtime.
+  int32_t num_ranks = 0;
+  int32_t num_nodes = 0;
+  int32_t max_blocks = 0;
+  bool one_shot = false;
+  bool bulk = false;
+  Protocol protocol = {};
+  KernelArgs args = {};  // all but the buffers and what their size decides
+
+  // At the first execute, from the buffers.
+  std::once_flag sized;
+  ffi::Error sized_error;
+  ffi::DataType dtype = ffi::DataType::INVALID;
+  int64_t elements = 0;
+  enum class Work { kNothing, kCopy, kKernel } work = Work::kNothing;
+  KernelFn kernel = nullptr;
+  Layout layout = {};
+  unsigned blocks = 0;
+};
+ffi::TypeId CallSitePlan::id = {};
+
+ffi::Error NotInitialized() {
+  return ffi::Error::Internal("jaxnvrar: the NVSHMEM runtime is not initialised; call jaxnvrar.initialize()");
+}
+
+// Validate the attributes, as the lowering passed them.
+ffi::Error ValidateAttributes(const Runtime& rt, int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
+                              int32_t one_shot, int32_t bulk, ffi::Span<const int32_t> pe_groups) {
+  if (!rt.initialized) return NotInitialized();
   if (num_ranks < 1 || gpus_per_node < 1 || num_ranks % gpus_per_node != 0 ||
       gpus_per_node > kMaxGpusPerNode) {
     return ffi::Error::InvalidArgument("jaxnvrar: bad topology: " + std::to_string(num_ranks) +
@@ -67,22 +109,27 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
         "jaxnvrar: the program was lowered for " + std::to_string(pe_groups.size() / num_ranks) +
         " processes, but NVSHMEM has " + std::to_string(rt.num_pes) + " PEs");
   }
-  const int64_t n = static_cast<int64_t>(x.element_count());
-  const int64_t itemsize = static_cast<int64_t>(ffi::ByteWidth(dtype));
-  if (n == 0) return ffi::Error::Success();
-  if (num_ranks == 1) {
-    if (cudaMemcpyAsync(y->untyped_data(), x.untyped_data(), n * itemsize, cudaMemcpyDeviceToDevice,
-                        stream) != cudaSuccess) {
-      return ffi::Error::Internal("jaxnvrar: cudaMemcpyAsync failed");
-    }
-    return ffi::Error::Success();
+  return ffi::Error::Success();
+}
+
+// Plan a call site from its attributes: maps the axis onto NVSHMEM PEs, finds my node, my
+// local index, the workspaces of my node's GPUs and my inter-node steps.
+ffi::ErrorOr<std::unique_ptr<CallSitePlan>> Instantiate(int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
+                                                        int32_t one_shot, int32_t bulk, int32_t check_calls,
+                                                        ffi::Span<const int32_t> pe_groups) {
+  const Runtime& rt = GetRuntime();
+  if (ffi::Error error = ValidateAttributes(rt, num_ranks, gpus_per_node, max_blocks, one_shot, bulk, pe_groups);
+      error.failure()) {
+    return ffi::Unexpected(error);
   }
-  const int64_t needed = WorkspaceBytesNeeded(n, itemsize, num_ranks, gpus_per_node, one_shot != 0, bulk != 0);
-  if (needed > rt.workspace_bytes) {
-    return ffi::Error::InvalidArgument(
-        "jaxnvrar: message needs " + std::to_string(needed) + " bytes of workspace, have " +
-        std::to_string(rt.workspace_bytes) + "; raise JAXNVRAR_WORKSPACE_BYTES");
-  }
+  auto plan = std::make_unique<CallSitePlan>();
+  plan->num_ranks = num_ranks;
+  plan->num_nodes = num_ranks / gpus_per_node;
+  plan->max_blocks = max_blocks;
+  plan->one_shot = one_shot != 0;
+  plan->bulk = bulk != 0;
+  plan->protocol = SelectProtocol(plan->bulk);
+  if (num_ranks == 1) return std::move(plan);  // a copy: no peers
 
   // My axis group: the PEs of the ranks of my axis, in axis order.
   const int32_t* group = pe_groups.begin() + static_cast<int64_t>(rt.my_pe) * num_ranks;
@@ -91,45 +138,34 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
     if (group[r] == rt.my_pe) my_rank = r;
   }
   if (my_rank < 0) {
-    return ffi::Error::Internal("jaxnvrar: this PE is not in its own axis group (mesh/process mismatch)");
+    return ffi::Unexpected(
+        ffi::Error::Internal("jaxnvrar: this PE is not in its own axis group (mesh/process mismatch)"));
   }
-  const int32_t num_nodes = num_ranks / gpus_per_node;
-  KernelArgs args = {};
-  args.input = x.untyped_data();
-  args.output = y->untyped_data();
-  args.num_elements = n;
-  // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
-  const Layout layout = MakeLayout(n, itemsize, num_ranks, gpus_per_node, one_shot != 0, bulk != 0);
-  args.slice_cells = layout.slice_units;
-  args.slice_stride = layout.slice_stride;
-  args.one_shot = one_shot != 0;
+  KernelArgs& args = plan->args;
+  args.one_shot = plan->one_shot;
   args.workspace = rt.workspace;
   args.node = my_rank / gpus_per_node;
   args.local = my_rank % gpus_per_node;
   args.gpus_per_node = gpus_per_node;
-  args.num_steps = NumInterNodeSteps(num_nodes);
-  args.signature.elements = static_cast<uint32_t>(n);
-  const uint32_t launch_bits = (one_shot ? kLaunchOneShot : 0u) | (bulk ? kLaunchBulk : 0u);
-  args.signature.shape = DtypeCode(dtype) << 28 | launch_bits << 24 | static_cast<uint32_t>(gpus_per_node) << 16 |
-                         (static_cast<uint32_t>(num_nodes) & 0xFFFFu);
+  args.num_steps = NumInterNodeSteps(plan->num_nodes);
   args.check_calls = check_calls;
   args.timeout_ns = rt.timeout_ns;
   args.timeout_record = rt.timeout_device;
   if (args.num_steps > kMaxInterNodeSteps) {
-    return ffi::Error::InvalidArgument("jaxnvrar: too many nodes");
+    return ffi::Unexpected(ffi::Error::InvalidArgument("jaxnvrar: too many nodes"));
   }
   for (int32_t l = 0; l < gpus_per_node; ++l) {
     const int32_t pe = group[args.node * gpus_per_node + l];
     args.node_peers[l] = static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
     if (args.node_peers[l] == nullptr) {
-      return ffi::Error::InvalidArgument(
-          "jaxnvrar: gpus_per_node=" + std::to_string(gpus_per_node) + " puts PE " +
-          std::to_string(pe) + " in this GPU's node, but it is not reachable by NVLink/P2P loads "
-          "and stores; pass the real number of GPUs per host as gpus_per_node");
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "jaxnvrar: gpus_per_node=" + std::to_string(gpus_per_node) + " puts PE " + std::to_string(pe) +
+          " in this GPU's node, but it is not reachable by NVLink/P2P loads and stores; pass the real number "
+          "of GPUs per host as gpus_per_node"));
     }
   }
   for (int32_t s = 0; s < args.num_steps; ++s) {
-    const InterNodeStep step = InterNodeStepOf(args.node, num_nodes, s);
+    const InterNodeStep step = InterNodeStepOf(args.node, plan->num_nodes, s);
     args.inter_op[s] = step.op;
     args.inter_peer_node[s] = step.peer;
     if (step.op == kIdle) continue;
@@ -137,14 +173,73 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
     args.inter_peer_pe[s] = pe;
     args.inter_peer_ptr[s] = rt.force_put ? nullptr : static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
   }
-  // One cell per thread up to max_blocks blocks; past that, threads take several cells.
-  int64_t blocks = CeilDiv(args.slice_cells, kThreadsPerBlock);
-  blocks = blocks < 1 ? 1 : (blocks > max_blocks ? max_blocks : blocks);
-  switch (dtype) {
-    case ffi::F32: Launch<float>(stream, args, layout, blocks, bulk != 0); break;
-    case ffi::BF16: Launch<__nv_bfloat16>(stream, args, layout, blocks, bulk != 0); break;
-    default: Launch<__half>(stream, args, layout, blocks, bulk != 0); break;
+  return std::move(plan);
+}
+
+// Validate the first call's buffers and complete the plan with what they fix: the work of
+// every call of the site.
+ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, const ffi::AnyBuffer& y) {
+  const ffi::DataType dtype = x.element_type();
+  if (dtype != ffi::F32 && dtype != ffi::BF16 && dtype != ffi::F16) {
+    return ffi::Error::InvalidArgument("jaxnvrar: all_reduce supports float32, bfloat16, float16");
   }
+  if (y.element_type() != dtype || y.element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("jaxnvrar: output must match the input's shape and dtype");
+  }
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  plan.dtype = dtype;
+  plan.elements = n;
+  if (n == 0) return ffi::Error::Success();
+  if (plan.num_ranks == 1) {
+    plan.work = CallSitePlan::Work::kCopy;
+    return ffi::Error::Success();
+  }
+  const Runtime& rt = GetRuntime();
+  const int64_t itemsize = static_cast<int64_t>(ffi::ByteWidth(dtype));
+  KernelArgs& args = plan.args;
+  const int32_t g = args.gpus_per_node;
+  const bool bulk_layout = plan.protocol.bulk_layout;
+  const int64_t needed = WorkspaceBytesNeeded(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout);
+  if (needed > rt.workspace_bytes) {
+    return ffi::Error::InvalidArgument(
+        "jaxnvrar: message needs " + std::to_string(needed) + " bytes of workspace, have " +
+        std::to_string(rt.workspace_bytes) + "; raise JAXNVRAR_WORKSPACE_BYTES");
+  }
+  // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
+  plan.layout = MakeLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout);
+  args.num_elements = n;
+  args.slice_units = plan.layout.slice_units;
+  args.slice_stride = plan.layout.slice_stride;
+  args.signature = EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes);
+  // One unit per thread up to max_blocks blocks; past that, threads take several units.
+  int64_t blocks = CeilDiv(args.slice_units, kThreadsPerBlock);
+  blocks = blocks < 1 ? 1 : (blocks > plan.max_blocks ? plan.max_blocks : blocks);
+  plan.blocks = static_cast<unsigned>(blocks);
+  plan.kernel = dtype == ffi::F32    ? plan.protocol.float32
+                : dtype == ffi::BF16 ? plan.protocol.bfloat16
+                                     : plan.protocol.float16;
+  plan.work = CallSitePlan::Work::kKernel;
+  return ffi::Error::Success();
+}
+
+// Launch the planned work on this call's buffers.
+ffi::Error Launch(cudaStream_t stream, const CallSitePlan& plan, const void* input, void* output) {
+  switch (plan.work) {
+    case CallSitePlan::Work::kNothing:
+      return ffi::Error::Success();
+    case CallSitePlan::Work::kCopy:
+      if (cudaMemcpyAsync(output, input, plan.elements * static_cast<int64_t>(ffi::ByteWidth(plan.dtype)),
+                          cudaMemcpyDeviceToDevice, stream) != cudaSuccess) {
+        return ffi::Error::Internal("jaxnvrar: cudaMemcpyAsync failed");
+      }
+      return ffi::Error::Success();
+    case CallSitePlan::Work::kKernel:
+      break;
+  }
+  KernelArgs args = plan.args;
+  args.input = input;
+  args.output = output;
+  plan.kernel<<<plan.blocks, kThreadsPerBlock, 0, stream>>>(args, plan.layout);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxnvrar: kernel launch failed: ") + cudaGetErrorString(status));
@@ -152,20 +247,51 @@ ffi::Error AllReduceImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi:
   return ffi::Error::Success();
 }
 
+// One call: the runtime must still be up (finalize() ends it), the buffers those the plan was
+// made for; then launch. Host work is a few comparisons and a launch; inside a command buffer it
+// runs only when XLA records the graph.
+ffi::Error Execute(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (!GetRuntime().initialized) return NotInitialized();
+  std::call_once(plan->sized, [&] { plan->sized_error = PlanBuffers(*plan, x, *y); });
+  if (plan->sized_error.failure()) return plan->sized_error;
+  if (x.element_type() != plan->dtype || static_cast<int64_t>(x.element_count()) != plan->elements ||
+      y->element_type() != plan->dtype || static_cast<int64_t>(y->element_count()) != plan->elements) {
+    return ffi::Error::Internal("jaxnvrar: a call site's buffers changed dtype or size after its first call");
+  }
+  return Launch(stream, *plan, x.untyped_data(), y->untyped_data());
+}
+
+// A call signature from a failure record, decoded for Python.
+nb::dict DescribeCall(uint32_t elements, uint32_t shape) {
+  const CallDescription call = DecodeCall(CallSignature{elements, shape});
+  nb::dict d;
+  d["elements"] = call.elements;
+  d["dtype"] = DtypeName(call.dtype);
+  d["nodes"] = call.nodes;
+  d["gpus_per_node"] = call.gpus_per_node;
+  d["one_shot"] = call.one_shot;
+  d["bulk"] = call.bulk;
+  return d;
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarAllReduce, AllReduceImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarInstantiate, Instantiate,
+                              ffi::Ffi::BindInstantiate()
                                   .Attr<int32_t>("num_ranks")
                                   .Attr<int32_t>("gpus_per_node")
                                   .Attr<int32_t>("max_blocks")
                                   .Attr<int32_t>("one_shot")
                                   .Attr<int32_t>("bulk")
                                   .Attr<int32_t>("check_calls")
-                                  .Attr<ffi::Span<const int32_t>>("pe_groups"),
+                                  .Attr<ffi::Span<const int32_t>>("pe_groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarExecute, Execute,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::State<CallSitePlan>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxnvrar
@@ -173,9 +299,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarAllReduce, AllReduceImpl,
 NB_MODULE(_jaxnvrar_cuda, m) {
   m.doc() = "jaxnvrar's CUDA/NVSHMEM part: the NVRAR XLA FFI handler and its runtime";
   m.def("registrations", []() {
+    // XLA must know the type of the per-call-site state before a handler that makes one.
+    static const XLA_FFI_TypeInfo plan_type = ffi::MakeTypeInfo<jaxnvrar::CallSitePlan>();
+    nb::dict type;
+    type["type_id"] = nb::capsule(&jaxnvrar::CallSitePlan::id);
+    type["type_info"] = nb::capsule(&plan_type);
+    nb::module_::import_("jax.ffi").attr("register_ffi_type")("jaxnvrar_nvrar_call_site_plan", type,
+                                                               nb::arg("platform") = "CUDA");
+    nb::dict stages;
+    stages["instantiate"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarInstantiate));
+    stages["execute"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarExecute));
     nb::dict targets;
-    targets["jaxnvrar_nvrar_all_reduce"] =
-        nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarAllReduce));
+    targets["jaxnvrar_nvrar_all_reduce"] = stages;
     return targets;
   });
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
@@ -187,15 +322,17 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     nb::dict d;
     const char* phases[] = {"intra-node reduce-scatter", "inter-node step", "intra-node all-gather",
                             "signature check"};
-    d["kind"] = r->kind == jaxnvrar::kFailureMismatch ? "mismatch" : "timeout";
+    const bool mismatch = r->kind == jaxnvrar::kFailureMismatch;
+    d["kind"] = mismatch ? "mismatch" : "timeout";
     d["node"] = r->node;
     d["local"] = r->local;
     d["phase"] = phases[r->phase];
     d["step"] = r->step;
     d["peer"] = r->peer;
     d["flag"] = r->flag;
-    d["mine"] = nb::make_tuple(r->my_elements, r->my_shape);
-    d["peer_call"] = nb::make_tuple(r->peer_elements, r->peer_shape);
+    d["mine"] = jaxnvrar::DescribeCall(r->my_elements, r->my_shape);
+    // Only a mismatch has read the peer's signature.
+    d["peer_call"] = mismatch ? nb::object(jaxnvrar::DescribeCall(r->peer_elements, r->peer_shape)) : nb::none();
     return d;
   });
   m.def("my_pe", []() { return jaxnvrar::GetRuntime().my_pe; });

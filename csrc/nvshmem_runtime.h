@@ -12,7 +12,7 @@ namespace jaxnvrar {
 // after the trap has taken the CUDA context down.
 struct TimeoutRecord {
   volatile int32_t set;
-  volatile int32_t kind;  // FailureKind in nvrar_kernel.cuh
+  volatile int32_t kind;  // FailureKind in device_common.cuh
   volatile int32_t node, local, phase, step, peer;
   volatile uint32_t flag;
   volatile uint32_t my_elements, my_shape, peer_elements, peer_shape;  // CallSignature

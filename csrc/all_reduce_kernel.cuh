@@ -1,0 +1,128 @@
+// The NVRAR all-reduce in ONE kernel, written once for every protocol: intra-node reduce-scatter,
+// inter-node recursive doubling, intra-node all-gather, following csrc/schedule.h. The protocol
+// (protocol_ll.cuh, protocol_bulk.cuh) says how a unit reaches a peer and when it may be read;
+// the schedule, and so the order of every sum, is the same for all of them: same bits.
+//
+// One node may launch "one-shot" instead (see jaxnvrar/schedule.py): the whole message is one
+// slice that every local pushes to every other; each sums all G copies; no all-gather.
+//
+// Thread t owns the same units of the slice in every phase, so threads never wait for each
+// other's data, only for peers'. Each phase first issues all of a thread's sends, then waits: the
+// latency of a hop is paid once per phase, not once per round of units.
+#pragma once
+
+#include "device_common.cuh"
+
+namespace jaxnvrar {
+
+// A protocol gives: Unit (a vector of elements, one per thread per step of a loop); kBulkLayout
+// (which of schedule.h's workspace layouts it uses); kMinBlocksPerSm (its launch bound); and
+// Send / Receive of a unit, PublishBlock / AwaitBlock around the intra-node phases, and
+// EndStepSend / BeginStepReceive around an inter-node step.
+template <typename T, typename Proto>
+__global__ void __launch_bounds__(kThreadsPerBlock, Proto::kMinBlocksPerSm)
+    AllReduceKernel(KernelArgs args, Layout layout) {
+  using Unit = typename Proto::Unit;
+  static_assert(sizeof(Unit) == (Proto::kBulkLayout ? kChunkBytes : kCellDataBytes),
+                "a unit holds the data bytes of a workspace unit of the protocol's layout");
+  const CallStart start = BeginCall(args, layout);
+  const unsigned long long calls = start.calls;
+  const uint32_t flag = start.flag;
+  const int64_t half = start.half;
+  const int32_t g = args.gpus_per_node;
+  const bool one_node = args.num_steps == 0;
+  const int64_t first_unit = start.block_begin + threadIdx.x;
+  const int64_t stride = blockDim.x;
+
+  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, calls, flag);
+
+  // Slice `d` goes to local d; one-shot, the whole message (slice 0) goes to every local.
+  const int32_t my_slice = args.one_shot ? 0 : args.local;
+
+  // 1. Reduce-scatter within the node: push slice d to local d ...
+  for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
+    for (int32_t d = 0; d < g; ++d) {
+      if (d == args.local) continue;
+      Proto::Send(At(args.node_peers[d], half + layout.ReduceScatterInbox(args.local), unit),
+                  LoadSliceUnit<T, Unit>(args, args.input, args.one_shot ? 0 : d, unit), flag);
+    }
+  }
+  Proto::PublishBlock(args, layout, half, kBulkReduceScatter, flag);
+  Proto::AwaitBlock(args, layout, calls, half, kBulkReduceScatter, flag);
+  // ... then sum my slice over locals 0..G-1 in order, in float32. The partial result waits
+  // in my slice of the output; with one node it is final and goes to the all-gather at once.
+  for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
+    const Unit mine = SumOverLocals<T, Unit>(g, [&](int32_t j) {
+      return j == args.local ? LoadSliceUnit<T, Unit>(args, args.input, my_slice, unit)
+                             : Proto::Receive(At(args.workspace, half + layout.ReduceScatterInbox(j), unit), flag,
+                                              args, calls, WaitSite{kWaitReduceScatter, 0, j, j});
+    });
+    if (one_node && !args.one_shot) {
+      for (int32_t d = 0; d < g; ++d) {
+        if (d != args.local) Proto::Send(At(args.node_peers[d], half + layout.AllGatherInbox(args.local), unit), mine, flag);
+      }
+    }
+    StoreSliceUnit<T, Unit>(args, my_slice, unit, mine);
+  }
+
+  // 2. Between nodes, on my slice: recursive doubling (with fold-in/out for non-powers of 2).
+  // Blocks without units neither send nor wait (the same blocks on every rank).
+  bool issued_puts = false;
+  const bool block_has_units = start.block_end > start.block_begin;
+  for (int32_t s = 0; s < args.num_steps && block_has_units; ++s) {
+    const int32_t op = args.inter_op[s];
+    if (op & kSend) {
+      char* direct = args.inter_peer_ptr[s];
+      for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
+        Proto::Send(direct != nullptr ? At(direct, half + layout.InterNodeInbox(s), unit)
+                                      : At(args.workspace, half + layout.Stage(s), unit),
+                    LoadSliceUnit<T, Unit>(args, args.output, args.local, unit), flag);
+      }
+      if (Proto::EndStepSend(args, layout, start, s)) issued_puts = true;
+    }
+    if (op & (kRecvAdd | kRecvCopy)) {
+      const int32_t peer = args.inter_peer_node[s];
+      const WaitSite site{kWaitInterNode, s, peer, kMaxGpusPerNode + s};
+      Proto::BeginStepReceive(args, layout, start, s, site);
+      for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
+        const Unit theirs = Proto::Receive(At(args.workspace, half + layout.InterNodeInbox(s), unit), flag, args,
+                                           calls, site);
+        Unit result = theirs;
+        if (op & kRecvAdd) {
+          const Unit mine = LoadSliceUnit<T, Unit>(args, args.output, args.local, unit);
+          result = args.node < peer ? AddUnits<T, Unit>(mine, theirs) : AddUnits<T, Unit>(theirs, mine);
+        }
+        StoreSliceUnit<T, Unit>(args, args.local, unit, result);
+      }
+    }
+  }
+
+  // 3. All-gather within the node: push my finished slice to every local (unless the sum
+  // already did), collect theirs. One-shot: every local already has the whole sum.
+  if (!args.one_shot) {
+    if (!one_node) {
+      for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
+        const Unit mine = LoadSliceUnit<T, Unit>(args, args.output, args.local, unit);
+        for (int32_t d = 0; d < g; ++d) {
+          if (d != args.local) Proto::Send(At(args.node_peers[d], half + layout.AllGatherInbox(args.local), unit), mine, flag);
+        }
+      }
+    }
+    Proto::PublishBlock(args, layout, half, kBulkAllGather, flag);
+    Proto::AwaitBlock(args, layout, calls, half, kBulkAllGather, flag);
+    for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
+      for (int32_t j = 0; j < g; ++j) {
+        if (j == args.local) continue;
+        StoreSliceUnit<T, Unit>(args, j, unit,
+                                Proto::Receive(At(args.workspace, half + layout.AllGatherInbox(j), unit), flag, args,
+                                               calls, WaitSite{kWaitAllGather, 0, j, j}));
+      }
+    }
+  }
+
+  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
+  if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
+  FinishCall(reinterpret_cast<WorkspaceHeader*>(args.workspace), calls);
+}
+
+}  // namespace jaxnvrar
