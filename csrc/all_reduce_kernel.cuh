@@ -16,11 +16,12 @@
 namespace jaxnvrar {
 
 // A protocol gives: Unit (a vector of elements, one per thread per step of a loop); kBulkLayout
-// (which of schedule.h's workspace layouts it uses); kMinBlocksPerSm (its launch bound); and
-// Send / Receive of a unit, PublishBlock / AwaitBlock around the intra-node phases, and
-// EndStepSend / BeginStepReceive around an inter-node step.
+// (which of schedule.h's workspace layouts it uses); kMaxThreads and kMinBlocksPerSm (its launch
+// bounds; 0, as template arguments, gives none); and Send / Receive of a unit, PublishBlock /
+// AwaitBlock around the intra-node phases, and EndStepSend / BeginStepReceive around an
+// inter-node step.
 template <typename T, typename Proto>
-__global__ void __launch_bounds__(kThreadsPerBlock, Proto::kMinBlocksPerSm)
+__global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
     AllReduceKernel(KernelArgs args, Layout layout) {
   using Unit = typename Proto::Unit;
   static_assert(sizeof(Unit) == (Proto::kBulkLayout ? kChunkBytes : kCellDataBytes),
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, Proto::kMinBlocksPerSm)
                                       : At(args.workspace, half + layout.Stage(s), unit),
                     LoadSliceUnit<T, Unit>(args, args.output, args.local, unit), flag);
       }
-      if (Proto::EndStepSend(args, layout, start, s)) issued_puts = true;
+      if (Proto::EndStepSend(args, layout, start, s, direct)) issued_puts = true;
     }
     if (op & (kRecvAdd | kRecvCopy)) {
       const int32_t peer = args.inter_peer_node[s];

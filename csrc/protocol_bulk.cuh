@@ -44,6 +44,7 @@ struct BulkProtocol {
   using Unit = uint4;                         // a 16-byte chunk
   static constexpr bool kBulkLayout = true;   // MakeLayout's chunks and flag words
   // Two blocks per SM: at most 64 registers a thread (without it, 80), no spills (ptxas -v).
+  static constexpr int kMaxThreads = kThreadsPerBlock;
   static constexpr int kMinBlocksPerSm = 2;
 
   // A chunk into a peer's inbox (or my staging area); the block's flag covers it later.
@@ -90,9 +91,8 @@ struct BulkProtocol {
   // peer without load/store access) put the block's staged range with the flag as signal,
   // which NVSHMEM delivers after the data; true if a put was issued.
   static __device__ __forceinline__ bool EndStepSend(const KernelArgs& args, const Layout& layout,
-                                                     const CallStart& start, int32_t s) {
+                                                     const CallStart& start, int32_t s, char* direct) {
     const int64_t flag_at = start.half + layout.BulkFlag(kBulkInterNode, s, blockIdx.x);
-    char* direct = args.inter_peer_ptr[s];
     __syncthreads();
     if (direct != nullptr) {
       if (threadIdx.x == 0) {

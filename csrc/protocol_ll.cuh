@@ -11,7 +11,9 @@ namespace jaxnvrar {
 struct LLProtocol {
   using Unit = uint2;                          // the 8 data bytes of a cell
   static constexpr bool kBulkLayout = false;   // MakeLayout's cells of kCellDataBytes
-  static constexpr int kMinBlocksPerSm = 1;    // no register bound beyond the block size's
+  // No launch bounds: bounding the block size lets ptxas spend more registers (72, not 56).
+  static constexpr int kMaxThreads = 0;
+  static constexpr int kMinBlocksPerSm = 0;
 
   // A unit into a peer's inbox (or my staging area), with the call's flag.
   static __device__ __forceinline__ void Send(char* address, Unit data, uint32_t flag) {
@@ -34,8 +36,8 @@ struct LLProtocol {
   // After the block has sent its units of step `s`. A peer without load/store access (another
   // host) gets the block's staged range by one put; true if a put was issued.
   static __device__ __forceinline__ bool EndStepSend(const KernelArgs& args, const Layout& layout,
-                                                     const CallStart& start, int32_t s) {
-    if (args.inter_peer_ptr[s] != nullptr) return false;
+                                                     const CallStart& start, int32_t s, const char* direct) {
+    if (direct != nullptr) return false;
     __threadfence();
     __syncthreads();
     nvshmemx_putmem_nbi_block(At(args.workspace, start.half + layout.InterNodeInbox(s), start.block_begin),
