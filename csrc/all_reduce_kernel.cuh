@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
     });
     if (one_node && !args.one_shot) {
       for (int32_t d = 0; d < g; ++d) {
-        if (d != args.local) Proto::Send(At(args.node_peers[d], half + layout.AllGatherInbox(args.local), unit), mine, flag);
+        if (d == args.local) continue;
+        Proto::Send(At(args.node_peers[d], half + layout.AllGatherInbox(args.local), unit), mine, flag);
       }
     }
     StoreSliceUnit<T, Unit>(args, my_slice, unit, mine);
@@ -105,7 +106,8 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
       for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
         const Unit mine = LoadSliceUnit<T, Unit>(args, args.output, args.local, unit);
         for (int32_t d = 0; d < g; ++d) {
-          if (d != args.local) Proto::Send(At(args.node_peers[d], half + layout.AllGatherInbox(args.local), unit), mine, flag);
+          if (d == args.local) continue;
+          Proto::Send(At(args.node_peers[d], half + layout.AllGatherInbox(args.local), unit), mine, flag);
         }
       }
     }

@@ -67,7 +67,8 @@ struct BulkProtocol {
     if (threadIdx.x == 0) {
       __threadfence_system();  // orders the whole block's stores (seen through the barrier) before the flags
       for (int32_t d = 0; d < args.gpus_per_node; ++d) {
-        if (d != args.local) RaiseFlag(args.node_peers[d] + half + layout.BulkFlag(phase, args.local, blockIdx.x), flag);
+        if (d == args.local) continue;
+        RaiseFlag(args.node_peers[d] + half + layout.BulkFlag(phase, args.local, blockIdx.x), flag);
       }
     }
   }
