@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -46,11 +47,36 @@ def local_gpu_count() -> int:
     return listing.stdout.count("GPU ") if listing.returncode == 0 else 0
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on the loopback that was free a moment ago."""
-    with socket.socket() as s:
+    """A TCP port that is free on the loopback and the wildcard address, chosen BELOW the
+    ephemeral range: the kernel never hands such a port to another process's outgoing
+    connection, which is how a port found free by binding to port 0 was taken a moment later."""
+    low, _ = ephemeral_port_range()
+    start = max(1024, low - 12000)
+    for port in random.Random().sample(range(start, low), min(200, low - start)):
+        try:
+            for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+                with socket.socket(family) as s:
+                    s.bind((address, port))
+            return port
+        except OSError:
+            continue
+    with socket.socket() as s:  # everything below the range is taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What jax's coordinator says when its port was taken after all: then the launcher retries.
+_PORT_TAKEN = "Failed to start RPC server"
+_PORT_RETRIES = 3
 
 
 class _Rank:
@@ -96,10 +122,23 @@ def _stop_all(ranks: list[_Rank]) -> None:
 
 def run_ranks(num_processes: int, command: list[str], *, timeout: float, port: int | None = None,
               gpus: int | None = None) -> int:
-    """Runs `command` as ranks 0..num_processes-1; rank r on GPU r % gpus (default: GPU r)."""
-    gpus = gpus or num_processes
+    """Runs `command` as ranks 0..num_processes-1; rank r on GPU r % gpus (default: GPU r).
+    Where no port was given and the chosen one turns out taken, starts them again on another."""
+    for attempt in range(1, _PORT_RETRIES + 1):
+        chosen = port or free_port()
+        code, failed = _run_once(num_processes, command, timeout=timeout, port=chosen, gpus=gpus or num_processes)
+        port_taken = failed is not None and any(_PORT_TAKEN in line for line in failed.tail)
+        if port is not None or not port_taken or attempt == _PORT_RETRIES:
+            return code
+        print(f"jaxnvrar-launch: the coordinator port {chosen} was taken; starting the ranks again on another",
+              file=sys.stderr, flush=True)
+    return code
+
+
+def _run_once(num_processes: int, command: list[str], *, timeout: float, port: int, gpus: int):
+    """(exit code, the rank that failed or None)."""
     env = dict(os.environ)
-    env[ENV_COORDINATOR] = f"127.0.0.1:{port or free_port()}"
+    env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
     env[ENV_NUM_PROCESSES] = str(num_processes)
     env[ENV_GPUS] = str(gpus)
     env["PYTHONUNBUFFERED"] = "1"
@@ -124,15 +163,15 @@ def run_ranks(num_processes: int, command: list[str], *, timeout: float, port: i
                     r.finish_output()
                 print(f"jaxnvrar-launch: timed out after {timeout:g} s; stopped all {num_processes} ranks",
                       file=sys.stderr, flush=True)
-                return 124
+                return 124, None
             time.sleep(0.05)
     except KeyboardInterrupt:
         _stop_all(ranks)
-        return 130
+        return 130, None
     if failed is None:
         for r in ranks:
             r.finish_output()
-        return 0
+        return 0, None
     code = failed.process.returncode
     _stop_all(ranks)
     for r in ranks:
@@ -143,7 +182,7 @@ def run_ranks(num_processes: int, command: list[str], *, timeout: float, port: i
         f"Its last lines:\n{tail}",
         file=sys.stderr, flush=True,
     )
-    return code if code > 0 else 128 - code  # a signal -s becomes 128 + s, as shells report it
+    return (code if code > 0 else 128 - code), failed  # a signal -s becomes 128 + s, as shells report it
 
 
 def main(argv: list[str] | None = None) -> int:

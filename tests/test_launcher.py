@@ -86,3 +86,38 @@ def test_gpus_option_must_lie_between_one_and_the_rank_count():
     for bad in ("0", "3"):
         result = _run(["-n", "2", "--gpus", bad, "--", sys.executable, "-c", "pass"])
         assert result.returncode == 2 and "--gpus must be between 1 and the rank count 2" in result.stderr
+
+
+_JOIN = "import jaxnvrar, jax; jaxnvrar.initialize_distributed(); print('joined', jax.process_count())"
+
+
+def test_a_coordinator_port_taken_after_it_was_chosen_is_retried(monkeypatch, capfd):
+    # Seen on a GPU machine: the port found free was in use a moment later, and jax's RPC
+    # server failed to start. The launcher starts the ranks again on another port.
+    import socket
+
+    from jaxnvrar import launcher
+
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", 0))
+    blocker.listen()
+    choices = iter([blocker.getsockname()[1]])
+    choose = launcher.free_port
+    monkeypatch.setattr(launcher, "free_port", lambda: next(choices, None) or choose())
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv("JAXNVRAR_NUM_PROCESSES", raising=False)
+    try:
+        code = launcher.run_ranks(2, [sys.executable, "-c", _JOIN], timeout=120)
+    finally:
+        blocker.close()
+    out, err = capfd.readouterr()
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "was taken; starting the ranks again on another" in err
+    assert "[rank 0] joined 2" in out and "[rank 1] joined 2" in out
+
+
+def test_chosen_ports_lie_below_the_ephemeral_range():
+    from jaxnvrar import launcher
+
+    low, _ = launcher.ephemeral_port_range()
+    assert all(1024 <= launcher.free_port() < low for _ in range(20))
