@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 
 import jax
 
@@ -51,6 +52,19 @@ def initialize_distributed(**kwargs) -> None:
     jax.distributed.initialize(
         os.environ[ENV_COORDINATOR], num_processes, int(os.environ[ENV_PROCESS_ID]), **kwargs
     )
+
+
+def local_gpu_count() -> int:
+    """GPUs this host offers to a job (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`), found
+    without starting CUDA in this process."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return listing.stdout.count("GPU ") if listing.returncode == 0 else 0
 
 
 def looks_like_multi_process_job() -> bool:

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-from jaxnvrar import launcher, runtime, settings, tuning
+from jaxnvrar import distributed, runtime, settings, tuning
 from jaxnvrar.version import __version__
 
 
@@ -50,7 +50,7 @@ def environment_info() -> dict:
         "NVSHMEM (nvidia-nvshmem-cu13)": _version("nvidia-nvshmem-cu13"),
         "nvshmem4py": _version("nvshmem4py-cu13") or _version("nvshmem4py-cu12"),
         "CUDA extension": cuda,
-        "GPUs on this host": launcher.local_gpu_count(),
+        "GPUs on this host": distributed.local_gpu_count(),
         "runtime": (f"initialised: PE {pe} of {num_pes}, workspace {runtime.workspace_bytes()} B"
                     if runtime.is_initialized() else "not initialised"),
         "settings": {k: (f"{v}  <- INVALID: {problems[k]}" if k in problems else v)

@@ -34,22 +34,10 @@ _TAIL_LINES = 20
 _KILL_GRACE_S = 5.0
 
 
-def local_gpu_count() -> int:
-    """GPUs this host offers to a job (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`), found
-    without starting CUDA in this process."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return listing.stdout.count("GPU ") if listing.returncode == 0 else 0
-
-
 def ephemeral_port_range() -> tuple[int, int]:
     try:
-        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999  # Linux's default
@@ -74,8 +62,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# What jax's coordinator says when its port was taken after all: then the launcher retries.
-_PORT_TAKEN = "Failed to start RPC server"
+# What jax's coordinator (gRPC) says when its port was taken after all: then the launcher
+# retries. The process may crash right after the first line.
+_PORT_TAKEN = ("Failed to add port to server", "Failed to start RPC server")
 _PORT_RETRIES = 3
 
 
@@ -127,7 +116,7 @@ def run_ranks(num_processes: int, command: list[str], *, timeout: float, port: i
     for attempt in range(1, _PORT_RETRIES + 1):
         chosen = port or free_port()
         code, failed = _run_once(num_processes, command, timeout=timeout, port=chosen, gpus=gpus or num_processes)
-        port_taken = failed is not None and any(_PORT_TAKEN in line for line in failed.tail)
+        port_taken = failed is not None and any(m in line for line in failed.tail for m in _PORT_TAKEN)
         if port is not None or not port_taken or attempt == _PORT_RETRIES:
             return code
         print(f"jaxnvrar-launch: the coordinator port {chosen} was taken; starting the ranks again on another",

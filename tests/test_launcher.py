@@ -46,11 +46,11 @@ def test_needs_a_command():
 
 
 def test_benchmarks_relaunch_themselves_one_process_per_gpu(monkeypatch):
-    from jaxnvrar import bench, launcher, runtime
+    from jaxnvrar import bench, distributed, runtime
 
     monkeypatch.delenv("JAXNVRAR_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("JAXNVRAR_NO_RELAUNCH", raising=False)
-    monkeypatch.setattr(launcher, "local_gpu_count", lambda: 2)
+    monkeypatch.setattr(distributed, "local_gpu_count", lambda: 2)
     monkeypatch.setattr(runtime, "cuda_available", lambda: True)
     again = bench.relaunch_command("decode", ["decode", "--batch", "16"])
     assert again[1:6] == ["-m", "jaxnvrar.launcher", "-n", "2", "--"] and again[-3:] == ["decode", "--batch", "16"]
@@ -58,12 +58,12 @@ def test_benchmarks_relaunch_themselves_one_process_per_gpu(monkeypatch):
     monkeypatch.setenv("JAXNVRAR_NO_RELAUNCH", "1")
     assert bench.relaunch_command("decode", ["decode"]) is None
     monkeypatch.delenv("JAXNVRAR_NO_RELAUNCH")
-    monkeypatch.setattr(launcher, "local_gpu_count", lambda: 1)
+    monkeypatch.setattr(distributed, "local_gpu_count", lambda: 1)
     assert bench.relaunch_command("decode", ["decode"]) is None
 
 
 def test_gpu_count_follows_cuda_visible_devices(monkeypatch):
-    from jaxnvrar.launcher import local_gpu_count
+    from jaxnvrar.distributed import local_gpu_count
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,3")
     assert local_gpu_count() == 3

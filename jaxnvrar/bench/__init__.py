@@ -26,8 +26,7 @@ def relaunch_command(command: str, argv: list[str]) -> list[str] | None:
     started alone on a host with several GPUs; else None."""
     import os
 
-    from jaxnvrar.distributed import ENV_NUM_PROCESSES, looks_like_multi_process_job
-    from jaxnvrar.launcher import local_gpu_count
+    from jaxnvrar.distributed import ENV_NUM_PROCESSES, local_gpu_count, looks_like_multi_process_job
     from jaxnvrar.runtime import cuda_available
 
     if (command not in _MULTI_GPU or ENV_NUM_PROCESSES in os.environ or os.environ.get("JAXNVRAR_NO_RELAUNCH") == "1"

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from jaxnvrar.launcher import local_gpu_count
+from jaxnvrar.distributed import local_gpu_count
 
 pytestmark = pytest.mark.gpu_jobs
 SCENARIOS = pathlib.Path(__file__).with_name("gpu_scenarios.py")
