@@ -181,7 +181,7 @@ def inter_node_steps(node: int, num_nodes: int) -> list[InterNodeStep]:
 CELL_BYTES = 16
 CELL_DATA_BYTES = 8
 WORKSPACE_HEADER_BYTES = 2048
-# Bulk launches (csrc/nvrar_bulk_kernel.cuh) move raw 16-byte chunks, and each block raises one
+# Bulk kernels (csrc/protocol_bulk.cuh) move raw 16-byte chunks, and each block raises one
 # flag per phase and peer after its chunks: the same inboxes at twice the data per byte, then a
 # flag area. At most BULK_MAX_BLOCKS blocks.
 BULK_MAX_BLOCKS = 1024

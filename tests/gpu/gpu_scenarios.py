@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
 
-# Flags are calls % FLAG_PERIOD + 1 (csrc/nvrar_kernel.cuh); the wrap scenario starts just before
+# Flags are calls % FLAG_PERIOD + 1 (BeginCall in csrc/device_common.cuh); the wrap scenario starts just before
 # the counter crosses a multiple of it.
 FLAG_PERIOD = 0xFFFFFFFE
 

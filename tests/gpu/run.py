@@ -26,8 +26,10 @@ def parts(gpus: int, extra: list[str]) -> list[tuple[str, list[str], dict]]:
     in_ranks = [sys.executable, "-m", "jaxnvrar.launcher", "-n", str(gpus), "--timeout", "1500", "--",
                 sys.executable, "-m", "pytest", str(HERE / "test_gpu_nvrar.py"), "-x", "-q", "-p", "no:cacheprovider",
                 *extra]
-    # Every program replays as a command buffer (CUDA graph), however small.
-    graphs = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip()}
+    # Every program replays as a command buffer (CUDA graph), however small; a workspace that
+    # holds the 64 MB cases (unless the caller set one).
+    graphs = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip(),
+              "JAXNVRAR_WORKSPACE_BYTES": os.environ.get("JAXNVRAR_WORKSPACE_BYTES", str(2 << 30))}
     return [
         ("kernel", in_ranks, graphs),
         ("kernel_force_put", in_ranks, dict(graphs, JAXNVRAR_FORCE_PUT="1")),
