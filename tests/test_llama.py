@@ -98,6 +98,8 @@ def test_prefill_rejects_prompts_that_do_not_fit(checkpoint):
         llama.prefill(model, np.zeros(4, np.int32), caches)
     with pytest.raises(ValueError, match="the prompt is empty"):
         llama.prefill(model, np.zeros((2, 0), np.int32), caches)
+    with pytest.raises(ValueError, match=r"token id 256 is outside the vocabulary \[0, 256\)"):
+        llama.prefill(model, np.full((2, 4), CONFIG.vocab_size, np.int32), caches)
     next_tokens, _, _, position = llama.prefill(model, PROMPTS[:, :5], caches)
     assert next_tokens.shape == (2,) and int(position) == 5
 
@@ -304,3 +306,27 @@ def test_unknown_all_reduce_is_refused_before_any_weight_is_made(monkeypatch):
     monkeypatch.setattr(jax.random, "normal", no_weights)
     with pytest.raises(ValueError, match="all_reduce must be one of"):
         llama.random_model("tiny", llama.make_mesh(1), all_reduce="nccl")
+
+
+def test_every_entry_point_checks_prompts_and_takes_any_placement(checkpoint):
+    # jax arrays on one device (the default placement), numpy arrays and lists all give the same
+    # tokens; out-of-range ids, wrong shapes and dtypes raise, naming the problem.
+    _needs(2)
+    directory, hf_logits, hf_tokens = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
+    on_one_device = jax.device_put(jnp.asarray(PROMPTS, jnp.int32), jax.devices()[0])
+    for prompt in (on_one_device, PROMPTS.astype(np.int64), PROMPTS.tolist()):
+        np.testing.assert_array_equal(np.asarray(llama.generate(model, prompt, NEW_TOKENS)), hf_tokens)
+    np.testing.assert_allclose(np.asarray(llama.forward_logits(model, on_one_device)), hf_logits, rtol=1e-4,
+                               atol=1e-5)
+    for entry in (lambda p: llama.generate(model, p, 2), lambda p: llama.forward_logits(model, p)):
+        with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
+            entry(np.where(PROMPTS == PROMPTS[0, 0], -1, PROMPTS))
+        with pytest.raises(ValueError, match=r"token id 300 is outside"):
+            entry(jnp.full((2, 3), 300))
+        with pytest.raises(ValueError, match=r"\[batch, length\], got shape \(7,\) \(one sequence: prompt\[None\]\)"):
+            entry(PROMPTS[0])
+        with pytest.raises(TypeError, match="integer token ids, got float32"):
+            entry(PROMPTS.astype(np.float32))
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            entry(np.zeros((0, 3), np.int32))

@@ -19,8 +19,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, greedy_decode, greedy_tokens, reducer,
-                    replicated, rope_frequencies)
+from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, greedy_decode, greedy_tokens, prompt_ids,
+                    reducer, replicated, rope_frequencies)
 
 PP = "pp"
 _LAYER_PARAMS = ("input_norm", "post_attention_norm", "wqkv", "wo", "w_gate_up", "w_down")
@@ -196,6 +196,7 @@ def _compiled_advance(pmodel: PipelinedLlama, micro_batches: int):
 
 def generate(pmodel: PipelinedLlama, input_ids, max_new_tokens: int, *, micro_batches: int = 1):
     """Greedy decoding through the pipeline; same contract as llama.generate."""
-    return greedy_decode(replicated(pmodel.mesh, input_ids), max_new_tokens, functools.partial(init_cache, pmodel),
+    return greedy_decode(prompt_ids(pmodel.mesh, input_ids, pmodel.config.vocab_size), max_new_tokens,
+                         functools.partial(init_cache, pmodel),
                          functools.partial(decode_step, pmodel, micro_batches=micro_batches),
                          functools.partial(advance, pmodel, micro_batches=micro_batches))

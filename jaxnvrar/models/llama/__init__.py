@@ -16,8 +16,8 @@ mirror their defaults.
 
 from .config import PRESETS, TP, LlamaConfig, check_tensor_parallel, config_from_hf, hf_config_dict
 from .decoding import (PREFILL_TOKENS, advance, decode_step, forward_logits, generate, greedy_decode,
-                       greedy_tokens, init_cache, prefill, prefill_in_chunks, queue_may_deadlock, replicated,
-                       start_history)
+                       greedy_tokens, init_cache, prefill, prefill_in_chunks, prompt_ids, queue_may_deadlock,
+                       replicated, start_history)
 from .modules import (ATTENTION_SCORES_BYTES, MLP, Attention, DecoderLayer, Llama, RMSNorm, causal_attention,
                       fuse_columns, fuse_layer, project, rope_frequencies, with_all_reduce)
 from .reduction import ALL_REDUCE_CHOICES, check_all_reduce_choice, psum_fallbacks, reducer
@@ -28,6 +28,6 @@ __all__ = [
     "DecoderLayer", "Llama", "LlamaConfig", "RMSNorm", "advance", "causal_attention", "check_all_reduce_choice",
     "check_tensor_parallel", "config_from_hf", "decode_step", "forward_logits", "fuse_columns", "fuse_layer",
     "generate", "greedy_decode", "greedy_tokens", "hf_config_dict", "init_cache", "load_checkpoint", "make_mesh",
-    "prefill", "prefill_in_chunks", "project", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer",
+    "prefill", "prefill_in_chunks", "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer",
     "replicated", "rope_frequencies", "start_history", "with_all_reduce",
 ]

@@ -22,11 +22,40 @@ from .reduction import reducer
 
 
 def replicated(mesh, value, dtype=jnp.int32) -> jax.Array:
-    """A host value as a global array replicated over the mesh (every process passes the same)."""
+    """A value as a global array replicated over the mesh: a host value (every process passes the
+    same) or a jax.Array placed anywhere (moved onto the mesh when it is not there already)."""
+    sharding = NamedSharding(mesh, P())
     if isinstance(value, jax.Array):
-        return value
+        return value if value.sharding.is_equivalent_to(sharding, value.ndim) else jax.device_put(value, sharding)
     host = np.asarray(value, dtype)
-    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def prompt_ids(mesh, input_ids, vocab_size: int) -> jax.Array:
+    """Token ids [batch, length] as a global int32 array replicated over the mesh, checked: a jax
+    array of any placement, a numpy array or nested lists; integers in [0, vocab_size); at least
+    one sequence of at least one token. A ValueError/TypeError names what is wrong otherwise."""
+    ids = input_ids if isinstance(input_ids, jax.Array) else np.asarray(input_ids)
+    if ids.dtype == bool or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"the prompt must be integer token ids, got {ids.dtype}")
+    if ids.ndim != 2:
+        hint = " (one sequence: prompt[None])" if ids.ndim == 1 else ""
+        raise ValueError(f"the prompt must be token ids [batch, length], got shape {tuple(ids.shape)}{hint}")
+    if ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"the prompt is empty (shape {tuple(ids.shape)}): give at least one token per sequence")
+    placed = replicated(mesh, ids.astype(jnp.int32) if ids.dtype != jnp.int32 else ids)
+    low, high = (int(v) for v in _id_range(placed))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}): the prompt was made "
+                         "for another tokenizer, or holds padding markers such as -1")
+    return placed
+
+
+@jax.jit
+def _id_range(ids):
+    # On the devices: a prompt held by several processes is checked without gathering it.
+    return jnp.min(ids), jnp.max(ids)
 
 
 def greedy_tokens(logits, reduce) -> jax.Array:
@@ -88,7 +117,7 @@ def forward_logits(model: Llama, input_ids) -> jax.Array:
     """Full forward, no cache: float32 logits [batch, length, vocab]."""
     state, forward = _compiled_forward(model)
     with jax.set_mesh(model.mesh):
-        return forward(state, replicated(model.mesh, input_ids))
+        return forward(state, prompt_ids(model.mesh, input_ids, model.config.vocab_size))
 
 
 def init_cache(model: Llama, batch: int, max_length: int):
@@ -195,16 +224,13 @@ def prefill_in_chunks(step, tokens, caches, max_tokens: int | None = None):
 def prefill(model: Llama, tokens, caches):
     """The prompt tokens [B, L] into an empty cache (`init_cache`), in chunks (`prefill_in_chunks`):
     (greedy next tokens [B], last logits, caches, next position), as `decode_step` returns them."""
-    ids = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"the prompt must be integer token ids, got {ids.dtype}")
-    if ids.ndim == 2:  # (prefill_in_chunks names other shapes)
-        cache_batch, _, cache_length, _ = caches[0][0].shape
-        if ids.shape[0] != cache_batch or ids.shape[1] > cache_length:
-            raise ValueError(f"a prompt of {ids.shape[0]} x {ids.shape[1]} tokens does not fit a cache of "
-                             f"{cache_batch} sequences x {cache_length} positions: make the cache with "
-                             "init_cache(model, batch, prompt length + new tokens)")
-    return prefill_in_chunks(functools.partial(decode_step, model), replicated(model.mesh, ids), caches)
+    ids = prompt_ids(model.mesh, tokens, model.config.vocab_size)
+    cache_batch, _, cache_length, _ = caches[0][0].shape
+    if ids.shape[0] != cache_batch or ids.shape[1] > cache_length:
+        raise ValueError(f"a prompt of {ids.shape[0]} x {ids.shape[1]} tokens does not fit a cache of "
+                         f"{cache_batch} sequences x {cache_length} positions: make the cache with "
+                         "init_cache(model, batch, prompt length + new tokens)")
+    return prefill_in_chunks(functools.partial(decode_step, model), ids, caches)
 
 
 def greedy_decode(tokens: jax.Array, max_new_tokens: int, new_cache, run_tokens, step) -> jax.Array:
@@ -234,5 +260,6 @@ def queue_may_deadlock(array: jax.Array) -> bool:
 
 def generate(model: Llama, input_ids, max_new_tokens: int) -> jax.Array:
     """Greedy decoding: prefill, then one token per step. Returns [batch, length + max_new_tokens]."""
-    return greedy_decode(replicated(model.mesh, input_ids), max_new_tokens, functools.partial(init_cache, model),
+    return greedy_decode(prompt_ids(model.mesh, input_ids, model.config.vocab_size), max_new_tokens,
+                         functools.partial(init_cache, model),
                          functools.partial(decode_step, model), functools.partial(advance, model))
