@@ -191,3 +191,20 @@ def test_timed_benchmarks_refuse_ranks_that_share_a_gpu(monkeypatch):
     monkeypatch.setenv("JAXNVRAR_GPUS", "1")
     with pytest.raises(SystemExit, match="2 ranks share 1 GPU.*give each rank its own GPU"):
         setup.bring_up()
+
+
+def test_cpu_defaults_end_in_seconds_and_say_what_they_do():
+    # soak's CPU default is a few hundred calls with a progress bar, not the GPU's 100000; model
+    # without --fit fits the shipped sweep; --profile-plot without a breakdown says why.
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", "soak"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "500 calls of 131072 B" in result.stdout and "0 wrong elements" in result.stdout
+    assert "10/10" in result.stderr  # the progress bar's last line
+    assert "alpha-beta projection" in _bench("model")
+    pytest.importorskip("flax")
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", "decode", "--new-tokens", "2", "--prompt-len",
+                             "4", "--algorithms", "psum", "--profile-plot", "x.png"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--profile-plot wrote nothing: it needs --profile DIR" in result.stderr

@@ -29,7 +29,7 @@ import numpy as np
 
 import jaxnvrar
 from jaxnvrar.bench import breakdown
-from jaxnvrar.bench.setup import bring_up, is_printer
+from jaxnvrar.bench.setup import bring_up, is_printer, progress
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -101,13 +101,6 @@ def _bytes_per_step(model, batch: int, context: int) -> int:
     return weight_bytes + kv_bytes
 
 
-def _progress(label: str, done: int, total: int) -> None:
-    if is_printer() and (sys.stderr.isatty() or done == total):
-        bar = "#" * (20 * done // total)
-        print(f"\r  {label:<28} [{bar:<20}] {done}/{total}", end="" if done < total else "\n",
-              file=sys.stderr, flush=True)
-
-
 _PROFILED_STEPS = 5
 
 
@@ -136,7 +129,7 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         history, caches, position = llama.advance(model, history, caches, position)
         position.block_until_ready()
         steps.append(time.perf_counter() - start)
-        _progress(label, i + 1, new_tokens - 1)
+        progress(label, i + 1, new_tokens - 1)
     steps_ms = np.array(steps) * 1e3
 
     def queued_steps(count: int) -> float:
@@ -355,11 +348,15 @@ def run(args) -> int:
                           f"messages; raise $JAXNVRAR_WORKSPACE_BYTES to keep them on the kernel)")
             if args.profile:
                 _print_breakdown(rows)
-    if is_printer() and args.profile_plot and args.profile:
+    if is_printer() and args.profile_plot:
         bars = {f"b{r['batch']} {a}": v["breakdown"] for r in results for a, v in r["algorithms"].items()
                 if v.get("breakdown")}
         if bars:
             breakdown.plot(bars, args.profile_plot, f"decode step on the device: {description}")
+        else:
+            why = ("it needs --profile DIR" if not args.profile else
+                   "the traces held no device kernels (a CPU run has none: the breakdown is of GPU kernels)")
+            print(f"jaxnvrar-bench decode: --profile-plot wrote nothing: {why}", file=sys.stderr)
     if is_printer() and args.json:
         with open(args.json, "w") as f:
             json.dump({"devices": description, "model": args.checkpoint or args.preset, "tp": tp,

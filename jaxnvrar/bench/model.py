@@ -4,14 +4,19 @@ fitted to a measured single-node sweep. Prints its assumptions with the table.""
 from __future__ import annotations
 
 import json
+import pathlib
 
 from jaxnvrar import cost_model
 from jaxnvrar.bench.allreduce import parse_bytes
 
+# The sweep the project ships (2 x H200, 2026-11-23), in a clone of the repository.
+SHIPPED_SWEEP = pathlib.Path(__file__).resolve().parents[2] / "docs" / "results" / "allreduce_2xH200_2026-11-23.json"
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--fit", required=True, metavar="JSON",
-                        help="a single-node sweep of 2 GPUs: jaxnvrar-bench allreduce --json")
+    parser.add_argument("--fit", default=None, metavar="JSON",
+                        help="a single-node sweep of 2 GPUs (jaxnvrar-bench allreduce --json); default: the "
+                             "shipped 2 x H200 sweep, docs/results/allreduce_2xH200_2026-11-23.json")
     parser.add_argument("--network", choices=sorted(cost_model.NETWORKS), default="ndr")
     parser.add_argument("--gpus-per-node", type=int, default=4)
     parser.add_argument("--sizes", default="128K,512K,1M,2M", help="message sizes, comma-separated")
@@ -20,7 +25,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    baseline, nvrar = cost_model.fits_from_sweep(args.fit)
+    fit = args.fit or SHIPPED_SWEEP
+    if not pathlib.Path(fit).exists():
+        raise SystemExit(f"jaxnvrar-bench model: no sweep at {fit}; measure one on 2 GPUs with "
+                         "jaxnvrar-bench allreduce --json sweep.json and pass --fit sweep.json")
+    baseline, nvrar = cost_model.fits_from_sweep(str(fit))
     inter = cost_model.NETWORKS[args.network]
     sizes = [parse_bytes(s) for s in args.sizes.split(",")]
     nodes = [1]

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 
 import jaxnvrar
 from jaxnvrar.distributed import ranks_share_gpus
+
+
+def progress(label: str, done: int, total: int) -> None:
+    """A progress bar on stderr (redrawn on a terminal; elsewhere only the last line)."""
+    if is_printer() and (sys.stderr.isatty() or done == total):
+        bar = "#" * (20 * done // total)
+        print(f"\r  {label:<28} [{bar:<20}] {done}/{total}", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
 
 
 def bring_up(cpu_devices: int = 8, timed: bool = True) -> str:

@@ -22,12 +22,13 @@ from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
 from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
-from jaxnvrar.bench.setup import bring_up, is_printer
+from jaxnvrar.bench.setup import bring_up, is_printer, progress
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--calls", type=int, default=100_000, help="all-reduces in all (100000)")
-    parser.add_argument("--chunk", type=int, default=1000, help="calls per jitted loop execution (1000)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="all-reduces in all (100000 on GPUs; 500 on CPU, where a call takes milliseconds)")
+    parser.add_argument("--chunk", type=int, default=None, help="calls per jitted loop execution (1000 GPU, 50 CPU)")
     parser.add_argument("--bytes", type=parse_bytes, default=128 << 10, help="message size (128K)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--algorithm", default=None, help="nvrar where available, else reference")
@@ -63,20 +64,24 @@ def run(args) -> int:
     num_ranks = jax.device_count()
     mesh = jax.make_mesh((num_ranks,), ("x",))
     count = max(1, args.bytes // jnp.dtype(dtype).itemsize)
-    chunks = max(1, args.calls // args.chunk)
-    program = soak_program(mesh, algorithm, args.chunk)
+    on_gpu = jax.default_backend() == "gpu"
+    calls = args.calls or (100_000 if on_gpu else 500)
+    chunk = args.chunk or (1000 if on_gpu else 50)
+    chunks = max(1, calls // chunk)
+    program = soak_program(mesh, algorithm, chunk)
     ranks = np.repeat(np.arange(1, num_ranks + 1), count).astype(jnp.dtype(dtype))
     x = jax.make_array_from_callback(ranks.shape, NamedSharding(mesh, P("x")), lambda i: ranks[i])
     with jax.set_mesh(mesh):
         program(x).block_until_ready()  # compile and warm up (not counted)
         errors, times = 0, []
         start = time.perf_counter()
-        for _ in range(chunks):
+        for done in range(1, chunks + 1):
             t = time.perf_counter()
             errors += int(program(x))  # waits: each chunk is timed on its own
             times.append(time.perf_counter() - t)
+            progress(f"{algorithm}, {errors} wrong so far", done, chunks)
         elapsed = time.perf_counter() - start
-    calls = chunks * args.chunk
+    calls = chunks * chunk
     first, last = np.median(times[: max(1, chunks // 10)]), np.median(times[-max(1, chunks // 10):])
     result = {"devices": description, "algorithm": algorithm, "dtype": args.dtype, "bytes": count * jnp.dtype(dtype).itemsize,
               "calls": calls, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
@@ -84,7 +89,7 @@ def run(args) -> int:
     if is_printer():
         print(f"# jaxnvrar-bench soak: {description}")
         print(f"{calls} calls of {result['bytes']} B {args.dtype} with {algorithm}: {errors} wrong elements, "
-              f"{elapsed:.2f} s ({result['us_per_call']:.2f} us/call); chunk of {args.chunk}: "
+              f"{elapsed:.2f} s ({result['us_per_call']:.2f} us/call); chunk of {chunk}: "
               f"{result['first_tenth_chunk_ms']:.2f} ms in the first tenth, {result['last_tenth_chunk_ms']:.2f} ms "
               "in the last (median)")
         if args.json:
