@@ -11,9 +11,10 @@ choices (ranks that disagreed on nvrar-vs-psum would deadlock). Then:
 - `"auto"` takes the measured winner of the message's size bucket;
 - the kernel runs the bucket's best configuration.
 
-Without a table entry, the documented heuristic applies (`choose_algorithm`): on one node
-NVRAR up to `AUTO_NVRAR_MAX_BYTES` (the 2 x H200 crossover, $JAXNVRAR_AUTO_MAX_BYTES), across
-nodes the cost model's projection; 128 blocks ($JAXNVRAR_MAX_BLOCKS), the full schedule
+Without a table entry, the built-in table shipped for the GPU kind applies
+(jaxnvrar/defaults/tuning.json, measured on 2 x H200), and without that the documented
+heuristic (`choose_algorithm`): on one node NVRAR up to `AUTO_NVRAR_MAX_BYTES`
+($JAXNVRAR_AUTO_MAX_BYTES), across nodes the cost model's projection; 128 blocks ($JAXNVRAR_MAX_BLOCKS), the full schedule
 and LL cells ($JAXNVRAR_ONE_SHOT=1, $JAXNVRAR_BULK=1 to change). An explicit setting wins over the
 table, and `set_max_blocks` / `kernel_config_override` win over the settings.
 """
@@ -149,9 +150,27 @@ def load_shared() -> Table:
     return table
 
 
+# Choices shipped with the package, measured on the GPU kinds at hand (the file names its
+# source): what a user who never runs `tune` gets. Measured with bfloat16; applied by message
+# bytes to every dtype.
+BUILTIN_PATH = pathlib.Path(__file__).with_name("defaults") / "tuning.json"
+_BUILTIN_DTYPE = "bfloat16"
+_builtin: Table | None = None
+
+
+def builtin() -> Table:
+    global _builtin
+    if _builtin is None:
+        _builtin = Table.from_json(BUILTIN_PATH.read_text(), str(BUILTIN_PATH))
+    return _builtin
+
+
 def choice_for(topology: Topology, dtype_name: str, nbytes: int) -> Choice | None:
+    """The measured choice for this call: the tuning table's (`jaxnvrar-bench tune`), else the
+    built-in one for this GPU kind and topology, else None."""
     kind = jax.devices()[0].device_kind
-    return _active.lookup(entry_key(kind, topology, dtype_name), nbytes)
+    return (_active.lookup(entry_key(kind, topology, dtype_name), nbytes)
+            or builtin().lookup(entry_key(kind, topology, _BUILTIN_DTYPE), nbytes))
 
 
 # ---------------------------------------------------------------- the algorithm "auto" runs
@@ -164,9 +183,10 @@ AUTO_NVRAR_MAX_BYTES = 4 << 20
 
 def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
     """What algorithm="auto" runs. "nvrar" needs the CUDA runtime up and the message to fit the
-    workspace; then the tuning table's measured winner for the message's size bucket decides
-    (`jaxnvrar-bench tune`), or without one: on one node, "nvrar" up to AUTO_NVRAR_MAX_BYTES
-    ($JAXNVRAR_AUTO_MAX_BYTES); across nodes, the cost model's projection. Otherwise "psum"."""
+    workspace; then the measured winner for the message's size bucket decides (the tuning table
+    of `jaxnvrar-bench tune`, else the built-in table for this GPU kind), or without one: on one
+    node, "nvrar" up to AUTO_NVRAR_MAX_BYTES ($JAXNVRAR_AUTO_MAX_BYTES); across nodes, the cost
+    model's projection. Otherwise "psum"."""
     dtype = jnp.dtype(dtype)
     nbytes = num_elements * dtype.itemsize
     if not (runtime.is_initialized() and jax.default_backend() == "gpu"

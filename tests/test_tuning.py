@@ -141,3 +141,24 @@ def test_every_process_uses_process_0s_table(tmp_path):
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', config=KernelConfig(max_blocks=32, one_shot=False, bulk=False))" in job.stdout, job.stdout[-2000:]
+
+
+def test_the_builtin_table_gives_the_measured_configs_without_a_tuning_run(monkeypatch):
+    # 2 x H200, 2026-11-30: one-shot LL up to 512 KB, one-shot bulk 1-4 MB, two-shot bulk above;
+    # nvrar ahead of psum at every size measured (8 KB - 32 MB).
+    key = tuning.entry_key("NVIDIA H200", Topology(2, 2), "bfloat16")
+    expected = {8 << 10: "128-1shot", 128 << 10: "128-1shot", 512 << 10: "128-1shot",
+                1 << 20: "128-1shot-bulk", 4 << 20: "128-1shot-bulk", 8 << 20: "128-bulk", 32 << 20: "128-bulk"}
+    for nbytes, label in expected.items():
+        assert tuning.builtin().lookup(key, nbytes) == tuning.Choice("nvrar", L.parse(label)), nbytes
+    # choice_for falls back to it for this GPU kind, and a table of the user's wins over it.
+    kind = jax.devices()[0].device_kind
+    builtin = tuning.Table({tuning.entry_key(kind, Topology(2, 2), "bfloat16"): tuning.builtin().entries[key]})
+    monkeypatch.setattr(tuning, "builtin", lambda: builtin)
+    monkeypatch.setattr(tuning, "_active", tuning.Table())
+    assert tuning.choice_for(Topology(2, 2), "float32", 2 << 20) == tuning.Choice("nvrar", L(128, True, True))
+    assert tuning.choice_for(Topology(4, 2), "bfloat16", 2 << 20) is None  # another topology: not measured
+    mine = tuning.Table()
+    mine.record(tuning.entry_key(kind, Topology(2, 2), "float32"), 2 << 20, psum_us=9.0, nvrar_us_by_config={L(64): 10.0})
+    monkeypatch.setattr(tuning, "_active", mine)
+    assert tuning.choice_for(Topology(2, 2), "float32", 2 << 20) == tuning.Choice("psum", L(64))
