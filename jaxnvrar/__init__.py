@@ -3,6 +3,7 @@
 from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm, initialize
 from jaxnvrar.distributed import initialize_distributed
 from jaxnvrar.info import print_environment_info
+from jaxnvrar.replace import replace_psum
 from jaxnvrar.runtime import cuda_available, finalize, is_initialized, last_timeout
 from jaxnvrar.schedule import KernelConfig, Topology
 
@@ -21,4 +22,5 @@ __all__ = [
     "is_initialized",
     "last_timeout",
     "print_environment_info",
+    "replace_psum",
 ]
