@@ -200,7 +200,7 @@ def _custom_jvp(v):
 _custom_jvp.defjvp(lambda primals, tangents: (_custom_jvp(*primals), 3 * _red(tangents[0])))
 
 NESTED = {
-    "scan": lambda v: lax.scan(lambda c, _: (c + 0.5 * _red(v * c), None), jnp.ones_like(v), length=3)[0],
+    "scan": lambda v: lax.scan(lambda c, _: (c + 0.5 * _red(v * jnp.cos(c)), None), jnp.zeros(v.shape), None, 3)[0],
     "cond": lambda v: lax.cond(v[0, 0] > 0, _red, lambda v: 2 * _red(v), v),
     "while_loop": lambda v: lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] + _red(v)),
                                            (0, jnp.zeros(v.shape, v.dtype)))[1],
