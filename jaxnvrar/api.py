@@ -7,12 +7,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnvrar import distributed, nvrar_ffi, runtime, tuning
-from jaxnvrar.primitive import all_reduce_p
+from jaxnvrar.primitive import all_reduce_p, check_vma_enabled, varying_axes
 from jaxnvrar.schedule import Topology
 from jaxnvrar.tuning import choose_algorithm
 
 ALGORITHMS = ("auto", "psum", "reference", "nvrar")
+# What the CUDA kernel takes (algorithm="nvrar"); "auto" hands every other dtype to psum.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# What algorithm="reference" takes: the kernel's dtypes (summed in float32) and float64 (in float64).
+REFERENCE_DTYPES = SUPPORTED_DTYPES + (jnp.dtype(jnp.float64),)
 
 
 def _axis_size(axis_name) -> int:
@@ -36,6 +39,48 @@ def _single_axis(axis_name):
     return axis_name
 
 
+def _is_manual_mesh_axis(axis_name) -> bool:
+    """True inside jax.shard_map over ``axis_name``; False for a vmap (named batch) axis."""
+    return axis_name in jax.sharding.get_abstract_mesh().manual_axes
+
+
+def _automatic_axes() -> list:
+    """Mesh axes of size > 1 that the enclosing shard_map leaves automatic (axis_names=...)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(mesh.manual_axes)
+    return [a for a, size in zip(mesh.axis_names, mesh.axis_sizes) if a not in manual and size > 1]
+
+
+def _auto_pcast_enabled() -> bool:
+    # jax's psum turns an invariant input varying (pvary) only under jax_auto_pcast (default on).
+    try:
+        from jax._src import config as jax_config
+
+        return bool(jax_config.auto_pcast.value)
+    except (ImportError, AttributeError):
+        return True
+
+
+def _reduced_state(aval, axis_name) -> bool:
+    """True where ``axis_name`` is an unreduced/reduced axis of the value (psum's own cases)."""
+    mat = getattr(aval, "mat", None)
+    return mat is not None and (axis_name in getattr(mat, "unreduced", ())
+                                or axis_name in getattr(mat, "reduced", ()))
+
+
+def _check_dtype(dtype, algorithm: str) -> None:
+    if algorithm == "reference" and dtype not in REFERENCE_DTYPES:
+        raise TypeError(
+            f"jaxnvrar.all_reduce(algorithm='reference') takes float32, bfloat16, float16 and float64, "
+            f"got {dtype}; use algorithm='psum' (or 'auto', which picks psum for {dtype}), or cast"
+        )
+    if algorithm == "nvrar" and dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"jaxnvrar.all_reduce(algorithm='nvrar') supports float32, bfloat16 and float16, got {dtype}; "
+            f"cast to one of them, or use algorithm='psum' (or 'auto', which picks psum for {dtype})"
+        )
+
+
 def initialize(*, workspace_bytes: int | None = None) -> None:
     """Start NVSHMEM and allocate the symmetric workspace; call after jax.distributed.initialize().
 
@@ -51,59 +96,111 @@ def initialize(*, workspace_bytes: int | None = None) -> None:
 def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | None = None):
     """Sum ``x`` over the mesh axis ``axis_name``; call inside `jax.shard_map`.
 
-    Returns an array of ``x``'s shape and dtype equal to ``jax.lax.psum(x, axis_name)`` within
-    the dtype's rounding, bit-identical on every rank of the axis. A pytree of arrays gives the
-    same pytree, as psum does; its leaves of one dtype are reduced together, as one message
-    (one kernel launch instead of one per leaf: small messages pay latency, not bandwidth).
+    A drop-in for ``jax.lax.psum(x, axis_name)``: the same values (within the dtype's rounding,
+    bit-identical on every rank of the axis), dtype and type. Like psum, the result is invariant
+    over ``axis_name`` (so ``out_specs=P()`` works under check_vma), an invariant ``x`` (a value
+    replicated over the axis) sums to the axis size times ``x`` (as psum: made varying, then
+    reduced), and derivatives (grad, vjp, jvp, transposes; check_vma on or off) are psum's.
+    A pytree of arrays gives the same pytree, as psum does; its leaves of one dtype (and one
+    type) are reduced together, as one message (one kernel launch instead of one per leaf:
+    small messages pay latency, not bandwidth).
+
+    Handed to ``jax.lax.psum`` itself, whatever ``algorithm`` says (no schedule applies there):
+    a ``jax.vmap`` axis (``axis_name=`` of vmap, not a mesh axis), inputs that are no tracers
+    (constants, which psum multiplies by the axis size), and values that are unreduced/reduced
+    over the axis.
 
     Args:
-      x: float32, bfloat16 or float16 array, any shape; or a pytree of them.
-      axis_name: one mesh axis (of possibly several).
+      x: an array, any shape; or a pytree of them. algorithm="psum" and "auto" take every
+        dtype psum takes; "reference" takes float32, bfloat16, float16 and float64 (summed in
+        float32, float64 in float64); "nvrar" float32, bfloat16 and float16 ("auto" picks
+        psum for the rest).
+      axis_name: one mesh axis (of possibly several), or a 1-tuple of it.
       algorithm: "psum" (XLA's), "reference" (the NVRAR schedule in JAX collectives, any
         backend), "nvrar" (the CUDA kernel; needs `jaxnvrar.initialize()`), or "auto"
-        (see `choose_algorithm`).
+        (see `choose_algorithm`). In a shard_map manual over only some mesh axes
+        (``axis_names=``) with others of size > 1 left automatic, "auto" picks psum and
+        "nvrar" raises.
       gpus_per_node: consecutive ranks of the axis that form one node. Default: the ranks
         that share a host. Must divide the axis size.
     """
-    leaves, treedef = jax.tree.flatten(x)
-    if not (treedef.num_leaves == 1 and treedef.num_nodes == 1):  # not a single array
-        return _all_reduce_tree(leaves, treedef, axis_name, algorithm, gpus_per_node)
-    x = jnp.asarray(x)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"jaxnvrar.all_reduce supports float32, bfloat16 and float16, got {x.dtype}; "
-            "cast to one of them or use jax.lax.psum"
-        )
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
-    topology = (Topology(num_ranks, gpus_per_node) if gpus_per_node is not None
-                else distributed.default_topology(num_ranks))
-    if algorithm == "auto":
-        algorithm = choose_algorithm(x.size, x.dtype, topology)
-    if algorithm == "psum":
+    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else None
+    leaves, treedef = jax.tree.flatten(x)
+    if (algorithm == "psum" or not _is_manual_mesh_axis(axis_name)
+            or not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)):
         return lax.psum(x, axis_name)
-    if algorithm == "nvrar":
-        nvrar_ffi.check_can_run(x, topology)
-    return all_reduce_p.bind(
-        x, axis_name=axis_name, num_ranks=num_ranks, gpus_per_node=gpus_per_node, algorithm=algorithm
-    )
-
-
-def _all_reduce_tree(leaves, treedef, axis_name, algorithm, gpus_per_node):
-    """The leaves of each dtype flattened into one message, reduced, and cut back."""
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    by_dtype: dict = {}
-    for index, leaf in enumerate(leaves):
-        by_dtype.setdefault(leaf.dtype, []).append(index)
+    for leaf in leaves:
+        _check_dtype(leaf.dtype, algorithm)
+    avals = [jax.typeof(leaf) for leaf in leaves]
+    vma = check_vma_enabled()
+    if any(_reduced_state(aval, axis_name) for aval in avals):
+        return lax.psum(x, axis_name)
+    invariant = [vma and axis_name not in varying_axes(aval) for aval in avals]
+    if any(invariant) and not _auto_pcast_enabled():
+        return lax.psum(x, axis_name)  # psum refuses an invariant input here; say it as psum does
+    automatic = _automatic_axes()
+    if automatic and algorithm == "nvrar":
+        raise NotImplementedError(
+            f"jaxnvrar.all_reduce(algorithm='nvrar') needs jax.shard_map manual over every mesh axis, "
+            f"but mesh axes {automatic} are left automatic here (shard_map(..., axis_names=...)); "
+            "make them manual too (drop axis_names, or name them all), or use algorithm='auto' or "
+            "'psum' (psum's all-reduce) or 'reference'"
+        )
+    if topology is None:
+        topology = distributed.default_topology(num_ranks)
+    # An invariant leaf is made varying first (pvary), exactly as psum does: its sum is the axis
+    # size times it, and pvary's transpose (a psum) gives psum's derivative.
+    leaves = [lax.pcast(leaf, axis_name, to="varying") if inv else leaf
+              for leaf, inv in zip(leaves, invariant)]
     out = list(leaves)
-    for dtype, indices in by_dtype.items():
+    for indices in _groups(leaves, vma).values():
         group = [leaves[i] for i in indices]
-        message = group[0].ravel() if len(group) == 1 else jnp.concatenate([leaf.ravel() for leaf in group])
-        reduced = all_reduce(message, axis_name, algorithm=algorithm, gpus_per_node=gpus_per_node)
-        offset = 0
-        for i, leaf in zip(indices, group):
-            out[i] = reduced[offset:offset + leaf.size].reshape(leaf.shape)
-            offset += leaf.size
+        reduced = _all_reduce_message(group, axis_name, algorithm, topology, gpus_per_node, automatic, vma)
+        for i, value in zip(indices, reduced):
+            out[i] = value
     return jax.tree.unflatten(treedef, out)
+
+
+def _groups(leaves, vma: bool) -> dict:
+    """Leaves that travel as one message: one dtype, one type (varying axes, weak type), and
+    no sharding over automatic mesh axes (a leaf sharded so travels alone)."""
+    groups: dict = {}
+    for index, leaf in enumerate(leaves):
+        aval = jax.typeof(leaf)
+        spec = getattr(getattr(aval, "sharding", None), "spec", None)
+        sharded = spec is not None and any(entry is not None for entry in spec)
+        key = (leaf.dtype, bool(getattr(aval, "weak_type", False)),
+               varying_axes(aval) if vma else frozenset(), index if sharded else None)
+        groups.setdefault(key, []).append(index)
+    return groups
+
+
+def _all_reduce_message(group, axis_name, algorithm, topology, gpus_per_node, automatic, vma):
+    """The leaves of ``group`` (one dtype, one type) flattened into one message, reduced, and cut
+    back."""
+    dtype = group[0].dtype
+    size = sum(leaf.size for leaf in group)
+    if algorithm == "auto":
+        if dtype not in SUPPORTED_DTYPES or automatic:
+            algorithm = "psum"
+        else:
+            algorithm = choose_algorithm(size, dtype, topology)
+    if algorithm == "psum":
+        return lax.psum(list(group), axis_name)
+    message = group[0] if len(group) == 1 else jnp.concatenate([leaf.ravel() for leaf in group])
+    if algorithm == "nvrar":
+        nvrar_ffi.check_can_run(message, topology)
+    reduced = all_reduce_p.bind(message, axis_name=axis_name, num_ranks=topology.num_ranks,
+                                gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=vma)
+    if len(group) == 1:
+        return [reduced]
+    out, offset = [], 0
+    for leaf in group:
+        out.append(reduced[offset:offset + leaf.size].reshape(leaf.shape))
+        offset += leaf.size
+    return out

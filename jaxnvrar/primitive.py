@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import numpy as np
 from jax import lax
 from jax._src import core
@@ -23,7 +24,8 @@ from jaxnvrar.schedule import Topology
 all_reduce_p = Primitive("jaxnvrar_all_reduce")
 
 
-def _varying_axes(aval) -> frozenset:
+def varying_axes(aval) -> frozenset:
+    """The manual mesh axes over which a value of type ``aval`` varies (its vma)."""
     # jax >= 0.10 keeps the varying manual axes in aval.mat; earlier releases in aval.vma.
     if hasattr(aval, "mat"):
         return frozenset(aval.mat.varying)
@@ -38,27 +40,41 @@ def _with_varying_axes(aval, axes: frozenset):
     return aval
 
 
-def _abstract_eval(x, *, axis_name, num_ranks, gpus_per_node, algorithm):
-    return _with_varying_axes(x, _varying_axes(x) - {axis_name})
+def check_vma_enabled() -> bool:
+    """Whether the enclosing shard_map checks varying axes (its ``check_vma``; jax's psum reads
+    the same setting to pick between its two primitives)."""
+    try:
+        from jax._src import config as jax_config
+
+        return bool(jax_config._check_vma.value)
+    except (ImportError, AttributeError):  # not in this jax: typed as under check_vma=True
+        return True
+
+
+def _abstract_eval(x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
+    # psum's type: varying -> invariant over the axis. The caller (`all_reduce`) makes an
+    # invariant input varying first, as psum does.
+    return _with_varying_axes(x, varying_axes(x) - {axis_name})
 
 
 all_reduce_p.def_abstract_eval(_abstract_eval)
 
 
 def _transpose(cotangent, x, **params):
-    # Same rule as psum's: a varying cotangent must itself be summed over the axis;
-    # an invariant one flows back to every rank unchanged.
-    axis_name = params["axis_name"]
-    if axis_name in _varying_axes(core.typeof(cotangent)):
-        return [all_reduce_p.bind(cotangent, **params)]
-    return [lax.pcast(cotangent, axis_name, to="varying")]
+    # psum's rules. check_vma=True (psum_invariant): the cotangent of the invariant result
+    # flows back to every rank unchanged, made varying again (pvary; its own transpose is a
+    # psum). check_vma=False (psum_p, "psum + pbroadcast"): the cotangent is summed again.
+    if params["check_vma"]:
+        return [lax.pcast(cotangent, params["axis_name"], to="varying")]
+    return [all_reduce_p.bind(cotangent, **params)]
 
 
 ad.deflinear2(all_reduce_p, _transpose)
 
 
 def _batch(args, dims, **params):
-    # The all-reduce is elementwise, so a batch dimension passes straight through.
+    # The all-reduce is elementwise, so a batch dimension passes straight through. (A vmap
+    # axis is never reduced here: `all_reduce` hands those to lax.psum.)
     return all_reduce_p.bind(args[0], **params), dims[0]
 
 
@@ -120,7 +136,7 @@ def resolve_topology(ctx, axis_name, num_ranks, gpus_per_node) -> tuple[Topology
 # ---------------------------------------------------------------- lowerings
 
 
-def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm):
+def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
     if algorithm == "nvrar":
         platform = ctx.module_context.platforms
         raise NotImplementedError(
@@ -129,13 +145,33 @@ def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm):
         )
     topology, _ = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     impl = functools.partial(all_reduce_reference, axis_name=axis_name, topology=topology)
+    impl = _on_local_blocks(impl, ctx.avals_in[0])
     return mlir.lower_fun(impl, multiple_results=False)(ctx, x)
 
 
-def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm):
+def _on_local_blocks(impl, aval):
+    """``impl`` on each device's block where ``aval`` is sharded over mesh axes a partly manual
+    shard_map (``axis_names=``) leaves automatic, as under explicit sharding: the reference's
+    reshapes and slices are not defined on such dims, and the all-reduce is elementwise, so
+    every block is reduced on its own, in a shard_map manual over those axes too."""
+    sharding = getattr(aval, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return impl
+    axes = set()
+    for entry in spec:
+        if entry is not None:
+            axes.update(entry if isinstance(entry, tuple) else (entry,))
+    if not axes:
+        return impl
+    return jax.shard_map(impl, mesh=sharding.mesh, in_specs=spec, out_specs=spec,
+                         axis_names=axes, check_vma=False)
+
+
+def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
     if algorithm != "nvrar":
         return _lower_reference(ctx, x, axis_name=axis_name, num_ranks=num_ranks,
-                                gpus_per_node=gpus_per_node, algorithm=algorithm)
+                                gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=check_vma)
     topology, groups = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups)
 

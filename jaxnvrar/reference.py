@@ -1,7 +1,8 @@
 """The NVRAR all-reduce written with JAX collectives: portable, runs on any backend.
 
 It follows `jaxnvrar.schedule` step by step with `lax.ppermute`, accumulates in
-float32 and rounds to the input dtype at the end of each phase (as the CUDA kernel does),
+float32 (float64 in float64: `_accumulator`) and rounds to the input dtype at the end of each
+phase (as the CUDA kernel does),
 so every rank ends with bit-identical values. It is the CPU/TPU path of `all_reduce`
 and the model the CUDA kernel is tested against; it is not meant to be fast.
 """
@@ -21,6 +22,11 @@ from jaxnvrar.schedule import (
     num_inter_node_steps,
     slice_bounds,
 )
+
+
+def _accumulator(dtype):
+    """float32 for the kernel's dtypes (float16, bfloat16, float32); wider types keep their own."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _shift_within_node(topology: Topology, shift: int) -> list[tuple[int, int]]:
@@ -44,7 +50,7 @@ def _reduce_scatter_intra_node(slices, axis_name, topology, local):
     total = None
     for source in range(g):
         value = lax.dynamic_index_in_dim(by_shift, (local - source) % g, keepdims=False)
-        value = value.astype(jnp.float32)
+        value = value.astype(_accumulator(slices.dtype))
         total = value if total is None else total + value
     return total.astype(slices.dtype)
 
@@ -63,7 +69,7 @@ def _all_reduce_inter_node(mine, axis_name, topology, node):
         received = lax.ppermute(mine, axis_name, pairs)
         op = jnp.asarray(np.array([int(p.op) for p in plan], np.int32))[node]
         peer = jnp.asarray(np.array([p.peer for p in plan], np.int32))[node]
-        a, b = mine.astype(jnp.float32), received.astype(jnp.float32)
+        a, b = mine.astype(_accumulator(mine.dtype)), received.astype(_accumulator(mine.dtype))
         lower_first = jnp.where(node < peer, a + b, b + a).astype(mine.dtype)
         mine = jnp.where(
             (op & StepOp.RECV_ADD) != 0,

@@ -248,11 +248,20 @@ def _call(fn, num_ranks=None):
     return run_per_rank(fn, host, mesh)
 
 
-def test_rejects_integer_dtype():
+@pytest.mark.parametrize("algorithm", ["nvrar", "reference"])
+def test_rejects_integer_dtype(algorithm):
+    # The kernel and its model take floats only; "psum" and "auto" (which picks psum) take
+    # every dtype psum takes (tests/test_psum_parity.py).
     with pytest.raises(TypeError, match="int32.*psum"):
-        _call(lambda a: jaxnvrar.all_reduce(a.astype(jnp.int32), "x"))
+        _call(lambda a: jaxnvrar.all_reduce(a.astype(jnp.int32), "x", algorithm=algorithm))
     with pytest.raises(TypeError, match="int32.*psum"):  # a leaf of a pytree too
-        _call(lambda a: jaxnvrar.all_reduce((a, a.astype(jnp.int32)), "x")[0])
+        _call(lambda a: jaxnvrar.all_reduce((a, a.astype(jnp.int32)), "x", algorithm=algorithm)[0])
+
+
+def test_auto_takes_integers_as_psum_does():
+    out = _call(lambda a: jaxnvrar.all_reduce(a.astype(jnp.int32), "x"))
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, np.full(out.shape, jax.device_count(), np.int32))
 
 
 def test_rejects_gpus_per_node_that_does_not_divide():
