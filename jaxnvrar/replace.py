@@ -93,17 +93,6 @@ def _all_reduce_or_psum(x, axis, algorithm):
 # ---------------------------------------------------------------- the interpreter
 
 
-def _contains_rewritable(value) -> bool:
-    if isinstance(value, ClosedJaxpr):
-        value = value.jaxpr
-    if isinstance(value, Jaxpr):
-        return any(e.primitive.name in _REWRITTEN or any(map(_contains_rewritable, e.params.values()))
-                   for e in value.eqns)
-    if isinstance(value, (tuple, list)):
-        return any(map(_contains_rewritable, value))
-    return False
-
-
 def _bind(prim, params, invals):
     bind_params = prim.get_bind_params(params)
     if isinstance(bind_params, tuple):  # older jax: (subfuns, params)
@@ -115,6 +104,19 @@ def _bind(prim, params, invals):
 class _Interpreter:
     def __init__(self, algorithm: str):
         self.algorithm = algorithm
+        self._has_psum: dict = {}  # id(jaxpr) -> whether it holds anything to rewrite
+
+    def has_psum(self, value) -> bool:
+        if isinstance(value, (tuple, list)):
+            return any(map(self.has_psum, value))
+        if isinstance(value, ClosedJaxpr):
+            value = value.jaxpr
+        if not isinstance(value, Jaxpr):
+            return False
+        if id(value) not in self._has_psum:
+            self._has_psum[id(value)] = any(
+                e.primitive.name in _REWRITTEN or any(map(self.has_psum, e.params.values())) for e in value.eqns)
+        return self._has_psum[id(value)]
 
     def run(self, jaxpr, consts, args):
         env = dict(zip(jaxpr.constvars, consts))
@@ -137,17 +139,17 @@ class _Interpreter:
 
     def eqn(self, eqn, invals, invariant):
         prim, params = eqn.primitive, eqn.params
-        if prim.name in _REWRITTEN and self._reducible(eqn) and not isinstance(eqn.invars[0], Literal):
+        if prim.name in _REWRITTEN and self._reducible(eqn):
             (x,) = invals
             axis = params["axes"][0]
             if prim.name == "pvary":
-                return vary_p.bind(x, axes=(axis,), algorithm=self.algorithm) if _jax_pvary_p else _bind(prim, params, invals)
+                return vary_p.bind(x, axes=(axis,), algorithm=self.algorithm)
             if eqn.invars[0] in invariant:
                 return _bind(prim, params, invals)  # psum of an invariant value: leave it as jax wrote it
             if prim.name == "psum":
                 return self._unchecked_all_reduce(x, axis)
             return _all_reduce_or_psum(x, axis, self.algorithm)
-        if not any(map(_contains_rewritable, params.values())):
+        if not self.has_psum(list(params.values())):
             return _bind(prim, params, invals)
         try:
             if prim.name == "shard_map":
@@ -161,8 +163,9 @@ class _Interpreter:
 
     def _reducible(self, eqn) -> bool:
         axes = eqn.params.get("axes")
-        if (len(eqn.invars) != 1 or not isinstance(axes, tuple) or len(axes) != 1
-                or eqn.params.get("axis_index_groups") is not None):
+        if (len(eqn.invars) != 1 or isinstance(eqn.invars[0], Literal) or not isinstance(axes, tuple)
+                or len(axes) != 1 or eqn.params.get("axis_index_groups") is not None
+                or (eqn.primitive.name == "pvary" and _jax_pvary_p is None)):
             return False
         aval = eqn.invars[0].aval
         manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
@@ -183,7 +186,7 @@ class _Interpreter:
     def _rewrite(self, value):
         if isinstance(value, (tuple, list)):
             return type(value)(self._rewrite(v) for v in value)
-        if not _contains_rewritable(value):
+        if not self.has_psum(value):
             return value
         if isinstance(value, ClosedJaxpr):
             return self._retrace(value.jaxpr, value.consts, value.in_avals)

@@ -110,6 +110,17 @@ def test_unsupported_dtype_and_unrunnable_kernel_stay_psum(mesh):
     close(jax.jit(jaxnvrar.replace_psum(f, algorithm="nvrar"))(x), f(x))
 
 
+def test_partly_manual_and_nested_shard_maps(mesh):
+    def outer(v):  # manual over "tp"; inside, a shard_map manual over "dp"
+        inner = jax.shard_map(lambda w: lax.psum(w, "dp"), in_specs=P(None, "dp"), out_specs=P(), axis_names={"dp"})
+        return lax.psum(inner(v), "tp")
+
+    f = jax.jit(jax.shard_map(outer, mesh=mesh, in_specs=P("tp"), out_specs=P(), axis_names={"tp"}))
+    x = put(mesh, randn(8, 8), P("tp", "dp"))
+    assert jaxpr_text(fast(f), x).count(OURS) == 2
+    close(jax.jit(fast(f))(x), f(x))
+
+
 def test_pytrees_kwargs_and_static_arguments(mesh):
     @jax.shard_map(mesh=mesh, in_specs=(P("tp"), P("tp")), out_specs=P())
     def body(a, b):
