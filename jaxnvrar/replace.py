@@ -17,8 +17,8 @@ Gradients: psums in a traced `jax.grad(...)` are rewritten like any other. When 
 function is itself differentiated, the all-reduces of the backward pass come from the
 transposes of pvary (the broadcast of an invariant value into varying computation): those
 pvarys are bound as `jaxnvrar_pvary`, identical in the forward pass, whose transpose is
-`jaxnvrar.all_reduce`. Under check_vma=False the replaced psum keeps psum's derivative
-(a custom_jvp whose tangent is psum), as XLA's psum is what jax differentiates there.
+`jaxnvrar.all_reduce` (under check_vma=False, all_reduce's own transpose is an all-reduce,
+as psum's is there).
 """
 
 from __future__ import annotations
@@ -146,8 +146,6 @@ class _Interpreter:
                 return vary_p.bind(x, axes=(axis,), algorithm=self.algorithm)
             if eqn.invars[0] in invariant:
                 return _bind(prim, params, invals)  # psum of an invariant value: leave it as jax wrote it
-            if prim.name == "psum":
-                return self._unchecked_all_reduce(x, axis)
             return _all_reduce_or_psum(x, axis, self.algorithm)
         if not self.has_psum(list(params.values())):
             return _bind(prim, params, invals)
@@ -170,16 +168,6 @@ class _Interpreter:
         aval = eqn.invars[0].aval
         manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
         return axes[0] in manual and getattr(aval, "dtype", None) in SUPPORTED_DTYPES
-
-    def _unchecked_all_reduce(self, x, axis):
-        # check_vma=False: jax transposes psum to psum, all_reduce's transpose reads vma types,
-        # which are absent here; so the derivative stays psum's.
-        @jax.custom_jvp
-        def reduce(x):
-            return _all_reduce_or_psum(x, axis, self.algorithm)
-
-        reduce.defjvp(lambda primals, tangents: (reduce(*primals), lax.psum(tangents[0], axis)))
-        return reduce(x)
 
     # -- sub-jaxprs
 
