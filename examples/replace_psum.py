@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, help="default: 4096 on GPUs, 512 elsewhere")
     parser.add_argument("--intermediate", type=int, help="default: 14336 on GPUs, 1792 elsewhere")
+    parser.add_argument("--algorithm", default="auto", choices=jaxnvrar.ALGORITHMS, help="for replace_psum")
     parser.add_argument("--time", action="store_true", help="also time both")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7)
@@ -93,20 +94,21 @@ def main() -> None:
 
     with jax.set_mesh(mesh):
         as_written = tp_mlp_layers(mesh)
-        replaced = jax.jit(jaxnvrar.replace_psum(as_written, algorithm="auto"))
+        replaced = jax.jit(jaxnvrar.replace_psum(as_written, algorithm=args.algorithm))
         want = np.asarray(as_written(*inputs).addressable_data(0), np.float32)
         got = np.asarray(replaced(*inputs).addressable_data(0), np.float32)
         topology = jaxnvrar.distributed.default_topology(tp)
-        runs = jaxnvrar.choose_algorithm(args.batch * hidden, jnp.bfloat16, topology)
+        runs = (jaxnvrar.choose_algorithm(args.batch * hidden, jnp.bfloat16, topology)
+                if args.algorithm == "auto" else args.algorithm)
         error = float(np.max(np.abs(got - want)))
         equal = bool(np.allclose(got, want, rtol=2e-2, atol=2e-2 * float(np.max(np.abs(want)))))
         lines = [f"{tp} ranks ({jax.default_backend()}), {n} MLP layers {hidden}x{width} bf16, batch {args.batch}: "
-                 f"{args.batch * hidden * 2}-byte all-reduces, 'auto' runs {runs!r}",
+                 f"{args.batch * hidden * 2}-byte all-reduces, {args.algorithm!r} runs {runs!r}",
                  f"replace_psum vs psum: max |difference| = {error:.3g}, equal: {equal}"]
         if args.time:
-            for name, fn in (("psum (as written)", as_written), ("replace_psum(auto)", replaced)):
+            for name, fn in (("psum (as written)", as_written), (f"replace_psum({args.algorithm})", replaced)):
                 seconds = median_step_time(fn, inputs, args.steps, args.repeats)
-                lines.append(f"{name:>20}: median step {seconds * 1e6:9.1f} us")
+                lines.append(f"{name:>25}: median step {seconds * 1e6:9.1f} us")
         if jax.process_index() == 0:
             print("\n".join(lines))
         assert equal, error
