@@ -82,16 +82,17 @@ def _smap(fn, mesh, in_specs, out_specs, **kwargs):
 # ---------------------------------------------------------------- forward values and types
 
 
+@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("spec", ["varying", "invariant"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_forward(algorithm, spec, jit):
+def test_forward(algorithm, spec, jit, check_vma):
     mesh = _mesh()
     in_spec = P("x") if spec == "varying" else P()
     host = _data((N * 3,) if spec == "varying" else (5,))
 
     def run(reduce):
-        fn = _smap(lambda a: reduce(a * 2.0, "x"), mesh, in_spec, P())
+        fn = _smap(lambda a: reduce(a * 2.0, "x"), mesh, in_spec, P(), check_vma=check_vma)
         fn = jax.jit(fn) if jit else fn
         with jax.set_mesh(mesh):
             return fn(_put(host, mesh, in_spec))
@@ -210,9 +211,10 @@ def test_second_order(algorithm):
 # ---------------------------------------------------------------- scan
 
 
+@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
 @pytest.mark.parametrize("carry", ["varying", "invariant"])
 @pytest.mark.parametrize("algorithm", ["reference", "auto"])
-def test_scan_and_its_grad(algorithm, carry):
+def test_scan_and_its_grad(algorithm, carry, check_vma):
     mesh = _mesh()
     x = _data((N * 4,), 5)
     h0 = _data((4,), 6)
@@ -227,7 +229,7 @@ def test_scan_and_its_grad(algorithm, carry):
         def shard(local, h):
             return lax.scan(functools.partial(body, local), h, jnp.linspace(0.5, 1.5, 3))[0]
 
-        fn = _smap(shard, mesh, (P("x"), P()), P())
+        fn = _smap(shard, mesh, (P("x"), P()), P(), check_vma=check_vma)
         loss = lambda a, h: jnp.sum(jnp.cos(fn(a, h)))  # noqa: E731
         with jax.set_mesh(mesh):
             return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(_put(x, mesh, P("x")), _put(h0, mesh, P()))
@@ -262,7 +264,7 @@ def test_pytree_of_varying_and_invariant_leaves(algorithm):
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS + ["nvrar"])  # a vmap axis is psum's, whatever
 def test_vmap_axis(algorithm, batched):
     xs = _data((5, 3), 9)
     c = _data((3,), 10)
@@ -288,6 +290,19 @@ def _both_or_same_error(run, algorithm):
             run(Reducer(algorithm))
         return None
     return _both(run, algorithm)
+
+
+@pytest.mark.skipif(not hasattr(jax, "pmap"), reason="no jax.pmap in this jax")
+@pytest.mark.parametrize("algorithm", ["reference", "auto"])
+def test_pmap_axis(algorithm):
+    x = _data((N, 3), 18)
+
+    def run(reduce):
+        fn = jax.pmap(lambda a: reduce(a, "i"), axis_name="i", devices=jax.devices()[:N])
+        return fn(x), jax.grad(lambda a: jnp.sum(jnp.sin(fn(a))))(x)
+
+    got, want = _both(run, algorithm)
+    _assert_same(got, want)
 
 
 # jax's own psum over a vmap axis inside a shard_map with check_vma=True fails (jax 0.10 and
