@@ -126,16 +126,16 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    leaves, treedef = jax.tree.flatten(x)
+    for leaf in leaves:  # refused by the algorithm asked for, wherever the call would go
+        _check_dtype(jnp.asarray(leaf).dtype, algorithm)
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
     topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else None
-    leaves, treedef = jax.tree.flatten(x)
     if (algorithm == "psum" or not _is_manual_mesh_axis(axis_name)
             or not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)):
         return lax.psum(x, axis_name)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    for leaf in leaves:
-        _check_dtype(leaf.dtype, algorithm)
     avals = [jax.typeof(leaf) for leaf in leaves]
     vma = check_vma_enabled()
     if any(_reduced_state(aval, axis_name) for aval in avals):
