@@ -1,8 +1,10 @@
 """The `all_reduce` primitive: typed like `lax.psum`, lowered to the reference or the CUDA kernel.
 
 A primitive of our own (rather than a plain Python function of ppermutes) gives the result
-psum's type inside `jax.shard_map`: invariant over the reduced axis, so `out_specs=P()`
-and `check_vma=True` work exactly as with psum, and its transpose is psum's.
+psum's type inside `jax.shard_map`: a varying input comes out invariant over the reduced axis,
+so `out_specs=P()` and `check_vma=True` work exactly as with psum, and its transpose is psum's
+(pvary under check_vma=True, the all-reduce again under check_vma=False: the `check_vma`
+param). Invariant inputs, vmap axes and constants are `all_reduce`'s to route, as psum does.
 The topology is resolved at lowering time, where the concrete mesh is known.
 """
 
@@ -13,7 +15,6 @@ import functools
 import jax
 import numpy as np
 from jax import lax
-from jax._src import core
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 

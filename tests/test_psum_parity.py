@@ -369,9 +369,10 @@ def test_partly_manual_shard_map(algorithm, axis_type):
     w = _data((2 * 3, 5), 14)
 
     def run(reduce):
-        fn = _smap(lambda a, b: reduce(a * b, "tp"), mesh, (P(None, "tp"), P()), P(),
+        # A pytree: a varying leaf, an invariant one (both sharded over "dp"), a replicated one.
+        fn = _smap(lambda a, b: reduce((a * b, b, jnp.sum(b)), "tp"), mesh, (P(None, "tp"), P()), P(),
                    axis_names={"tp"})
-        loss = lambda a, b: jnp.sum(jnp.sin(fn(a, b)))  # noqa: E731
+        loss = lambda a, b: sum(jnp.sum(jnp.sin(leaf)) for leaf in fn(a, b))  # noqa: E731
         with jax.set_mesh(mesh):
             args = (jax.device_put(x, NamedSharding(mesh, P("dp", "tp"))),
                     jax.device_put(w, NamedSharding(mesh, P("dp"))))
