@@ -22,3 +22,13 @@ def test_environment_info_says_when_a_tuning_table_is_unreadable(tmp_path, monke
     (tmp_path / "t.json").write_text("{broken")
     monkeypatch.setenv(tuning.TUNING_FILE_ENV, str(tmp_path / "t.json"))
     assert "unreadable: " in info.environment_info()["tuning table"]
+
+
+def test_invalid_settings_are_flagged_by_name(monkeypatch):
+    from jaxnvrar import info
+
+    monkeypatch.setenv("JAXNVRAR_ONE_SHOT", "yes")
+    monkeypatch.setenv("JAXNVRAR_NETWORK", "ndr")
+    settings = info.environment_info()["settings"]
+    assert settings["JAXNVRAR_ONE_SHOT"].startswith("yes  <- INVALID: JAXNVRAR_ONE_SHOT='yes': expected a int")
+    assert settings["JAXNVRAR_NETWORK"] == "ndr"
