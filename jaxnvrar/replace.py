@@ -45,26 +45,42 @@ def replace_psum(fn, *, algorithm: str = "auto"):
 
     Same signature and pytrees as ``fn``, works under `jax.jit`, `jax.grad` and `jax.vmap`,
     and results equal ``fn``'s within the dtype's rounding. Arguments that are not arrays
-    (Python scalars, strings, ...) are passed to ``fn`` as they are, as constants.
+    (Python scalars, strings, ...) are passed to ``fn`` as they are, as constants. The rewritten
+    program is compiled once per argument structure and types, as `jax.jit` does (fn's Python
+    side effects run when it is traced, not at every call).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"replace_psum: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    compiled: dict = {}  # (pytree, which leaves are arrays, the other leaves) -> jitted rewrite
+
+    def rewritten(tree, dynamic, leaves):
+        def run(*arrays):
+            def flat_fn(*arrays):
+                arrays = iter(arrays)
+                full = [next(arrays) if dyn else leaf for leaf, dyn in zip(leaves, dynamic)]
+                a, k = jax.tree.unflatten(tree, full)
+                return fn(*a, **k)
+
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)
+            out = _Interpreter(algorithm).run(closed.jaxpr, closed.consts, arrays)
+            return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+        return jax.jit(run)
 
     @functools.wraps(fn)
     def replaced(*args, **kwargs):
         leaves, tree = jax.tree.flatten((args, kwargs))
-        dynamic = [isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves]
-
-        def flat_fn(*arrays):
-            arrays = iter(arrays)
-            full = [next(arrays) if dyn else leaf for leaf, dyn in zip(leaves, dynamic)]
-            a, k = jax.tree.unflatten(tree, full)
-            return fn(*a, **k)
-
-        arrays = [leaf for leaf, dyn in zip(leaves, dynamic) if dyn]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)
-        out = _Interpreter(algorithm).run(closed.jaxpr, closed.consts, arrays)
-        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+        dynamic = tuple(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves)
+        key = (tree, dynamic, tuple(leaf for leaf, dyn in zip(leaves, dynamic) if not dyn))
+        constants = [None if dyn else leaf for leaf, dyn in zip(leaves, dynamic)]  # no arrays kept
+        try:
+            run = compiled.get(key) or compiled.setdefault(key, rewritten(tree, dynamic, constants))
+        except TypeError:  # an unhashable constant argument: a rewrite for this call only
+            run = rewritten(tree, dynamic, constants)
+        try:
+            return run(*[leaf for leaf, dyn in zip(leaves, dynamic) if dyn])
+        except _Refused as refused:
+            raise refused.error from None
 
     return replaced
 
@@ -83,11 +99,24 @@ batching.primitive_batchers[vary_p] = lambda args, dims, **params: (vary_p.bind(
 ad.deflinear2(vary_p, lambda ct, x, *, axes, algorithm: [_all_reduce_or_psum(ct, axes[0], algorithm)])
 
 
+class _Refused(RuntimeError):
+    """all_reduce's RuntimeError, carried past the interpreter's "leave it psum" fallback."""
+
+    def __init__(self, error: RuntimeError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _all_reduce_or_psum(x, axis, algorithm):
+    # A call the kernel cannot take (a message over the workspace, a partly manual shard_map)
+    # stays psum. A runtime that is not up is not such a case: "nvrar" without
+    # jaxnvrar.initialize() raises (RuntimeError) rather than quietly running psum.
     try:
         return all_reduce(x, axis, algorithm=algorithm)
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):
-        return lax.psum(x, axis)  # e.g. "nvrar" where the kernel cannot run, or a message too large
+    except (ValueError, TypeError, NotImplementedError):
+        return lax.psum(x, axis)
+    except RuntimeError as err:
+        raise _Refused(err) from None
 
 
 # ---------------------------------------------------------------- the interpreter
@@ -153,6 +182,8 @@ class _Interpreter:
             if prim.name == "shard_map":
                 return self._shard_map(params, invals)
             new_params = {k: self._rewrite(v) for k, v in params.items()}
+        except _Refused:
+            raise
         except Exception as err:  # noqa: BLE001 - anything we cannot retrace stays psum
             warnings.warn(f"jaxnvrar.replace_psum: left the psums in {prim.name} as they were ({err!r})",
                           stacklevel=2)
