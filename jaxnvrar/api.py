@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnvrar import distributed, nvrar_ffi, runtime, tuning
-from jaxnvrar.primitive import all_reduce_p, check_vma_enabled, varying_axes
+from jaxnvrar.primitive import all_reduce_p, auto_pcast_enabled, check_vma_enabled, varying_axes
 from jaxnvrar.schedule import Topology
 from jaxnvrar.tuning import choose_algorithm
 
@@ -49,16 +49,6 @@ def _automatic_axes() -> list:
     mesh = jax.sharding.get_abstract_mesh()
     manual = set(mesh.manual_axes)
     return [a for a, size in zip(mesh.axis_names, mesh.axis_sizes) if a not in manual and size > 1]
-
-
-def _auto_pcast_enabled() -> bool:
-    # jax's psum turns an invariant input varying (pvary) only under jax_auto_pcast (default on).
-    try:
-        from jax._src import config as jax_config
-
-        return bool(jax_config.auto_pcast.value)
-    except (ImportError, AttributeError):
-        return True
 
 
 def _reduced_state(aval, axis_name) -> bool:
@@ -141,7 +131,7 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
     if any(_reduced_state(aval, axis_name) for aval in avals):
         return lax.psum(x, axis_name)
     invariant = [vma and axis_name not in varying_axes(aval) for aval in avals]
-    if any(invariant) and not _auto_pcast_enabled():
+    if any(invariant) and not auto_pcast_enabled():
         return lax.psum(x, axis_name)  # psum refuses an invariant input here; say it as psum does
     automatic = _automatic_axes()
     if automatic and algorithm == "nvrar":

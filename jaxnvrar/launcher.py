@@ -43,15 +43,25 @@ def ephemeral_port_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+        return True
+    except OSError:  # no IPv6 on this host: only the IPv4 wildcard matters
+        return False
+
+
 def free_port() -> int:
     """A TCP port that is free on the loopback and the wildcard address, chosen BELOW the
     ephemeral range: the kernel never hands such a port to another process's outgoing
     connection, which is how a port found free by binding to port 0 was taken a moment later."""
     low, _ = ephemeral_port_range()
     start = max(1024, low - 12000)
+    wildcards = [(socket.AF_INET, "0.0.0.0")] + ([(socket.AF_INET6, "::")] if _has_ipv6() else [])
     for port in random.Random().sample(range(start, low), min(200, low - start)):
         try:
-            for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            for family, address in wildcards:
                 with socket.socket(family) as s:
                     s.bind((address, port))
             return port
@@ -66,6 +76,7 @@ def free_port() -> int:
 # retries. The process may crash right after the first line.
 _PORT_TAKEN = ("Failed to add port to server", "Failed to start RPC server")
 _PORT_RETRIES = 3
+_PORT_FAILS_WITHIN_S = 60.0
 
 
 class _Rank:
@@ -113,10 +124,14 @@ def run_ranks(num_processes: int, command: list[str], *, timeout: float, port: i
               gpus: int | None = None) -> int:
     """Runs `command` as ranks 0..num_processes-1; rank r on GPU r % gpus (default: GPU r).
     Where no port was given and the chosen one turns out taken, starts them again on another."""
+    deadline = time.monotonic() + timeout  # one --timeout for all attempts
     for attempt in range(1, _PORT_RETRIES + 1):
-        chosen = port or free_port()
-        code, failed = _run_once(num_processes, command, timeout=timeout, port=chosen, gpus=gpus or num_processes)
-        port_taken = failed is not None and any(m in line for line in failed.tail for m in _PORT_TAKEN)
+        chosen, started = port or free_port(), time.monotonic()
+        code, failed = _run_once(num_processes, command, deadline=deadline, timeout=timeout, port=chosen,
+                                 gpus=gpus or num_processes)
+        # Only a failure at start-up is retried: a job that ran for a while is not run again.
+        port_taken = (failed is not None and time.monotonic() - started < _PORT_FAILS_WITHIN_S
+                      and any(m in line for line in failed.tail for m in _PORT_TAKEN))
         if port is not None or not port_taken or attempt == _PORT_RETRIES:
             return code
         print(f"jaxnvrar-launch: the coordinator port {chosen} was taken; starting the ranks again on another",
@@ -124,7 +139,7 @@ def run_ranks(num_processes: int, command: list[str], *, timeout: float, port: i
     return code
 
 
-def _run_once(num_processes: int, command: list[str], *, timeout: float, port: int, gpus: int):
+def _run_once(num_processes: int, command: list[str], *, deadline: float, timeout: float, port: int, gpus: int):
     """(exit code, the rank that failed or None)."""
     env = dict(os.environ)
     env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
@@ -138,7 +153,6 @@ def _run_once(num_processes: int, command: list[str], *, timeout: float, port: i
                                 ENV_LOCAL_DEVICE: str(rank % gpus)})
         ranks.append(_Rank(rank, command, rank_env, lock))
 
-    deadline = time.monotonic() + timeout
     failed = None
     try:
         while True:

@@ -41,15 +41,25 @@ def _with_varying_axes(aval, axes: frozenset):
     return aval
 
 
+# Two of jax's own switches that psum reads; internal, so checked once here: a jax without them
+# must fail loudly, since guessing would type (and transpose) all-reduces unlike psum.
+try:
+    from jax._src.config import _check_vma as _CHECK_VMA
+    from jax._src.config import auto_pcast as _AUTO_PCAST
+except ImportError as err:  # pragma: no cover - a jax this version of jaxnvrar does not know
+    raise ImportError(f"jaxnvrar needs jax 0.10 or 0.11 (jax {jax.__version__} lacks {err.name}: "
+                      "jax._src.config._check_vma / auto_pcast, which psum's typing reads)") from err
+
+
 def check_vma_enabled() -> bool:
     """Whether the enclosing shard_map checks varying axes (its ``check_vma``; jax's psum reads
     the same setting to pick between its two primitives)."""
-    try:
-        from jax._src import config as jax_config
+    return bool(_CHECK_VMA.value)
 
-        return bool(jax_config._check_vma.value)
-    except (ImportError, AttributeError):  # not in this jax: typed as under check_vma=True
-        return True
+
+def auto_pcast_enabled() -> bool:
+    """Whether psum turns an invariant input varying first (jax_auto_pcast, default on)."""
+    return bool(_AUTO_PCAST.value)
 
 
 def _abstract_eval(x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):

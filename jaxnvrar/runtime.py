@@ -145,23 +145,23 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     """Start NVSHMEM, allocate the symmetric workspace and register the XLA targets; True if it
     started now, False if it was already up. See `jaxnvrar.initialize` for the contract."""
     global _state, _ever_initialized
-    snapshot = settings_module.read()
-    if workspace_bytes is not None:
-        if workspace_bytes < settings_module.MIN_WORKSPACE_BYTES:
-            raise ValueError(f"workspace_bytes={workspace_bytes} is too small; use at least 1 MiB")
-        snapshot = dataclasses.replace(snapshot, workspace_bytes=int(workspace_bytes))
+    if workspace_bytes is not None and workspace_bytes < settings_module.MIN_WORKSPACE_BYTES:
+        raise ValueError(f"workspace_bytes={workspace_bytes} is too small; use at least 1 MiB")
     if _state is None and _ever_initialized:
         raise RuntimeError(
             "jaxnvrar.initialize() after jaxnvrar.finalize() in the same process is not supported: "
             "NVSHMEM cannot be started twice in one process; finalize only at the end of the job"
         )
-    if _state is not None:
-        if workspace_bytes is not None and snapshot.workspace_bytes != _state.settings.workspace_bytes:
+    if _state is not None:  # up already: the settings were read and checked then
+        if workspace_bytes is not None and int(workspace_bytes) != _state.settings.workspace_bytes:
             raise RuntimeError(
                 f"jaxnvrar is already initialised with a {_state.settings.workspace_bytes}-byte workspace, "
                 "fixed for the life of the process; ask for the size you need in the first initialize()"
             )
         return False
+    snapshot = settings_module.read()
+    if workspace_bytes is not None:
+        snapshot = dataclasses.replace(snapshot, workspace_bytes=int(workspace_bytes))
     _check_environment()
     # Everything that changes how programs are lowered: the same on every process, or they
     # would compile different programs.
@@ -171,10 +171,11 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(snapshot.workspace_bytes + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
     extension.initialize(snapshot.workspace_bytes, snapshot.timeout_s, bool(snapshot.force_put), snapshot.first_call)
-    _state = _State(snapshot, extension.num_pes(), extension.my_pe(), nvshmem)
-    _ever_initialized = True
+    _ever_initialized = True  # NVSHMEM is up: it cannot be started again in this process
+    # The targets before the state: "initialised" must mean that programs can use the kernel.
     for name, handler in extension.registrations().items():
         jax.ffi.register_ffi_target(name, handler, platform="CUDA")
+    _state = _State(snapshot, extension.num_pes(), extension.my_pe(), nvshmem)
     return True
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 from jaxnvrar.cost_model import NETWORKS
+from jaxnvrar.schedule import MAX_BLOCKS_LIMIT
 
 DEFAULT_WORKSPACE_BYTES = 512 << 20
 MIN_WORKSPACE_BYTES = 1 << 20
@@ -51,7 +52,6 @@ class Setting:
         return value
 
 
-MAX_BLOCKS_LIMIT = 1024
 
 SETTINGS = (
     Setting("JAXNVRAR_WORKSPACE_BYTES", "workspace_bytes", int, DEFAULT_WORKSPACE_BYTES, True,

@@ -38,7 +38,11 @@ _KV_KEY = "jaxnvrar/tuning_table"
 
 
 def default_path() -> pathlib.Path:
-    return pathlib.Path(settings.get(TUNING_FILE_ENV) or pathlib.Path.home() / ".cache" / "jaxnvrar" / "tuning.json")
+    """The tuning file: as read at initialize() once the runtime is up, else from
+    $JAXNVRAR_TUNING_FILE now; ~/.cache/jaxnvrar/tuning.json without either."""
+    snapshot = runtime.settings()
+    chosen = snapshot.tuning_file if snapshot is not None else settings.get(TUNING_FILE_ENV)
+    return pathlib.Path(chosen or pathlib.Path.home() / ".cache" / "jaxnvrar" / "tuning.json")
 
 
 def bucket_of(nbytes: int) -> int:
@@ -165,12 +169,19 @@ def builtin() -> Table:
     return _builtin
 
 
+def tuned_choice(topology: Topology, dtype_name: str, nbytes: int) -> Choice | None:
+    """The tuning table's choice for this call (`jaxnvrar-bench tune`), else None."""
+    return _active.lookup(entry_key(jax.devices()[0].device_kind, topology, dtype_name), nbytes)
+
+
+def builtin_choice(topology: Topology, nbytes: int) -> Choice | None:
+    """The built-in table's choice for this GPU kind and topology, else None."""
+    return builtin().lookup(entry_key(jax.devices()[0].device_kind, topology, _BUILTIN_DTYPE), nbytes)
+
+
 def choice_for(topology: Topology, dtype_name: str, nbytes: int) -> Choice | None:
-    """The measured choice for this call: the tuning table's (`jaxnvrar-bench tune`), else the
-    built-in one for this GPU kind and topology, else None."""
-    kind = jax.devices()[0].device_kind
-    return (_active.lookup(entry_key(kind, topology, dtype_name), nbytes)
-            or builtin().lookup(entry_key(kind, topology, _BUILTIN_DTYPE), nbytes))
+    """The measured choice for this call: the tuning table's, else the built-in one."""
+    return tuned_choice(topology, dtype_name, nbytes) or builtin_choice(topology, nbytes)
 
 
 # ---------------------------------------------------------------- the algorithm "auto" runs
@@ -184,7 +195,8 @@ AUTO_NVRAR_MAX_BYTES = 4 << 20
 def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
     """What algorithm="auto" runs. "nvrar" needs the CUDA runtime up and the message to fit the
     workspace; then the measured winner for the message's size bucket decides (the tuning table
-    of `jaxnvrar-bench tune`, else the built-in table for this GPU kind), or without one: on one
+    of `jaxnvrar-bench tune`, else, unless $JAXNVRAR_AUTO_MAX_BYTES is set, the built-in table
+    for this GPU kind), or without one: on one
     node, "nvrar" up to AUTO_NVRAR_MAX_BYTES ($JAXNVRAR_AUTO_MAX_BYTES); across nodes, the cost
     model's projection. Otherwise "psum"."""
     dtype = jnp.dtype(dtype)
@@ -192,10 +204,13 @@ def choose_algorithm(num_elements: int, dtype, topology: Topology) -> str:
     if not (runtime.is_initialized() and jax.default_backend() == "gpu"
             and runtime.fits_workspace(num_elements, dtype.itemsize, topology)):
         return "psum"
-    choice = choice_for(topology, dtype.name, nbytes)
+    # The user's own measurements, then the user's explicit limit, then the built-in table.
+    snapshot = runtime.settings()
+    choice = tuned_choice(topology, dtype.name, nbytes)
+    if choice is None and snapshot.auto_max_bytes is None:
+        choice = builtin_choice(topology, nbytes)
     if choice is not None:
         return choice.algorithm
-    snapshot = runtime.settings()
     if snapshot.auto_max_bytes is not None or topology.num_nodes == 1:
         limit = AUTO_NVRAR_MAX_BYTES if snapshot.auto_max_bytes is None else snapshot.auto_max_bytes
         return "nvrar" if nbytes <= limit else "psum"

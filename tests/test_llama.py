@@ -324,6 +324,8 @@ def test_every_entry_point_checks_prompts_and_takes_any_placement(checkpoint):
             entry(np.where(PROMPTS == PROMPTS[0, 0], -1, PROMPTS))
         with pytest.raises(ValueError, match=r"token id 300 is outside"):
             entry(jnp.full((2, 3), 300))
+        with pytest.raises(ValueError, match=r"token id 4294967301 is outside"):  # 2**32 + 5: not wrapped to 5
+            entry(np.full((2, 3), 2**32 + 5, np.int64))
         with pytest.raises(ValueError, match=r"\[batch, length\], got shape \(7,\) \(one sequence: prompt\[None\]\)"):
             entry(PROMPTS[0])
         with pytest.raises(TypeError, match="integer token ids, got float32"):

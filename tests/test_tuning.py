@@ -162,3 +162,26 @@ def test_the_builtin_table_gives_the_measured_configs_without_a_tuning_run(monke
     mine.record(tuning.entry_key(kind, Topology(2, 2), "float32"), 2 << 20, psum_us=9.0, nvrar_us_by_config={L(64): 10.0})
     monkeypatch.setattr(tuning, "_active", mine)
     assert tuning.choice_for(Topology(2, 2), "float32", 2 << 20) == tuning.Choice("psum", L(64))
+
+
+def test_an_explicit_auto_limit_wins_over_the_builtin_table_but_not_over_the_users(monkeypatch):
+    from jaxnvrar import settings
+
+    kind, one_node = jax.devices()[0].device_kind, Topology(2, 2)
+    shipped = tuning.Table()
+    shipped.record(tuning.entry_key(kind, one_node, "bfloat16"), 2 << 20, psum_us=30.0,
+                   nvrar_us_by_config={L(128, True, True): 15.0})
+    monkeypatch.setattr(tuning, "builtin", lambda: shipped)
+    monkeypatch.setattr(tuning, "_active", tuning.Table())
+    monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+    monkeypatch.setattr(runtime, "fits_workspace", lambda *args: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    snapshot = settings.Settings()
+    monkeypatch.setattr(runtime, "settings", lambda: snapshot)
+    assert tuning.choose_algorithm(1 << 20, "bfloat16", one_node) == "nvrar"  # the built-in table
+    snapshot = settings.Settings(auto_max_bytes=1 << 20)
+    assert tuning.choose_algorithm(1 << 20, "bfloat16", one_node) == "psum"  # 2 MB > the explicit 1 MB
+    mine = tuning.Table()
+    mine.record(tuning.entry_key(kind, one_node, "bfloat16"), 2 << 20, psum_us=30.0, nvrar_us_by_config={L(64): 9.0})
+    monkeypatch.setattr(tuning, "_active", mine)
+    assert tuning.choose_algorithm(1 << 20, "bfloat16", one_node) == "nvrar"  # the user's measurement

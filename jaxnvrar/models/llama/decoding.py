@@ -43,13 +43,17 @@ def prompt_ids(mesh, input_ids, vocab_size: int) -> jax.Array:
         raise ValueError(f"the prompt must be token ids [batch, length], got shape {tuple(ids.shape)}{hint}")
     if ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"the prompt is empty (shape {tuple(ids.shape)}): give at least one token per sequence")
-    placed = replicated(mesh, ids.astype(jnp.int32) if ids.dtype != jnp.int32 else ids)
-    low, high = (int(v) for v in _id_range(placed))
+    # The range is checked in the ids' own dtype, before the cast to int32 could wrap them; a
+    # jax array on the mesh first (it may be held by several processes).
+    placed = replicated(mesh, ids) if isinstance(ids, jax.Array) else None
+    low, high = (int(v) for v in (_id_range(placed) if placed is not None else (ids.min(), ids.max())))
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}): the prompt was made "
                          "for another tokenizer, or holds padding markers such as -1")
-    return placed
+    if placed is None:
+        return replicated(mesh, ids.astype(np.int32))
+    return placed if placed.dtype == jnp.int32 else placed.astype(jnp.int32)
 
 
 @jax.jit
