@@ -1,6 +1,6 @@
 """The whole GPU suite in one command, on a machine with 2 or more GPUs:
 
-    python tests/gpu/run.py [--gpus N] [--logs DIR] [-- extra pytest arguments]
+    python tests/gpu/run.py [--gpus N] [--logs DIR] [--only PART,...] [-- extra pytest arguments]
 
 1. the kernel tests in N ranks (one process per GPU, under jaxnvrar-launch);
 2. the same with JAXNVRAR_FORCE_PUT=1 (the inter-node phase through NVSHMEM puts);
