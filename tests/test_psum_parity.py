@@ -23,7 +23,9 @@ import jaxnvrar
 pytestmark = pytest.mark.skipif(jax.process_count() > 1, reason="single-process parity checks")
 
 N = 4  # ranks of the reduced axis
-ALGORITHMS = ["reference", "psum", "auto"]
+# "psum" would compare lax.psum with itself (all_reduce hands it straight over); "auto" is psum on
+# CPU but takes all_reduce's own routing and typing first.
+ALGORITHMS = ["reference", "auto"]
 
 
 class Reducer:
