@@ -1,0 +1,31 @@
+"""Every JAXNVRAR_* setting is declared once (settings.SETTINGS) and read into one snapshot."""
+
+import dataclasses
+import pathlib
+import re
+
+import pytest
+
+import jaxnvrar
+from jaxnvrar import settings
+
+
+def test_the_snapshot_has_one_field_per_setting_with_its_default():
+    fields = {f.name: f.default for f in dataclasses.fields(settings.Settings)}
+    assert fields == {s.field: s.default for s in settings.SETTINGS}
+    assert settings.read({}) == settings.Settings()
+
+
+def test_values_are_parsed_and_bad_ones_named():
+    snapshot = settings.read({"JAXNVRAR_MAX_BLOCKS": "64", "JAXNVRAR_TIMEOUT_S": "2.5", "JAXNVRAR_NETWORK": "slingshot"})
+    assert (snapshot.max_blocks, snapshot.timeout_s, snapshot.network) == (64, 2.5, "slingshot")
+    assert snapshot.lowering()["JAXNVRAR_MAX_BLOCKS"] == 64 and "JAXNVRAR_TIMEOUT_S" not in snapshot.lowering()
+    with pytest.raises(ValueError, match=r"JAXNVRAR_NETWORK='ib': choose one of \['ndr', 'slingshot'\]"):
+        settings.read({"JAXNVRAR_NETWORK": "ib"})
+    assert settings.problems({"JAXNVRAR_BULK": "2", "JAXNVRAR_ONE_SHOT": "1"}) == {
+        "JAXNVRAR_BULK": "JAXNVRAR_BULK='2': expected a int in [0, 1]"}
+
+
+def test_the_package_version_is_pyprojects():
+    pyproject = (pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert re.search(r'^version = "(.*)"$', pyproject, re.M).group(1) == jaxnvrar.__version__
