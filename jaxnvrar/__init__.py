@@ -2,6 +2,7 @@
 
 from jaxnvrar.api import ALGORITHMS, all_reduce, choose_algorithm, initialize
 from jaxnvrar.distributed import initialize_distributed
+from jaxnvrar.fused import all_reduce_rms_norm
 from jaxnvrar.info import print_environment_info
 from jaxnvrar.replace import replace_psum
 from jaxnvrar.runtime import cuda_available, finalize, is_initialized, last_timeout
@@ -14,6 +15,7 @@ __all__ = [
     "KernelConfig",
     "Topology",
     "all_reduce",
+    "all_reduce_rms_norm",
     "choose_algorithm",
     "cuda_available",
     "finalize",
