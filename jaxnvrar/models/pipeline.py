@@ -19,8 +19,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, greedy_decode, greedy_tokens, prompt_ids,
-                    reducer, replicated, rope_frequencies)
+from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, greedy_decode, greedy_tokens, norm_reducer,
+                    prompt_ids, reducer, replicated, rope_frequencies)
 
 PP = "pp"
 _LAYER_PARAMS = ("input_norm", "post_attention_norm", "wqkv", "wo", "w_gate_up", "w_down")
@@ -93,12 +93,14 @@ def init_cache(pmodel: PipelinedLlama, batch: int, max_length: int):
 def _stage_body(pmodel: PipelinedLlama, num_micro: int):
     config, pp = pmodel.config, pmodel.num_stages
     reduce = reducer(pmodel.all_reduce)
+    reduce_norm = norm_reducer(pmodel.all_reduce)
     forward_pairs = [(s, s + 1) for s in range(pp - 1)]
 
     def body(stages, embed, norm_weight, lm_head, tokens, caches, write_at):
         stage = lax.axis_index(PP)
         layers = [DecoderLayer({k: v[0] for k, v in p.items()}, config, pmodel.widths) for p in stages]
         norm = RMSNorm(norm_weight, config.rms_norm_eps)
+        norms = [layer.input_norm for layer in layers] + [norm]
         rope = rope_frequencies(config)
         _, micro, length = tokens.shape
         positions = write_at + jnp.arange(length)
@@ -110,14 +112,20 @@ def _stage_body(pmodel: PipelinedLlama, num_micro: int):
             index = tick - stage
             valid = (index >= 0) & (index < num_micro)
             rows = jnp.clip(index, 0, num_micro - 1) * micro
+            # x is the residual stream (what travels between stages); each layer's all-reduces
+            # come with the add and the next norm (all_reduce_rms_norm). The stage's last layer
+            # ends in the final norm: on the last stage that is the output, elsewhere it is
+            # unused and the next stage normalizes the residual it receives.
+            normed = norms[0](x)
             for j, layer in enumerate(layers):
                 k, v = caches[j]
                 mine = (lax.dynamic_slice_in_dim(k, rows, micro), lax.dynamic_slice_in_dim(v, rows, micro))
-                x, (new_k, new_v) = layer(x, rope, positions, mine, write_at, reduce)
+                normed, x, (new_k, new_v) = layer(normed, x, rope, positions, mine, write_at, reduce_norm,
+                                                  norms[j + 1])
                 # The bubble's writes are discarded: the cache rows keep what they had.
                 caches[j] = (lax.dynamic_update_slice_in_dim(k, jnp.where(valid, new_k, mine[0]), rows, 0),
                              lax.dynamic_update_slice_in_dim(v, jnp.where(valid, new_v, mine[1]), rows, 0))
-            out = (norm(x[:, -1]) @ lm_head).astype(jnp.float32)  # decoding needs the last position only
+            out = (normed[:, -1] @ lm_head).astype(jnp.float32)  # decoding needs the last position only
             if logits is None:
                 logits = jnp.zeros((num_micro,) + out.shape, jnp.float32)
             keep = valid & (stage == pp - 1)

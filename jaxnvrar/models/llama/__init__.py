@@ -1,8 +1,9 @@
 """Llama 3.x in Flax NNX with explicit tensor parallelism over a mesh axis named "tp".
 
 q/k/v and gate/up are column-parallel, o and down are row-parallel and end in
-`jaxnvrar.all_reduce`: two all-reduces per layer, the ones NVRAR exists for. The whole forward
-runs in one `jax.shard_map` over the model's mesh.
+`jaxnvrar.all_reduce_rms_norm` (all-reduce + residual add + the next RMSNorm): two all-reduces
+per layer, the ones NVRAR exists for. The whole forward runs in one `jax.shard_map` over the
+model's mesh.
 
 API: `load_checkpoint`, `random_model`, `forward_logits`, `generate`; for your own loop
 `init_cache`, `prefill`, `decode_step`, `advance`.
@@ -20,7 +21,7 @@ from .decoding import (PREFILL_TOKENS, advance, decode_step, forward_logits, gen
                        replicated, start_history)
 from .modules import (ATTENTION_SCORES_BYTES, MLP, Attention, DecoderLayer, Llama, RMSNorm, causal_attention,
                       fuse_columns, fuse_layer, project, rope_frequencies, with_all_reduce)
-from .reduction import ALL_REDUCE_CHOICES, check_all_reduce_choice, psum_fallbacks, reducer
+from .reduction import ALL_REDUCE_CHOICES, check_all_reduce_choice, norm_reducer, psum_fallbacks, reducer
 from .weights import load_checkpoint, make_mesh, random_model
 
 __all__ = [
@@ -28,6 +29,6 @@ __all__ = [
     "DecoderLayer", "Llama", "LlamaConfig", "RMSNorm", "advance", "causal_attention", "check_all_reduce_choice",
     "check_tensor_parallel", "config_from_hf", "decode_step", "forward_logits", "fuse_columns", "fuse_layer",
     "generate", "greedy_decode", "greedy_tokens", "hf_config_dict", "init_cache", "load_checkpoint", "make_mesh",
-    "prefill", "prefill_in_chunks", "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer",
+    "norm_reducer", "prefill", "prefill_in_chunks", "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer",
     "replicated", "rope_frequencies", "start_history", "with_all_reduce",
 ]

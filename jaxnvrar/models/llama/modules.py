@@ -1,8 +1,12 @@
 """The Llama's modules in Flax NNX, with explicit tensor parallelism over the mesh axis "tp".
 
 q/k/v and gate/up are column-parallel (each rank holds some heads / some of the MLP width),
-o and down are row-parallel and end in `jaxnvrar.all_reduce`: two all-reduces per layer, the
-ones NVRAR exists for. KV heads fewer than TP ranks are replicated so each rank holds the KV
+o and down are row-parallel: Attention and MLP return this rank's partial sums, and the layer
+hands each to `jaxnvrar.all_reduce_rms_norm` (via `reduction.norm_reducer`), which all-reduces
+it, adds it to the residual stream and applies the RMSNorm that follows (the post-attention
+norm; the next layer's input norm, or the final norm after the last layer): two all-reduces per
+layer, the ones NVRAR exists for. Only the first layer's input norm is a plain RMSNorm (of the
+embeddings). KV heads fewer than TP ranks are replicated so each rank holds the KV
 head its query heads use. The modules hold local shards: they run inside one `jax.shard_map`
 (see `decoding.py`); parameters are global arrays whose own shardings give the in_specs (see
 `weights.py` for loading and init).
@@ -18,7 +22,7 @@ from flax import nnx
 from jax import lax
 
 from .config import TP, LlamaConfig
-from .reduction import check_all_reduce_choice, reducer
+from .reduction import check_all_reduce_choice, norm_reducer
 
 
 # ---------------------------------------------------------------- modules (hold local shards)
@@ -59,7 +63,8 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     """q, k and v come from one matmul with `wqkv`, whose shard on each rank is that rank's
-    [q | k | v] columns (`fuse_columns`): one weight read and one kernel instead of three."""
+    [q | k | v] columns (`fuse_columns`): one weight read and one kernel instead of three.
+    Returns this rank's partial sum of the o-projection (row-parallel, not reduced) and the cache."""
 
     def __init__(self, wqkv, wo, head_dim: int, q_width: int, kv_width: int):
         self.wqkv, self.wo = nnx.Param(wqkv), nnx.Param(wo)
@@ -70,7 +75,7 @@ class Attention(nnx.Module):
         """KV heads over all ranks, as replicated for tensor parallelism (the cache's width)."""
         return self.kv_width // self.head_dim
 
-    def __call__(self, x, rope, positions, cache, write_at, all_reduce):
+    def __call__(self, x, rope, positions, cache, write_at):
         b, length, _ = x.shape
         hd = self.head_dim
         tp = lax.axis_size(TP)
@@ -95,7 +100,7 @@ class Attention(nnx.Module):
         q = q.reshape(b, length, kv_heads, -1, hd).transpose(0, 2, 3, 1, 4)
         out = causal_attention(q, k, v, positions, key_positions)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
-        return all_reduce(project(out, self.wo[...])), cache
+        return project(out, self.wo[...]), cache
 
 
 # A prefill's float32 scores [batch, kv_heads, group, queries, keys] for all queries at once
@@ -133,14 +138,15 @@ def _attend(q, k, v, positions, key_positions):
 
 
 class MLP(nnx.Module):
-    """gate and up from one matmul with `w_gate_up` (each rank's [gate | up] columns)."""
+    """gate and up from one matmul with `w_gate_up` (each rank's [gate | up] columns). Returns
+    this rank's partial sum of the down-projection (row-parallel, not reduced)."""
 
     def __init__(self, w_gate_up, w_down):
         self.w_gate_up, self.w_down = nnx.Param(w_gate_up), nnx.Param(w_down)
 
-    def __call__(self, x, all_reduce):
+    def __call__(self, x):
         gate, up = jnp.split(project(x, self.w_gate_up[...]), 2, axis=-1)
-        return all_reduce(project(jax.nn.silu(gate) * up, self.w_down[...]))
+        return project(jax.nn.silu(gate) * up, self.w_down[...])
 
 
 def fuse_columns(*parts: jax.Array) -> jax.Array:
@@ -162,10 +168,17 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(p["post_attention_norm"], config.rms_norm_eps)
         self.mlp = MLP(p["w_gate_up"], p["w_down"])
 
-    def __call__(self, x, rope, positions, cache, write_at, all_reduce):
-        attended, cache = self.attention(self.input_norm(x), rope, positions, cache, write_at, all_reduce)
-        x = x + attended
-        return x + self.mlp(self.post_attention_norm(x), all_reduce), cache
+    def __call__(self, normed, residual, rope, positions, cache, write_at, reduce_norm, next_norm):
+        """`normed`: this layer's input norm of `residual` (the layer before computed it, fused
+        with its last all-reduce; for the first layer, `input_norm(embeddings)`). `reduce_norm`:
+        `reduction.norm_reducer(...)`; `next_norm`: the RMSNorm after this layer (the next
+        layer's input norm, or the model's final norm). Returns (next_norm(new residual), the
+        new residual, cache)."""
+        attended, cache = self.attention(normed, rope, positions, cache, write_at)
+        post = self.post_attention_norm
+        normed, residual = reduce_norm(attended, residual, post.weight[...], post.eps)
+        normed, residual = reduce_norm(self.mlp(normed), residual, next_norm.weight[...], next_norm.eps)
+        return normed, residual, cache
 
 
 def fuse_layer(p: dict) -> tuple[dict, tuple[int, int]]:
@@ -193,16 +206,21 @@ class Llama(nnx.Module):
     def __call__(self, tokens, positions, caches, write_at, last_only: bool = False):
         """Per-shard forward: tokens [B, L] -> this rank's vocabulary slice of the logits, of
         every position, or with `last_only` of the last one ([B, 1, V/tp]: all decoding needs)."""
-        reduce = reducer(self.all_reduce)
+        reduce_norm = norm_reducer(self.all_reduce)
         rope = rope_frequencies(self.config)
-        x = self.embed[...][tokens]
+        residual = self.embed[...][tokens]
+        norms = [layer.input_norm for layer in self.layers] + [self.norm]
+        normed = norms[0](residual)  # the one norm with no all-reduce before it
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, rope, positions, None if caches is None else caches[i], write_at, reduce)
+            # attention -> all-reduce + add + post-attention norm; MLP -> all-reduce + add + the
+            # next layer's input norm (the final norm after the last layer).
+            normed, residual, cache = layer(normed, residual, rope, positions,
+                                            None if caches is None else caches[i], write_at, reduce_norm, norms[i + 1])
             new_caches.append(cache)
         if last_only:
-            x = x[:, -1:]
-        logits = project(self.norm(x), self.lm_head[...])
+            normed = normed[:, -1:]
+        logits = project(normed, self.lm_head[...])
         return logits.astype(jnp.float32), (None if caches is None else tuple(new_caches))
 
 
