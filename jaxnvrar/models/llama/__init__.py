@@ -29,6 +29,7 @@ __all__ = [
     "DecoderLayer", "Llama", "LlamaConfig", "RMSNorm", "advance", "causal_attention", "check_all_reduce_choice",
     "check_tensor_parallel", "config_from_hf", "decode_step", "forward_logits", "fuse_columns", "fuse_layer",
     "generate", "greedy_decode", "greedy_tokens", "hf_config_dict", "init_cache", "load_checkpoint", "make_mesh",
-    "norm_reducer", "prefill", "prefill_in_chunks", "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer",
+    "norm_reducer",
+    "prefill", "prefill_in_chunks", "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer",
     "replicated", "rope_frequencies", "start_history", "with_all_reduce",
 ]
