@@ -4,11 +4,20 @@ import itertools
 
 import jax
 import numpy as np
+import pytest
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnvrar.distributed import KV_TIMEOUT_MS, kv_client, ranks_share_gpus
+
+
+def needs_devices_in_one_process(devices: int) -> None:
+    """Skip, with the reason, unless this is a single-process run with at least `devices` devices."""
+    if jax.process_count() > 1:
+        pytest.skip("single-process test")
+    if devices > jax.device_count():
+        pytest.skip(f"needs {devices} devices")
 
 
 def mesh_1d(num_ranks: int, name: str = "x"):

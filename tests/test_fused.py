@@ -10,7 +10,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
-from helpers import global_array
+from helpers import global_array, needs_devices_in_one_process
 from jaxnvrar.primitive import varying_axes
 
 pytest.importorskip("flax")
@@ -21,13 +21,6 @@ AXIS = "tp"
 EPS = 1e-5
 HIDDEN = 48
 TP = 4
-
-
-def _needs(devices):
-    if jax.process_count() > 1:
-        pytest.skip("single-process test")
-    if devices > jax.device_count():
-        pytest.skip(f"needs {devices} devices")
 
 
 def _mesh(tp=TP):
@@ -81,7 +74,7 @@ def test_equals_the_unfused_composition(algorithm, dtype):
     # Bit for bit against psum + add + the Llama's RMSNorm for "psum" and "auto" (which picks
     # psum on CPU); "reference" sums in another order: bit for bit against its own all-reduce
     # followed by the add and the norm (the same ops), within rounding against psum's.
-    _needs(TP)
+    needs_devices_in_one_process(TP)
     mesh = _mesh()
     x, residual, weight = _inputs(dtype)
     got = _run(_fused(algorithm), x, residual, weight, mesh)
@@ -106,7 +99,7 @@ def test_equals_the_unfused_composition(algorithm, dtype):
 def test_float32_weight_with_bfloat16_activations_returns_bfloat16():
     # The product with the weight follows dtype promotion (as the Llama's RMSNorm); the result
     # is returned in x's dtype.
-    _needs(TP)
+    needs_devices_in_one_process(TP)
     mesh = _mesh()
     x, residual, _ = _inputs(jnp.bfloat16)
     weight = np.linspace(0.5, 1.5, HIDDEN).astype(np.float32)
@@ -119,7 +112,7 @@ def test_float32_weight_with_bfloat16_activations_returns_bfloat16():
 
 def test_in_lax_scan_over_layers():
     # The Llama's loop as a scan: per layer a partial sum, the residual carried, one norm weight.
-    _needs(TP)
+    needs_devices_in_one_process(TP)
     mesh, layers = _mesh(), 3
     rng = np.random.default_rng(2)
     x = rng.standard_normal((TP, layers, 2, HIDDEN)).astype(np.float32)
@@ -150,7 +143,7 @@ def test_in_lax_scan_over_layers():
 
 def test_over_one_axis_of_a_2d_mesh():
     # ("dp", "tp"): reduced over "tp" only; the results vary over "dp" (out_specs P("dp")).
-    _needs(8)
+    needs_devices_in_one_process(8)
     mesh = jax.make_mesh((2, 4), ("dp", AXIS))
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 4, 5, HIDDEN)).astype(np.float32)  # [dp, tp, rows, hidden]
@@ -174,7 +167,7 @@ def test_over_one_axis_of_a_2d_mesh():
 
 @pytest.mark.parametrize("algorithm", ["psum", "reference"])
 def test_gradients_equal_the_unfused_composition(algorithm):
-    _needs(TP)
+    needs_devices_in_one_process(TP)
     mesh = _mesh()
     x, residual, weight = _inputs(jnp.float32, seed=4)
     rng = np.random.default_rng(5)
@@ -204,7 +197,7 @@ def test_gradients_equal_the_unfused_composition(algorithm):
 def test_results_are_typed_invariant_like_psum():
     # With check_vma on, both results are invariant over the axis: out_specs=P() is accepted
     # (it refuses a varying value, as a sum that was never reduced would be).
-    _needs(TP)
+    needs_devices_in_one_process(TP)
     mesh = _mesh()
     x, residual, weight = _inputs(jnp.float32)
     seen = []
@@ -251,7 +244,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("changes,error,message", BAD_INPUTS, ids=lambda v: str(v)[:40])
 def test_bad_inputs_raise_naming_the_argument(changes, error, message):
-    _needs(TP)
+    needs_devices_in_one_process(TP)
     mesh = _mesh()
     args = _bad(**changes)
     with pytest.raises(error, match=f"all_reduce_rms_norm: {message}"):
@@ -274,7 +267,7 @@ def test_bad_scalars_eps_and_algorithm_raise_naming_them():
 
 
 def test_nvrar_without_the_runtime_raises_naming_initialize():
-    _needs(2)
+    needs_devices_in_one_process(2)
     if jaxnvrar.is_initialized():
         pytest.skip("the runtime is up in this process")
     mesh = _mesh(2)
@@ -296,7 +289,7 @@ def test_add_rms_norm_only_adds_and_normalizes():
 def test_llama_layers_end_each_block_in_the_fused_op(monkeypatch):
     # Two calls per layer, with the post-attention norm's and the next norm's eps; "none" calls
     # add_rms_norm instead (no reduction), and the logits are those of the composition.
-    _needs(2)
+    needs_devices_in_one_process(2)
     calls = []
     real = jaxnvrar.all_reduce_rms_norm
 
@@ -315,7 +308,7 @@ def test_llama_layers_end_each_block_in_the_fused_op(monkeypatch):
 def test_llama_nvrar_falls_back_to_psum_past_the_workspace(monkeypatch):
     # With the runtime up (pretended) a message that outgrows the workspace goes to psum,
     # recorded in psum_fallbacks, through the fused op as through the plain reducer.
-    _needs(TP)
+    needs_devices_in_one_process(TP)
     from jaxnvrar.models.llama import reduction
 
     monkeypatch.setattr(jaxnvrar, "is_initialized", lambda: True)

@@ -15,6 +15,7 @@ pytest.importorskip("flax")
 
 from jaxnvrar.models import llama  # noqa: E402
 from hf_reference import save_reference  # noqa: E402
+from helpers import needs_devices_in_one_process  # noqa: E402
 from jaxnvrar.models.llama import LlamaConfig  # noqa: E402
 
 # GQA (4 query heads, 2 KV heads), Llama 3 RoPE scaling; TP 4 replicates the KV heads.
@@ -22,13 +23,6 @@ CONFIG = LlamaConfig(256, 64, 128, 2, 4, 2, 16, rope_theta=10000.0, rope_llama3=
                      max_position_embeddings=256)
 PROMPTS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 7))
 NEW_TOKENS = 6
-
-
-def _needs(tp):
-    if jax.process_count() > 1:
-        pytest.skip("single-process test")
-    if tp > jax.device_count():
-        pytest.skip(f"needs {tp} devices")
 
 
 def _save_hf(directory, tied: bool, **save_kwargs):
@@ -45,7 +39,7 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_logits_and_greedy_tokens_match_transformers(checkpoint, tp):
-    _needs(tp)
+    needs_devices_in_one_process(tp)
     directory, hf_logits, hf_tokens = checkpoint
     model = llama.load_checkpoint(directory, llama.make_mesh(tp), all_reduce="psum", dtype=jnp.float32)
     logits = np.asarray(llama.forward_logits(model, PROMPTS))
@@ -58,7 +52,7 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint, tp):
 def test_attention_in_blocks_of_queries_matches_transformers(checkpoint, monkeypatch):
     # A budget of ~2 queries' scores: the 7-token forward runs in 4 blocks of 2 (the last one
     # padded), the prefill into a 13-position cache in 7 blocks of 1; decode steps stay whole.
-    _needs(2)
+    needs_devices_in_one_process(2)
     directory, hf_logits, hf_tokens = checkpoint
     monkeypatch.setattr(llama.modules, "ATTENTION_SCORES_BYTES", 250)
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
@@ -72,7 +66,7 @@ def test_attention_in_blocks_of_queries_matches_transformers(checkpoint, monkeyp
 def test_prefill_in_chunks_matches_transformers(checkpoint, monkeypatch):
     # 4 tokens per chunk at batch 2: the 7-token prompt goes in as 2 + 2 + 2 + 1 positions, each
     # chunk attending to what the ones before it wrote into the cache.
-    _needs(2)
+    needs_devices_in_one_process(2)
     directory, _, hf_tokens = checkpoint
     monkeypatch.setattr(llama.decoding, "PREFILL_TOKENS", 4)
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
@@ -84,7 +78,7 @@ def test_prefill_in_chunks_matches_transformers(checkpoint, monkeypatch):
 
 
 def test_prefill_rejects_prompts_that_do_not_fit(checkpoint):
-    _needs(2)
+    needs_devices_in_one_process(2)
     directory, _, _ = checkpoint
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
     caches = llama.init_cache(model, 2, 8)
@@ -105,7 +99,7 @@ def test_prefill_rejects_prompts_that_do_not_fit(checkpoint):
 
 
 def test_psum_and_reference_all_reduce_give_identical_tokens(checkpoint):
-    _needs(4)
+    needs_devices_in_one_process(4)
     directory, _, hf_tokens = checkpoint
     mesh = llama.make_mesh(4)
     runs = [np.asarray(llama.generate(llama.load_checkpoint(directory, mesh, all_reduce=a, dtype=jnp.float32),
@@ -115,7 +109,7 @@ def test_psum_and_reference_all_reduce_give_identical_tokens(checkpoint):
 
 
 def test_sharded_checkpoint_with_index(tmp_path):
-    _needs(2)
+    needs_devices_in_one_process(2)
     hf_logits, _ = _save_hf(tmp_path, tied=False, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     model = llama.load_checkpoint(tmp_path, llama.make_mesh(2), dtype=jnp.float32)
@@ -123,7 +117,7 @@ def test_sharded_checkpoint_with_index(tmp_path):
 
 
 def test_bfloat16_stays_close(checkpoint):
-    _needs(2)
+    needs_devices_in_one_process(2)
     directory, hf_logits, _ = checkpoint
     model = llama.load_checkpoint(directory, llama.make_mesh(2))
     assert model.embed[...].dtype == jnp.bfloat16
@@ -131,14 +125,14 @@ def test_bfloat16_stays_close(checkpoint):
 
 
 def test_none_all_reduce_is_really_skipped(checkpoint):
-    _needs(2)
+    needs_devices_in_one_process(2)
     directory, hf_logits, _ = checkpoint
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="none", dtype=jnp.float32)
     assert not np.allclose(np.asarray(llama.forward_logits(model, PROMPTS)), hf_logits, atol=1e-3)
 
 
 def test_random_preset_generates():
-    _needs(2)
+    needs_devices_in_one_process(2)
     model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="reference", num_layers=1)
     assert len(model.layers) == 1
     out = llama.generate(model, np.zeros((3, 4), np.int32), 5)
@@ -150,7 +144,7 @@ def test_decode_step_without_all_reduce_has_no_collective_at_all(batch):
     # The greedy token, the cache update and the history write must not gather anything across
     # ranks: once an argmax over the vocabulary-sharded logits made XLA all-gather the logits on
     # every step. With all_reduce="none" the compiled step must hold no collective whatsoever.
-    _needs(2)
+    needs_devices_in_one_process(2)
     model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="none", num_layers=2)
     caches = llama.init_cache(model, batch, 12)
     history = llama.replicated(model.mesh, np.zeros((batch, 12), np.int32))
@@ -213,7 +207,7 @@ def test_unsupported_config(saved):
 
 
 def test_heads_not_divisible_by_tp(saved):
-    _needs(8)
+    needs_devices_in_one_process(8)
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tp=8"):
         llama.load_checkpoint(saved, llama.make_mesh(8))
 
@@ -288,7 +282,7 @@ def test_long_generate_on_two_cpu_devices_finishes(tmp_path):
 def test_nvrar_without_the_runtime_raises_instead_of_running_psum(checkpoint):
     # "nvrar" must mean the kernel: before jaxnvrar.initialize() (here: no GPU at all) the
     # model refuses to trace instead of quietly running psum under the kernel's name.
-    _needs(2)
+    needs_devices_in_one_process(2)
     if jaxnvrar.is_initialized():
         pytest.skip("the runtime is up in this process")
     directory, _, _ = checkpoint
@@ -311,7 +305,7 @@ def test_unknown_all_reduce_is_refused_before_any_weight_is_made(monkeypatch):
 def test_every_entry_point_checks_prompts_and_takes_any_placement(checkpoint):
     # jax arrays on one device (the default placement), numpy arrays and lists all give the same
     # tokens; out-of-range ids, wrong shapes and dtypes raise, naming the problem.
-    _needs(2)
+    needs_devices_in_one_process(2)
     directory, hf_logits, hf_tokens = checkpoint
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
     on_one_device = jax.device_put(jnp.asarray(PROMPTS, jnp.int32), jax.devices()[0])

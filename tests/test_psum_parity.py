@@ -310,6 +310,15 @@ def test_pmap_axis(algorithm):
 # jax's own psum over a vmap axis inside a shard_map with check_vma=True fails (jax 0.10 and
 # 0.11: psum makes the value varying over the vmap axis, which is no mesh axis); there
 # all_reduce must fail alike, and equal psum with check_vma=False.
+def _assert_vmap_case(run, algorithm, over, check_vma):
+    """all_reduce as psum, or failing as psum does (only over the vmap axis with check_vma)."""
+    result = _both_or_same_error(run, algorithm)
+    if over == "x" or not check_vma:
+        assert result is not None, "psum should work here"
+    if result is not None:
+        _assert_same(*result)
+
+
 @pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
 @pytest.mark.parametrize("over", ["b", "x"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -325,11 +334,7 @@ def test_vmap_axis_inside_shard_map(algorithm, over, check_vma):
             x_ = _put(x, mesh, P("x"))
             return jax.jit(fn)(x_), jax.jit(jax.grad(loss))(x_)
 
-    result = _both_or_same_error(run, algorithm)
-    if over == "x" or not check_vma:
-        assert result is not None, "psum should work here"
-    if result is not None:
-        _assert_same(*result)
+    _assert_vmap_case(run, algorithm, over, check_vma)
 
 
 @pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
@@ -348,11 +353,7 @@ def test_shard_map_inside_vmap_axis(algorithm, over, check_vma):
             xs_ = _put(xs, mesh, P(None, "x"))
             return jax.jit(fn)(xs_), jax.jit(jax.grad(loss))(xs_)
 
-    result = _both_or_same_error(run, algorithm)
-    if over == "x" or not check_vma:
-        assert result is not None, "psum should work here"
-    if result is not None:
-        _assert_same(*result)
+    _assert_vmap_case(run, algorithm, over, check_vma)
 
 
 # ---------------------------------------------------------------- partly manual shard_map
