@@ -39,6 +39,30 @@ def test_decode_reports_every_algorithm(tmp_path):
         assert r["algorithms"]["none"]["queued_vs_roofline"] > 0
 
 
+def test_compiler_options_reach_the_compile():
+    pytest.importorskip("flax")
+    import jax
+    import numpy as np
+
+    from jaxnvrar.models import llama
+
+    options = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True,
+               "xla_gpu_experimental_enable_nccl_symmetric_buffers": True}
+    model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="psum", num_layers=1)
+    prompt = np.arange(8, dtype=np.int32).reshape(2, 4)
+    tuned = llama.with_all_reduce(model, "psum", compiler_options=options)
+    np.testing.assert_array_equal(np.asarray(llama.generate(tuned, prompt, 3)),
+                                  np.asarray(llama.generate(model, prompt, 3)))
+    # A name XLA does not know fails the compile of the forward and of the decoding steps: the
+    # options reach it. Twins keep the options unless given others; {} drops them.
+    broken = llama.with_all_reduce(tuned, "psum", compiler_options={"xla_no_such_option": True})
+    for run in (lambda m: llama.forward_logits(m, prompt), lambda m: llama.generate(m, prompt, 2)):
+        with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such_option'"):
+            run(broken)
+    assert llama.with_all_reduce(tuned, "reference").compiler_options == tuple(sorted(options.items()))
+    assert llama.with_all_reduce(broken, "psum", compiler_options={}).compiler_options == model.compiler_options == ()
+
+
 def test_breakdown_accounts_device_time_by_class():
     from jaxnvrar.bench import breakdown
 

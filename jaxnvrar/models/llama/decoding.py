@@ -111,10 +111,15 @@ def _sharded_forward(model: Llama, with_cache: bool):
     return state, mapped
 
 
+def _jit(model: Llama, fn, **kwargs):
+    """jax.jit with the model's XLA options (`with_all_reduce(..., compiler_options=...)`)."""
+    return jax.jit(fn, compiler_options=dict(model.compiler_options) or None, **kwargs)
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled_forward(model: Llama):
     state, mapped = _sharded_forward(model, with_cache=False)
-    return state, jax.jit(lambda s, t: mapped(s, t, jnp.int32(0)))
+    return state, _jit(model, lambda s, t: mapped(s, t, jnp.int32(0)))
 
 
 def forward_logits(model: Llama, input_ids) -> jax.Array:
@@ -153,7 +158,7 @@ def _compiled_step(model: Llama):
         next_tokens, logits, caches = mapped(leaves, tokens, caches, write_at)
         return next_tokens, logits, caches, write_at + tokens.shape[1]
 
-    return leaves, jax.jit(step, donate_argnums=(2,))
+    return leaves, _jit(model, step, donate_argnums=(2,))
 
 
 @functools.lru_cache(maxsize=32)
@@ -168,7 +173,7 @@ def _compiled_advance(model: Llama):
 
     # Everything it changes is donated and comes back in the same buffers: the step's buffer
     # addresses never change, so XLA replays its command buffer without re-recording it.
-    return leaves, jax.jit(advance, donate_argnums=(1, 2, 3))
+    return leaves, _jit(model, advance, donate_argnums=(1, 2, 3))
 
 
 def decode_step(model: Llama, tokens, caches, write_at):

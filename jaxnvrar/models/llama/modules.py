@@ -197,6 +197,8 @@ class Llama(nnx.Module):
         self.config = config
         self.mesh = mesh
         self.all_reduce = all_reduce
+        # XLA options its compiled programs get, as sorted (name, value) pairs (`with_all_reduce`).
+        self.compiler_options: tuple[tuple[str, bool | int | str], ...] = ()
         self.embed = nnx.Param(params["embed"])
         self.layers = nnx.List([DecoderLayer(fused, config, widths)
                                 for fused, widths in map(fuse_layer, params["layers"])])
@@ -224,11 +226,16 @@ class Llama(nnx.Module):
         return logits.astype(jnp.float32), (None if caches is None else tuple(new_caches))
 
 
-def with_all_reduce(model: Llama, algorithm: str) -> Llama:
-    """The same weights (shared, not copied) with another all-reduce algorithm."""
+def with_all_reduce(model: Llama, algorithm: str, *, compiler_options: dict | None = None) -> Llama:
+    """The same weights (shared, not copied) with another all-reduce algorithm. `compiler_options`
+    (XLA debug options, e.g. {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True}) replace
+    the ones its forward and decoding steps are compiled with (None keeps the model's; {} drops
+    them): how XLA runs psum is part of the choice. An unknown name fails at the first compile."""
     check_all_reduce_choice(algorithm)
     twin = nnx.merge(*nnx.split(model))
     twin.all_reduce = algorithm
+    if compiler_options is not None:
+        twin.compiler_options = tuple(sorted(compiler_options.items()))
     return twin
 
 
