@@ -12,6 +12,7 @@
 #pragma once
 
 #include "device_common.cuh"
+#include "rms_norm_epilogue.cuh"
 
 namespace jaxnvrar {
 
@@ -19,8 +20,9 @@ namespace jaxnvrar {
 // (which of schedule.h's workspace layouts it uses); kMaxThreads and kMinBlocksPerSm (its launch
 // bounds; 0, as template arguments, gives none); and Send / Receive of a unit, PublishBlock /
 // AwaitBlock around the intra-node phases, and EndStepSend / BeginStepReceive around an
-// inter-node step.
-template <typename T, typename Proto>
+// inter-node step. kFusedNorm: all_reduce_rms_norm's kernel, which ends in the residual add and
+// the RMSNorm (rms_norm_epilogue.cuh) on the sum it leaves in the output.
+template <typename T, typename Proto, bool kFusedNorm>
 __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
     AllReduceKernel(KernelArgs args, Layout layout) {
   using Unit = typename Proto::Unit;
@@ -122,6 +124,8 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
       }
     }
   }
+
+  if constexpr (kFusedNorm) RmsNormEpilogue<T>(args, flag);
 
   if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
   if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later

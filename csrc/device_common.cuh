@@ -31,6 +31,7 @@ struct WorkspaceHeader {
   unsigned long long calls;        // all-reduces completed on this PE
   unsigned int blocks_done;        // blocks of the running call that have finished
   unsigned int timed_out;          // set once a wait gave up (only one thread reports)
+  unsigned int norm_arrived;       // blocks at the fused epilogue's grid barrier (rms_norm_epilogue.cuh)
 };
 static_assert(kSignatureOffset + 2 * kSignatureSlots * kCellBytes <= kWorkspaceHeaderBytes,
               "the signature slots must fit in the workspace header");
@@ -45,10 +46,12 @@ enum DtypeCode : uint32_t { kDtypeFloat32 = 1, kDtypeBFloat16 = 2, kDtypeFloat16
 // Launch bits of a CallSignature: ranks must agree on the workspace layout too.
 constexpr uint32_t kLaunchOneShot = 1u;
 constexpr uint32_t kLaunchBulk = 2u;
+constexpr uint32_t kLaunchFusedNorm = 4u;  // all_reduce_rms_norm: blocks may cover other ranges
 
 inline CallSignature EncodeCall(int64_t elements, DtypeCode dtype, bool one_shot, bool bulk, int32_t gpus_per_node,
-                                int32_t num_nodes) {
-  const uint32_t launch = (one_shot ? kLaunchOneShot : 0u) | (bulk ? kLaunchBulk : 0u);
+                                int32_t num_nodes, bool fused_norm = false) {
+  const uint32_t launch =
+      (one_shot ? kLaunchOneShot : 0u) | (bulk ? kLaunchBulk : 0u) | (fused_norm ? kLaunchFusedNorm : 0u);
   return CallSignature{static_cast<uint32_t>(elements),
                        static_cast<uint32_t>(dtype) << 28 | launch << 24 |
                            static_cast<uint32_t>(gpus_per_node) << 16 | (static_cast<uint32_t>(num_nodes) & 0xFFFFu)};
@@ -62,13 +65,30 @@ struct CallDescription {
   uint32_t gpus_per_node;
   bool one_shot;
   bool bulk;
+  bool fused_norm;
 };
 
 inline CallDescription DecodeCall(CallSignature s) {
   const uint32_t launch = (s.shape >> 24) & 0xFu;
-  return CallDescription{s.elements,       s.shape >> 28, s.shape & 0xFFFFu, (s.shape >> 16) & 0xFFu,
-                         (launch & kLaunchOneShot) != 0, (launch & kLaunchBulk) != 0};
+  return CallDescription{s.elements,
+                         s.shape >> 28,
+                         s.shape & 0xFFFFu,
+                         (s.shape >> 16) & 0xFFu,
+                         (launch & kLaunchOneShot) != 0,
+                         (launch & kLaunchBulk) != 0,
+                         (launch & kLaunchFusedNorm) != 0};
 }
+
+// The fused add + RMSNorm of all_reduce_rms_norm (rms_norm_epilogue.cuh); unused otherwise.
+struct NormArgs {
+  const void* residual;    // x's shape and dtype
+  const void* weight;      // [hidden]
+  void* normed;            // x's shape and dtype; residual_out is KernelArgs::output
+  int64_t hidden;          // elements per row
+  int64_t rows;
+  int64_t rows_per_block;  // one-shot: each block normalizes the whole rows it summed
+  float eps;
+};
 
 struct KernelArgs {
   const void* input;
@@ -91,6 +111,8 @@ struct KernelArgs {
   int32_t check_calls;  // exchange and compare call signatures (JAXNVRAR_CHECK_CALLS)
   uint64_t timeout_ns;
   TimeoutRecord* timeout_record;  // pinned host memory
+  int64_t block_units;  // units per block; 0: the slice's units spread evenly over the grid
+  NormArgs norm;
 };
 
 // Unit `unit` of a workspace region at `offset` from `base`: LL cells and bulk chunks both
@@ -241,7 +263,13 @@ struct WaitSite {
   int32_t peer;
   int32_t slot;
 };
-enum WaitPhase : int32_t { kWaitReduceScatter = 0, kWaitInterNode = 1, kWaitAllGather = 2, kWaitSignature = 3 };
+enum WaitPhase : int32_t {
+  kWaitReduceScatter = 0,
+  kWaitInterNode = 1,
+  kWaitAllGather = 2,
+  kWaitSignature = 3,
+  kWaitNormBarrier = 4,  // this GPU's blocks, before a fused epilogue
+};
 enum FailureKind : int32_t { kFailureTimeout = 1, kFailureMismatch = 2 };
 
 // The first thread of this GPU to find a failure records it in pinned host memory (for
@@ -363,7 +391,8 @@ __device__ __forceinline__ void AwaitSignatures(const KernelArgs& args, unsigned
 
 // What every block of a call works out first. Each call alternates workspace halves and carries
 // a non-zero flag that differs from the last call's; the block takes a contiguous range of the
-// slice's units, so that it can put its range in one call.
+// slice's units (args.block_units of them where the plan fixes it), so that it can put its range
+// in one call.
 struct CallStart {
   unsigned long long calls;
   uint32_t flag;
@@ -373,7 +402,7 @@ struct CallStart {
 
 __device__ __forceinline__ CallStart BeginCall(const KernelArgs& args, const Layout& layout) {
   const unsigned long long calls = reinterpret_cast<const WorkspaceHeader*>(args.workspace)->calls;
-  const int64_t per_block = CeilDiv(args.slice_units, gridDim.x);
+  const int64_t per_block = args.block_units > 0 ? args.block_units : CeilDiv(args.slice_units, gridDim.x);
   const int64_t begin = Min64(blockIdx.x * per_block, args.slice_units);
   return CallStart{calls, static_cast<uint32_t>(calls % 0xFFFFFFFEull) + 1u, layout.Half(calls), begin,
                    Min64(begin + per_block, args.slice_units)};
@@ -386,6 +415,7 @@ __device__ __forceinline__ void FinishCall(WorkspaceHeader* header, unsigned lon
     __threadfence();
     if (atomicAdd(&header->blocks_done, 1u) == gridDim.x - 1) {
       header->blocks_done = 0;
+      header->norm_arrived = 0;  // every block is past the fused epilogue's barrier
       header->calls = calls + 1;
       __threadfence();
     }

@@ -1,5 +1,6 @@
-// XLA FFI handler of the NVRAR all-reduce, and the nanobind module `_jaxnvrar_cuda` that
-// registers it and drives the NVSHMEM runtime.
+// XLA FFI handlers of the NVRAR all-reduce and of the fused all-reduce + residual add + RMSNorm
+// (all_reduce_rms_norm), and the nanobind module `_jaxnvrar_cuda` that registers them and drives
+// the NVSHMEM runtime.
 //
 // A call does only what changes per call. At XLA's instantiate stage, once per call site, the
 // attributes are validated and the site planned: its topology, my place in it, the peers'
@@ -13,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "all_reduce_kernel.cuh"
 #include "nvshmem_runtime.h"
@@ -28,16 +30,31 @@ namespace {
 
 using KernelFn = void (*)(KernelArgs, Layout);
 
-// A protocol's kernels, one per dtype, and the workspace layout they expect.
+// A protocol's kernels, one per dtype (plain, and ending in the fused add + RMSNorm), and the
+// workspace layout they expect.
 struct Protocol {
   bool bulk_layout;
+  int64_t unit_data_bytes;  // data bytes of a unit: a row of the fused norm is whole units
   KernelFn float32, bfloat16, float16;
+  KernelFn float32_norm, bfloat16_norm, float16_norm;
+
+  KernelFn Kernel(ffi::DataType dtype, bool fused_norm) const {
+    if (dtype == ffi::F32) return fused_norm ? float32_norm : float32;
+    if (dtype == ffi::BF16) return fused_norm ? bfloat16_norm : bfloat16;
+    return fused_norm ? float16_norm : float16;
+  }
 };
 
 template <typename P>
 Protocol ProtocolOf() {
-  return Protocol{P::kBulkLayout, AllReduceKernel<float, P>, AllReduceKernel<__nv_bfloat16, P>,
-                  AllReduceKernel<__half, P>};
+  return Protocol{P::kBulkLayout,
+                  sizeof(typename P::Unit),
+                  AllReduceKernel<float, P, false>,
+                  AllReduceKernel<__nv_bfloat16, P, false>,
+                  AllReduceKernel<__half, P, false>,
+                  AllReduceKernel<float, P, true>,
+                  AllReduceKernel<__nv_bfloat16, P, true>,
+                  AllReduceKernel<__half, P, true>};
 }
 
 // The protocol a call site asked for (the lowering's `bulk`): a new protocol is its header and
@@ -67,6 +84,7 @@ struct CallSitePlan {
   int32_t max_blocks = 0;
   bool one_shot = false;
   bool bulk = false;
+  bool fused_norm = false;  // all_reduce_rms_norm's site
   Protocol protocol = {};
   KernelArgs args = {};  // all but the buffers and what their size decides
 
@@ -114,9 +132,10 @@ ffi::Error ValidateAttributes(const Runtime& rt, int32_t num_ranks, int32_t gpus
 
 // Plan a call site from its attributes: maps the axis onto NVSHMEM PEs, finds my node, my
 // local index, the workspaces of my node's GPUs and my inter-node steps.
-ffi::ErrorOr<std::unique_ptr<CallSitePlan>> Instantiate(int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
-                                                        int32_t one_shot, int32_t bulk, int32_t check_calls,
-                                                        ffi::Span<const int32_t> pe_groups) {
+ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
+                                                         int32_t one_shot, int32_t bulk, int32_t check_calls,
+                                                         ffi::Span<const int32_t> pe_groups, bool fused_norm,
+                                                         float eps) {
   const Runtime& rt = GetRuntime();
   if (ffi::Error error = ValidateAttributes(rt, num_ranks, gpus_per_node, max_blocks, one_shot, bulk, pe_groups);
       error.failure()) {
@@ -129,7 +148,14 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> Instantiate(int32_t num_ranks, int32
   plan->one_shot = one_shot != 0;
   plan->bulk = bulk != 0;
   plan->protocol = SelectProtocol(plan->bulk);
-  if (num_ranks == 1) return std::move(plan);  // a copy: no peers
+  plan->fused_norm = fused_norm;
+  plan->args.norm.eps = eps;
+  if (num_ranks == 1) {
+    if (fused_norm) {  // the Python side never lowers it so: the add and norm have no copy path
+      return ffi::Unexpected(ffi::Error::InvalidArgument("jaxnvrar: all_reduce_rms_norm's kernel needs 2+ ranks"));
+    }
+    return std::move(plan);  // a copy: no peers
+  }
 
   // My axis group: the PEs of the ranks of my axis, in axis order.
   const int32_t* group = pe_groups.begin() + static_cast<int64_t>(rt.my_pe) * num_ranks;
@@ -176,6 +202,13 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> Instantiate(int32_t num_ranks, int32
   return std::move(plan);
 }
 
+ffi::ErrorOr<std::unique_ptr<CallSitePlan>> Instantiate(int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
+                                                        int32_t one_shot, int32_t bulk, int32_t check_calls,
+                                                        ffi::Span<const int32_t> pe_groups) {
+  return PlanCallSite(num_ranks, gpus_per_node, max_blocks, one_shot, bulk, check_calls, pe_groups,
+                      /*fused_norm=*/false, 0.0f);
+}
+
 // Validate the first call's buffers and complete the plan with what they fix: the work of
 // every call of the site.
 ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, const ffi::AnyBuffer& y) {
@@ -215,15 +248,60 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, const ffi::A
   int64_t blocks = CeilDiv(args.slice_units, kThreadsPerBlock);
   blocks = blocks < 1 ? 1 : (blocks > plan.max_blocks ? plan.max_blocks : blocks);
   plan.blocks = static_cast<unsigned>(blocks);
-  plan.kernel = dtype == ffi::F32    ? plan.protocol.float32
-                : dtype == ffi::BF16 ? plan.protocol.bfloat16
-                                     : plan.protocol.float16;
+  plan.kernel = plan.protocol.Kernel(dtype, plan.fused_norm);
   plan.work = CallSitePlan::Work::kKernel;
   return ffi::Error::Success();
 }
 
-// Launch the planned work on this call's buffers.
-ffi::Error Launch(cudaStream_t stream, const CallSitePlan& plan, const void* input, void* output) {
+// A fused site (all_reduce_rms_norm), after PlanBuffers: its other buffers, and the grid that
+// its epilogue needs.
+ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, const ffi::AnyBuffer& weight,
+                         const ffi::AnyBuffer& normed) {
+  const ffi::DataType dtype = plan.dtype;
+  if (residual.element_type() != dtype || weight.element_type() != dtype || normed.element_type() != dtype) {
+    return ffi::Error::InvalidArgument("jaxnvrar: all_reduce_rms_norm's kernel takes x, residual and weight of one dtype");
+  }
+  const int64_t n = plan.elements;
+  const int64_t hidden = static_cast<int64_t>(weight.element_count());
+  const int64_t itemsize = static_cast<int64_t>(ffi::ByteWidth(dtype));
+  if (static_cast<int64_t>(residual.element_count()) != n || static_cast<int64_t>(normed.element_count()) != n ||
+      hidden < 1 || n % hidden != 0 || (hidden * itemsize) % kChunkBytes != 0) {
+    return ffi::Error::InvalidArgument(
+        "jaxnvrar: all_reduce_rms_norm's kernel needs x and residual of shape [..., hidden], weight [hidden], "
+        "and rows of whole 16-byte vectors");
+  }
+  if (plan.work != CallSitePlan::Work::kKernel) return ffi::Error::Success();
+  KernelArgs& args = plan.args;
+  NormArgs& norm = args.norm;
+  norm.hidden = hidden;
+  norm.rows = n / hidden;
+  args.signature = EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, args.gpus_per_node, plan.num_nodes,
+                              /*fused_norm=*/true);
+  if (plan.one_shot) {
+    // Each block sums whole rows, then normalizes them: no grid barrier.
+    norm.rows_per_block = CeilDiv(norm.rows, plan.max_blocks);
+    args.block_units = norm.rows_per_block * (hidden * itemsize / plan.protocol.unit_data_bytes);
+    plan.blocks = static_cast<unsigned>(CeilDiv(norm.rows, norm.rows_per_block));
+    return ffi::Error::Success();
+  }
+  // Rows span slices and blocks: every block waits for all others at a grid barrier, so all
+  // must be resident at once.
+  int device = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(plan.kernel),
+                                                    kThreadsPerBlock, 0) != cudaSuccess ||
+      per_sm < 1) {
+    return ffi::Error::Internal("jaxnvrar: cannot size the fused kernel's grid (CUDA occupancy query failed)");
+  }
+  const unsigned resident = static_cast<unsigned>(sms * per_sm);
+  if (plan.blocks > resident) plan.blocks = resident;
+  return ffi::Error::Success();
+}
+
+// Launch the planned work on this call's buffers (a fused site's `norm` holds its other buffers).
+ffi::Error Launch(cudaStream_t stream, const CallSitePlan& plan, const void* input, void* output,
+                  const NormArgs* norm = nullptr) {
   switch (plan.work) {
     case CallSitePlan::Work::kNothing:
       return ffi::Error::Success();
@@ -239,6 +317,7 @@ ffi::Error Launch(cudaStream_t stream, const CallSitePlan& plan, const void* inp
   KernelArgs args = plan.args;
   args.input = input;
   args.output = output;
+  if (norm != nullptr) args.norm = *norm;
   plan.kernel<<<plan.blocks, kThreadsPerBlock, 0, stream>>>(args, plan.layout);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
@@ -261,6 +340,40 @@ ffi::Error Execute(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ff
   return Launch(stream, *plan, x.untyped_data(), y->untyped_data());
 }
 
+ffi::ErrorOr<std::unique_ptr<CallSitePlan>> InstantiateFusedNorm(int32_t num_ranks, int32_t gpus_per_node,
+                                                                 int32_t max_blocks, int32_t one_shot, int32_t bulk,
+                                                                 int32_t check_calls, ffi::Span<const int32_t> pe_groups,
+                                                                 float eps) {
+  return PlanCallSite(num_ranks, gpus_per_node, max_blocks, one_shot, bulk, check_calls, pe_groups,
+                      /*fused_norm=*/true, eps);
+}
+
+// One all_reduce_rms_norm call: residual_out = residual + sum(x), normed = RMSNorm(residual_out)
+// * weight. The all-reduce leaves the sum in residual_out; the kernel's epilogue finishes both.
+ffi::Error ExecuteFusedNorm(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ffi::AnyBuffer residual,
+                            ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> normed,
+                            ffi::Result<ffi::AnyBuffer> residual_out) {
+  if (!GetRuntime().initialized) return NotInitialized();
+  std::call_once(plan->sized, [&] {
+    plan->sized_error = PlanBuffers(*plan, x, *residual_out);
+    if (plan->sized_error.success()) plan->sized_error = PlanFusedNorm(*plan, residual, weight, *normed);
+  });
+  if (plan->sized_error.failure()) return plan->sized_error;
+  if (x.element_type() != plan->dtype || static_cast<int64_t>(x.element_count()) != plan->elements ||
+      static_cast<int64_t>(residual.element_count()) != plan->elements ||
+      static_cast<int64_t>(weight.element_count()) != plan->args.norm.hidden) {
+    return ffi::Error::Internal("jaxnvrar: a call site's buffers changed dtype or size after its first call");
+  }
+  if (plan->work != CallSitePlan::Work::kKernel) {
+    return ffi::Error::Internal("jaxnvrar: all_reduce_rms_norm's kernel needs a non-empty message over 2+ ranks");
+  }
+  NormArgs norm = plan->args.norm;
+  norm.residual = residual.untyped_data();
+  norm.weight = weight.untyped_data();
+  norm.normed = normed->untyped_data();
+  return Launch(stream, *plan, x.untyped_data(), residual_out->untyped_data(), &norm);
+}
+
 // A call signature from a failure record, decoded for Python.
 nb::dict DescribeCall(uint32_t elements, uint32_t shape) {
   const CallDescription call = DecodeCall(CallSignature{elements, shape});
@@ -271,20 +384,26 @@ nb::dict DescribeCall(uint32_t elements, uint32_t shape) {
   d["gpus_per_node"] = call.gpus_per_node;
   d["one_shot"] = call.one_shot;
   d["bulk"] = call.bulk;
+  d["fused_norm"] = call.fused_norm;
   return d;
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarInstantiate, Instantiate,
-                              ffi::Ffi::BindInstantiate()
-                                  .Attr<int32_t>("num_ranks")
-                                  .Attr<int32_t>("gpus_per_node")
-                                  .Attr<int32_t>("max_blocks")
-                                  .Attr<int32_t>("one_shot")
-                                  .Attr<int32_t>("bulk")
-                                  .Attr<int32_t>("check_calls")
-                                  .Attr<ffi::Span<const int32_t>>("pe_groups"));
+// The attributes every call site is lowered with (jaxnvrar/nvrar_ffi.py), in Instantiate's order.
+template <typename Binding>
+auto WithSiteAttributes(Binding binding) {
+  return std::move(binding)  // Attr is for rvalue bindings
+      .template Attr<int32_t>("num_ranks")
+      .template Attr<int32_t>("gpus_per_node")
+      .template Attr<int32_t>("max_blocks")
+      .template Attr<int32_t>("one_shot")
+      .template Attr<int32_t>("bulk")
+      .template Attr<int32_t>("check_calls")
+      .template Attr<ffi::Span<const int32_t>>("pe_groups");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarInstantiate, Instantiate, WithSiteAttributes(ffi::Ffi::BindInstantiate()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarExecute, Execute,
                               ffi::Ffi::Bind()
@@ -292,6 +411,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarExecute, Execute,
                                   .Ctx<ffi::State<CallSitePlan>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarFusedNormInstantiate, InstantiateFusedNorm,
+                              WithSiteAttributes(ffi::Ffi::BindInstantiate()).Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarFusedNormExecute, ExecuteFusedNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::State<CallSitePlan>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // residual
+                                  .Arg<ffi::AnyBuffer>()  // weight
+                                  .Ret<ffi::AnyBuffer>()  // normed
+                                  .Ret<ffi::AnyBuffer>(),  // residual_out
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxnvrar
@@ -309,8 +442,12 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     nb::dict stages;
     stages["instantiate"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarInstantiate));
     stages["execute"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarExecute));
+    nb::dict fused_stages;
+    fused_stages["instantiate"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarFusedNormInstantiate));
+    fused_stages["execute"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::NvrarFusedNormExecute));
     nb::dict targets;
     targets["jaxnvrar_nvrar_all_reduce"] = stages;
+    targets["jaxnvrar_nvrar_all_reduce_rms_norm"] = fused_stages;
     return targets;
   });
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
@@ -321,7 +458,7 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     if (r == nullptr || !r->set) return nb::none();
     nb::dict d;
     const char* phases[] = {"intra-node reduce-scatter", "inter-node step", "intra-node all-gather",
-                            "signature check"};
+                            "signature check", "fused-norm grid barrier"};
     const bool mismatch = r->kind == jaxnvrar::kFailureMismatch;
     d["kind"] = mismatch ? "mismatch" : "timeout";
     d["node"] = r->node;

@@ -122,17 +122,11 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
     topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else None
-    if (algorithm == "psum" or not _is_manual_mesh_axis(axis_name)
-            or not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)):
+    if _psum_case(leaves, axis_name, algorithm):
         return lax.psum(x, axis_name)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    avals = [jax.typeof(leaf) for leaf in leaves]
     vma = check_vma_enabled()
-    if any(_reduced_state(aval, axis_name) for aval in avals):
-        return lax.psum(x, axis_name)
-    invariant = [vma and axis_name not in varying_axes(aval) for aval in avals]
-    if any(invariant) and not auto_pcast_enabled():
-        return lax.psum(x, axis_name)  # psum refuses an invariant input here; say it as psum does
+    invariant = [_is_invariant(leaf, axis_name) for leaf in leaves]
     automatic = _automatic_axes()
     if automatic and algorithm == "nvrar":
         raise NotImplementedError(
@@ -154,6 +148,47 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
         for i, value in zip(indices, reduced):
             out[i] = value
     return jax.tree.unflatten(treedef, out)
+
+
+def _is_invariant(leaf, axis_name) -> bool:
+    return check_vma_enabled() and axis_name not in varying_axes(jax.typeof(leaf))
+
+
+def _psum_case(leaves, axis_name, algorithm: str) -> bool:
+    """Calls that go to lax.psum whatever the algorithm (see `all_reduce`): psum asked for, a vmap
+    axis, no tracers, values unreduced/reduced over the axis, or an invariant input where psum
+    itself refuses one (jax_auto_pcast off: psum then says so)."""
+    if (algorithm == "psum" or not _is_manual_mesh_axis(axis_name)
+            or not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)):
+        return True
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    if any(_reduced_state(jax.typeof(leaf), axis_name) for leaf in leaves):
+        return True
+    return any(_is_invariant(leaf, axis_name) for leaf in leaves) and not auto_pcast_enabled()
+
+
+def single_message_route(x, axis_name, algorithm: str, gpus_per_node: int | None):
+    """Where `all_reduce` sends the one array ``x`` through its primitive: ``(algorithm, topology,
+    x)`` with algorithm "reference" or "nvrar" (after "auto" has chosen, and, for "nvrar", the
+    checks that name a fix) and x made varying where it was invariant (as psum does); None where
+    it goes to psum, or where shard_map leaves mesh axes automatic (all_reduce's own cases).
+    For calls that want the message whole, such as `jaxnvrar.all_reduce_rms_norm`'s kernel."""
+    _check_dtype(x.dtype, algorithm)
+    axis_name = _single_axis(axis_name)
+    num_ranks = _axis_size(axis_name)
+    if _psum_case([x], axis_name, algorithm) or _automatic_axes():
+        return None
+    topology = (Topology(num_ranks, gpus_per_node) if gpus_per_node is not None
+                else distributed.default_topology(num_ranks))
+    if algorithm == "auto":
+        algorithm = choose_algorithm(x.size, x.dtype, topology) if x.dtype in SUPPORTED_DTYPES else "psum"
+    if algorithm == "psum":
+        return None
+    if algorithm == "nvrar":
+        nvrar_ffi.check_can_run(x, topology)
+    if _is_invariant(x, axis_name):
+        x = lax.pcast(x, axis_name, to="varying")
+    return algorithm, topology, x
 
 
 def _groups(leaves, vma: bool) -> dict:

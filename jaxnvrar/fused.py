@@ -2,18 +2,27 @@
 and the RMSNorm of the next layer, as one call (a tensor-parallel transformer's
 ``norm(residual + psum(partial))``).
 
-Today every algorithm runs the unfused composition (the all-reduce, then the add and the norm in
-XLA); the one place where algorithm="nvrar" will call a fused CUDA kernel instead is marked in
-`all_reduce_rms_norm` below. The numerics are those of `jaxnvrar.models.llama`'s RMSNorm (and of
-Hugging Face's LlamaRMSNorm), so a model switching to this call keeps its bits.
+Where the all-reduce takes the CUDA kernel ("nvrar", or "auto" choosing it), the add and the norm
+run in the kernel's epilogue (csrc/rms_norm_epilogue.cuh): one kernel instead of the all-reduce
+and XLA's norm fusions. "reference" takes the same primitive, lowered to the portable schedule,
+so CPU tests cover the fused path's types, derivatives and vmap. Everything else (psum, shapes or
+dtypes the kernel does not take) runs the composition. The numerics are those of
+`jaxnvrar.models.llama`'s RMSNorm (and of Hugging Face's LlamaRMSNorm), so a model switching to
+this call keeps its bits; the kernel's mean of squares sums in its own order (residual_out is
+bit-identical, normed may differ from XLA's in the last bit).
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax import lax
+import functools
 
-from jaxnvrar.api import ALGORITHMS, all_reduce
+import jax
+import jax.numpy as jnp
+
+from jaxnvrar import runtime, settings
+from jaxnvrar.api import ALGORITHMS, SUPPORTED_DTYPES, all_reduce, single_message_route
+from jaxnvrar.primitive import add_then_rms_norm, all_reduce_rms_norm_p, check_vma_enabled, rms_norm
+from jaxnvrar.schedule import SLICE_ALIGN_BYTES
 
 _NAME = "jaxnvrar.all_reduce_rms_norm"
 
@@ -47,22 +56,12 @@ def _checked(x, residual, weight, eps, name: str):
     return x, residual, weight, eps
 
 
-def _add_and_norm(reduced, residual, weight, eps: float):
-    """residual + reduced, and its RMSNorm times weight: exactly the ops (and their order and
-    dtypes) of `jaxnvrar.models.llama.RMSNorm` applied to the Llama's residual add."""
-    residual_out = residual + reduced  # in the inputs' dtype, as the Llama's `x + attended`
-    h32 = residual_out.astype(jnp.float32)
-    h32 = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + eps)
-    normed = weight * h32.astype(residual_out.dtype)
-    return normed.astype(residual_out.dtype), residual_out
-
-
 def add_rms_norm(x, residual, weight, *, eps: float = 1e-5):
     """`all_reduce_rms_norm` without the all-reduce: ``residual + x`` and its RMSNorm times
     ``weight``, with the same checks and numerics. For a layer whose output needs no reduction
     (one rank, or the Llama's diagnostic all_reduce="none")."""
     x, residual, weight, eps = _checked(x, residual, weight, eps, "jaxnvrar.fused.add_rms_norm")
-    return _add_and_norm(x, residual, weight, eps)
+    return add_then_rms_norm(x, residual, weight, eps)
 
 
 def all_reduce_rms_norm(x, residual, weight, axis_name, *, eps: float = 1e-5, algorithm: str = "auto",
@@ -89,11 +88,13 @@ def all_reduce_rms_norm(x, residual, weight, axis_name, *, eps: float = 1e-5, al
     axis of a multi-axis mesh.
 
     Algorithms: "psum" and "reference" run ``jaxnvrar.all_reduce(x, algorithm=...)`` and then the
-    add and the norm; "auto" the same with all_reduce's automatic choice; "nvrar" (CUDA GPUs,
-    after `jaxnvrar.initialize()`, else it raises naming it) is NOT FUSED YET: it runs the
-    kernel's all-reduce and then the add and the norm in XLA, like the others. A kernel that
-    does the add and the norm on the reduced data before writing it back is planned; it will
-    take the nvrar path here (see the marked place in the source).
+    add and the norm; "nvrar" (CUDA GPUs, after `jaxnvrar.initialize()`, else it raises naming
+    it) runs ONE kernel: the all-reduce, then the add and the norm in its epilogue, for every
+    launch kind; "auto" does too where its choice for the message is the kernel. The kernel
+    takes x, residual and weight of one dtype (float32, bfloat16, float16) with rows of whole
+    16 bytes (hidden a multiple of 8 in 16-bit dtypes) over 2+ ranks; other calls run the
+    composition with the same all-reduce. In the kernel the mean of squares sums in its own
+    (fixed) order: residual_out has psum's bits, normed may differ from XLA's by a rounding.
 
     Args:
       x: this rank's partial sum, [..., hidden], a floating-point dtype (the dtypes
@@ -112,14 +113,51 @@ def all_reduce_rms_norm(x, residual, weight, axis_name, *, eps: float = 1e-5, al
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{_NAME}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     x, residual, weight, eps = _checked(x, residual, weight, eps, _NAME)
-    if algorithm == "nvrar":
-        # ---- THE FUSED KERNEL GOES HERE (issue 16, item 2) -----------------------------------
-        # Not fused yet: the kernel's all-reduce, then the add and the norm in XLA. The fused
-        # call will replace the two lines below for the calls it takes (weight in x's dtype, the
-        # message within the workspace), with a custom_vjp whose backward is the composition's,
-        # so that gradients stay equal. "auto", where it picks the kernel, may take it too.
-        reduced = all_reduce(x, axis_name, algorithm="nvrar", gpus_per_node=gpus_per_node)
-        return _add_and_norm(reduced, residual, weight, eps)
-        # ----------------------------------------------------------------------------------------
+    route = _kernel_route(x, residual, weight, axis_name, algorithm, gpus_per_node)
+    if route is not None:
+        chosen, topology, x = route
+        static = (("axis_name", _axis(axis_name)), ("num_ranks", topology.num_ranks),
+                  ("gpus_per_node", gpus_per_node), ("algorithm", chosen), ("check_vma", check_vma_enabled()))
+        return _fused(x, residual, weight, static, eps)
     reduced = all_reduce(x, axis_name, algorithm=algorithm, gpus_per_node=gpus_per_node)
-    return _add_and_norm(reduced, residual, weight, eps)
+    return add_then_rms_norm(reduced, residual, weight, eps)
+
+
+def _axis(axis_name):
+    return axis_name[0] if isinstance(axis_name, (tuple, list)) and len(axis_name) == 1 else axis_name
+
+
+def _kernel_route(x, residual, weight, axis_name, algorithm: str, gpus_per_node):
+    """``(algorithm, topology, x)`` where the call takes the fused primitive ("nvrar": the
+    kernel, "reference": its portable twin); None for the composition."""
+    if algorithm == "psum" or x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        return None
+    snapshot = runtime.settings() or settings.read()
+    if not snapshot.fused_norm:  # JAXNVRAR_FUSED_NORM=0: the composition (a switch to compare, or to rule out)
+        return None
+    if x.size == 0 or (x.shape[-1] * x.dtype.itemsize) % SLICE_ALIGN_BYTES:
+        return None  # the kernel normalizes rows of whole 16-byte vectors
+    route = single_message_route(x, axis_name, algorithm, gpus_per_node)
+    if route is None or route[1].num_ranks < 2:
+        return None
+    return route
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _fused(x, residual, weight, static, eps):
+    return tuple(all_reduce_rms_norm_p.bind(x, residual, weight, eps=eps, **dict(static)))
+
+
+@_fused.defjvp
+def _fused_jvp(static, eps, primals, tangents):
+    # The composition's derivative, around the fused primal: d(residual_out) = d(residual) +
+    # all_reduce(dx) with the same algorithm, and the norm's derivative at residual_out.
+    x, residual, weight = primals
+    dx, dresidual, dweight = tangents
+    normed, residual_out = _fused(x, residual, weight, static, eps)
+    params = dict(static)
+    reduced = all_reduce(dx, params["axis_name"], algorithm=params["algorithm"],
+                         gpus_per_node=params["gpus_per_node"])
+    dresidual_out = dresidual + reduced
+    _, dnormed = jax.jvp(lambda h, w: rms_norm(h, w, eps), (residual_out, weight), (dresidual_out, dweight))
+    return (normed, residual_out), (dnormed, dresidual_out)

@@ -10,6 +10,7 @@ from jaxnvrar import runtime, tuning
 from jaxnvrar.schedule import Topology, workspace_bytes_needed
 
 TARGET = "jaxnvrar_nvrar_all_reduce"
+TARGET_RMS_NORM = "jaxnvrar_nvrar_all_reduce_rms_norm"
 
 
 def check_can_run(x, topology: Topology) -> None:
@@ -50,7 +51,8 @@ def _pe_groups(groups, num_pes: int) -> np.ndarray:
     return table
 
 
-def lower(ctx, x, *, topology: Topology, groups):
+def _kernel_attributes(ctx, topology: Topology, groups) -> dict:
+    """The attributes every kernel call site is lowered with (csrc/nvrar_ffi.cu's instantiate)."""
     if groups is None:
         raise ValueError(
             "jaxnvrar.all_reduce(algorithm='nvrar') needs jax.shard_map over a concrete "
@@ -59,10 +61,7 @@ def lower(ctx, x, *, topology: Topology, groups):
     table = _pe_groups(groups, jax.process_count())
     aval = ctx.avals_in[0]
     config = tuning.kernel_config_for(topology, aval.dtype.name, aval.size, aval.dtype.itemsize)
-    rule = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)
-    return rule(
-        ctx,
-        x,
+    return dict(
         num_ranks=np.int32(topology.num_ranks),
         gpus_per_node=np.int32(topology.gpus_per_node),
         max_blocks=np.int32(config.max_blocks),
@@ -71,3 +70,15 @@ def lower(ctx, x, *, topology: Topology, groups):
         check_calls=np.int32(runtime.check_calls()),
         pe_groups=table.reshape(-1),
     )
+
+
+def lower(ctx, x, *, topology: Topology, groups):
+    rule = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)
+    return rule(ctx, x, **_kernel_attributes(ctx, topology, groups))
+
+
+def lower_rms_norm(ctx, x, residual, weight, *, topology: Topology, groups, eps: float):
+    """all_reduce_rms_norm's kernel: the all-reduce of the same message and launch, ending in the
+    residual add and the RMSNorm (csrc/rms_norm_epilogue.cuh)."""
+    rule = jax.ffi.ffi_lowering(TARGET_RMS_NORM, has_side_effect=True)
+    return rule(ctx, x, residual, weight, eps=np.float32(eps), **_kernel_attributes(ctx, topology, groups))

@@ -1,4 +1,5 @@
-"""The `all_reduce` primitive: typed like `lax.psum`, lowered to the reference or the CUDA kernel.
+"""The `all_reduce` primitive: typed like `lax.psum`, lowered to the reference or the CUDA kernel;
+and its fused twin `all_reduce_rms_norm_p` (all-reduce + residual add + RMSNorm, at the end).
 
 A primitive of our own (rather than a plain Python function of ppermutes) gives the result
 psum's type inside `jax.shard_map`: a varying input comes out invariant over the reduced axis,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
@@ -189,3 +191,87 @@ def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check
 
 mlir.register_lowering(all_reduce_p, _lower_reference)
 mlir.register_lowering(all_reduce_p, _lower_cuda, platform="cuda")
+
+
+# ---------------------------------------------------------------- the fused all-reduce + RMSNorm
+
+# `jaxnvrar.all_reduce_rms_norm`'s call where it takes the kernel (algorithm "nvrar") or its
+# portable twin ("reference"): (x, residual, weight) -> (normed, residual_out). `jaxnvrar.fused`
+# gives it its derivatives (a custom_jvp: the composition's) and its routing; here are its type,
+# vmap rule and lowerings.
+all_reduce_rms_norm_p = Primitive("jaxnvrar_all_reduce_rms_norm")
+all_reduce_rms_norm_p.multiple_results = True
+
+
+def _all_reduce_params(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k != "eps"}
+
+
+def rms_norm(h, weight, eps: float):
+    """RMSNorm(h) * weight: the ops (order, dtypes) of `jaxnvrar.models.llama.RMSNorm`: in
+    float32, cast back to h's dtype, then times weight."""
+    h32 = h.astype(jnp.float32)
+    h32 = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + eps)
+    return (weight * h32.astype(h.dtype)).astype(h.dtype)
+
+
+def add_then_rms_norm(reduced, residual, weight, eps: float):
+    """(rms_norm(residual + reduced), residual + reduced): the composition the fused call
+    stands for; the add in the inputs' dtype, as the Llama's `x + attended`."""
+    residual_out = residual + reduced
+    return rms_norm(residual_out, weight, eps), residual_out
+
+
+def _fused_abstract_eval(x, residual, weight, *, axis_name, eps, **_):
+    # As the composition types it: the sum is invariant over the axis (psum), the add joins the
+    # residual's varying axes, the norm the weight's.
+    residual_out = _with_varying_axes(residual, (varying_axes(x) - {axis_name}) | varying_axes(residual))
+    normed = _with_varying_axes(residual, varying_axes(residual_out) | varying_axes(weight))
+    return [normed, residual_out]
+
+
+all_reduce_rms_norm_p.def_abstract_eval(_fused_abstract_eval)
+
+
+def _fused_batch(args, dims, **params):
+    # Rows stay rows under a leading batch axis; a batched weight (rare) takes the composition.
+    x, residual, weight = args
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+    def leading(a, d):
+        return jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
+
+    x, residual = leading(x, dims[0]), leading(residual, dims[1])
+    if dims[2] is None:
+        return all_reduce_rms_norm_p.bind(x, residual, weight, **params), (0, 0)
+    weight = leading(weight, dims[2]).reshape((size,) + (1,) * (x.ndim - 2) + weight.shape[-1:])
+    reduced = all_reduce_p.bind(x, **_all_reduce_params(params))
+    return list(add_then_rms_norm(reduced, residual, weight, params["eps"])), (0, 0)
+
+
+batching.primitive_batchers[all_reduce_rms_norm_p] = _fused_batch
+
+
+def _lower_fused_reference(ctx, x, residual, weight, **params):
+    if params["algorithm"] == "nvrar":
+        raise NotImplementedError(
+            f"jaxnvrar.all_reduce_rms_norm(algorithm='nvrar') runs on CUDA GPUs only, not on "
+            f"{ctx.module_context.platforms}; use algorithm='auto' to fall back to psum elsewhere")
+    topology, _ = resolve_topology(ctx, params["axis_name"], params["num_ranks"], params["gpus_per_node"])
+    reduce = functools.partial(all_reduce_reference, axis_name=params["axis_name"], topology=topology)
+
+    def impl(x, residual, weight):
+        return list(add_then_rms_norm(reduce(x), residual, weight, params["eps"]))
+
+    return mlir.lower_fun(impl, multiple_results=True)(ctx, x, residual, weight)
+
+
+def _lower_fused_cuda(ctx, x, residual, weight, **params):
+    if params["algorithm"] != "nvrar":
+        return _lower_fused_reference(ctx, x, residual, weight, **params)
+    topology, groups = resolve_topology(ctx, params["axis_name"], params["num_ranks"], params["gpus_per_node"])
+    return nvrar_ffi.lower_rms_norm(ctx, x, residual, weight, topology=topology, groups=groups, eps=params["eps"])
+
+
+mlir.register_lowering(all_reduce_rms_norm_p, _lower_fused_reference)
+mlir.register_lowering(all_reduce_rms_norm_p, _lower_fused_cuda, platform="cuda")

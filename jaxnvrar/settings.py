@@ -68,6 +68,8 @@ SETTINGS = (
             help="1/0: bulk kernels (raw data, a flag per block) always/never (default: the tuning table's)"),
     Setting("JAXNVRAR_CHECK_CALLS", "check_calls", int, 1, True, minimum=0, maximum=1,
             help="0: ranks do not compare call signatures"),
+    Setting("JAXNVRAR_FUSED_NORM", "fused_norm", int, 1, True, minimum=0, maximum=1,
+            help="0: all_reduce_rms_norm runs the all-reduce, then XLA's add and norm (no fused kernel)"),
     Setting("JAXNVRAR_FIRST_CALL", "first_call", int, 0, False, minimum=0,
             help="testing: start the call counter here (flag wrap-around)"),
     Setting("JAXNVRAR_AUTO_MAX_BYTES", "auto_max_bytes", int, None, True, minimum=0,
@@ -89,6 +91,7 @@ class Settings:
     one_shot: int | None = None
     bulk: int | None = None
     check_calls: int = 1
+    fused_norm: int = 1
     first_call: int = 0
     auto_max_bytes: int | None = None
     network: str = "ndr"

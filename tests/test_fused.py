@@ -320,3 +320,71 @@ def test_llama_nvrar_falls_back_to_psum_past_the_workspace(monkeypatch):
     got = _run(lambda a, r, w: reduce_norm(a, r, w, EPS), x, residual, weight, mesh)
     _assert_bits(got, _run(_unfused, x, residual, weight, mesh))
     assert reduction.psum_fallbacks == [((2, 3, HIDDEN), "float32")]
+
+
+def _primitives(fn, x, residual, weight, mesh):
+    mapped = jax.shard_map(lambda a, r, w: fn(a[0], r, w), mesh=mesh, in_specs=(P(AXIS), P(), P()),
+                           out_specs=(P(), P()))
+    with jax.set_mesh(mesh):
+        args = (global_array(x, mesh, P(AXIS)), global_array(residual, mesh, P()), global_array(weight, mesh, P()))
+        return str(jax.make_jaxpr(mapped)(*args))
+
+
+def test_reference_takes_the_kernels_fused_primitive_exactly_where_the_kernel_would(monkeypatch):
+    # "reference" runs the primitive that "nvrar" lowers to the kernel (lowered to the schedule
+    # here), so these CPU tests cover the kernel path's types, derivatives and vmap rule; calls
+    # the kernel does not take (rows of a partial 16-byte vector, weight in another dtype) run
+    # the composition.
+    needs_devices_in_one_process(TP)
+    mesh = _mesh()
+    fused = "jaxnvrar_all_reduce_rms_norm"
+    assert fused in _primitives(_fused("reference"), *_inputs(jnp.bfloat16), mesh)
+    assert fused not in _primitives(_fused("reference"), *_inputs(jnp.bfloat16, shape=(2, 12)), mesh)
+    x, residual, weight = _inputs(jnp.bfloat16)
+    assert fused not in _primitives(_fused("reference"), x, residual, weight.astype(np.float32), mesh)
+    assert fused not in _primitives(_fused("psum"), x, residual, weight, mesh)
+    monkeypatch.setenv("JAXNVRAR_FUSED_NORM", "0")  # the switch that turns fusion off
+    assert fused not in _primitives(_fused("reference"), x, residual, weight, mesh)
+
+
+@pytest.mark.parametrize("batched_weight", [False, True])
+def test_vmap_inside_shard_map_equals_each_example_alone(batched_weight):
+    needs_devices_in_one_process(TP)
+    mesh = _mesh()
+    x, residual, weight = _inputs(jnp.float32, shape=(3, 2, HIDDEN), seed=6)
+    weights = np.stack([weight, 2 * weight, weight - 0.5]) if batched_weight else weight
+
+    def per_rank(a, r, w):
+        return jax.vmap(_fused("reference"), in_axes=(0, 0, 0 if batched_weight else None))(a[0], r, w)
+
+    mapped = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(AXIS), P(), P()), out_specs=(P(), P())))
+    with jax.set_mesh(mesh):
+        got = [np.asarray(o) for o in mapped(global_array(x, mesh, P(AXIS)), global_array(residual, mesh, P()),
+                                             global_array(weights, mesh, P()))]
+    for i in range(3):
+        w = weights[i] if batched_weight else weight
+        want = _run(_fused("reference"), x[:, i], residual[i], w, mesh)
+        _assert_bits([got[0][i], got[1][i]], want)
+
+
+def test_forward_mode_derivative_equals_the_unfused_composition():
+    needs_devices_in_one_process(TP)
+    mesh = _mesh()
+    x, residual, weight = _inputs(jnp.float32, seed=7)
+    rng = np.random.default_rng(8)
+    tangents = (rng.standard_normal(x.shape).astype(np.float32),
+                rng.standard_normal(residual.shape).astype(np.float32),
+                rng.standard_normal(weight.shape).astype(np.float32))
+
+    def jvp_of(fn):
+        def per_rank(a, r, w, da, dr, dw):
+            return jax.jvp(lambda *p: fn(p[0][0], p[1], p[2]), (a, r, w), (da, dr, dw))[1]
+
+        spec = (P(AXIS), P(), P())
+        return jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=spec + spec, out_specs=(P(), P())))
+
+    with jax.set_mesh(mesh):
+        args = [global_array(v, mesh, s) for v, s in zip((x, residual, weight) + tangents, (P(AXIS), P(), P()) * 2)]
+        got = [np.asarray(t) for t in jvp_of(_fused("reference"))(*args)]
+        want = [np.asarray(t) for t in jvp_of(lambda *a: _unfused(*a, algorithm="reference"))(*args)]
+    _assert_bits(got, want)

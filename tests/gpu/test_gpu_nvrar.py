@@ -209,3 +209,100 @@ def test_message_larger_than_workspace_names_the_variable():
                            in_specs=jax.P("x"), out_specs=jax.P("x"))
         with jax.set_mesh(mesh):
             jax.jit(fn).lower(spec)
+
+
+# ---------------------------------------------------------------- all_reduce_rms_norm's kernel
+
+# rows x hidden: the Llama 3.1 8B decode messages at batch 1 / 16 / 64, the 1B's at 7 rows, and a
+# tiny hidden (one 16-byte vector per row in 16-bit dtypes).
+FUSED_SHAPES = [(1, 4096), (16, 4096), (64, 4096), (7, 2048), (3, 8)]
+FUSED_LAUNCHES = ["128-1shot", "128-1shot-bulk", "128", "128-bulk", "3-bulk", "5-1shot"]
+
+
+def _fused_host(num_ranks, rows, hidden, dtype, seed=0):
+    """Per rank: its partial sum x, then the residual and the weight (alike on every rank)."""
+    rng = np.random.default_rng(seed + rows * hidden)
+    x = rng.standard_normal((num_ranks, rows * hidden))
+    residual = np.broadcast_to(3 * rng.standard_normal(rows * hidden), (num_ranks, rows * hidden))
+    weight = np.broadcast_to(1 + 0.1 * rng.standard_normal(hidden), (num_ranks, hidden))
+    return np.concatenate([x, residual, weight], axis=1).astype(jnp.dtype(dtype))
+
+
+def _fused_reduce(algorithm, rows, hidden, gpus_per_node, eps=1e-5):
+    def fn(a):
+        x = a[: rows * hidden].reshape(rows, hidden)
+        residual = a[rows * hidden : 2 * rows * hidden].reshape(rows, hidden)
+        normed, residual_out = jaxnvrar.all_reduce_rms_norm(x, residual, a[2 * rows * hidden :], "x", eps=eps,
+                                                            algorithm=algorithm, gpus_per_node=gpus_per_node)
+        return jnp.concatenate([normed.ravel(), residual_out.ravel()])
+
+    return fn
+
+
+@pytest.mark.parametrize("launch", FUSED_LAUNCHES)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_fused_rms_norm_kernel_matches_the_composition(launch, shape, dtype):
+    # residual_out: the kernel's sum (the reference's bits) plus the residual, bit for bit; normed:
+    # XLA's norm of the same values, within a rounding (the mean of squares sums in another
+    # order), and the same bits on every rank. One node, and "nodes" of one GPU (grid barrier).
+    rows, hidden = shape
+    num_ranks = jax.device_count()
+    mesh, peers = mesh_1d(num_ranks), xla_collectives_mesh(num_ranks)
+    host = _fused_host(num_ranks, rows, hidden, dtype)
+    n = rows * hidden
+    for gpus_per_node in sorted({num_ranks, 1}):
+        with kernel_config_override(KernelConfig.parse(launch)):
+            got = run_per_rank(_fused_reduce("nvrar", rows, hidden, gpus_per_node), host, mesh)
+        want = run_per_rank(_fused_reduce("reference", rows, hidden, gpus_per_node), host, peers)
+        _assert_replicas_identical(got)
+        where = f"{gpus_per_node} GPU(s) per node"
+        assert got[:, n:].tobytes() == want[:, n:].tobytes(), f"residual_out differs ({where})"
+        eps = float(jnp.finfo(dtype).eps)
+        np.testing.assert_allclose(got[:, :n].astype(np.float64), want[:, :n].astype(np.float64),
+                                   rtol=2 * eps, atol=2 * eps, err_msg=f"normed ({where})")
+        assert np.mean(got[:, :n] != want[:, :n]) < 0.05, f"normed differs in too many elements ({where})"
+
+
+def test_fused_rms_norm_is_one_kernel_call():
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    fn = jax.shard_map(lambda a: _fused_reduce("nvrar", 16, 4096, num_ranks)(a[0])[None], mesh=mesh,
+                       in_specs=jax.P("x"), out_specs=jax.P("x"))
+    spec = jax.ShapeDtypeStruct((num_ranks, 2 * 16 * 4096 + 4096), jnp.bfloat16,
+                                sharding=jax.NamedSharding(mesh, jax.P("x")))
+    with jax.set_mesh(mesh):
+        text = jax.jit(fn).lower(spec).as_text()
+    assert text.count("jaxnvrar_nvrar_all_reduce_rms_norm") == 1
+    assert "@jaxnvrar_nvrar_all_reduce(" not in text and "rsqrt" not in text
+
+
+@pytest.mark.parametrize("launch", ["128-1shot", "128-bulk"])
+def test_fused_rms_norm_in_a_long_scan_stays_exact(launch):
+    # 500 fused calls in one program (one command buffer, replayed): the grid barrier's counter
+    # and the flags advance call after call; every rank keeps the same bits throughout.
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    rows, hidden = 16, 4096
+
+    def layers(algorithm):
+        def run(a):
+            x, weight = a[: rows * hidden].reshape(rows, hidden), a[rows * hidden :]
+
+            def body(carry, _):
+                x, residual = carry
+                normed, residual = jaxnvrar.all_reduce_rms_norm(x, residual, weight, "x", algorithm=algorithm)
+                return (lax.pcast(normed / num_ranks, "x", to="varying"), residual / 2), None
+
+            (x, residual), _ = lax.scan(body, (x, jnp.zeros_like(x)), None, length=500)
+            return jnp.concatenate([x.ravel(), residual.ravel()])
+
+        return run
+
+    host = np.concatenate([np.random.default_rng(9).standard_normal((num_ranks, rows * hidden)),
+                           np.ones((num_ranks, hidden))], axis=1).astype(np.float32)
+    with kernel_config_override(KernelConfig.parse(launch)):
+        got = run_per_rank(layers("nvrar"), host, mesh)
+    want = run_per_rank(layers("reference"), host, xla_collectives_mesh(num_ranks))
+    _assert_replicas_identical(got)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
