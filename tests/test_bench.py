@@ -39,18 +39,35 @@ def test_decode_reports_every_algorithm(tmp_path):
         assert r["algorithms"]["none"]["queued_vs_roofline"] > 0
 
 
+def test_decode_psum_xla_row_is_psum_compiled_with_xlas_options(tmp_path):
+    pytest.importorskip("flax")
+    from jaxnvrar.bench.decode import PSUM_XLA_OPTIONS
+
+    out = _bench("decode", "--new-tokens", "4", "--prompt-len", "8", "--algorithms", "psum-xla,reference,none",
+                 "--json", str(tmp_path / "d.json"))
+    assert "# psum-xla: psum compiled with xla_gpu_unsupported_use_all_reduce_one_shot_kernel=True" in out
+    assert "XLA:CPU accepts the xla_gpu_ options and ignores them" in out
+    assert "reference against psum-xla: step" in out
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["psum_xla_options"] == PSUM_XLA_OPTIONS
+    rows = report["results"][0]["algorithms"]
+    assert list(rows) == ["psum", "psum-xla", "reference", "none"]  # psum first: "x psum" is against it
+    assert rows["psum-xla"]["tokens_equal_psum"] and rows["reference"]["tokens_equal_psum"]
+    assert rows["psum-xla"]["queued_speedup_vs_psum_xla"] == 1.0 and rows["psum"]["speedup_vs_psum"] == 1.0
+    assert rows["reference"]["queued_speedup_vs_psum_xla"] > 0
+
+
 def test_compiler_options_reach_the_compile():
     pytest.importorskip("flax")
     import jax
     import numpy as np
 
+    from jaxnvrar.bench.decode import PSUM_XLA_OPTIONS
     from jaxnvrar.models import llama
 
-    options = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True,
-               "xla_gpu_experimental_enable_nccl_symmetric_buffers": True}
     model = llama.random_model("tiny", llama.make_mesh(2), all_reduce="psum", num_layers=1)
     prompt = np.arange(8, dtype=np.int32).reshape(2, 4)
-    tuned = llama.with_all_reduce(model, "psum", compiler_options=options)
+    tuned = llama.with_all_reduce(model, "psum", compiler_options=PSUM_XLA_OPTIONS)
     np.testing.assert_array_equal(np.asarray(llama.generate(tuned, prompt, 3)),
                                   np.asarray(llama.generate(model, prompt, 3)))
     # A name XLA does not know fails the compile of the forward and of the decoding steps: the
@@ -59,8 +76,18 @@ def test_compiler_options_reach_the_compile():
     for run in (lambda m: llama.forward_logits(m, prompt), lambda m: llama.generate(m, prompt, 2)):
         with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such_option'"):
             run(broken)
-    assert llama.with_all_reduce(tuned, "reference").compiler_options == tuple(sorted(options.items()))
+    assert llama.with_all_reduce(tuned, "reference").compiler_options == tuple(sorted(PSUM_XLA_OPTIONS.items()))
     assert llama.with_all_reduce(broken, "psum", compiler_options={}).compiler_options == model.compiler_options == ()
+
+
+def test_xla_option_values_are_typed():
+    from jaxnvrar.bench.decode import parse_xla_option
+
+    # XLA refuses the string "true" for a bool option: --xla-option turns it into True.
+    assert [parse_xla_option(t) for t in ("a=true", "b=False", "c=4", "d=FUSION,CUBLAS")] == [
+        ("a", True), ("b", False), ("c", 4), ("d", "FUSION,CUBLAS")]
+    with pytest.raises(SystemExit, match="write it as NAME=VALUE"):
+        parse_xla_option("xla_gpu_enable_pdl")
 
 
 def test_breakdown_accounts_device_time_by_class():

@@ -11,7 +11,9 @@ time, two ways:
 Reports prefill time, both steps, tokens/s, the speed-up over psum of each, and two bounds:
 "none" (a diagnostic that skips the all-reduce: wrong numbers, the communication-free step)
 and the HBM roofline (weight + KV bytes each GPU reads per step over the bandwidth measured
-here by a device copy).
+here by a device copy). "psum-xla" is psum compiled with XLA's options for small all-reduces
+within a node (PSUM_XLA_OPTIONS): XLA at its best as well as at its default, and the rows'
+speed-ups against it too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,29 @@ from jaxnvrar.bench.setup import bring_up, is_printer, progress
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
+# The row "psum-xla": psum compiled with XLA's own settings for small all-reduces on one node
+# (XLA:CPU accepts these names and ignores them; an unknown name fails the compile).
+PSUM_XLA = "psum-xla"
+PSUM_XLA_OPTIONS = {
+    "xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True,  # XLA's one-shot kernel over peer access
+    "xla_gpu_experimental_enable_nccl_symmetric_buffers": True,  # NCCL's symmetric-memory kernels
+}
+
+
+def parse_xla_option(text: str) -> tuple[str, bool | int | str]:
+    """'NAME=VALUE' -> (NAME, value): true/false as a bool, an integer as an int, else the string
+    (XLA wants a bool for a bool option: the string "true" is refused)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise SystemExit(f"--xla-option {text!r}: write it as NAME=VALUE, e.g. "
+                         "xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, value
+
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
@@ -48,8 +73,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (1024 GPU, 16 CPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (64 GPU, 16 CPU)")
     parser.add_argument("--algorithms", default=None,
-                        help="comma-separated from psum,reference,nvrar,none (default: psum, nvrar if "
-                             "available else reference, none)")
+                        help="comma-separated from psum,psum-xla,reference,nvrar,none (default: psum, "
+                             "psum-xla on GPU, nvrar if available else reference, none)")
+    parser.add_argument("--xla-option", action="append", type=parse_xla_option, metavar="NAME=VALUE",
+                        help="an XLA option of the psum-xla row (repeat for several); given, they replace "
+                             "its defaults: " + ", ".join(f"{k}={v}" for k, v in PSUM_XLA_OPTIONS.items()))
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--profile", metavar="DIR",
@@ -105,7 +133,8 @@ _PROFILED_STEPS = 5
 
 
 def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label: str,
-               profile_dir: str | None = None) -> dict:
+               profile_dir: str | None = None) -> tuple[dict, np.ndarray]:
+    """The timings (and with `profile_dir` the breakdown), and the tokens it generated [B, T]."""
     host_prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len))
     prompt = llama.replicated(model.mesh, host_prompt.astype(np.int32))
     total = prompt_len + new_tokens
@@ -131,6 +160,7 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         steps.append(time.perf_counter() - start)
         progress(label, i + 1, new_tokens - 1)
     steps_ms = np.array(steps) * 1e3
+    tokens = np.asarray(history.addressable_data(0))  # replicated: this process's copy is all of it
 
     def queued_steps(count: int) -> float:
         """Seconds for `count` steps queued back to back over cache positions already written
@@ -163,7 +193,7 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
             result["top_host_events"] = breakdown.top_host_events(events, _PROFILED_STEPS, count=12)
         except (OSError, ValueError, KeyError) as err:  # the timings above still count
             print(f"jaxnvrar-bench decode: no breakdown from {directory}: {err}", file=sys.stderr)
-    return result
+    return result, tokens
 
 
 def _print_breakdown(rows: dict) -> None:
@@ -290,14 +320,19 @@ def run(args) -> int:
     if args.algorithms:
         algorithms = args.algorithms.split(",")
     else:
-        algorithms = ["psum", "nvrar" if jaxnvrar.is_initialized() else "reference", "none"]
+        algorithms = ["psum", *([PSUM_XLA] if on_gpu else []),
+                      "nvrar" if jaxnvrar.is_initialized() else "reference", "none"]
     algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # speed-ups are against psum
+    xla_options = dict(args.xla_option) if args.xla_option else PSUM_XLA_OPTIONS
     if "nvrar" in algorithms and not jaxnvrar.is_initialized():
         raise SystemExit("jaxnvrar-bench decode: nvrar needs the CUDA build on GPUs (run under jaxnvrar-launch)")
     dtype = _DTYPES[args.dtype]
 
-    from jaxnvrar.models.llama import make_mesh
+    from jaxnvrar.models.llama import ALL_REDUCE_CHOICES, make_mesh
 
+    choices = (*ALL_REDUCE_CHOICES, PSUM_XLA)
+    if unknown := [a for a in algorithms if a not in choices]:
+        raise SystemExit(f"--algorithms: unknown {unknown}; choose from {','.join(choices)}")
     mesh = make_mesh(tp)
     llama, model = _load_model(args, mesh, dtype)
     c = model.config
@@ -310,14 +345,21 @@ def run(args) -> int:
               f"{new_tokens} new tokens; all-reduce of {c.hidden_size * jnp.dtype(dtype).itemsize} B x batch, "
               f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s; prefill in chunks "
               f"of at most {llama.PREFILL_TOKENS} tokens")
+        if PSUM_XLA in algorithms:
+            gpu_only = not on_gpu and any(name.startswith("xla_gpu_") for name in xla_options)
+            cpu_note = " (XLA:CPU accepts the xla_gpu_ options and ignores them)" if gpu_only else ""
+            print(f"# {PSUM_XLA}: psum compiled with {', '.join(f'{k}={v}' for k, v in xla_options.items())}"
+                  f"{cpu_note}")
     results = []
     for batch in args.batch:
-        rows = {}
+        rows, tokens = {}, {}
         for algorithm in algorithms:
-            twin = llama.with_all_reduce(model, algorithm)
+            twin = (llama.with_all_reduce(model, "psum", compiler_options=xla_options) if algorithm == PSUM_XLA
+                    else llama.with_all_reduce(model, algorithm))
             llama.psum_fallbacks.clear()
-            rows[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens, f"batch {batch} {algorithm}",
-                                         args.profile)
+            rows[algorithm], tokens[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens,
+                                                            f"batch {batch} {algorithm}", args.profile)
+            rows[algorithm]["tokens_equal_psum"] = bool(np.array_equal(tokens[algorithm], tokens["psum"]))
             # Call sites of "nvrar" that went to psum (prefill messages over the workspace).
             rows[algorithm]["psum_fallbacks"] = [f"{list(shape)} {dtype}" for shape, dtype in llama.psum_fallbacks]
         context = prompt_len + new_tokens // 2
@@ -328,6 +370,9 @@ def run(args) -> int:
             r["vs_roofline"] = r["step_median_ms"] / roofline_ms
             r["queued_vs_roofline"] = r["step_queued_ms"] / roofline_ms
             r["queued_tokens_per_s"] = 1e3 * batch / r["step_queued_ms"]
+            if PSUM_XLA in rows:  # the fair comparison: XLA with its settings for small all-reduces
+                r["speedup_vs_psum_xla"] = rows[PSUM_XLA]["step_median_ms"] / r["step_median_ms"]
+                r["queued_speedup_vs_psum_xla"] = rows[PSUM_XLA]["step_queued_ms"] / r["step_queued_ms"]
         results.append({"batch": batch, "roofline_ms": roofline_ms, "algorithms": rows})
         if is_printer():
             print(f"\nbatch {batch}: HBM roofline {roofline_ms:.3f} ms/step")
@@ -341,7 +386,15 @@ def run(args) -> int:
                       f"{r['step_p90_ms']:>8.3f} {r['speedup_vs_psum']:>7.2f} {r['step_queued_ms']:>8.3f} "
                       f"{r['queued_speedup_vs_psum']:>7.2f} {r['queued_vs_roofline']:>10.2f} "
                       f"{r['queued_tokens_per_s']:>9.1f}{note}", flush=True)
+            if PSUM_XLA in rows:
+                for algorithm, r in rows.items():
+                    if algorithm not in ("psum", PSUM_XLA, "none"):
+                        print(f"  {algorithm} against {PSUM_XLA}: step {r['speedup_vs_psum_xla']:.2f}x, "
+                              f"queued {r['queued_speedup_vs_psum_xla']:.2f}x")
             for algorithm, r in rows.items():
+                if not r["tokens_equal_psum"] and algorithm != "none":
+                    print(f"  note: {algorithm}'s greedy tokens differ from psum's (another summation order "
+                          "can flip a near tie; else a wrong sum)")
                 if r["psum_fallbacks"]:
                     print(f"  note: {algorithm}: {len(r['psum_fallbacks'])} traced all-reduce call(s) over the "
                           f"NVSHMEM workspace ran psum ({', '.join(sorted(set(r['psum_fallbacks'])))}; prefill "
@@ -361,5 +414,7 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"devices": description, "model": args.checkpoint or args.preset, "tp": tp,
                        "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": args.dtype,
-                       "copy_bandwidth_gbs": bandwidth / 1e9, "results": results}, f, indent=1)
+                       "copy_bandwidth_gbs": bandwidth / 1e9,
+                       "psum_xla_options": xla_options if PSUM_XLA in algorithms else None,
+                       "results": results}, f, indent=1)
     return 0
