@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
   const int64_t first_unit = start.block_begin + threadIdx.x;
   const int64_t stride = blockDim.x;
 
+  Stamp(args, calls, kTimingEntry);
   if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) SendSignature(args, calls, flag);
 
   // Slice `d` goes to local d; one-shot, the whole message (slice 0) goes to every local.
@@ -50,6 +51,7 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
                   LoadSliceUnit<T, Unit>(args, args.input, args.one_shot ? 0 : d, unit), flag);
     }
   }
+  Stamp(args, calls, kTimingSent);
   Proto::PublishBlock(args, layout, half, kBulkReduceScatter, flag);
   Proto::AwaitBlock(args, layout, calls, half, kBulkReduceScatter, flag);
   // ... then sum my slice over locals 0..G-1 in order, in float32. The partial result waits
@@ -68,6 +70,7 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
     }
     StoreSliceUnit<T, Unit>(args, my_slice, unit, mine);
   }
+  Stamp(args, calls, kTimingReduced);
 
   // 2. Between nodes, on my slice: recursive doubling (with fold-in/out for non-powers of 2).
   // Blocks without units neither send nor wait (the same blocks on every rank).
@@ -125,11 +128,13 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
     }
   }
 
+  Stamp(args, calls, kTimingAllReduced);
   if constexpr (kFusedNorm) RmsNormEpilogue<T>(args, flag);
+  Stamp(args, calls, kTimingNormed);
 
   if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
   if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
-  FinishCall(reinterpret_cast<WorkspaceHeader*>(args.workspace), calls);
+  FinishCall(args, calls);
 }
 
 }  // namespace jaxnvrar

@@ -113,6 +113,7 @@ struct KernelArgs {
   TimeoutRecord* timeout_record;  // pinned host memory
   int64_t block_units;  // units per block; 0: the slice's units spread evenly over the grid
   NormArgs norm;
+  unsigned long long* timing;  // JAXNVRAR_TIMING's ring of per-call records; nullptr: off
 };
 
 // Unit `unit` of a workspace region at `offset` from `base`: LL cells and bulk chunks both
@@ -387,6 +388,30 @@ __device__ __forceinline__ void AwaitSignatures(const KernelArgs& args, unsigned
   }
 }
 
+// ---- JAXNVRAR_TIMING: globaltimer stamps of each call, by block 0 (after a block barrier, so
+// that they mark the whole block's progress), and by the call's last block to finish.
+enum TimingField : int {
+  kTimingCall = 0,      // the call counter + 1, written last (0: no record)
+  kTimingEntry = 1,     // block 0 starts
+  kTimingSent = 2,      // block 0 has issued its first phase's sends
+  kTimingReduced = 3,   // block 0 has its units of the reduce-scatter (one-shot: the whole sum)
+  kTimingAllReduced = 4,  // block 0 has its units of the finished all-reduce
+  kTimingNormed = 5,    // block 0 has finished the fused epilogue (= kTimingAllReduced without one)
+  kTimingLastBlock = 6,  // the last block of the grid is done
+  kTimingShape = 7,     // blocks << 32 | low 32 bits of the element count
+};
+
+__device__ __forceinline__ unsigned long long* TimingRecord(const KernelArgs& args, unsigned long long calls) {
+  return args.timing + static_cast<int64_t>(calls % kTimingRecords) * kTimingFields;
+}
+
+// Every thread of every block calls it (a uniform branch): the barrier is only taken when timing.
+__device__ __forceinline__ void Stamp(const KernelArgs& args, unsigned long long calls, int field) {
+  if (args.timing == nullptr) return;
+  __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0) TimingRecord(args, calls)[field] = GlobalTimerNs();
+}
+
 // ---- Start and end of a call.
 
 // What every block of a call works out first. Each call alternates workspace halves and carries
@@ -409,11 +434,19 @@ __device__ __forceinline__ CallStart BeginCall(const KernelArgs& args, const Lay
 }
 
 // The last block to finish advances the call counter for the next launch.
-__device__ __forceinline__ void FinishCall(WorkspaceHeader* header, unsigned long long calls) {
+__device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long long calls) {
+  WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&header->blocks_done, 1u) == gridDim.x - 1) {
+      if (args.timing != nullptr) {
+        unsigned long long* record = TimingRecord(args, calls);
+        record[kTimingLastBlock] = GlobalTimerNs();
+        record[kTimingShape] = static_cast<unsigned long long>(gridDim.x) << 32 | args.signature.elements;
+        __threadfence();
+        record[kTimingCall] = calls + 1;
+      }
       header->blocks_done = 0;
       header->norm_arrived = 0;  // every block is past the fused epilogue's barrier
       header->calls = calls + 1;

@@ -177,6 +177,7 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   args.check_calls = check_calls;
   args.timeout_ns = rt.timeout_ns;
   args.timeout_record = rt.timeout_device;
+  args.timing = rt.timing;
   if (args.num_steps > kMaxInterNodeSteps) {
     return ffi::Unexpected(ffi::Error::InvalidArgument("jaxnvrar: too many nodes"));
   }
@@ -453,6 +454,15 @@ NB_MODULE(_jaxnvrar_cuda, m) {
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
         nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0);
   m.def("finalize", &jaxnvrar::FinalizeRuntime);
+  m.def("enable_timing", &jaxnvrar::EnableTiming);
+  m.def("reset_timing", &jaxnvrar::ResetTiming);
+  m.def("timing_records", []() {
+    // The ring as raw bytes (kTimingRecords x kTimingFields little-endian uint64), or empty.
+    if (jaxnvrar::GetRuntime().timing == nullptr) return nb::bytes("", 0);
+    std::string words(jaxnvrar::kTimingRecords * jaxnvrar::kTimingFields * sizeof(unsigned long long), '\0');
+    jaxnvrar::CopyTiming(reinterpret_cast<unsigned long long*>(words.data()));
+    return nb::bytes(words.data(), words.size());
+  });
   m.def("last_timeout", []() -> nb::object {
     const jaxnvrar::TimeoutRecord* r = jaxnvrar::GetRuntime().timeout_host;
     if (r == nullptr || !r->set) return nb::none();

@@ -59,6 +59,31 @@ void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool for
   rt.initialized = true;
 }
 
+void EnableTiming() {
+  Runtime& rt = GetRuntime();
+  if (rt.timing != nullptr) return;
+  const size_t bytes = kTimingRecords * kTimingFields * sizeof(unsigned long long);
+  Check(cudaMalloc(reinterpret_cast<void**>(&rt.timing), bytes), "cudaMalloc of the timing records");
+  ResetTiming();
+}
+
+void ResetTiming() {
+  Runtime& rt = GetRuntime();
+  if (rt.timing == nullptr) return;
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  Check(cudaMemset(rt.timing, 0, kTimingRecords * kTimingFields * sizeof(unsigned long long)),
+        "cudaMemset of the timing records");
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+void CopyTiming(unsigned long long* to) {
+  Runtime& rt = GetRuntime();
+  if (rt.timing == nullptr) return;
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  Check(cudaMemcpy(to, rt.timing, kTimingRecords * kTimingFields * sizeof(unsigned long long), cudaMemcpyDeviceToHost),
+        "cudaMemcpy of the timing records");
+}
+
 void FinalizeRuntime() {
   Runtime& rt = GetRuntime();
   if (!rt.initialized) return;

@@ -28,7 +28,16 @@ struct Runtime {
   bool force_put = false;    // inter-node phase through nvshmem puts even where P2P works
   TimeoutRecord* timeout_host = nullptr;    // host view
   TimeoutRecord* timeout_device = nullptr;  // the same memory, as the kernel sees it
+  unsigned long long* timing = nullptr;     // JAXNVRAR_TIMING: kTimingRecords records (device memory)
 };
+
+// JAXNVRAR_TIMING: each call's timestamps (globaltimer, ns) in a ring of records indexed by the
+// call counter; the fields are TimingField (device_common.cuh).
+constexpr int64_t kTimingRecords = 4096;
+constexpr int64_t kTimingFields = 8;
+void EnableTiming();                     // allocates the ring (kept until the process ends)
+void ResetTiming();                      // zeroes it
+void CopyTiming(unsigned long long* to);  // kTimingRecords * kTimingFields words, after the device is idle
 
 Runtime& GetRuntime();
 

@@ -171,12 +171,28 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(snapshot.workspace_bytes + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
     extension.initialize(snapshot.workspace_bytes, snapshot.timeout_s, bool(snapshot.force_put), snapshot.first_call)
+    if snapshot.timing:
+        extension.enable_timing()  # before any call site is planned: sites read it then
     _ever_initialized = True  # NVSHMEM is up: it cannot be started again in this process
     # The targets before the state: "initialised" must mean that programs can use the kernel.
     for name, handler in extension.registrations().items():
         jax.ffi.register_ffi_target(name, handler, platform="CUDA")
     _state = _State(snapshot, extension.num_pes(), extension.my_pe(), nvshmem)
     return True
+
+
+def timing_records(reset: bool = False):
+    """This GPU's per-call kernel stamps (JAXNVRAR_TIMING=1; see `jaxnvrar.timing`), in call
+    order, after the queued work is done; None when timing is off. ``reset``: clear the ring
+    after reading it."""
+    if not (_state and _state.settings.timing):
+        return None
+    from jaxnvrar import timing
+
+    records = timing.parse(cuda_extension().timing_records())
+    if reset:
+        cuda_extension().reset_timing()
+    return records
 
 
 def last_timeout() -> dict | None:

@@ -70,6 +70,8 @@ SETTINGS = (
             help="0: ranks do not compare call signatures"),
     Setting("JAXNVRAR_FUSED_NORM", "fused_norm", int, 1, True, minimum=0, maximum=1,
             help="0: all_reduce_rms_norm runs the all-reduce, then XLA's add and norm (no fused kernel)"),
+    Setting("JAXNVRAR_TIMING", "timing", int, 0, False, minimum=0, maximum=1,
+            help="1: every kernel call stamps its phases (jaxnvrar.timing; benchmarks report them)"),
     Setting("JAXNVRAR_FIRST_CALL", "first_call", int, 0, False, minimum=0,
             help="testing: start the call counter here (flag wrap-around)"),
     Setting("JAXNVRAR_AUTO_MAX_BYTES", "auto_max_bytes", int, None, True, minimum=0,
@@ -92,6 +94,7 @@ class Settings:
     bulk: int | None = None
     check_calls: int = 1
     fused_norm: int = 1
+    timing: int = 0
     first_call: int = 0
     auto_max_bytes: int | None = None
     network: str = "ndr"

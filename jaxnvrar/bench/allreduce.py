@@ -24,6 +24,7 @@ from jaxnvrar.distributed import default_topology
 from jaxnvrar.runtime import fits_workspace
 from jaxnvrar.schedule import KernelConfig, Topology, one_shot_possible
 from jaxnvrar.tuning import kernel_config_override
+from jaxnvrar import runtime, settings, timing
 from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer
 
@@ -62,6 +63,10 @@ def add_arguments(parser) -> None:
                              "BLOCKS[-1shot][-bulk]: at most BLOCKS thread blocks; one-shot (one node only); bulk "
                              "data (a flag per block); e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); "
                              "default: the tuning policy's choice (--launches: the old spelling)")
+    parser.add_argument("--rms-norm", type=int, default=None, metavar="HIDDEN",
+                        help="time jaxnvrar.all_reduce_rms_norm over rows of HIDDEN elements instead (the "
+                             "decode step's all-reduce + residual add + RMSNorm; nvrar: the fused kernel unless "
+                             "JAXNVRAR_FUSED_NORM=0); sizes must be whole rows")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
 
@@ -73,8 +78,13 @@ def _available_algorithms() -> list[str]:
     return algorithms
 
 
-def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan=False):
+def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan=False, rms_norm=None):
     def one(x):
+        if rms_norm:  # the residual is x itself (varying): the normalized rows stay varying
+            rows = x.reshape(-1, rms_norm)
+            normed, _ = jaxnvrar.all_reduce_rms_norm(rows, rows, jnp.ones(rms_norm, x.dtype), "x",
+                                                     algorithm=algorithm, gpus_per_node=gpus_per_node)
+            return normed.reshape(x.shape)
         x = jaxnvrar.all_reduce(x, "x", algorithm=algorithm, gpus_per_node=gpus_per_node)
         # Keep the magnitude and the per-rank type of the carried value.
         return lax.pcast(x * (1.0 / num_ranks), "x", to="varying")
@@ -91,18 +101,21 @@ def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan=False)
 
 
 def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_node,
-            trace_dir: str | None = None, scan: bool = False) -> tuple[float, float | None]:
+            trace_dir: str | None = None, scan: bool = False,
+            rms_norm: int | None = None) -> tuple[float, float | None, dict | None]:
     """Median microseconds per all-reduce of `count` elements per rank, wall and (with
-    trace_dir) device kernel time. "nvrar/LABEL": nvrar run as `KernelConfig.parse(LABEL)`."""
+    trace_dir) device kernel time, and (JAXNVRAR_TIMING=1) the kernel's own stamps of the
+    timed calls (`jaxnvrar.timing.summary`). "nvrar/LABEL": nvrar run as `KernelConfig.parse(LABEL)`."""
     num_ranks = mesh.devices.size
     algorithm, config = split_config(algorithm)
-    program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan)
+    program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan, rms_norm)
     sharding = NamedSharding(mesh, P("x"))
     x = jax.device_put(jnp.ones((num_ranks * count,), dtype), sharding)
     with jax.set_mesh(mesh), _configured(config):
         for _ in range(3):
             x = program(x)
         x.block_until_ready()
+        runtime.timing_records(reset=True)
         batches = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -110,6 +123,7 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
                 x = program(x)
             x.block_until_ready()
             batches.append((time.perf_counter() - start) / (iters * chain))
+        stamps = runtime.timing_records()
         device_us = None
         if trace_dir is not None:
             with breakdown.traced(trace_dir):
@@ -119,7 +133,8 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
             durations = [end - start for name, start, end in breakdown.device_kernels(breakdown.read_trace(trace_dir))
                          if breakdown.classify(name) == "communication"]
             device_us = statistics.median(durations) if durations else None
-    return statistics.median(batches) * 1e6, device_us
+    stamped = timing.summary(stamps) if stamps is not None and len(stamps) else None
+    return statistics.median(batches) * 1e6, device_us, stamped
 
 
 def parse_kernel_configs(text: str, topology: Topology, option: str) -> list[KernelConfig]:
@@ -252,6 +267,9 @@ def run(args) -> int:
     algorithms = ["psum"] + [a for a in algorithms if a != "psum"]  # every speed-up is against psum
     dtype = DTYPES[args.dtype]
     itemsize = jnp.dtype(dtype).itemsize
+    if args.rms_norm is not None and (args.rms_norm < 1 or args.min_bytes % (args.rms_norm * itemsize)):
+        raise SystemExit(f"jaxnvrar-bench allreduce: --rms-norm {args.rms_norm}: messages must be whole rows "
+                         f"({args.rms_norm * itemsize} B of {args.dtype}); --min-bytes is {args.min_bytes}")
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
     num_ranks = jax.device_count()
     topology = (Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node
@@ -265,6 +283,10 @@ def run(args) -> int:
         loop = "in a loop" if args.scan else "unrolled"
         print(f"# chain {chain} all-reduces per program ({loop}), {iters} executions per batch, median of "
               f"{args.repeats} batches; gpus_per_node={args.gpus_per_node or 'per host'}")
+        if args.rms_norm:
+            print(f"# each all-reduce is all_reduce_rms_norm over rows of {args.rms_norm} (+ residual add + "
+                  f"RMSNorm; fused kernel for nvrar: JAXNVRAR_FUSED_NORM="
+                  f"{(runtime.settings() or settings.read()).fused_norm})")
     peers = None
     if args.peers:
         from jaxnvrar.bench.peers import PEERS, TorchPeers
@@ -287,19 +309,24 @@ def run(args) -> int:
             trace_dir = None if args.device_time is None else os.path.join(
                 args.device_time, f"{a.replace('/', '_')}_{nbytes}_rank{jax.process_index()}")
             timings[a] = measure(mesh, a, count, dtype, chain=chain, iters=iters, repeats=args.repeats,
-                                 gpus_per_node=args.gpus_per_node, trace_dir=trace_dir, scan=args.scan)
+                                 gpus_per_node=args.gpus_per_node, trace_dir=trace_dir, scan=args.scan,
+                                 rms_norm=args.rms_norm)
         for p in columns[len(algorithms):]:
             us = peers.measure(p, count, args.dtype, chain=chain, iters=iters, repeats=args.repeats)
             if us is not None:
                 timings[p] = (us, None)
-        for a, (us, device_us) in timings.items():
+        for a, (us, device_us, *stamped) in timings.items():
             algbw = row["bytes"] / (us * 1e-6) / 1e9
-            row["results"][a] = {"us": us, "device_us": device_us, "algbw_gbs": algbw,
+            row["results"][a] = {"us": us, "device_us": device_us, "kernel_timing": (stamped or [None])[0],
+                                 "algbw_gbs": algbw,
                                  "busbw_gbs": algbw * 2 * (num_ranks - 1) / num_ranks,
                                  "speedup_vs_psum": timings["psum"][0] / us if a != "psum" else 1.0}
         rows.append(row)
         if is_printer():
             print(_row_line(row, columns, args.device_time is not None), flush=True)
+            for a, result in row["results"].items():
+                if result["kernel_timing"]:
+                    print(timing.format_summary(f"{a} {row['bytes']} B kernel stamps", result["kernel_timing"]))
     if peers is not None:
         if is_printer():
             for p, reason in peers.unavailable.items():

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnvrar
+from jaxnvrar import runtime, timing
 from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer, progress
 
@@ -175,11 +176,15 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         position.block_until_ready()
         return time.perf_counter() - start
 
+    runtime.timing_records(reset=True)  # JAXNVRAR_TIMING=1: only the queued steps' calls
     queued_ms = queued_steps(new_tokens - 1) / (new_tokens - 1) * 1e3
+    stamps = runtime.timing_records()
     result = {"prefill_ms": prefill_s * 1e3, "step_median_ms": float(np.median(steps_ms)),
               "step_queued_ms": queued_ms,
               "step_p90_ms": float(np.percentile(steps_ms, 90)),
               "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
+    if stamps is not None and len(stamps):
+        result["kernel_timing"] = dict(timing.summary(stamps), calls_per_step=len(stamps) / (new_tokens - 1))
     if profile_dir is not None:
         directory = os.path.join(profile_dir, label.replace(" ", "_") + f"_rank{jax.process_index()}")
         with breakdown.traced(directory):
@@ -399,6 +404,10 @@ def run(args) -> int:
                     print(f"  note: {algorithm}: {len(r['psum_fallbacks'])} traced all-reduce call(s) over the "
                           f"NVSHMEM workspace ran psum ({', '.join(sorted(set(r['psum_fallbacks'])))}; prefill "
                           f"messages; raise $JAXNVRAR_WORKSPACE_BYTES to keep them on the kernel)")
+            for algorithm, r in rows.items():
+                if "kernel_timing" in r:
+                    print(timing.format_summary(f"{algorithm} kernel stamps (JAXNVRAR_TIMING=1, rank "
+                                                f"{jax.process_index()})", r["kernel_timing"]))
             if args.profile:
                 _print_breakdown(rows)
     if is_printer() and args.profile_plot:
