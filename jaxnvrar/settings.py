@@ -68,8 +68,9 @@ SETTINGS = (
             help="1/0: bulk kernels (raw data, a flag per block) always/never (default: the tuning table's)"),
     Setting("JAXNVRAR_CHECK_CALLS", "check_calls", int, 1, True, minimum=0, maximum=1,
             help="0: ranks do not compare call signatures"),
-    Setting("JAXNVRAR_FUSED_NORM", "fused_norm", int, 1, True, minimum=0, maximum=1,
-            help="0: all_reduce_rms_norm runs the all-reduce, then XLA's add and norm (no fused kernel)"),
+    Setting("JAXNVRAR_FUSED_NORM", "fused_norm", int, 0, True, minimum=0, maximum=1,
+            help="1: all_reduce_rms_norm's add and norm in the all-reduce kernel (default 0: XLA's, after it; "
+                 "see docs/design.md for why)"),
     Setting("JAXNVRAR_TIMING", "timing", int, 0, False, minimum=0, maximum=1,
             help="1: every kernel call stamps its phases (jaxnvrar.timing; benchmarks report them)"),
     Setting("JAXNVRAR_FIRST_CALL", "first_call", int, 0, False, minimum=0,
@@ -93,7 +94,7 @@ class Settings:
     one_shot: int | None = None
     bulk: int | None = None
     check_calls: int = 1
-    fused_norm: int = 1
+    fused_norm: int = 0
     timing: int = 0
     first_call: int = 0
     auto_max_bytes: int | None = None

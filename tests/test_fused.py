@@ -19,6 +19,14 @@ from jaxnvrar.models import llama  # noqa: E402
 
 AXIS = "tp"
 EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _fused_kernel_path(monkeypatch):
+    # The fused kernel's path (opt-in): with it, "reference" takes the very primitive that
+    # "nvrar" lowers to the kernel, so every test here covers that path's types, derivatives,
+    # vmap and numerics against the composition.
+    monkeypatch.setenv("JAXNVRAR_FUSED_NORM", "1")
 HIDDEN = 48
 TP = 4
 
@@ -331,10 +339,10 @@ def _primitives(fn, x, residual, weight, mesh):
 
 
 def test_reference_takes_the_kernels_fused_primitive_exactly_where_the_kernel_would(monkeypatch):
-    # "reference" runs the primitive that "nvrar" lowers to the kernel (lowered to the schedule
-    # here), so these CPU tests cover the kernel path's types, derivatives and vmap rule; calls
-    # the kernel does not take (rows of a partial 16-byte vector, weight in another dtype) run
-    # the composition.
+    # With JAXNVRAR_FUSED_NORM=1, "reference" runs the primitive that "nvrar" lowers to the
+    # kernel (lowered to the schedule here), so these CPU tests cover the kernel path's types,
+    # derivatives and vmap rule; calls the kernel does not take (rows of a partial 16-byte
+    # vector, weight in another dtype) run the composition, and so does every call by default.
     needs_devices_in_one_process(TP)
     mesh = _mesh()
     fused = "jaxnvrar_all_reduce_rms_norm"
@@ -343,7 +351,9 @@ def test_reference_takes_the_kernels_fused_primitive_exactly_where_the_kernel_wo
     x, residual, weight = _inputs(jnp.bfloat16)
     assert fused not in _primitives(_fused("reference"), x, residual, weight.astype(np.float32), mesh)
     assert fused not in _primitives(_fused("psum"), x, residual, weight, mesh)
-    monkeypatch.setenv("JAXNVRAR_FUSED_NORM", "0")  # the switch that turns fusion off
+    monkeypatch.setenv("JAXNVRAR_FUSED_NORM", "0")  # the default: the composition
+    assert fused not in _primitives(_fused("reference"), x, residual, weight, mesh)
+    monkeypatch.delenv("JAXNVRAR_FUSED_NORM")
     assert fused not in _primitives(_fused("reference"), x, residual, weight, mesh)
 
 

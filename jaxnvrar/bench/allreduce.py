@@ -65,8 +65,8 @@ def add_arguments(parser) -> None:
                              "default: the tuning policy's choice (--launches: the old spelling)")
     parser.add_argument("--rms-norm", type=int, default=None, metavar="HIDDEN",
                         help="time jaxnvrar.all_reduce_rms_norm over rows of HIDDEN elements instead (the "
-                             "decode step's all-reduce + residual add + RMSNorm; nvrar: the fused kernel unless "
-                             "JAXNVRAR_FUSED_NORM=0); sizes must be whole rows")
+                             "decode step's all-reduce + residual add + RMSNorm; nvrar: the fused kernel with "
+                             "JAXNVRAR_FUSED_NORM=1); sizes must be whole rows")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
 

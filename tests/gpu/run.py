@@ -29,7 +29,8 @@ def parts(gpus: int, extra: list[str]) -> list[tuple[str, list[str], dict]]:
     # Every program replays as a command buffer (CUDA graph), however small; a workspace that
     # holds the 64 MB cases (unless the caller set one).
     graphs = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip(),
-              "JAXNVRAR_WORKSPACE_BYTES": os.environ.get("JAXNVRAR_WORKSPACE_BYTES", str(2 << 30))}
+              "JAXNVRAR_WORKSPACE_BYTES": os.environ.get("JAXNVRAR_WORKSPACE_BYTES", str(2 << 30)),
+              "JAXNVRAR_FUSED_NORM": "1"}  # the fused all-reduce + RMSNorm kernel is opt-in
     return [
         ("kernel", in_ranks, graphs),
         ("kernel_force_put", in_ranks, dict(graphs, JAXNVRAR_FORCE_PUT="1")),
