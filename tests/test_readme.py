@@ -16,3 +16,11 @@ def test_the_api_example_runs_as_written():
     result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["[[4."] + ["4."] * 6 + ["4.]]"], result.stdout
+
+
+def test_every_setting_is_in_the_readme_table():
+    from jaxnvrar.settings import SETTINGS
+
+    table = "\n".join(line for line in README.read_text().splitlines() if line.startswith("| `JAXNVRAR_"))
+    missing = [s.name for s in SETTINGS if f"`{s.name}`" not in table and f"`_{s.name[len('JAXNVRAR_'):]}`" not in table]
+    assert not missing, f"settings missing from the README's table: {missing}"
