@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "call_signature.h"
 #include "nvshmem_runtime.h"
 #include "schedule.h"
 
@@ -35,49 +36,6 @@ struct WorkspaceHeader {
 };
 static_assert(kSignatureOffset + 2 * kSignatureSlots * kCellBytes <= kWorkspaceHeaderBytes,
               "the signature slots must fit in the workspace header");
-
-// What a call is, as peers compare it: element count and (dtype, launch, G, nodes). Ranks that
-// disagree would otherwise deadlock or, worse, exchange cells of another meaning.
-struct CallSignature {
-  uint32_t elements;  // low 32 bits of the element count
-  uint32_t shape;     // dtype << 28 | launch << 24 | gpus_per_node << 16 | num_nodes
-};
-enum DtypeCode : uint32_t { kDtypeFloat32 = 1, kDtypeBFloat16 = 2, kDtypeFloat16 = 3 };
-// Launch bits of a CallSignature: ranks must agree on the workspace layout too.
-constexpr uint32_t kLaunchOneShot = 1u;
-constexpr uint32_t kLaunchBulk = 2u;
-constexpr uint32_t kLaunchFusedNorm = 4u;  // all_reduce_rms_norm: blocks may cover other ranges
-
-inline CallSignature EncodeCall(int64_t elements, DtypeCode dtype, bool one_shot, bool bulk, int32_t gpus_per_node,
-                                int32_t num_nodes, bool fused_norm = false) {
-  const uint32_t launch =
-      (one_shot ? kLaunchOneShot : 0u) | (bulk ? kLaunchBulk : 0u) | (fused_norm ? kLaunchFusedNorm : 0u);
-  return CallSignature{static_cast<uint32_t>(elements),
-                       static_cast<uint32_t>(dtype) << 28 | launch << 24 |
-                           static_cast<uint32_t>(gpus_per_node) << 16 | (static_cast<uint32_t>(num_nodes) & 0xFFFFu)};
-}
-
-// A signature read back (from a failure record), field by field.
-struct CallDescription {
-  uint32_t elements;
-  uint32_t dtype;  // a DtypeCode, unless the signature is corrupt
-  uint32_t nodes;
-  uint32_t gpus_per_node;
-  bool one_shot;
-  bool bulk;
-  bool fused_norm;
-};
-
-inline CallDescription DecodeCall(CallSignature s) {
-  const uint32_t launch = (s.shape >> 24) & 0xFu;
-  return CallDescription{s.elements,
-                         s.shape >> 28,
-                         s.shape & 0xFFFFu,
-                         (s.shape >> 16) & 0xFFu,
-                         (launch & kLaunchOneShot) != 0,
-                         (launch & kLaunchBulk) != 0,
-                         (launch & kLaunchFusedNorm) != 0};
-}
 
 // The fused add + RMSNorm of all_reduce_rms_norm (rms_norm_epilogue.cuh); unused otherwise.
 struct NormArgs {

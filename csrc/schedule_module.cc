@@ -1,11 +1,13 @@
 // The CPU extension: exposes csrc/schedule.h to Python so tests can check that the
-// kernel's schedule is the one jaxnvrar/schedule.py defines.
+// kernel's schedule is the one jaxnvrar/schedule.py defines, and csrc/call_signature.h so they
+// can check what ranks compare.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
 #include <string>
 
+#include "call_signature.h"
 #include "schedule.h"
 
 namespace nb = nanobind;
@@ -46,6 +48,25 @@ NB_MODULE(_jaxnvrar_cpu, m) {
       }
     }
     return nb::make_tuple(regions, l.half_bytes, l.slice_units, l.slice_stride);
+  });
+  // A call signature as the kernel encodes it, and decoded back as failure reports do.
+  m.def("encode_call", [](int64_t elements, uint32_t dtype, bool one_shot, bool bulk, int32_t gpus_per_node,
+                          int32_t num_nodes, bool fused_norm) {
+    const jaxnvrar::CallSignature s = jaxnvrar::EncodeCall(elements, static_cast<jaxnvrar::DtypeCode>(dtype), one_shot,
+                                                           bulk, gpus_per_node, num_nodes, fused_norm);
+    return std::make_pair(s.elements, s.shape);
+  });
+  m.def("decode_call", [](uint32_t elements, uint32_t shape) {
+    const jaxnvrar::CallDescription c = jaxnvrar::DecodeCall(jaxnvrar::CallSignature{elements, shape});
+    nb::dict d;
+    d["elements"] = c.elements;
+    d["dtype"] = c.dtype;
+    d["nodes"] = c.nodes;
+    d["gpus_per_node"] = c.gpus_per_node;
+    d["one_shot"] = c.one_shot;
+    d["bulk"] = c.bulk;
+    d["fused_norm"] = c.fused_norm;
+    return d;
   });
   m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded, nb::arg("num_elements"),
         nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false,

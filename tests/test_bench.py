@@ -194,6 +194,15 @@ def test_allreduce_in_a_loop():
     assert "in a loop" in out and "reference us" in out
 
 
+def test_allreduce_of_rms_norm_rows_and_whole_rows_only():
+    out = _bench("allreduce", "--rms-norm", "2048", "--min-bytes", "8K", "--max-bytes", "8K", "--repeats", "1",
+                 "--algorithms", "psum,reference")
+    assert "all_reduce_rms_norm over rows of 2048" in out and "reference us" in out
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", "allreduce", "--rms-norm", "3000"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "whole rows" in result.stderr
+
+
 def test_allreduce_peers_are_reported_not_fatal_in_one_process():
     # One process: a one-rank NCCL all-reduce launches nothing (an empty CUDA graph on a GPU), so
     # the peers are dropped with the reason instead of timing nothing.

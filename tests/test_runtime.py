@@ -72,16 +72,17 @@ def test_nvrar_after_finalize_names_the_cause(monkeypatch):
 def test_call_signatures_read_in_words():
     from jaxnvrar.runtime import describe_call
 
-    def call(elements, dtype, nodes, gpus, one_shot=False, bulk=False):
+    def call(elements, dtype, nodes, gpus, one_shot=False, bulk=False, fused_norm=False):
         # As the extension decodes a CallSignature in a failure record.
         return {"elements": elements, "dtype": dtype, "nodes": nodes, "gpus_per_node": gpus,
-                "one_shot": one_shot, "bulk": bulk}
+                "one_shot": one_shot, "bulk": bulk, "fused_norm": fused_norm}
 
     assert describe_call(call(1000, "float32", 1, 2)) == "1000 x float32 over 1 node(s) of 2 GPU(s)"
     assert describe_call(call(4096, "bfloat16", 1, 4, one_shot=True)) == \
         "4096 x bfloat16 over 1 node(s) of 4 GPU(s), one-shot"
     assert describe_call(call(8, "float16", 3, 2)) == "8 x float16 over 3 node(s) of 2 GPU(s)"
     assert describe_call(call(8, "float32", 1, 2, True, True)).endswith("of 2 GPU(s), one-shot, bulk")
+    assert describe_call(call(8, "float32", 1, 2, True, False, True)).endswith("one-shot, fused add + RMSNorm")
 
 
 SETTINGS_SCRIPT = """

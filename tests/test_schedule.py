@@ -114,3 +114,20 @@ def test_workspace_regions_are_disjoint_and_fill_each_half():
             config = KernelConfig(one_shot=one_shot, bulk=bulk)
             assert schedule.workspace_bytes_needed(n, itemsize, Topology(g * nodes, g), config) == \
                 schedule.WORKSPACE_HEADER_BYTES + 2 * half
+
+
+@pytest.mark.parametrize("one_shot,bulk,fused_norm", [(False, False, False), (True, False, True),
+                                                     (False, True, True), (True, True, False)])
+@pytest.mark.parametrize("dtype", [1, 2, 3])
+def test_call_signatures_decode_to_what_was_encoded(one_shot, bulk, fused_norm, dtype):
+    # What ranks compare before exchanging data, and what a failure report prints from it.
+    for elements, gpus_per_node, nodes in [(1, 1, 2), (4097, 8, 3), ((1 << 32) + 5, 32, 65535)]:
+        signature = cpp.encode_call(elements, dtype, one_shot, bulk, gpus_per_node, nodes, fused_norm)
+        call = cpp.decode_call(*signature)
+        assert call == {"elements": elements % (1 << 32), "dtype": dtype, "nodes": nodes,
+                        "gpus_per_node": gpus_per_node, "one_shot": one_shot, "bulk": bulk,
+                        "fused_norm": fused_norm}
+    # The fused kernel's call differs from the plain one of the same message: ranks that
+    # disagree on it are reported, not left to read each other's blocks.
+    plain = cpp.encode_call(4096, dtype, one_shot, bulk, 2, 1, False)
+    assert cpp.encode_call(4096, dtype, one_shot, bulk, 2, 1, True) != plain
