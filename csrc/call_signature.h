@@ -50,4 +50,21 @@ inline CallDescription DecodeCall(CallSignature s) {
                          (launch & kLaunchFusedNorm) != 0};
 }
 
+// A decoded call as a Python dict (for modules that include nanobind first); `dtype` is what
+// the dict holds for the dtype (a name, or the code).
+#ifdef NB_VERSION_MAJOR
+template <typename Dtype>
+nanobind::dict CallDict(const CallDescription& call, Dtype dtype) {
+  nanobind::dict d;
+  d["elements"] = call.elements;
+  d["dtype"] = dtype;
+  d["nodes"] = call.nodes;
+  d["gpus_per_node"] = call.gpus_per_node;
+  d["one_shot"] = call.one_shot;
+  d["bulk"] = call.bulk;
+  d["fused_norm"] = call.fused_norm;
+  return d;
+}
+#endif
+
 }  // namespace jaxnvrar

@@ -378,15 +378,7 @@ ffi::Error ExecuteFusedNorm(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuf
 // A call signature from a failure record, decoded for Python.
 nb::dict DescribeCall(uint32_t elements, uint32_t shape) {
   const CallDescription call = DecodeCall(CallSignature{elements, shape});
-  nb::dict d;
-  d["elements"] = call.elements;
-  d["dtype"] = DtypeName(call.dtype);
-  d["nodes"] = call.nodes;
-  d["gpus_per_node"] = call.gpus_per_node;
-  d["one_shot"] = call.one_shot;
-  d["bulk"] = call.bulk;
-  d["fused_norm"] = call.fused_norm;
-  return d;
+  return CallDict(call, DtypeName(call.dtype));
 }
 
 }  // namespace

@@ -57,16 +57,8 @@ NB_MODULE(_jaxnvrar_cpu, m) {
     return std::make_pair(s.elements, s.shape);
   });
   m.def("decode_call", [](uint32_t elements, uint32_t shape) {
-    const jaxnvrar::CallDescription c = jaxnvrar::DecodeCall(jaxnvrar::CallSignature{elements, shape});
-    nb::dict d;
-    d["elements"] = c.elements;
-    d["dtype"] = c.dtype;
-    d["nodes"] = c.nodes;
-    d["gpus_per_node"] = c.gpus_per_node;
-    d["one_shot"] = c.one_shot;
-    d["bulk"] = c.bulk;
-    d["fused_norm"] = c.fused_norm;
-    return d;
+    const jaxnvrar::CallDescription call = jaxnvrar::DecodeCall(jaxnvrar::CallSignature{elements, shape});
+    return jaxnvrar::CallDict(call, call.dtype);
   });
   m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded, nb::arg("num_elements"),
         nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false,

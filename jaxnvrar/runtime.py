@@ -198,7 +198,8 @@ def timing_records(reset: bool = False):
 def last_timeout() -> dict | None:
     """Why an all-reduce failed in this process, else None: "kind" is "timeout" (a wait gave up;
     phase, step and peer say which) or "mismatch" (a peer made a different call: "mine" and
-    "peer_call" describe both calls: elements, dtype, nodes, gpus_per_node, one_shot, bulk, fused_norm).
+    "peer_call" describe both calls: elements, dtype, nodes, gpus_per_node, one_shot, bulk,
+    fused_norm).
 
     After either the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
     context is lost; this record survives in pinned host memory and is also printed at exit.
