@@ -254,6 +254,20 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, const ffi::A
   return ffi::Error::Success();
 }
 
+// A fused launch other than one-shot meets at a grid barrier: at most this many blocks, on every
+// rank alike (two blocks of 512 threads per SM fit on any Hopper GPU: 228+ resident).
+constexpr unsigned kFusedNormMaxBlocks = 128;
+
+// The kernel loads and stores whole units (8 bytes LL, 16 bulk; 16 in the fused epilogue):
+// XLA's buffers are aligned, unless a fusion hands the call a slice of a larger one.
+bool Aligned(const void* p, int64_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+ffi::Error Misaligned(int64_t bytes) {
+  return ffi::Error::InvalidArgument("jaxnvrar: a buffer of the call is not " + std::to_string(bytes) +
+                                     "-byte aligned (a slice of a larger array?); pass a whole array, or use "
+                                     "algorithm='psum'");
+}
+
 // A fused site (all_reduce_rms_norm), after PlanBuffers: its other buffers, and the grid that
 // its epilogue needs.
 ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, const ffi::AnyBuffer& weight,
@@ -286,17 +300,22 @@ ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, con
     return ffi::Error::Success();
   }
   // Rows span slices and blocks: every block waits for all others at a grid barrier, so all
-  // must be resident at once.
+  // must be resident at once. The cap is a constant, not this GPU's occupancy: every rank must
+  // launch the same grid (the bulk protocol's flags are per block); this GPU must hold it.
+  if (plan.blocks > kFusedNormMaxBlocks) plan.blocks = kFusedNormMaxBlocks;
   int device = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(plan.kernel),
-                                                    kThreadsPerBlock, 0) != cudaSuccess ||
-      per_sm < 1) {
+                                                    kThreadsPerBlock, 0) != cudaSuccess) {
     return ffi::Error::Internal("jaxnvrar: cannot size the fused kernel's grid (CUDA occupancy query failed)");
   }
-  const unsigned resident = static_cast<unsigned>(sms * per_sm);
-  if (plan.blocks > resident) plan.blocks = resident;
+  if (static_cast<int64_t>(sms) * per_sm < plan.blocks) {
+    return ffi::Error::InvalidArgument(
+        "jaxnvrar: all_reduce_rms_norm's kernel needs " + std::to_string(plan.blocks) +
+        " resident blocks for its grid barrier, this GPU holds " + std::to_string(sms * per_sm) +
+        "; lower JAXNVRAR_MAX_BLOCKS or leave JAXNVRAR_FUSED_NORM unset");
+  }
   return ffi::Error::Success();
 }
 
@@ -338,6 +357,9 @@ ffi::Error Execute(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ff
       y->element_type() != plan->dtype || static_cast<int64_t>(y->element_count()) != plan->elements) {
     return ffi::Error::Internal("jaxnvrar: a call site's buffers changed dtype or size after its first call");
   }
+  const int64_t unit = plan->protocol.unit_data_bytes;
+  const bool aligned = Aligned(x.untyped_data(), unit) && Aligned(y->untyped_data(), unit);
+  if (plan->work == CallSitePlan::Work::kKernel && !aligned) return Misaligned(unit);
   return Launch(stream, *plan, x.untyped_data(), y->untyped_data());
 }
 
@@ -367,6 +389,10 @@ ffi::Error ExecuteFusedNorm(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuf
   }
   if (plan->work != CallSitePlan::Work::kKernel) {
     return ffi::Error::Internal("jaxnvrar: all_reduce_rms_norm's kernel needs a non-empty message over 2+ ranks");
+  }
+  for (const void* p : {x.untyped_data(), residual.untyped_data(), weight.untyped_data(), normed->untyped_data(),
+                        residual_out->untyped_data()}) {
+    if (!Aligned(p, kChunkBytes)) return Misaligned(kChunkBytes);
   }
   NormArgs norm = plan->args.norm;
   norm.residual = residual.untyped_data();

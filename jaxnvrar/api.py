@@ -121,7 +121,7 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
         _check_dtype(jnp.asarray(leaf).dtype, algorithm)
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
-    topology = Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else None
+    topology = _topology(num_ranks, gpus_per_node)  # a bad gpus_per_node is refused whatever the route
     if _psum_case(leaves, axis_name, algorithm):
         return lax.psum(x, axis_name)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
@@ -135,8 +135,6 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
             "make them manual too (drop axis_names, or name them all), or use algorithm='auto' or "
             "'psum' (psum's all-reduce) or 'reference'"
         )
-    if topology is None:
-        topology = distributed.default_topology(num_ranks)
     # An invariant leaf is made varying first (pvary), exactly as psum does: its sum is the axis
     # size times it, and pvary's transpose (a psum) gives psum's derivative.
     leaves = [lax.pcast(leaf, axis_name, to="varying") if inv else leaf
@@ -148,6 +146,20 @@ def all_reduce(x, axis_name, *, algorithm: str = "auto", gpus_per_node: int | No
         for i, value in zip(indices, reduced):
             out[i] = value
     return jax.tree.unflatten(treedef, out)
+
+
+def _topology(num_ranks: int, gpus_per_node: int | None) -> Topology:
+    return Topology(num_ranks, gpus_per_node) if gpus_per_node is not None else distributed.default_topology(num_ranks)
+
+
+def _resolved(algorithm: str, size: int, dtype, topology: Topology, automatic) -> str:
+    """What ``algorithm`` runs for a message: "auto" chooses (`choose_algorithm`), psum for the
+    dtypes the kernel does not take and where shard_map leaves mesh axes automatic."""
+    if algorithm != "auto":
+        return algorithm
+    if dtype not in SUPPORTED_DTYPES or automatic:
+        return "psum"
+    return choose_algorithm(size, dtype, topology)
 
 
 def _is_invariant(leaf, axis_name) -> bool:
@@ -178,10 +190,8 @@ def single_message_route(x, axis_name, algorithm: str, gpus_per_node: int | None
     num_ranks = _axis_size(axis_name)
     if _psum_case([x], axis_name, algorithm) or _automatic_axes():
         return None
-    topology = (Topology(num_ranks, gpus_per_node) if gpus_per_node is not None
-                else distributed.default_topology(num_ranks))
-    if algorithm == "auto":
-        algorithm = choose_algorithm(x.size, x.dtype, topology) if x.dtype in SUPPORTED_DTYPES else "psum"
+    topology = _topology(num_ranks, gpus_per_node)
+    algorithm = _resolved(algorithm, x.size, x.dtype, topology, automatic=[])
     if algorithm == "psum":
         return None
     if algorithm == "nvrar":
@@ -208,13 +218,7 @@ def _groups(leaves, vma: bool) -> dict:
 def _all_reduce_message(group, axis_name, algorithm, topology, gpus_per_node, automatic, vma):
     """The leaves of ``group`` (one dtype, one type) flattened into one message, reduced, and cut
     back."""
-    dtype = group[0].dtype
-    size = sum(leaf.size for leaf in group)
-    if algorithm == "auto":
-        if dtype not in SUPPORTED_DTYPES or automatic:
-            algorithm = "psum"
-        else:
-            algorithm = choose_algorithm(size, dtype, topology)
+    algorithm = _resolved(algorithm, sum(leaf.size for leaf in group), group[0].dtype, topology, automatic)
     if algorithm == "psum":
         return lax.psum(list(group), axis_name)
     message = group[0] if len(group) == 1 else jnp.concatenate([leaf.ravel() for leaf in group])

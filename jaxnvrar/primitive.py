@@ -149,13 +149,16 @@ def resolve_topology(ctx, axis_name, num_ranks, gpus_per_node) -> tuple[Topology
 # ---------------------------------------------------------------- lowerings
 
 
-def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
+def _refuse_nvrar_off_cuda(ctx, algorithm: str, name: str) -> None:
     if algorithm == "nvrar":
-        platform = ctx.module_context.platforms
         raise NotImplementedError(
-            f"jaxnvrar.all_reduce(algorithm='nvrar') runs on CUDA GPUs only, not on {platform}; "
+            f"{name}(algorithm='nvrar') runs on CUDA GPUs only, not on {ctx.module_context.platforms}; "
             "use algorithm='auto' to fall back to psum elsewhere"
         )
+
+
+def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
+    _refuse_nvrar_off_cuda(ctx, algorithm, "jaxnvrar.all_reduce")
     topology, _ = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     impl = functools.partial(all_reduce_reference, axis_name=axis_name, topology=topology)
     impl = _on_local_blocks(impl, ctx.avals_in[0])
@@ -234,18 +237,23 @@ all_reduce_rms_norm_p.def_abstract_eval(_fused_abstract_eval)
 
 
 def _fused_batch(args, dims, **params):
-    # Rows stay rows under a leading batch axis; a batched weight (rare) takes the composition.
+    # Rows stay rows under a leading batch axis (None: not batched). An unbatched x is reduced
+    # once (not once per example: the message the caller's checks sized); it and a batched
+    # weight (rare) take the composition.
     x, residual, weight = args
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
     def leading(a, d):
         return jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
 
-    x, residual = leading(x, dims[0]), leading(residual, dims[1])
-    if dims[2] is None:
-        return all_reduce_rms_norm_p.bind(x, residual, weight, **params), (0, 0)
-    weight = leading(weight, dims[2]).reshape((size,) + (1,) * (x.ndim - 2) + weight.shape[-1:])
+    residual = leading(residual, dims[1])
+    if dims[0] is not None and dims[2] is None:
+        return all_reduce_rms_norm_p.bind(leading(x, dims[0]), residual, weight, **params), (0, 0)
     reduced = all_reduce_p.bind(x, **_all_reduce_params(params))
+    reduced = jnp.broadcast_to(reduced, residual.shape) if dims[0] is None else jnp.moveaxis(reduced, dims[0], 0)
+    if dims[2] is not None:
+        weight = leading(weight, dims[2])
+        weight = weight.reshape((size,) + (1,) * (residual.ndim - 2) + weight.shape[-1:])
     return list(add_then_rms_norm(reduced, residual, weight, params["eps"])), (0, 0)
 
 
@@ -253,10 +261,7 @@ batching.primitive_batchers[all_reduce_rms_norm_p] = _fused_batch
 
 
 def _lower_fused_reference(ctx, x, residual, weight, **params):
-    if params["algorithm"] == "nvrar":
-        raise NotImplementedError(
-            f"jaxnvrar.all_reduce_rms_norm(algorithm='nvrar') runs on CUDA GPUs only, not on "
-            f"{ctx.module_context.platforms}; use algorithm='auto' to fall back to psum elsewhere")
+    _refuse_nvrar_off_cuda(ctx, params["algorithm"], "jaxnvrar.all_reduce_rms_norm")
     topology, _ = resolve_topology(ctx, params["axis_name"], params["num_ranks"], params["gpus_per_node"])
     reduce = functools.partial(all_reduce_reference, axis_name=params["axis_name"], topology=topology)
 

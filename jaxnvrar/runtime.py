@@ -226,6 +226,12 @@ def describe_timeout(record: dict) -> str:
             f"{describe_call(record['peer_call'])}; every rank must make the same all-reduce calls "
             "in the same order"
         )
+    if record["phase"] == "fused-norm grid barrier":  # waits for this GPU's own blocks, not a peer
+        return (
+            f"jaxnvrar: an all_reduce_rms_norm kernel timed out after $JAXNVRAR_TIMEOUT_S on node "
+            f"{record['node']} local GPU {record['local']} (call flag {record['flag']}) at its grid barrier: "
+            "not all of its blocks ran at once (other work on the GPU: MPS limits or concurrent kernels?)"
+        )
     return (
         f"jaxnvrar: an all-reduce timed out after $JAXNVRAR_TIMEOUT_S on node {record['node']} local GPU "
         f"{record['local']} (call flag {record['flag']}), waiting in the {record['phase']} "

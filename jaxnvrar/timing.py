@@ -42,10 +42,14 @@ def parse(raw: bytes) -> np.ndarray:
 
 def summary(records: np.ndarray) -> dict:
     """Median microseconds per call of each phase (PHASES), of the gap between consecutive calls
-    (previous last block to next entry), the call count, and the blocks and elements seen."""
+    (previous last block to next entry), the blocks and elements seen, and the calls made:
+    "calls" from the call counter (first to last record), "recorded" how many records the
+    medians use (the ring keeps the last RECORDS)."""
     out = {"calls": int(len(records))}
     if not len(records):
         return out
+    out["calls"] = int(records["call"][-1] - records["call"][0]) + 1
+    out["recorded"] = int(len(records))
     for name, start, end in PHASES:
         span = records[end].astype(np.int64) - records[start].astype(np.int64)
         out[name] = float(np.median(span)) / 1e3
@@ -64,4 +68,6 @@ def format_summary(label: str, stats: dict) -> str:
     parts = [f"{name} {stats[name]:.2f}" for name, _, _ in PHASES if name in stats]
     if "gap from the previous call" in stats:
         parts.append(f"gap from the previous call {stats['gap from the previous call']:.2f}")
-    return (f"  {label}: {stats['calls']} calls, {stats['blocks']} blocks; median us per call: " + ", ".join(parts))
+    kept = "" if stats["recorded"] == stats["calls"] else f" (medians of the last {stats['recorded']})"
+    return (f"  {label}: {stats['calls']} calls{kept}, {stats['blocks']} blocks; median us per call: "
+            + ", ".join(parts))

@@ -19,6 +19,8 @@ from jaxnvrar.models import llama  # noqa: E402
 
 AXIS = "tp"
 EPS = 1e-5
+HIDDEN = 48
+TP = 4
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +29,6 @@ def _fused_kernel_path(monkeypatch):
     # "nvrar" lowers to the kernel, so every test here covers that path's types, derivatives,
     # vmap and numerics against the composition.
     monkeypatch.setenv("JAXNVRAR_FUSED_NORM", "1")
-HIDDEN = 48
-TP = 4
 
 
 def _mesh(tp=TP):
@@ -357,22 +357,29 @@ def test_reference_takes_the_kernels_fused_primitive_exactly_where_the_kernel_wo
     assert fused not in _primitives(_fused("reference"), x, residual, weight, mesh)
 
 
-@pytest.mark.parametrize("batched_weight", [False, True])
-def test_vmap_inside_shard_map_equals_each_example_alone(batched_weight):
+@pytest.mark.parametrize("x_axis,weight_axis", [(0, None), (0, 0), (0, 1), (None, None)])
+def test_vmap_inside_shard_map_equals_each_example_alone(x_axis, weight_axis):
+    # A batched weight on either axis, and an unbatched x (reduced once, then broadcast).
     needs_devices_in_one_process(TP)
     mesh = _mesh()
     x, residual, weight = _inputs(jnp.float32, shape=(3, 2, HIDDEN), seed=6)
+    if x_axis is None:
+        x = np.broadcast_to(x[:, :1], x.shape).copy()  # the same partial sum for every example
+    batched_weight = weight_axis is not None
     weights = np.stack([weight, 2 * weight, weight - 0.5]) if batched_weight else weight
+    if weight_axis == 1:
+        weights = weights.T.copy()
 
     def per_rank(a, r, w):
-        return jax.vmap(_fused("reference"), in_axes=(0, 0, 0 if batched_weight else None))(a[0], r, w)
+        a = a[0] if x_axis is not None else a[0][0]
+        return jax.vmap(_fused("reference"), in_axes=(x_axis, 0, weight_axis))(a, r, w)
 
     mapped = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(AXIS), P(), P()), out_specs=(P(), P())))
     with jax.set_mesh(mesh):
         got = [np.asarray(o) for o in mapped(global_array(x, mesh, P(AXIS)), global_array(residual, mesh, P()),
                                              global_array(weights, mesh, P()))]
     for i in range(3):
-        w = weights[i] if batched_weight else weight
+        w = (weights[i] if weight_axis == 0 else weights[:, i]) if batched_weight else weight
         want = _run(_fused("reference"), x[:, i], residual[i], w, mesh)
         _assert_bits([got[0][i], got[1][i]], want)
 

@@ -132,3 +132,14 @@ def test_initialize_distributed_alone_is_a_no_op_but_a_cluster_without_coordinat
     cluster = subprocess.run([sys.executable, "-c", script], env=dict(env, PMI_SIZE="4"), capture_output=True,
                              text=True, timeout=120)
     assert cluster.returncode != 0 and "coordinator_address" in cluster.stderr
+
+
+def test_timeout_reports_name_the_peer_or_the_fused_kernels_own_grid():
+    from jaxnvrar.runtime import describe_timeout
+
+    record = {"kind": "timeout", "node": 0, "local": 1, "flag": 7, "step": 0, "peer": 0}
+    waiting = describe_timeout(dict(record, phase="intra-node reduce-scatter"))
+    assert "waiting in the intra-node reduce-scatter 0 for local GPU 0" in waiting and "same calls" in waiting
+    barrier = describe_timeout(dict(record, phase="fused-norm grid barrier", peer=1))
+    assert "grid barrier" in barrier and "not all of its blocks ran at once" in barrier
+    assert "for local GPU" not in barrier and "same calls" not in barrier

@@ -184,7 +184,8 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
               "step_p90_ms": float(np.percentile(steps_ms, 90)),
               "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
     if stamps is not None and len(stamps):
-        result["kernel_timing"] = dict(timing.summary(stamps), calls_per_step=len(stamps) / (new_tokens - 1))
+        stats = timing.summary(stamps)
+        result["kernel_timing"] = dict(stats, calls_per_step=stats["calls"] / (new_tokens - 1))
     if profile_dir is not None:
         directory = os.path.join(profile_dir, label.replace(" ", "_") + f"_rank{jax.process_index()}")
         with breakdown.traced(directory):
