@@ -405,3 +405,28 @@ def test_forward_mode_derivative_equals_the_unfused_composition():
         got = [np.asarray(t) for t in jvp_of(_fused("reference"))(*args)]
         want = [np.asarray(t) for t in jvp_of(lambda *a: _unfused(*a, algorithm="reference"))(*args)]
     _assert_bits(got, want)
+
+
+def test_nvrar_lowers_for_cuda_to_one_fused_custom_call():
+    # Lowered for CUDA from this CPU machine (no GPU needed): the primitive becomes one call of
+    # the fused FFI target with the kernel's attributes and eps, and nothing of the norm in XLA.
+    needs_devices_in_one_process(2)
+    from jaxnvrar.primitive import all_reduce_rms_norm_p
+
+    mesh = _mesh(2)
+
+    def per_rank(x, r, w):
+        return tuple(all_reduce_rms_norm_p.bind(x[0], r, w, axis_name=AXIS, num_ranks=2, gpus_per_node=2,
+                                                algorithm="nvrar", check_vma=True, eps=1e-6))
+
+    def spec(shape, p):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=jax.NamedSharding(mesh, p))
+
+    fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(AXIS), P(), P()), out_specs=(P(), P())))
+    with jax.set_mesh(mesh):
+        text = fn.trace(spec((2, 4, 4096), P(AXIS)), spec((4, 4096), P()), spec((4096,), P())).lower(
+            lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 1 and "@jaxnvrar_nvrar_all_reduce_rms_norm(" in calls[0], calls
+    assert "eps = 9.99999997E-7 : f32" in calls[0] and "one_shot" in calls[0] and "has_side_effect = true" in calls[0]
+    assert "rsqrt" not in text
