@@ -37,6 +37,10 @@ def test_decode_reports_every_algorithm(tmp_path):
         assert r["algorithms"]["psum"]["speedup_vs_psum"] == 1.0
         assert r["algorithms"]["psum"]["queued_speedup_vs_psum"] == 1.0
         assert r["algorithms"]["none"]["queued_vs_roofline"] > 0
+        algorithms = r["algorithms"]
+        assert algorithms["none"]["queued_vs_none"] == 1.0
+        assert algorithms["psum"]["queued_vs_none"] == algorithms["psum"]["step_queued_ms"] / algorithms["none"]["step_queued_ms"]
+    assert "over the communication-free bound (none): psum " in out
 
 
 def test_decode_psum_xla_row_is_psum_compiled_with_xlas_options(tmp_path):

@@ -379,6 +379,8 @@ def run(args) -> int:
             if PSUM_XLA in rows:  # the fair comparison: XLA with its settings for small all-reduces
                 r["speedup_vs_psum_xla"] = rows[PSUM_XLA]["step_median_ms"] / r["step_median_ms"]
                 r["queued_speedup_vs_psum_xla"] = rows[PSUM_XLA]["step_queued_ms"] / r["step_queued_ms"]
+            if "none" in rows:  # how close to the communication-free bound of the same run
+                r["queued_vs_none"] = r["step_queued_ms"] / rows["none"]["step_queued_ms"]
         results.append({"batch": batch, "roofline_ms": roofline_ms, "algorithms": rows})
         if is_printer():
             print(f"\nbatch {batch}: HBM roofline {roofline_ms:.3f} ms/step")
@@ -397,6 +399,9 @@ def run(args) -> int:
                     if algorithm not in ("psum", PSUM_XLA, "none"):
                         print(f"  {algorithm} against {PSUM_XLA}: step {r['speedup_vs_psum_xla']:.2f}x, "
                               f"queued {r['queued_speedup_vs_psum_xla']:.2f}x")
+            if "none" in rows:
+                print("  queued step over the communication-free bound (none): " + ", ".join(
+                    f"{algorithm} {r['queued_vs_none']:.2f}x" for algorithm, r in rows.items() if algorithm != "none"))
             for algorithm, r in rows.items():
                 if not r["tokens_equal_psum"] and algorithm != "none":
                     print(f"  note: {algorithm}'s greedy tokens differ from psum's (another summation order "
