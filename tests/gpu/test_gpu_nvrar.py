@@ -314,3 +314,39 @@ def test_fused_rms_norm_in_a_long_scan_stays_exact(launch, fused_kernel):
     want = run_per_rank(layers("reference"), host, xla_collectives_mesh(num_ranks))
     _assert_replicas_identical(got)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.xfail(
+    reason="XLA's dynamic-slice fusion copies a side-effecting call with a tuple result and keeps the original "
+           "(seen 2026-11-30: 12 calls for 8 at batch 1); the single-result call of branch next/fused-norm-v2 "
+           "is the fix to try", strict=False))])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_a_decode_step_compiles_to_one_kernel_call_per_all_reduce(batch, fused, monkeypatch):
+    # Two all-reduces per layer and one for the greedy token, no more: XLA must not duplicate the
+    # side-effecting custom calls (it did, for the fused call's tuple result at batch 1).
+    pytest.importorskip("flax")
+    import dataclasses
+    import re
+
+    from jaxnvrar.models import llama
+    from jaxnvrar.models.llama import decoding
+
+    snapshot = jaxnvrar.runtime.settings()
+    if fused and not snapshot.fused_norm:
+        pytest.skip("the fused kernel is opt-in: run with JAXNVRAR_FUSED_NORM=1 (tests/gpu/run.py does)")
+    # The route reads the settings taken at initialize(): this test's choice, for its own traces.
+    state = jaxnvrar.runtime._state
+    monkeypatch.setattr(jaxnvrar.runtime, "_state",
+                        dataclasses.replace(state, settings=dataclasses.replace(snapshot, fused_norm=int(fused))))
+    layers = 2
+    mesh = llama.make_mesh(jax.device_count())
+    model = llama.random_model("llama3.1-8b", mesh, all_reduce="nvrar", num_layers=layers)
+    prompt = llama.replicated(mesh, np.zeros((batch, 16), np.int32))
+    caches = llama.init_cache(model, batch, 24)
+    token, _, caches, position = llama.prefill(model, prompt, caches)
+    history = llama.start_history(prompt, token, 4)
+    leaves, step = decoding._compiled_advance(model)
+    with jax.set_mesh(mesh):
+        text = step.lower(leaves, history, caches, position).compile().as_text()
+    targets = re.findall(r'custom_call_target="(jaxnvrar_nvrar_all_reduce(?:_rms_norm)?)"', text)
+    assert len(targets) == 2 * layers + 1, sorted(targets)
