@@ -244,7 +244,7 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, const ffi::A
   args.num_elements = n;
   args.slice_units = plan.layout.slice_units;
   args.slice_stride = plan.layout.slice_stride;
-  args.signature = EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes);
+  args.signature = EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes, plan.fused_norm);
   // One unit per thread up to max_blocks blocks; past that, threads take several units.
   int64_t blocks = CeilDiv(args.slice_units, kThreadsPerBlock);
   blocks = blocks < 1 ? 1 : (blocks > plan.max_blocks ? plan.max_blocks : blocks);
@@ -290,8 +290,6 @@ ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, con
   NormArgs& norm = args.norm;
   norm.hidden = hidden;
   norm.rows = n / hidden;
-  args.signature = EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, args.gpus_per_node, plan.num_nodes,
-                              /*fused_norm=*/true);
   if (plan.one_shot) {
     // Each block sums whole rows, then normalizes them: no grid barrier.
     norm.rows_per_block = CeilDiv(norm.rows, plan.max_blocks);
@@ -317,6 +315,15 @@ ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, con
         "; lower JAXNVRAR_MAX_BLOCKS or leave JAXNVRAR_FUSED_NORM unset");
   }
   return ffi::Error::Success();
+}
+
+// A buffer of a call is of the dtype and size its site was planned for (they never change).
+bool AsPlanned(const CallSitePlan& plan, const ffi::AnyBuffer& buffer) {
+  return buffer.element_type() == plan.dtype && static_cast<int64_t>(buffer.element_count()) == plan.elements;
+}
+
+ffi::Error BuffersChanged() {
+  return ffi::Error::Internal("jaxnvrar: a call site's buffers changed dtype or size after its first call");
 }
 
 // Launch the planned work on this call's buffers (a fused site's `norm` holds its other buffers).
@@ -353,10 +360,7 @@ ffi::Error Execute(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ff
   if (!GetRuntime().initialized) return NotInitialized();
   std::call_once(plan->sized, [&] { plan->sized_error = PlanBuffers(*plan, x, *y); });
   if (plan->sized_error.failure()) return plan->sized_error;
-  if (x.element_type() != plan->dtype || static_cast<int64_t>(x.element_count()) != plan->elements ||
-      y->element_type() != plan->dtype || static_cast<int64_t>(y->element_count()) != plan->elements) {
-    return ffi::Error::Internal("jaxnvrar: a call site's buffers changed dtype or size after its first call");
-  }
+  if (!AsPlanned(*plan, x) || !AsPlanned(*plan, *y)) return BuffersChanged();
   const int64_t unit = plan->protocol.unit_data_bytes;
   const bool aligned = Aligned(x.untyped_data(), unit) && Aligned(y->untyped_data(), unit);
   if (plan->work == CallSitePlan::Work::kKernel && !aligned) return Misaligned(unit);
@@ -382,10 +386,10 @@ ffi::Error ExecuteFusedNorm(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuf
     if (plan->sized_error.success()) plan->sized_error = PlanFusedNorm(*plan, residual, weight, *normed);
   });
   if (plan->sized_error.failure()) return plan->sized_error;
-  if (x.element_type() != plan->dtype || static_cast<int64_t>(x.element_count()) != plan->elements ||
-      static_cast<int64_t>(residual.element_count()) != plan->elements ||
+  if (!AsPlanned(*plan, x) || !AsPlanned(*plan, residual) || !AsPlanned(*plan, *normed) ||
+      !AsPlanned(*plan, *residual_out) || weight.element_type() != plan->dtype ||
       static_cast<int64_t>(weight.element_count()) != plan->args.norm.hidden) {
-    return ffi::Error::Internal("jaxnvrar: a call site's buffers changed dtype or size after its first call");
+    return BuffersChanged();
   }
   if (plan->work != CallSitePlan::Work::kKernel) {
     return ffi::Error::Internal("jaxnvrar: all_reduce_rms_norm's kernel needs a non-empty message over 2+ ranks");

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -179,12 +181,20 @@ def _psum_case(leaves, axis_name, algorithm: str) -> bool:
     return any(_is_invariant(leaf, axis_name) for leaf in leaves) and not auto_pcast_enabled()
 
 
-def single_message_route(x, axis_name, algorithm: str, gpus_per_node: int | None):
-    """Where `all_reduce` sends the one array ``x`` through its primitive: ``(algorithm, topology,
-    x)`` with algorithm "reference" or "nvrar" (after "auto" has chosen, and, for "nvrar", the
-    checks that name a fix) and x made varying where it was invariant (as psum does); None where
-    it goes to psum, or where shard_map leaves mesh axes automatic (all_reduce's own cases).
-    For calls that want the message whole, such as `jaxnvrar.all_reduce_rms_norm`'s kernel."""
+class Route(NamedTuple):
+    """Where a single-array call goes (`single_message_route`)."""
+    algorithm: str       # "reference" or "nvrar"
+    topology: Topology
+    x: jax.Array         # made varying where it was invariant, as psum does
+    axis_name: object    # the one mesh axis, unwrapped from a 1-tuple
+
+
+def single_message_route(x, axis_name, algorithm: str, gpus_per_node: int | None) -> Route | None:
+    """Where `all_reduce` sends the one array ``x`` through its primitive: a `Route` with
+    algorithm "reference" or "nvrar" (after "auto" has chosen, and, for "nvrar", the checks that
+    name a fix); None where it goes to psum, or where shard_map leaves mesh axes automatic
+    (all_reduce's own cases). For calls that want the message whole, such as
+    `jaxnvrar.all_reduce_rms_norm`'s kernel."""
     _check_dtype(x.dtype, algorithm)
     axis_name = _single_axis(axis_name)
     num_ranks = _axis_size(axis_name)
@@ -198,7 +208,7 @@ def single_message_route(x, axis_name, algorithm: str, gpus_per_node: int | None
         nvrar_ffi.check_can_run(x, topology)
     if _is_invariant(x, axis_name):
         x = lax.pcast(x, axis_name, to="varying")
-    return algorithm, topology, x
+    return Route(algorithm, topology, x, axis_name)
 
 
 def _groups(leaves, vma: bool) -> dict:

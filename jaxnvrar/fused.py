@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxnvrar import runtime, settings
+from jaxnvrar import runtime
 from jaxnvrar.api import ALGORITHMS, SUPPORTED_DTYPES, all_reduce, single_message_route
 from jaxnvrar.primitive import add_then_rms_norm, all_reduce_rms_norm_p, check_vma_enabled, rms_norm
 from jaxnvrar.schedule import SLICE_ALIGN_BYTES
@@ -115,30 +115,26 @@ def all_reduce_rms_norm(x, residual, weight, axis_name, *, eps: float = 1e-5, al
     x, residual, weight, eps = _checked(x, residual, weight, eps, _NAME)
     route = _kernel_route(x, residual, weight, axis_name, algorithm, gpus_per_node)
     if route is not None:
-        chosen, topology, x = route
-        static = (("axis_name", _axis(axis_name)), ("num_ranks", topology.num_ranks),
-                  ("gpus_per_node", gpus_per_node), ("algorithm", chosen), ("check_vma", check_vma_enabled()))
-        return _fused(x, residual, weight, static, eps)
+        static = (("axis_name", route.axis_name), ("num_ranks", route.topology.num_ranks),
+                  ("gpus_per_node", gpus_per_node), ("algorithm", route.algorithm),
+                  ("check_vma", check_vma_enabled()))
+        return _fused(route.x, residual, weight, static, eps)
     reduced = all_reduce(x, axis_name, algorithm=algorithm, gpus_per_node=gpus_per_node)
     return add_then_rms_norm(reduced, residual, weight, eps)
 
 
-def _axis(axis_name):
-    return axis_name[0] if isinstance(axis_name, (tuple, list)) and len(axis_name) == 1 else axis_name
-
-
 def _kernel_route(x, residual, weight, axis_name, algorithm: str, gpus_per_node):
-    """``(algorithm, topology, x)`` where the call takes the fused primitive ("nvrar": the
-    kernel, "reference": its portable twin); None for the composition."""
+    """The `api.Route` where the call takes the fused primitive ("nvrar": the kernel,
+    "reference": its portable twin); None for the composition."""
     if algorithm == "psum" or x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
         return None
-    snapshot = runtime.settings() or settings.read()
-    if not snapshot.fused_norm:  # opt-in (JAXNVRAR_FUSED_NORM=1): not yet faster in a decode step
+    # Opt-in (JAXNVRAR_FUSED_NORM=1): not yet faster in a decode step.
+    if not runtime.settings_or_environment().fused_norm:
         return None
     if x.size == 0 or (x.shape[-1] * x.dtype.itemsize) % SLICE_ALIGN_BYTES:
         return None  # the kernel normalizes rows of whole 16-byte vectors
     route = single_message_route(x, axis_name, algorithm, gpus_per_node)
-    if route is None or route[1].num_ranks < 2:
+    if route is None or route.topology.num_ranks < 2:
         return None
     return route
 

@@ -16,7 +16,7 @@ import sys
 
 import jax
 
-from jaxnvrar import distributed, settings as settings_module
+from jaxnvrar import distributed, settings as settings_module, timing
 from jaxnvrar.schedule import KernelConfig, Topology, workspace_bytes_needed
 
 _BUILD_HINT = (
@@ -67,6 +67,12 @@ def was_finalized() -> bool:
 def settings() -> settings_module.Settings | None:
     """The JAXNVRAR_* settings in force: the snapshot taken and checked at start (None before)."""
     return _state.settings if _state else None
+
+
+def settings_or_environment() -> settings_module.Settings:
+    """The snapshot in force, or before start what the environment says now (CPU runs, the
+    reference path)."""
+    return _state.settings if _state else settings_module.read()
 
 
 def pe() -> tuple[int, int]:
@@ -181,18 +187,20 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     return True
 
 
-def timing_records(reset: bool = False):
-    """This GPU's per-call kernel stamps (JAXNVRAR_TIMING=1; see `jaxnvrar.timing`), in call
-    order, after the queued work is done; None when timing is off. ``reset``: clear the ring
-    after reading it."""
-    if not (_state and _state.settings.timing):
-        return None
-    from jaxnvrar import timing
+def _timing_on() -> bool:
+    return bool(_state and _state.settings.timing)
 
-    records = timing.parse(cuda_extension().timing_records())
-    if reset:
+
+def timing_records():
+    """This GPU's per-call kernel stamps (JAXNVRAR_TIMING=1; see `jaxnvrar.timing`), in call
+    order, after the queued work is done; None when timing is off."""
+    return timing.parse(cuda_extension().timing_records()) if _timing_on() else None
+
+
+def reset_timing() -> None:
+    """Clear this GPU's stamps once the queued work is done (JAXNVRAR_TIMING=1; else nothing)."""
+    if _timing_on():
         cuda_extension().reset_timing()
-    return records
 
 
 def last_timeout() -> dict | None:

@@ -4,7 +4,8 @@ With the setting on, every kernel call leaves globaltimer stamps (ns) in a ring 
 `RECORDS` records on its GPU (csrc/device_common.cuh, TimingField): block 0's entry, the end of
 its first phase's sends, the moment it holds its reduced units (waiting for the peers' data
 included), the end of the all-reduce, the end of the fused norm, and the end of the grid's last
-block. `records()` reads them back; `summary()` turns them into medians per call, so that a
+block. `jaxnvrar.runtime.timing_records()` reads them back (`reset_timing()` clears them);
+`summary()` turns them into medians per call, so that a
 call's time splits into: its own sends, waiting for peers + the transfer, the all-gather, the
 fused epilogue, the rest of the grid, and the gap from the previous call's end (other kernels
 in a decode step; launch overhead in a chain of all-reduces).
@@ -45,11 +46,9 @@ def summary(records: np.ndarray) -> dict:
     (previous last block to next entry), the blocks and elements seen, and the calls made:
     "calls" from the call counter (first to last record), "recorded" how many records the
     medians use (the ring keeps the last RECORDS)."""
-    out = {"calls": int(len(records))}
     if not len(records):
-        return out
-    out["calls"] = int(records["call"][-1] - records["call"][0]) + 1
-    out["recorded"] = int(len(records))
+        return {"calls": 0}
+    out = {"calls": int(records["call"][-1] - records["call"][0]) + 1, "recorded": int(len(records))}
     for name, start, end in PHASES:
         span = records[end].astype(np.int64) - records[start].astype(np.int64)
         out[name] = float(np.median(span)) / 1e3

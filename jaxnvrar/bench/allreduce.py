@@ -24,7 +24,7 @@ from jaxnvrar.distributed import default_topology
 from jaxnvrar.runtime import fits_workspace
 from jaxnvrar.schedule import KernelConfig, Topology, one_shot_possible
 from jaxnvrar.tuning import kernel_config_override
-from jaxnvrar import runtime, settings, timing
+from jaxnvrar import runtime, timing
 from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer
 
@@ -78,7 +78,7 @@ def _available_algorithms() -> list[str]:
     return algorithms
 
 
-def _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan=False, rms_norm=None):
+def _chain_program(mesh, algorithm, chain, gpus_per_node, scan=False, rms_norm=None):
     # Only the all-reduces, back to back, as the peers' CUDA graphs hold only theirs: the carried
     # value is zero (`measure`), so it needs no rescaling kernel between calls; pcast only
     # retypes the sum as a per-rank value (no device work).
@@ -110,14 +110,14 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
     timed calls (`jaxnvrar.timing.summary`). "nvrar/LABEL": nvrar run as `KernelConfig.parse(LABEL)`."""
     num_ranks = mesh.devices.size
     algorithm, config = split_config(algorithm)
-    program = _chain_program(mesh, algorithm, chain, gpus_per_node, num_ranks, scan, rms_norm)
+    program = _chain_program(mesh, algorithm, chain, gpus_per_node, scan, rms_norm)
     sharding = NamedSharding(mesh, P("x"))
     x = jax.device_put(jnp.zeros((num_ranks * count,), dtype), sharding)  # stays zero along the chain
     with jax.set_mesh(mesh), _configured(config):
         for _ in range(3):
             x = program(x)
         x.block_until_ready()
-        runtime.timing_records(reset=True)
+        runtime.reset_timing()
         batches = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -288,7 +288,7 @@ def run(args) -> int:
         if args.rms_norm:
             print(f"# each all-reduce is all_reduce_rms_norm over rows of {args.rms_norm} (+ residual add + "
                   f"RMSNorm; fused kernel for nvrar: JAXNVRAR_FUSED_NORM="
-                  f"{(runtime.settings() or settings.read()).fused_norm})")
+                  f"{runtime.settings_or_environment().fused_norm})")
     peers = None
     if args.peers:
         from jaxnvrar.bench.peers import PEERS, TorchPeers

@@ -176,7 +176,7 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         position.block_until_ready()
         return time.perf_counter() - start
 
-    runtime.timing_records(reset=True)  # JAXNVRAR_TIMING=1: only the queued steps' calls
+    runtime.reset_timing()  # JAXNVRAR_TIMING=1: only the queued steps' calls
     queued_ms = queued_steps(new_tokens - 1) / (new_tokens - 1) * 1e3
     stamps = runtime.timing_records()
     result = {"prefill_ms": prefill_s * 1e3, "step_median_ms": float(np.median(steps_ms)),
