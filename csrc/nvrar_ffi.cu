@@ -294,6 +294,8 @@ ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, con
     // Each block sums whole rows, then normalizes them: no grid barrier.
     norm.rows_per_block = CeilDiv(norm.rows, plan.max_blocks);
     args.block_units = norm.rows_per_block * (hidden * itemsize / plan.protocol.unit_data_bytes);
+    // LL rows of at most 16 KB stay in registers from the peers' cells to the stores (SumAndNormRows).
+    norm.in_registers = !plan.bulk && hidden * itemsize <= kThreadsPerBlock * kRowBytesPerThread;
     plan.blocks = static_cast<unsigned>(CeilDiv(norm.rows, norm.rows_per_block));
     return ffi::Error::Success();
   }
