@@ -391,8 +391,8 @@ ffi::Error ExecuteFusedNorm(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuf
     if (plan->sized_error.success()) plan->sized_error = PlanFusedNorm(*plan, residual, weight);
   });
   if (plan->sized_error.failure()) return plan->sized_error;
-  if (!AsPlanned(*plan, x) || !AsPlanned(*plan, residual) || !AsPlanned(*plan, *normed) ||
-      !AsPlanned(*plan, *residual_out) || weight.element_type() != plan->dtype ||
+  if (!AsPlanned(*plan, x) || !AsPlanned(*plan, residual) || out->element_type() != plan->dtype ||
+      static_cast<int64_t>(out->element_count()) != 2 * plan->elements || weight.element_type() != plan->dtype ||
       static_cast<int64_t>(weight.element_count()) != plan->args.norm.hidden) {
     return BuffersChanged();
   }
