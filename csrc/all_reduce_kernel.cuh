@@ -54,6 +54,14 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
   Stamp(args, calls, kTimingSent);
   Proto::PublishBlock(args, layout, half, kBulkReduceScatter, flag);
   Proto::AwaitBlock(args, layout, calls, half, kBulkReduceScatter, flag);
+  if constexpr (kFusedNorm && !Proto::kBulkLayout) {  // bulk: its 64-register bound would spill
+    if (args.one_shot && args.norm.in_registers) {  // the block's whole rows, summed and normalized in registers
+      SumAndNormRows<T, Proto>(args, layout, start);
+      Stamp(args, calls, kTimingNormed);
+      EndCall(args, calls, flag, false);
+      return;
+    }
+  }
   // ... then sum my slice over locals 0..G-1 in order, in float32. The partial result waits
   // in my slice of the output; with one node it is final and goes to the all-gather at once.
   for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
@@ -132,9 +140,7 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
   if constexpr (kFusedNorm) RmsNormEpilogue<T>(args, flag);
   Stamp(args, calls, kTimingNormed);
 
-  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
-  if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
-  FinishCall(args, calls);
+  EndCall(args, calls, flag, issued_puts);
 }
 
 }  // namespace jaxnvrar

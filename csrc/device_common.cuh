@@ -46,7 +46,10 @@ struct NormArgs {
   int64_t rows;
   int64_t rows_per_block;  // one-shot: each block normalizes the whole rows it summed
   float eps;
+  int32_t in_registers;    // one-shot, rows of at most kRowBytesPerThread per thread: SumAndNormRows
 };
+// A thread keeps this many bytes of a row in registers in SumAndNormRows (rows up to 16 KB).
+constexpr int64_t kRowBytesPerThread = 32;
 
 struct KernelArgs {
   const void* input;
@@ -411,6 +414,14 @@ __device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long
       __threadfence();
     }
   }
+}
+
+// The end of every call: the peers' signatures checked, puts completed, the call counted.
+__device__ __forceinline__ void EndCall(const KernelArgs& args, unsigned long long calls, uint32_t flag,
+                                        bool issued_puts) {
+  if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
+  if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
+  FinishCall(args, calls);
 }
 
 }  // namespace jaxnvrar

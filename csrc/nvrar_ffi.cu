@@ -212,12 +212,12 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> Instantiate(int32_t num_ranks, int32
 
 // Validate the first call's buffers and complete the plan with what they fix: the work of
 // every call of the site.
-ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, const ffi::AnyBuffer& y) {
+ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataType y_dtype, int64_t y_elements) {
   const ffi::DataType dtype = x.element_type();
   if (dtype != ffi::F32 && dtype != ffi::BF16 && dtype != ffi::F16) {
     return ffi::Error::InvalidArgument("jaxnvrar: all_reduce supports float32, bfloat16, float16");
   }
-  if (y.element_type() != dtype || y.element_count() != x.element_count()) {
+  if (y_dtype != dtype || y_elements != static_cast<int64_t>(x.element_count())) {
     return ffi::Error::InvalidArgument("jaxnvrar: output must match the input's shape and dtype");
   }
   const int64_t n = static_cast<int64_t>(x.element_count());
@@ -270,17 +270,15 @@ ffi::Error Misaligned(int64_t bytes) {
 
 // A fused site (all_reduce_rms_norm), after PlanBuffers: its other buffers, and the grid that
 // its epilogue needs.
-ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, const ffi::AnyBuffer& weight,
-                         const ffi::AnyBuffer& normed) {
+ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, const ffi::AnyBuffer& weight) {
   const ffi::DataType dtype = plan.dtype;
-  if (residual.element_type() != dtype || weight.element_type() != dtype || normed.element_type() != dtype) {
+  if (residual.element_type() != dtype || weight.element_type() != dtype) {
     return ffi::Error::InvalidArgument("jaxnvrar: all_reduce_rms_norm's kernel takes x, residual and weight of one dtype");
   }
   const int64_t n = plan.elements;
   const int64_t hidden = static_cast<int64_t>(weight.element_count());
   const int64_t itemsize = static_cast<int64_t>(ffi::ByteWidth(dtype));
-  if (static_cast<int64_t>(residual.element_count()) != n || static_cast<int64_t>(normed.element_count()) != n ||
-      hidden < 1 || n % hidden != 0 || (hidden * itemsize) % kChunkBytes != 0) {
+  if (static_cast<int64_t>(residual.element_count()) != n || hidden < 1 || n % hidden != 0 || (hidden * itemsize) % kChunkBytes != 0) {
     return ffi::Error::InvalidArgument(
         "jaxnvrar: all_reduce_rms_norm's kernel needs x and residual of shape [..., hidden], weight [hidden], "
         "and rows of whole 16-byte vectors");
@@ -294,6 +292,8 @@ ffi::Error PlanFusedNorm(CallSitePlan& plan, const ffi::AnyBuffer& residual, con
     // Each block sums whole rows, then normalizes them: no grid barrier.
     norm.rows_per_block = CeilDiv(norm.rows, plan.max_blocks);
     args.block_units = norm.rows_per_block * (hidden * itemsize / plan.protocol.unit_data_bytes);
+    // LL rows of at most 16 KB stay in registers from the peers' cells to the stores (SumAndNormRows).
+    norm.in_registers = !plan.bulk && hidden * itemsize <= kThreadsPerBlock * kRowBytesPerThread;
     plan.blocks = static_cast<unsigned>(CeilDiv(norm.rows, norm.rows_per_block));
     return ffi::Error::Success();
   }
@@ -358,7 +358,9 @@ ffi::Error Launch(cudaStream_t stream, const CallSitePlan& plan, const void* inp
 // runs only when XLA records the graph.
 ffi::Error Execute(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
   if (!GetRuntime().initialized) return NotInitialized();
-  std::call_once(plan->sized, [&] { plan->sized_error = PlanBuffers(*plan, x, *y); });
+  std::call_once(plan->sized, [&] {
+    plan->sized_error = PlanBuffers(*plan, x, y->element_type(), static_cast<int64_t>(y->element_count()));
+  });
   if (plan->sized_error.failure()) return plan->sized_error;
   if (!AsPlanned(*plan, x) || !AsPlanned(*plan, *y)) return BuffersChanged();
   const int64_t unit = plan->protocol.unit_data_bytes;
@@ -376,33 +378,37 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> InstantiateFusedNorm(int32_t num_ran
 }
 
 // One all_reduce_rms_norm call: residual_out = residual + sum(x), normed = RMSNorm(residual_out)
-// * weight. The all-reduce leaves the sum in residual_out; the kernel's epilogue finishes both.
+// * weight, both in ONE result [2, ...x's shape] (normed, then residual_out): XLA's dynamic-slice
+// fusion copies a side-effecting call with a tuple result without removing it (it ran twice).
+// The all-reduce leaves the sum in residual_out; the kernel's epilogue finishes both.
 ffi::Error ExecuteFusedNorm(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ffi::AnyBuffer residual,
-                            ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> normed,
-                            ffi::Result<ffi::AnyBuffer> residual_out) {
+                            ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> out) {
   if (!GetRuntime().initialized) return NotInitialized();
   std::call_once(plan->sized, [&] {
-    plan->sized_error = PlanBuffers(*plan, x, *residual_out);
-    if (plan->sized_error.success()) plan->sized_error = PlanFusedNorm(*plan, residual, weight, *normed);
+    const int64_t both = static_cast<int64_t>(out->element_count());
+    plan->sized_error = both % 2 ? ffi::Error::InvalidArgument("jaxnvrar: all_reduce_rms_norm's result must be [2, ...]")
+                                 : PlanBuffers(*plan, x, out->element_type(), both / 2);
+    if (plan->sized_error.success()) plan->sized_error = PlanFusedNorm(*plan, residual, weight);
   });
   if (plan->sized_error.failure()) return plan->sized_error;
-  if (!AsPlanned(*plan, x) || !AsPlanned(*plan, residual) || !AsPlanned(*plan, *normed) ||
-      !AsPlanned(*plan, *residual_out) || weight.element_type() != plan->dtype ||
+  if (!AsPlanned(*plan, x) || !AsPlanned(*plan, residual) || out->element_type() != plan->dtype ||
+      static_cast<int64_t>(out->element_count()) != 2 * plan->elements || weight.element_type() != plan->dtype ||
       static_cast<int64_t>(weight.element_count()) != plan->args.norm.hidden) {
     return BuffersChanged();
   }
   if (plan->work != CallSitePlan::Work::kKernel) {
     return ffi::Error::Internal("jaxnvrar: all_reduce_rms_norm's kernel needs a non-empty message over 2+ ranks");
   }
-  for (const void* p : {x.untyped_data(), residual.untyped_data(), weight.untyped_data(), normed->untyped_data(),
-                        residual_out->untyped_data()}) {
+  for (const void* p : {x.untyped_data(), residual.untyped_data(), weight.untyped_data(), out->untyped_data()}) {
     if (!Aligned(p, kChunkBytes)) return Misaligned(kChunkBytes);
   }
+  char* normed = static_cast<char*>(out->untyped_data());
+  char* residual_out = normed + plan->elements * static_cast<int64_t>(ffi::ByteWidth(plan->dtype));  // 16-byte rows
   NormArgs norm = plan->args.norm;
   norm.residual = residual.untyped_data();
   norm.weight = weight.untyped_data();
-  norm.normed = normed->untyped_data();
-  return Launch(stream, *plan, x.untyped_data(), residual_out->untyped_data(), &norm);
+  norm.normed = normed;
+  return Launch(stream, *plan, x.untyped_data(), residual_out, &norm);
 }
 
 // A call signature from a failure record, decoded for Python.
@@ -446,8 +452,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvrarFusedNormExecute, ExecuteFusedNorm,
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // residual
                                   .Arg<ffi::AnyBuffer>()  // weight
-                                  .Ret<ffi::AnyBuffer>()  // normed
-                                  .Ret<ffi::AnyBuffer>(),  // residual_out
+                                  .Ret<ffi::AnyBuffer>(),  // [normed, residual_out]
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxnvrar

@@ -32,6 +32,21 @@ __device__ __forceinline__ float BlockSum(float value, float* scratch) {
   return total;
 }
 
+// weight * T(h * scale) per element, in T (the Llama's RMSNorm after its rsqrt).
+template <typename T, typename Vector>
+__device__ __forceinline__ Vector NormalizedUnit(Vector h, Vector weight, float scale) {
+  using Data = Packed<T, Vector>;
+  Data hd, wd, y;
+  hd.vector = h;
+  wd.vector = weight;
+#pragma unroll
+  for (int k = 0; k < Data::kCount; ++k) {
+    const float scaled = Codec<T>::ToFloat(Codec<T>::FromFloat(Codec<T>::ToFloat(hd.values[k]) * scale));
+    y.values[k] = Codec<T>::FromFloat(Codec<T>::ToFloat(wd.values[k]) * scaled);
+  }
+  return y.vector;
+}
+
 // Rows row_begin, row_begin + row_step, ... < rows: residual_out (args.output, holding the
 // reduced sum on entry) += residual, normed = RMSNorm(residual_out) * weight. Rows are whole
 // 16-byte vectors (the plan checks hidden * sizeof(T) % 16 == 0).
@@ -63,15 +78,7 @@ __device__ __forceinline__ void NormRows(const KernelArgs& args, int64_t row_beg
     }
     const float scale = rsqrtf(BlockSum(squares, scratch) / static_cast<float>(norm.hidden) + norm.eps);
     for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
-      Vec h, w, y;
-      h.vector = out[base + v];  // this thread's own store above
-      w.vector = weight[v];
-#pragma unroll
-      for (int k = 0; k < Vec::kCount; ++k) {
-        const float scaled = Codec<T>::ToFloat(Codec<T>::FromFloat(Codec<T>::ToFloat(h.values[k]) * scale));
-        y.values[k] = Codec<T>::FromFloat(Codec<T>::ToFloat(w.values[k]) * scaled);
-      }
-      normed[base + v] = y.vector;
+      normed[base + v] = NormalizedUnit<T, uint4>(out[base + v], weight[v], scale);  // out: my own store above
     }
   }
 }
@@ -93,6 +100,68 @@ __device__ __forceinline__ void GridBarrier(const KernelArgs& args, uint32_t fla
     __threadfence();
   }
   __syncthreads();
+}
+
+// One-shot, rows of at most kRowBytesPerThread per thread: the block sums its whole rows from
+// its own input and the peers' inboxes and normalizes them without leaving registers. The
+// residual and the weight are loaded first, while the peers' data is on its way; the sum never
+// goes through the output. Replaces the one-shot sum loop and RmsNormEpilogue.
+template <typename T, typename Proto>
+__device__ __forceinline__ void SumAndNormRows(const KernelArgs& args, const Layout& layout, const CallStart& start) {
+  using Unit = typename Proto::Unit;
+  using Data = Packed<T, Unit>;
+  constexpr int kMax = kRowBytesPerThread / sizeof(Unit);  // units of a row per thread
+  __shared__ float scratch[kThreadsPerBlock / 32];
+  const NormArgs& norm = args.norm;
+  const int64_t row_units = norm.hidden / Data::kCount;
+  const Unit* residual = static_cast<const Unit*>(norm.residual);
+  const Unit* weight = static_cast<const Unit*>(norm.weight);
+  Unit* normed = static_cast<Unit*>(norm.normed);
+  Unit* residual_out = static_cast<Unit*>(args.output);
+  for (int64_t row = start.block_begin / row_units; row < start.block_end / row_units; ++row) {
+    Unit res[kMax], w[kMax], h[kMax];
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      const int64_t i = threadIdx.x + k * static_cast<int64_t>(blockDim.x);  // unit of the row
+      if (i < row_units) {
+        res[k] = residual[row * row_units + i];
+        w[k] = weight[i];
+      }
+    }
+    float squares = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      const int64_t i = threadIdx.x + k * static_cast<int64_t>(blockDim.x);
+      if (i >= row_units) continue;
+      const int64_t unit = row * row_units + i;
+      const Unit sum = SumOverLocals<T, Unit>(args.gpus_per_node, [&](int32_t j) {
+        return j == args.local
+                   ? LoadSliceUnit<T, Unit>(args, args.input, 0, unit)
+                   : Proto::Receive(At(args.workspace, start.half + layout.ReduceScatterInbox(j), unit), start.flag,
+                                    args, start.calls, WaitSite{kWaitReduceScatter, 0, j, j});
+      });
+      h[k] = AddUnits<T, Unit>(res[k], sum);  // residual + sum, in T (as XLA's add)
+      Data d;
+      d.vector = h[k];
+#pragma unroll
+      for (int e = 0; e < Data::kCount; ++e) {
+        const float f = Codec<T>::ToFloat(d.values[e]);
+        squares += f * f;
+      }
+    }
+    if (row == start.block_begin / row_units) {  // the first row's sums are in: the stamps' split
+      Stamp(args, start.calls, kTimingReduced);
+      Stamp(args, start.calls, kTimingAllReduced);
+    }
+    const float scale = rsqrtf(BlockSum(squares, scratch) / static_cast<float>(norm.hidden) + norm.eps);
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      const int64_t i = threadIdx.x + k * static_cast<int64_t>(blockDim.x);
+      if (i >= row_units) continue;
+      residual_out[row * row_units + i] = h[k];
+      normed[row * row_units + i] = NormalizedUnit<T, Unit>(h[k], w[k], scale);
+    }
+  }
 }
 
 // The epilogue of a fused call, after the all-reduce's last phase.

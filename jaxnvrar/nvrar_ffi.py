@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import jax
+from jax.interpreters import mlir
 
 from jaxnvrar import runtime, tuning
 from jaxnvrar.schedule import Topology, workspace_bytes_needed
@@ -79,6 +80,16 @@ def lower(ctx, x, *, topology: Topology, groups):
 
 def lower_rms_norm(ctx, x, residual, weight, *, topology: Topology, groups, eps: float):
     """all_reduce_rms_norm's kernel: the all-reduce of the same message and launch, ending in the
-    residual add and the RMSNorm (csrc/rms_norm_epilogue.cuh)."""
-    rule = jax.ffi.ffi_lowering(TARGET_RMS_NORM, has_side_effect=True)
-    return rule(ctx, x, residual, weight, eps=np.float32(eps), **_kernel_attributes(ctx, topology, groups))
+    residual add and the RMSNorm (csrc/rms_norm_epilogue.cuh). One result holds both outputs,
+    [normed, residual_out]: XLA's dynamic-slice fusion copies a side-effecting call that returns
+    a tuple without removing the original, and both copies ran."""
+    attributes = dict(_kernel_attributes(ctx, topology, groups), eps=np.float32(eps))
+    aval = ctx.avals_in[0]
+    call = jax.ffi.ffi_call(TARGET_RMS_NORM, jax.ShapeDtypeStruct((2,) + aval.shape, aval.dtype),
+                            has_side_effect=True)
+
+    def both(x, residual, weight):
+        out = call(x, residual, weight, **attributes)
+        return [out[0], out[1]]
+
+    return mlir.lower_fun(both, multiple_results=True)(ctx, x, residual, weight)
