@@ -394,12 +394,14 @@ __device__ __forceinline__ CallStart BeginCall(const KernelArgs& args, const Lay
                    Min64(begin + per_block, args.slice_units)};
 }
 
-// The last block to finish advances the call counter for the next launch.
+// The last block to finish advances the call counter for the next launch. No fence: the
+// counter is read only by the next launch (stream-ordered after this grid), every block read it
+// before its barrier and its atomicAdd, and a fence here would wait for this thread's stores to
+// the peers (an NVLink round trip) for nothing. EXPERIMENT: not yet run on a GPU.
 __device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long long calls) {
   WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
     if (atomicAdd(&header->blocks_done, 1u) == gridDim.x - 1) {
       if (args.timing != nullptr) {
         unsigned long long* record = TimingRecord(args, calls);
@@ -411,7 +413,6 @@ __device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long
       header->blocks_done = 0;
       header->norm_arrived = 0;  // every block is past the fused epilogue's barrier
       header->calls = calls + 1;
-      __threadfence();
     }
   }
 }
