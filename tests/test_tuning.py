@@ -144,11 +144,12 @@ def test_every_process_uses_process_0s_table(tmp_path):
 
 
 def test_the_builtin_table_gives_the_measured_configs_without_a_tuning_run(monkeypatch):
-    # 2 x H200, 2026-11-30: one-shot LL up to 512 KB, one-shot bulk 1-4 MB, two-shot bulk above;
-    # nvrar ahead of psum at every size measured (8 KB - 32 MB).
+    # 2 x H200, 2026-12-01 (docs/results/tune_2xH200_2026-12-01.txt): one-shot LL up to 512 KB,
+    # one-shot bulk 1-8 MB, two-shot bulk above; nvrar ahead of psum at every size (8 KB - 32 MB).
     key = tuning.entry_key("NVIDIA H200", Topology(2, 2), "bfloat16")
-    expected = {8 << 10: "128-1shot", 128 << 10: "128-1shot", 512 << 10: "128-1shot",
-                1 << 20: "128-1shot-bulk", 4 << 20: "128-1shot-bulk", 8 << 20: "128-bulk", 32 << 20: "128-bulk"}
+    expected = {8 << 10: "256-1shot", 128 << 10: "128-1shot", 512 << 10: "128-1shot",
+                1 << 20: "256-1shot-bulk", 4 << 20: "256-1shot-bulk", 8 << 20: "256-1shot-bulk",
+                32 << 20: "256-bulk"}
     for nbytes, label in expected.items():
         assert tuning.builtin().lookup(key, nbytes) == tuning.Choice("nvrar", L.parse(label)), nbytes
     # choice_for falls back to it for this GPU kind, and a table of the user's wins over it.

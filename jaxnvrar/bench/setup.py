@@ -37,8 +37,10 @@ def bring_up(cpu_devices: int = 8, timed: bool = True) -> str:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     note = ""
     if jax.default_backend() == "gpu":
-        if jaxnvrar.cuda_available():
+        if jaxnvrar.cuda_available() and jax.local_device_count() == 1:
             jaxnvrar.initialize()
+        elif jaxnvrar.cuda_available():  # e.g. JAXNVRAR_NO_RELAUNCH=1 for psum-xla's one-process kernel
+            note = f" (one process holds {jax.local_device_count()} GPUs: nvrar needs one per process)"
         else:
             note = " (CUDA part not built: nvrar unavailable)"
     device = jax.devices()[0]
