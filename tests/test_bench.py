@@ -143,6 +143,25 @@ def test_soak_checks_every_call(tmp_path):
     assert report["calls"] == 40 and report["errors"] == 0, out
 
 
+def test_soak_takes_turns_over_several_sizes(tmp_path):
+    out = _bench("soak", "--calls", "60", "--chunk", "10", "--bytes", "1K,40", "--random-sizes", "2",
+                 "--json", str(tmp_path / "s.json"))
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["calls"] == 60 and report["errors"] == 0, out
+    assert report["bytes"][:2] == [1024, 40] and len(report["bytes"]) == 4
+    assert all(0 < b <= 1024 for b in report["bytes"][2:]) and report["kernel_config"] is None
+    assert set(report["errors_by_size"]) == {str(b) for b in report["bytes"]}
+    assert "4 sizes" in out
+
+
+@pytest.mark.parametrize("label, says", [("7-fast", "7-fast"), ("128-1shot-bulk", "this run uses reference")])
+def test_soak_refuses_a_kernel_config_it_cannot_pin(label, says):
+    # A bad label, or (here on CPU) an algorithm other than nvrar: one line naming the option.
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", "soak", "--kernel-config", label],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "--kernel-config" in result.stderr and says in result.stderr
+
+
 def test_soak_counts_wrong_results(monkeypatch):
     import jax
 

@@ -6,10 +6,16 @@ two apart (which share a half of the workspace), expect different sums, so a sta
 counted as well as a wrong one; the next call's input is derived from the output, so the calls
 stay dependent. Reports errors, calls
 per second and the time of each chunk of calls, first against last (drift).
+
+Several sizes (`--bytes 64K,1M`, `--random-sizes N`) take turns chunk by chunk, each its own
+program, so that calls of different sizes follow each other through the same workspace;
+`--kernel-config` pins the kernel (e.g. 128-1shot-bulk) instead of the tuning table's choice.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import time
 
@@ -23,16 +29,39 @@ from jax.sharding import PartitionSpec as P
 import jaxnvrar
 from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
 from jaxnvrar.bench.setup import bring_up, is_printer, progress
+from jaxnvrar.schedule import KernelConfig
+from jaxnvrar.tuning import kernel_config_override
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--calls", type=int, default=None,
                         help="all-reduces in all (100000 on GPUs; 500 on CPU, where a call takes milliseconds)")
     parser.add_argument("--chunk", type=int, default=None, help="calls per jitted loop execution (1000 GPU, 50 CPU)")
-    parser.add_argument("--bytes", type=parse_bytes, default=128 << 10, help="message size (128K)")
+    parser.add_argument("--bytes", type=_parse_sizes, default=[128 << 10],
+                        help="message size(s), comma-separated (128K); sizes take turns chunk by chunk")
+    parser.add_argument("--random-sizes", type=int, default=0, metavar="N",
+                        help="also N random sizes (whole elements, seed 0) up to the largest --bytes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--algorithm", default=None, help="nvrar where available, else reference")
+    parser.add_argument("--kernel-config", default=None, metavar="LABEL",
+                        help="pin nvrar's kernel configuration, e.g. 128-1shot-bulk (default: the tuning table's)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
+def _parse_sizes(text: str) -> list[int]:
+    sizes = [parse_bytes(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected sizes in bytes like 128K or 64K,1M, got {text!r}")
+    return sizes
+
+
+def message_sizes(args, itemsize: int) -> list[int]:
+    """Element counts: --bytes, then --random-sizes more, drawn up to the largest."""
+    counts = [max(1, b // itemsize) for b in args.bytes]
+    if args.random_sizes:
+        rng = np.random.default_rng(0)
+        counts += [int(c) for c in rng.integers(1, max(counts) + 1, size=args.random_sizes)]
+    return counts
 
 
 def soak_program(mesh, algorithm: str, chunk: int):
@@ -61,37 +90,58 @@ def run(args) -> int:
     description = bring_up(timed=False)
     algorithm = args.algorithm or ("nvrar" if jaxnvrar.is_initialized() else "reference")
     dtype = DTYPES[args.dtype]
+    itemsize = jnp.dtype(dtype).itemsize
     num_ranks = jax.device_count()
     mesh = jax.make_mesh((num_ranks,), ("x",))
-    count = max(1, args.bytes // jnp.dtype(dtype).itemsize)
+    counts = message_sizes(args, itemsize)
     on_gpu = jax.default_backend() == "gpu"
     calls = args.calls or (100_000 if on_gpu else 500)
     chunk = args.chunk or (1000 if on_gpu else 50)
-    chunks = max(1, calls // chunk)
-    program = soak_program(mesh, algorithm, chunk)
-    ranks = np.repeat(np.arange(1, num_ranks + 1), count).astype(jnp.dtype(dtype))
-    x = jax.make_array_from_callback(ranks.shape, NamedSharding(mesh, P("x")), lambda i: ranks[i])
-    with jax.set_mesh(mesh):
-        program(x).block_until_ready()  # compile and warm up (not counted)
-        errors, times = 0, []
+    chunks = max(len(counts), calls // chunk)
+    try:
+        pinned = KernelConfig.parse(args.kernel_config) if args.kernel_config else None
+    except ValueError as err:
+        raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {err}") from None
+    if pinned and algorithm != "nvrar":
+        raise SystemExit(f"jaxnvrar-bench soak --kernel-config: it pins nvrar's kernel, but this run uses {algorithm} "
+                         "(nvrar needs GPUs, the CUDA build and jaxnvrar-launch)")
+    with kernel_config_override(pinned) if pinned else contextlib.nullcontext(), jax.set_mesh(mesh):
+        programs, inputs = [], []
+        for count in counts:  # one program per size, each compiled and warmed up (not counted)
+            ranks = np.repeat(np.arange(1, num_ranks + 1), count).astype(jnp.dtype(dtype))
+            inputs.append(jax.make_array_from_callback(ranks.shape, NamedSharding(mesh, P("x")),
+                                                       lambda i, ranks=ranks: ranks[i]))
+            programs.append(soak_program(mesh, algorithm, chunk))
+            programs[-1](inputs[-1]).block_until_ready()
+        errors_by_size, times = [0] * len(counts), []
         start = time.perf_counter()
         for done in range(1, chunks + 1):
+            k = (done - 1) % len(counts)
             t = time.perf_counter()
-            errors += int(program(x))  # waits: each chunk is timed on its own
+            errors_by_size[k] += int(programs[k](inputs[k]))  # waits: each chunk is timed on its own
             times.append(time.perf_counter() - t)
-            progress(f"{algorithm}, {errors} wrong so far", done, chunks)
+            progress(f"{algorithm}, {sum(errors_by_size)} wrong so far", done, chunks)
         elapsed = time.perf_counter() - start
     calls = chunks * chunk
+    errors = sum(errors_by_size)
     first, last = np.median(times[: max(1, chunks // 10)]), np.median(times[-max(1, chunks // 10):])
-    result = {"devices": description, "algorithm": algorithm, "dtype": args.dtype, "bytes": count * jnp.dtype(dtype).itemsize,
+    sizes_bytes = [c * itemsize for c in counts]
+    result = {"devices": description, "algorithm": algorithm, "dtype": args.dtype,
+              "kernel_config": pinned.label if pinned else None, "bytes": sizes_bytes,
+              "errors_by_size": dict(zip(map(str, sizes_bytes), errors_by_size)),
               "calls": calls, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
               "first_tenth_chunk_ms": first * 1e3, "last_tenth_chunk_ms": last * 1e3}
     if is_printer():
         print(f"# jaxnvrar-bench soak: {description}")
-        print(f"{calls} calls of {result['bytes']} B {args.dtype} with {algorithm}: {errors} wrong elements, "
+        what = f"{sizes_bytes[0]} B" if len(counts) == 1 else f"{len(counts)} sizes ({min(sizes_bytes)}-{max(sizes_bytes)} B)"
+        kernel = f" ({pinned.label})" if pinned else ""
+        print(f"{calls} calls of {what} {args.dtype} with {algorithm}{kernel}: {errors} wrong elements, "
               f"{elapsed:.2f} s ({result['us_per_call']:.2f} us/call); chunk of {chunk}: "
               f"{result['first_tenth_chunk_ms']:.2f} ms in the first tenth, {result['last_tenth_chunk_ms']:.2f} ms "
               "in the last (median)")
+        for size, wrong in zip(sizes_bytes, errors_by_size):
+            if wrong:
+                print(f"  {size} B: {wrong} wrong elements")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
