@@ -340,7 +340,9 @@ def run(args) -> int:
     if unknown := [a for a in algorithms if a not in choices]:
         raise SystemExit(f"--algorithms: unknown {unknown}; choose from {','.join(choices)}")
     mesh = make_mesh(tp)
+    loading = time.perf_counter()
     llama, model = _load_model(args, mesh, dtype)
+    load_s = time.perf_counter() - loading
     c = model.config
     bandwidth = _copy_bandwidth(dtype, on_gpu)
     if is_printer():
@@ -350,7 +352,7 @@ def run(args) -> int:
               f"/{c.num_key_value_heads} kv, vocab {c.vocab_size}, {args.dtype}; TP {tp}; prompt {prompt_len}, "
               f"{new_tokens} new tokens; all-reduce of {c.hidden_size * jnp.dtype(dtype).itemsize} B x batch, "
               f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s; prefill in chunks "
-              f"of at most {llama.PREFILL_TOKENS} tokens")
+              f"of at most {llama.PREFILL_TOKENS} tokens; loaded in {load_s:.0f} s")
         if PSUM_XLA in algorithms:
             gpu_only = not on_gpu and any(name.startswith("xla_gpu_") for name in xla_options)
             cpu_note = " (XLA:CPU accepts the xla_gpu_ options and ignores them)" if gpu_only else ""
@@ -363,8 +365,10 @@ def run(args) -> int:
             twin = (llama.with_all_reduce(model, "psum", compiler_options=xla_options) if algorithm == PSUM_XLA
                     else llama.with_all_reduce(model, algorithm))
             llama.psum_fallbacks.clear()
+            started = time.perf_counter()
             rows[algorithm], tokens[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens,
                                                             f"batch {batch} {algorithm}", args.profile)
+            rows[algorithm]["wall_s"] = time.perf_counter() - started  # compiles, prefill, steps: for planning runs
             rows[algorithm]["tokens_equal_psum"] = bool(np.array_equal(tokens[algorithm], tokens["psum"]))
             # Call sites of "nvrar" that went to psum (prefill messages over the workspace).
             rows[algorithm]["psum_fallbacks"] = [f"{list(shape)} {dtype}" for shape, dtype in llama.psum_fallbacks]
@@ -399,6 +403,8 @@ def run(args) -> int:
                     if algorithm not in ("psum", PSUM_XLA, "none"):
                         print(f"  {algorithm} against {PSUM_XLA}: step {r['speedup_vs_psum_xla']:.2f}x, "
                               f"queued {r['queued_speedup_vs_psum_xla']:.2f}x")
+            print("  wall time of each row (compiles, prefill, steps): " + ", ".join(
+                f"{algorithm} {r['wall_s']:.0f} s" for algorithm, r in rows.items()))
             if "none" in rows:
                 print("  queued step over the communication-free bound (none): " + ", ".join(
                     f"{algorithm} {r['queued_vs_none']:.2f}x" for algorithm, r in rows.items() if algorithm != "none"))
