@@ -137,6 +137,19 @@ def test_layout_comparison(tmp_path):
     assert "batch ms" in out
 
 
+def test_allreduce_replots_a_saved_run_with_one_curve_for_the_kernel_configs(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"bytes": b, "count": b // 2, "dtype": "bfloat16",
+             "results": {"psum": {"us": 10.0}, "nvrar/128": {"us": 5.0 + i}, "nvrar/128-bulk": {"us": 7.0 - i}}}
+            for i, b in enumerate([8192, 16384, 32768])]
+    (tmp_path / "r.json").write_text(json.dumps({"devices": "test", "rows": rows}))
+    _bench("allreduce", "--replot", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 0
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", "allreduce", "--replot", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "needs --plot" in result.stderr
+
+
 def test_soak_checks_every_call(tmp_path):
     out = _bench("soak", "--calls", "40", "--chunk", "20", "--bytes", "1K", "--json", str(tmp_path / "s.json"))
     report = json.loads((tmp_path / "s.json").read_text())

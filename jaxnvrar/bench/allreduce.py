@@ -69,6 +69,7 @@ def add_arguments(parser) -> None:
                              "JAXNVRAR_FUSED_NORM=1); sizes must be whole rows")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw latency vs size (needs matplotlib)")
+    parser.add_argument("--replot", metavar="JSON", help="with --plot: draw a saved --json file instead of measuring")
 
 
 def _available_algorithms() -> list[str]:
@@ -235,15 +236,24 @@ def _print_against_peers(rows, ours, peers) -> None:
 
 
 def _plot(rows, algorithms, path, title):
+    """Latency vs size of each column; several kernel configurations are drawn as one curve, the
+    fastest of them at each size (what the tuning table picks), not one curve each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    configs = [a for a in algorithms if a.startswith("nvrar/")]
+    curves = {a: [(r["bytes"], r["results"][a]["us"]) for r in rows if a in r["results"]]
+              for a in algorithms if len(configs) < 2 or a not in configs}
+    if len(configs) >= 2:
+        best = [(r["bytes"], min(r["results"][a]["us"] for a in configs if a in r["results"]))
+                for r in rows if any(a in r["results"] for a in configs)]
+        curves = {"nvrar (fastest configuration)": best, **curves}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for a in algorithms:
-        points = [(r["bytes"], r["results"][a]["us"]) for r in rows if a in r["results"]]
-        ax.plot(*zip(*points), marker="o", label=a)
+    for label, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("message size (bytes)")
@@ -255,7 +265,25 @@ def _plot(rows, algorithms, path, title):
     fig.savefig(path, dpi=120)
 
 
+def replot(args) -> int:
+    """--replot JSON --plot PNG: the plot of an earlier run's --json file."""
+    if not args.plot:
+        raise SystemExit("jaxnvrar-bench allreduce --replot needs --plot PNG")
+    try:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        rows = saved["rows"]
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"jaxnvrar-bench allreduce --replot {args.replot}: not a --json file of this bench ({err})")
+    columns = list(dict.fromkeys(a for r in rows for a in r["results"]))
+    dtype = rows[0]["dtype"] if rows else ""
+    _plot(rows, columns, args.plot, f"jaxnvrar all-reduce, {dtype}: {saved.get('devices', '')}")
+    return 0
+
+
 def run(args) -> int:
+    if args.replot:
+        return replot(args)
     description = bring_up()
     on_gpu = jax.default_backend() == "gpu"
     factor = args.factor or (2 if on_gpu else 4)
