@@ -152,18 +152,23 @@ __device__ __forceinline__ void StoreSliceUnit(const KernelArgs& args, int32_t s
   }
 }
 
-// a + b per element in float32, rounded to T; the lower node's value goes first.
-template <typename T, typename Vector>
-__device__ __forceinline__ Vector AddUnits(Vector first, Vector second) {
+// op(first[k], second[k]) for each element k of two units of T.
+template <typename T, typename Vector, typename Op>
+__device__ __forceinline__ Vector ZipUnits(Vector first, Vector second, Op op) {
   using Data = Packed<T, Vector>;
   Data a, b, out;
   a.vector = first;
   b.vector = second;
 #pragma unroll
-  for (int k = 0; k < Data::kCount; ++k) {
-    out.values[k] = Codec<T>::FromFloat(Codec<T>::ToFloat(a.values[k]) + Codec<T>::ToFloat(b.values[k]));
-  }
+  for (int k = 0; k < Data::kCount; ++k) out.values[k] = op(a.values[k], b.values[k]);
   return out.vector;
+}
+
+// a + b per element in float32, rounded to T; the lower node's value goes first.
+template <typename T, typename Vector>
+__device__ __forceinline__ Vector AddUnits(Vector first, Vector second) {
+  return ZipUnits<T>(first, second,
+                     [](T a, T b) { return Codec<T>::FromFloat(Codec<T>::ToFloat(a) + Codec<T>::ToFloat(b)); });
 }
 
 // The sum over locals 0..G-1, in that order, in float32, rounded to T once: the schedule's
@@ -308,6 +313,16 @@ __device__ __forceinline__ void SpinUntil(Ready ready, uint32_t flag, const Kern
   }
 }
 
+// Spins until `ready()`; past the timeout, a timeout report at `site` (no signature to watch:
+// the signature waits themselves, and this GPU's own blocks).
+template <typename Ready>
+__device__ __forceinline__ void SpinBounded(Ready ready, const KernelArgs& args, uint32_t flag, const WaitSite& site) {
+  const uint64_t start = GlobalTimerNs();
+  while (!ready()) {
+    if (GlobalTimerNs() - start > args.timeout_ns) Fail(Where(args), kFailureTimeout, site, flag, CallSignature{0, 0});
+  }
+}
+
 // Thread 0 of block 0 tells every peer that sends to or receives from this GPU what this
 // call is; peers compare it with their own (CheckSignature).
 __device__ __forceinline__ void SendSignature(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
@@ -332,12 +347,7 @@ __device__ __forceinline__ void SendSignature(const KernelArgs& args, unsigned l
 // topology): catches mismatches that would not hang, such as float16 against bfloat16.
 __device__ __forceinline__ void AwaitSignatures(const KernelArgs& args, unsigned long long calls, uint32_t flag) {
   auto await = [&](const WaitSite& site) {
-    const uint64_t start = GlobalTimerNs();
-    while (!CheckSignature(args, calls, flag, site)) {
-      if (GlobalTimerNs() - start > args.timeout_ns) {
-        Fail(Where(args), kFailureTimeout, site, flag, CallSignature{0, 0});
-      }
-    }
+    SpinBounded([&] { return CheckSignature(args, calls, flag, site); }, args, flag, site);
   };
   for (int32_t j = 0; j < args.gpus_per_node; ++j) {
     if (j != args.local) await(WaitSite{kWaitSignature, 0, j, j});

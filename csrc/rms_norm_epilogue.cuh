@@ -35,16 +35,10 @@ __device__ __forceinline__ float BlockSum(float value, float* scratch) {
 // weight * T(h * scale) per element, in T (the Llama's RMSNorm after its rsqrt).
 template <typename T, typename Vector>
 __device__ __forceinline__ Vector NormalizedUnit(Vector h, Vector weight, float scale) {
-  using Data = Packed<T, Vector>;
-  Data hd, wd, y;
-  hd.vector = h;
-  wd.vector = weight;
-#pragma unroll
-  for (int k = 0; k < Data::kCount; ++k) {
-    const float scaled = Codec<T>::ToFloat(Codec<T>::FromFloat(Codec<T>::ToFloat(hd.values[k]) * scale));
-    y.values[k] = Codec<T>::FromFloat(Codec<T>::ToFloat(wd.values[k]) * scaled);
-  }
-  return y.vector;
+  return ZipUnits<T>(h, weight, [scale](T hv, T wv) {
+    const float scaled = Codec<T>::ToFloat(Codec<T>::FromFloat(Codec<T>::ToFloat(hv) * scale));
+    return Codec<T>::FromFloat(Codec<T>::ToFloat(wv) * scaled);
+  });
 }
 
 // Rows row_begin, row_begin + row_step, ... < rows: residual_out (args.output, holding the
@@ -91,12 +85,8 @@ __device__ __forceinline__ void GridBarrier(const KernelArgs& args, uint32_t fla
     WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
     __threadfence();
     atomicAdd(&header->norm_arrived, 1u);
-    const uint64_t start = GlobalTimerNs();
-    while (atomicAdd(&header->norm_arrived, 0u) < gridDim.x) {
-      if (GlobalTimerNs() - start > args.timeout_ns) {
-        Fail(Where(args), kFailureTimeout, WaitSite{kWaitNormBarrier, 0, args.local, 0}, flag, CallSignature{0, 0});
-      }
-    }
+    SpinBounded([&] { return atomicAdd(&header->norm_arrived, 0u) >= gridDim.x; }, args, flag,
+                WaitSite{kWaitNormBarrier, 0, args.local, 0});
     __threadfence();
   }
   __syncthreads();
