@@ -197,6 +197,13 @@ def timing_records():
     return timing.parse(cuda_extension().timing_records()) if _timing_on() else None
 
 
+def timing_summary() -> dict | None:
+    """The stamps recorded since `reset_timing()`, summarised (`jaxnvrar.timing.summary`); None
+    when timing is off or no call was stamped."""
+    records = timing_records()
+    return timing.summary(records) if records is not None and len(records) else None
+
+
 def reset_timing() -> None:
     """Clear this GPU's stamps once the queued work is done (JAXNVRAR_TIMING=1; else nothing)."""
     if _timing_on():

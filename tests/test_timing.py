@@ -55,3 +55,14 @@ def test_the_setting_is_off_by_default_and_checked():
     assert settings.read({"JAXNVRAR_TIMING": "1"}).timing == 1
     with pytest.raises(ValueError, match="JAXNVRAR_TIMING"):
         settings.read({"JAXNVRAR_TIMING": "2"})
+
+
+def test_the_runtime_summarises_what_was_stamped_or_says_none(monkeypatch):
+    from jaxnvrar import runtime
+
+    monkeypatch.setattr(runtime, "timing_records", lambda: timing.parse(_ring(range(5))))
+    assert runtime.timing_summary() == timing.summary(timing.parse(_ring(range(5))))
+    monkeypatch.setattr(runtime, "timing_records", lambda: timing.parse(_ring([])))
+    assert runtime.timing_summary() is None  # nothing stamped since the reset
+    monkeypatch.setattr(runtime, "timing_records", lambda: None)
+    assert runtime.timing_summary() is None  # timing off

@@ -126,7 +126,7 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
                 x = program(x)
             x.block_until_ready()
             batches.append((time.perf_counter() - start) / (iters * chain))
-        stamps = runtime.timing_records()
+        stamped = runtime.timing_summary()
         device_us = None
         if trace_dir is not None:
             with breakdown.traced(trace_dir):
@@ -136,7 +136,6 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
             durations = [end - start for name, start, end in breakdown.device_kernels(breakdown.read_trace(trace_dir))
                          if breakdown.classify(name) == "communication"]
             device_us = statistics.median(durations) if durations else None
-    stamped = timing.summary(stamps) if stamps is not None and len(stamps) else None
     return statistics.median(batches) * 1e6, device_us, stamped
 
 

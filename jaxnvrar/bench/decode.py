@@ -178,14 +178,13 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
 
     runtime.reset_timing()  # JAXNVRAR_TIMING=1: only the queued steps' calls
     queued_ms = queued_steps(new_tokens - 1) / (new_tokens - 1) * 1e3
-    stamps = runtime.timing_records()
+    stamped = runtime.timing_summary()
     result = {"prefill_ms": prefill_s * 1e3, "step_median_ms": float(np.median(steps_ms)),
               "step_queued_ms": queued_ms,
               "step_p90_ms": float(np.percentile(steps_ms, 90)),
               "tokens_per_s": batch / (statistics.median(steps)), "steps": len(steps)}
-    if stamps is not None and len(stamps):
-        stats = timing.summary(stamps)
-        result["kernel_timing"] = dict(stats, calls_per_step=stats["calls"] / (new_tokens - 1))
+    if stamped is not None:
+        result["kernel_timing"] = dict(stamped, calls_per_step=stamped["calls"] / (new_tokens - 1))
     if profile_dir is not None:
         directory = os.path.join(profile_dir, label.replace(" ", "_") + f"_rank{jax.process_index()}")
         with breakdown.traced(directory):
