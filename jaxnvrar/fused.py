@@ -155,5 +155,6 @@ def _fused_jvp(static, eps, primals, tangents):
     reduced = all_reduce(dx, params["axis_name"], algorithm=params["algorithm"],
                          gpus_per_node=params["gpus_per_node"])
     dresidual_out = dresidual + reduced
-    _, dnormed = jax.jvp(lambda h, w: rms_norm(h, w, eps), (residual_out, weight), (dresidual_out, dweight))
+    _, dnormed = jax.jvp(lambda h, w: rms_norm(h, w, eps).astype(h.dtype), (residual_out, weight),
+                         (dresidual_out, dweight))
     return (normed, residual_out), (dnormed, dresidual_out)

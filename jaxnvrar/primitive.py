@@ -211,18 +211,19 @@ def _all_reduce_params(params: dict) -> dict:
 
 
 def rms_norm(h, weight, eps: float):
-    """RMSNorm(h) * weight: the ops (order, dtypes) of `jaxnvrar.models.llama.RMSNorm`: in
-    float32, cast back to h's dtype, then times weight."""
+    """RMSNorm(h) * weight: in float32, cast back to h's dtype, then times weight with dtype
+    promotion (as transformers' LlamaRMSNorm). The Llama's `RMSNorm` and the fused call's
+    composition both use it."""
     h32 = h.astype(jnp.float32)
     h32 = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + eps)
-    return (weight * h32.astype(h.dtype)).astype(h.dtype)
+    return weight * h32.astype(h.dtype)
 
 
 def add_then_rms_norm(reduced, residual, weight, eps: float):
     """(rms_norm(residual + reduced), residual + reduced): the composition the fused call
     stands for; the add in the inputs' dtype, as the Llama's `x + attended`."""
     residual_out = residual + reduced
-    return rms_norm(residual_out, weight, eps), residual_out
+    return rms_norm(residual_out, weight, eps).astype(residual_out.dtype), residual_out
 
 
 def _fused_abstract_eval(x, residual, weight, *, axis_name, eps, **_):

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxnvrar.primitive import rms_norm
+
 from .config import TP, LlamaConfig
 from .reduction import check_all_reduce_choice, norm_reducer
 
@@ -56,9 +58,9 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        # The same ops as the fused all-reduce + RMSNorm's composition, so every norm of the
+        # model rounds alike whichever path computed it.
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 class Attention(nnx.Module):
