@@ -6,6 +6,7 @@
     jaxnvrar-bench gemm [-m 512 -k 8192 -n 28672]                 GEMM speed when M or K is split
     jaxnvrar-bench soak [--calls 100000 --bytes 128K]             consecutive calls, each checked
     jaxnvrar-bench tune [--max-bytes 64M --kernel-configs 32,128] measure and save "auto"'s choices
+    jaxnvrar-bench kernels [--preset llama3.1-8b --batch 1,16]    kernels per decode layer (compiled, no GPU needed)
 
 On a GPU machine each process drives one GPU: started alone on a host with several GPUs, the
 multi-GPU benchmarks start themselves again under jaxnvrar-launch, one process per GPU
@@ -40,7 +41,7 @@ def relaunch_command(command: str, argv: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxnvrar.bench import allreduce, decode, gemm, model, soak, tune
+    from jaxnvrar.bench import allreduce, decode, gemm, kernels, model, soak, tune
 
     parser = argparse.ArgumentParser(prog="jaxnvrar-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm.add_arguments(commands.add_parser("gemm", help="GEMM speed when M (pipeline) or K (tensor) is split"))
     soak.add_arguments(commands.add_parser("soak", help="many consecutive all-reduces, every result checked"))
     tune.add_arguments(commands.add_parser("tune", help="measure the best kernel configuration and algorithm per size"))
+    kernels.add_arguments(commands.add_parser("kernels", help="kernels per layer of the compiled decode step"))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     again = relaunch_command(args.command, argv)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"jaxnvrar-bench: one process per GPU: {' '.join(again)}", file=sys.stderr, flush=True)
         return subprocess.call(again)
-    runs = {"allreduce": allreduce.run, "decode": decode.run, "model": model.run, "gemm": gemm.run, "soak": soak.run, "tune": tune.run}
+    runs = {"allreduce": allreduce.run, "decode": decode.run, "model": model.run, "gemm": gemm.run, "soak": soak.run, "tune": tune.run,
+            "kernels": kernels.run}
     return runs[args.command](args)
 
 

@@ -129,15 +129,19 @@ def forward_logits(model: Llama, input_ids) -> jax.Array:
         return forward(state, prompt_ids(model.mesh, input_ids, model.config.vocab_size))
 
 
+def cache_shapes(model: Llama, batch: int, max_length: int):
+    """The KV cache's shapes: one (k, v) per layer, each a jax.ShapeDtypeStruct [batch, kv_heads,
+    max_length, head_dim] sharded on heads (what `init_cache` allocates; for compiling only)."""
+    shape = (batch, model.layers[0].attention.kv_heads(), max_length, model.config.head_dim)
+    one = jax.ShapeDtypeStruct(shape, model.embed.get_value().dtype, sharding=NamedSharding(model.mesh, P(None, TP, None, None)))
+    return tuple((one, one) for _ in range(model.config.num_hidden_layers))
+
+
 def init_cache(model: Llama, batch: int, max_length: int):
     """Zeroed KV cache: one (k, v) per layer, [batch, kv_heads, max_length, head_dim], sharded on heads."""
-    heads = model.layers[0].attention.kv_heads()
-    sharding = NamedSharding(model.mesh, P(None, TP, None, None))
-    shape = (batch, heads, max_length, model.config.head_dim)
-    dtype = model.embed[...].dtype
-    make = jax.jit(lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                                 for _ in range(model.config.num_hidden_layers)),
-                   out_shardings=tuple((sharding, sharding) for _ in range(model.config.num_hidden_layers)))
+    shapes = cache_shapes(model, batch, max_length)
+    make = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                   out_shardings=jax.tree.map(lambda s: s.sharding, shapes))
     return make()
 
 
@@ -174,6 +178,18 @@ def _compiled_advance(model: Llama):
     # Everything it changes is donated and comes back in the same buffers: the step's buffer
     # addresses never change, so XLA replays its command buffer without re-recording it.
     return leaves, _jit(model, advance, donate_argnums=(1, 2, 3))
+
+
+def compiled_advance(model: Llama, batch: int, max_length: int):
+    """`advance` compiled for a batch and cache length from shapes alone (an `abstract_model`
+    will do; nothing runs): the program XLA runs every decode step, to read
+    (`.as_text()`, `jaxnvrar-bench kernels`)."""
+    leaves, step = _compiled_advance(model)
+    replicated_sharding = NamedSharding(model.mesh, P())
+    history = jax.ShapeDtypeStruct((batch, max_length), jnp.int32, sharding=replicated_sharding)
+    position = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated_sharding)
+    with jax.set_mesh(model.mesh):
+        return step.trace(leaves, history, cache_shapes(model, batch, max_length), position).lower().compile()
 
 
 def decode_step(model: Llama, tokens, caches, write_at):

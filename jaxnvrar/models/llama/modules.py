@@ -155,6 +155,9 @@ def fuse_columns(*parts: jax.Array) -> jax.Array:
     """One column-parallel array whose shard on each rank is the concatenation of the parts'
     shards there (global arrays sharded the same way on their last axis)."""
     sharding = parts[0].sharding
+    if not isinstance(parts[0], jax.Array):  # shapes only (weights.abstract_model): no arrays to join
+        columns = sum(part.shape[-1] for part in parts)
+        return jax.ShapeDtypeStruct((*parts[0].shape[:-1], columns), parts[0].dtype, sharding=sharding)
     concat = jax.shard_map(lambda *xs: jnp.concatenate(xs, axis=-1), mesh=sharding.mesh,
                            in_specs=(sharding.spec,) * len(parts), out_specs=sharding.spec)
     return jax.jit(concat)(*parts)
@@ -191,6 +194,10 @@ def fuse_layer(p: dict) -> tuple[dict, tuple[int, int]]:
     return fused, (p["wq"].shape[-1], p["wk"].shape[-1])
 
 
+# The name scope of layer i's ops is f"{LAYER_SCOPE}{i}".
+LAYER_SCOPE = "layer"
+
+
 class Llama(nnx.Module):
     """The model; `params` maps names to (global, sharded) arrays, see weights.py."""
 
@@ -218,9 +225,12 @@ class Llama(nnx.Module):
         new_caches = []
         for i, layer in enumerate(self.layers):
             # attention -> all-reduce + add + post-attention norm; MLP -> all-reduce + add + the
-            # next layer's input norm (the final norm after the last layer).
-            normed, residual, cache = layer(normed, residual, rope, positions,
-                                            None if caches is None else caches[i], write_at, reduce_norm, norms[i + 1])
+            # next layer's input norm (the final norm after the last layer). The scope names
+            # the layer in the compiled program's metadata (profiles, `jaxnvrar-bench kernels`).
+            with jax.named_scope(f"{LAYER_SCOPE}{i}"):
+                normed, residual, cache = layer(normed, residual, rope, positions,
+                                                None if caches is None else caches[i], write_at, reduce_norm,
+                                                norms[i + 1])
             new_caches.append(cache)
         if last_only:
             normed = normed[:, -1:]

@@ -207,12 +207,7 @@ def random_model(config: LlamaConfig | str, mesh, *, all_reduce: str = "auto", d
     """Random weights of a config or preset name; `num_layers` overrides the layer count so that
     large shapes fit the GPUs at hand. Weights are made on the devices, already sharded."""
     check_all_reduce_choice(all_reduce)
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")
-        config = PRESETS[config]
-    if num_layers is not None:
-        config = LlamaConfig(**{**config.__dict__, "num_hidden_layers": num_layers})
+    config = _resolved(config, num_layers)
     tp = mesh.shape[TP]
     check_tensor_parallel(config, tp)
     layout = list(_layout(config))
@@ -242,3 +237,30 @@ def random_model(config: LlamaConfig | str, mesh, *, all_reduce: str = "auto", d
                                                       out_shardings=NamedSharding(mesh, spec))
         arrays[where] = initializers[kind, shape, spec](jax.random.fold_in(base, i))
     return Llama(_assemble(config, arrays), config, mesh, all_reduce=all_reduce)
+
+
+def abstract_model(config: LlamaConfig | str, mesh, *, all_reduce: str = "auto", dtype=jnp.bfloat16,
+                   num_layers: int | None = None) -> Llama:
+    """The model with shapes instead of weights (jax.ShapeDtypeStruct, sharded as `random_model`
+    places them): its steps can be traced, lowered and compiled (`.trace(...).lower().compile()`)
+    for a mesh of devices this process does not hold, or without the memory for the weights, to
+    read the program XLA makes (`jaxnvrar-bench kernels`). Nothing runs; nothing is allocated."""
+    check_all_reduce_choice(all_reduce)
+    config = _resolved(config, num_layers)
+    tp = mesh.shape[TP]
+    check_tensor_parallel(config, tp)
+    arrays = {where: jax.ShapeDtypeStruct(_global_shape(config, hf_name, kind, tp), dtype,
+                                          sharding=NamedSharding(mesh, spec))
+              for where, hf_name, spec, kind in _layout(config)}
+    return Llama(_assemble(config, arrays), config, mesh, all_reduce=all_reduce)
+
+
+def _resolved(config: LlamaConfig | str, num_layers: int | None) -> LlamaConfig:
+    """A config or preset name, with `num_layers` layers when given."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")
+        config = PRESETS[config]
+    if num_layers is not None:
+        config = LlamaConfig(**{**config.__dict__, "num_hidden_layers": num_layers})
+    return config

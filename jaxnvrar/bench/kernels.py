@@ -1,0 +1,315 @@
+"""Kernels of one decode step, read from the program XLA compiles (no GPU needed).
+
+    jaxnvrar-bench kernels --preset llama3.1-8b --batch 1,16 --algorithms psum,none [--list]
+
+Compiles `llama.advance` (the step `decode` times) for an abstract model (shapes, no weights)
+and counts, in the optimized HLO, the instructions that launch work on the device: fusions,
+custom calls (cuBLAS, Triton, ours), collectives, copies, and anything left unfused; loop
+bodies count once per known trip. Each kernel is put in the layer its metadata names (the
+model's `layer<i>` scopes; one without a name, such as XLA's GEMM fusions, goes with the next
+kernel that has one), so a middle layer's count is the per-layer cost the issue tracker's
+"kernels per layer" means, and `--list` names them.
+
+Targets: the GPUs of this process when it holds --tp of them (XLA autotunes as for a real
+run); else, with the CUDA plugin installed (pip install "jax[cuda13]"), an H200 described to
+XLA's compiler without a GPU (no autotuning: GEMM choices by heuristics, so counts may differ by
+about one per GEMM from a GPU's); `--target cpu` compiles for the CPU (XLA:CPU's ops, not
+kernels: for tests). A profile (`decode --profile`) stays the measurement of time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import re
+
+import jax
+
+from jaxnvrar.bench.decode import _ints
+from jaxnvrar.bench.setup import is_printer
+
+TARGETS = ("auto", "local", "h200", "cpu")
+
+# Instructions that launch nothing (views, bookkeeping, the second half of an async pair).
+_NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier",
+              "partition-id", "replica-id", "add-dependency", "domain", "all-reduce-done", "all-gather-done",
+              "collective-permute-done", "copy-done", "async-done", "async-update", "send-done", "recv-done"}
+_COLLECTIVES = {"all-reduce", "all-reduce-start", "all-gather", "all-gather-start", "reduce-scatter", "all-to-all",
+                "collective-permute", "collective-permute-start", "collective-broadcast", "ragged-all-to-all",
+                "send", "recv"}
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    name: str  # the HLO instruction
+    kind: str  # e.g. "fusion:kLoop", "gemm", "custom-call:__cublas$lt$matmul", "all-reduce"
+    op_name: str  # the jax op it came from ("" when XLA kept no metadata)
+    trips: int = 1  # launches per step (loop bodies: the known trip count)
+
+
+def parse_computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str]]], str | None]:
+    """{computation: [(instruction, opcode, rest of the line)]} and the entry's name."""
+    computations, entry, current = {}, None, None
+    for line in hlo.splitlines():
+        if current is None:
+            match = _COMPUTATION.match(line)
+            if match and not line.startswith("HloModule"):
+                current = match.group(2)
+                computations[current] = []
+                entry = current if match.group(1) else entry
+        elif line.strip() == "}":
+            current = None
+        elif match := _INSTRUCTION.match(line):
+            computations[current].append(match.groups())
+    return computations, entry
+
+
+def _called(rest: str, attribute: str) -> list[str]:
+    match = re.search(attribute + r"=(?:\{([^}]*)\}|(%?[\w.\-]+))", rest)  # {a, b} or one name
+    if not match:
+        return []
+    return [name.strip().lstrip("%") for name in (match.group(1) or match.group(2)).split(",") if name.strip()]
+
+
+def kernel_kind(opcode: str, rest: str) -> str | None:
+    """What an instruction launches, or None (nothing, or a container walked separately)."""
+    if opcode in _NO_LAUNCH or opcode in ("while", "conditional", "call", "async-start"):
+        return None
+    if opcode == "fusion":
+        backend = re.search(r'"kind":"(\w+)"', rest)
+        if backend and "gemm" in backend.group(1):
+            return "gemm"
+        if backend:
+            return f"fusion:{backend.group(1)}"
+        kind = re.search(r"kind=(\w+)", rest)
+        return f"fusion:{kind.group(1) if kind else '?'}"
+    if opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        return f"custom-call:{target.group(1) if target else '?'}"
+    if opcode in _COLLECTIVES:
+        return opcode.removesuffix("-start")
+    if opcode == "copy-start":
+        return "copy"
+    return opcode  # an op XLA left unfused (on the CPU, most are)
+
+
+def kernels_of(hlo: str) -> list[Kernel]:
+    """The kernels of an optimized HLO module in schedule order: the entry's, and those of the
+    loops, branches, calls and async ops it runs (fusion bodies are one kernel each)."""
+    computations, entry = parse_computations(hlo)
+    found: list[Kernel] = []
+
+    def walk(name: str, trips: int) -> None:
+        for instruction, opcode, rest in computations.get(name, []):
+            if opcode == "while":
+                known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                inner = trips * int(known.group(1)) if known else trips
+                for called in _called(rest, "condition") + _called(rest, "body"):
+                    walk(called, inner)
+            elif opcode == "conditional":
+                for called in _called(rest, "branch_computations") + _called(rest, "true_computation") + \
+                        _called(rest, "false_computation"):
+                    walk(called, trips)
+            elif opcode == "call":
+                for called in _called(rest, "to_apply"):
+                    walk(called, trips)
+            elif opcode == "async-start":
+                for called in _called(rest, "calls"):
+                    walk(called, trips)
+            elif (kind := kernel_kind(opcode, rest)) is not None:
+                op_name = re.search(r'op_name="([^"]*)"', rest)
+                found.append(Kernel(instruction, kind, op_name.group(1) if op_name else "", trips))
+
+    if entry is not None:
+        walk(entry, 1)
+    return found
+
+
+def by_layer(kernels: list[Kernel], scope: str) -> list[int | None]:
+    """The layer of each kernel (None: outside the layers): the `scope<i>` its op_name names;
+    a kernel without metadata goes with the next kernel that has some (XLA's GEMM fusions keep
+    none; what consumes a GEMM's output is in the same layer), the last ones with the one before."""
+    pattern = re.compile(rf"(?:^|/){re.escape(scope)}(\d+)(?:/|$)")
+    named = [(int(m.group(1)) if (m := pattern.search(k.op_name)) else None) if k.op_name else "?" for k in kernels]
+    layers: list[int | None] = list(named)
+    following: int | None | str = "?"
+    for i in reversed(range(len(named))):
+        if named[i] == "?":
+            layers[i] = following
+        else:
+            following = named[i]
+    previous: int | None = None
+    for i, layer in enumerate(layers):
+        if layer == "?":
+            layers[i] = previous
+        previous = layers[i]
+    return layers
+
+
+def step_report(kernels: list[Kernel], layers: list[int | None], num_layers: int) -> dict:
+    """Counts per layer (launches, loop trips included), the middle layers' count, and the
+    kernels outside the layers."""
+    per_layer = [0] * num_layers
+    outside = 0
+    for kernel, layer in zip(kernels, layers):
+        if layer is None or not 0 <= layer < num_layers:
+            outside += kernel.trips
+        else:
+            per_layer[layer] += kernel.trips
+    middle = per_layer[1:-1] or per_layer
+    middle_layer = 1 if num_layers > 2 else 0
+    all_reduces = sum(k.trips for k, layer in zip(kernels, layers) if layer == middle_layer and is_all_reduce(k))
+    return {"total": sum(k.trips for k in kernels), "per_layer": per_layer, "middle_layer": max(middle),
+            "middle_layers_equal": len(set(middle)) == 1, "outside_layers": outside,
+            "all_reduces_per_layer": all_reduces}
+
+
+def is_all_reduce(kernel: Kernel) -> bool:
+    """XLA's collective, or our kernel's custom call (plain or fused with the RMSNorm)."""
+    return kernel.kind == "all-reduce" or kernel.kind.startswith("custom-call:jaxnvrar_")
+
+
+# ---------------------------------------------------------------- where to compile
+
+
+# An H200 SXM as XLA's compiler sees a device (GpuTargetConfigProto, text format): compute
+# capability 9.0, 132 SMs, 141 GB of HBM3e at 4.8 TB/s, 50 MiB of L2 (NVIDIA's data sheet).
+_H200 = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150754820096 shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  runtime_version: "{runtime}" dnn_version: "{dnn}" name: "NVIDIA H200" model_str: "NVIDIA H200"
+  device_vendor: "NVIDIA Corporation"
+}}
+platform_name: "CUDA"
+runtime_version {{ major: {major} minor: {minor} patch: 0 }}
+device_description_str: "NVIDIA H200"
+"""
+
+
+def _installed(*packages: str) -> str | None:
+    for package in packages:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def h200_target_config() -> str:
+    """The H200 description, with the CUDA runtime and cuDNN versions of the installed wheels
+    (the compiler checks what it may emit against them)."""
+    runtime = _installed("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13") or "13.0.0"
+    dnn = _installed("nvidia-cudnn-cu13") or "9.0.0"
+    major, minor = (int(part) for part in runtime.split(".")[:2])
+    return _H200.format(runtime=f"{major}.{minor}.0", dnn=".".join(dnn.split(".")[:3]), major=major, minor=minor)
+
+
+def compile_devices(target: str, count: int) -> tuple[list, str]:
+    """`count` devices to compile for, and a description of them."""
+    from jaxnvrar.distributed import local_gpu_count
+
+    if target == "local" or (target == "auto" and local_gpu_count() >= count):
+        gpus = jax.devices("gpu") if local_gpu_count() else []
+        if len(gpus) < count:
+            raise SystemExit(f"kernels: --target local needs {count} GPUs in this process, it sees {len(gpus)} "
+                             "(run it alone, not under jaxnvrar-launch, or use --target h200)")
+        return gpus[:count], f"{count} x {gpus[0].device_kind} (this process's GPUs)"
+    if target in ("auto", "h200"):
+        return _described_h200s(count), f"{count} x H200 described to XLA (no GPU; no autotuning)"
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_num_cpu_devices", max(count, 8))
+    cpus = jax.devices("cpu")
+    if len(cpus) < count:
+        raise SystemExit(f"kernels: --target cpu needs {count} CPU devices, jax has {len(cpus)} "
+                         f"(XLA_FLAGS=--xla_force_host_platform_device_count={count})")
+    return cpus[:count], f"{count} CPU devices (XLA:CPU ops, not GPU kernels)"
+
+
+def _described_h200s(count: int) -> list:
+    from jax._src import xla_bridge
+    from jax.experimental import topologies
+
+    # The CUDA plugin refuses to start as a backend without a GPU (it checks CUPTI and the
+    # driver); as a compiler it needs neither: keep the backends to the CPU.
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                                target_config=h200_target_config())
+    except Exception as error:  # no CUDA plugin, or one that cannot describe a device
+        raise SystemExit("kernels: compiling for an H200 without a GPU needs jax's CUDA plugin "
+                         f'(pip install "jax[cuda13]=={jax.__version__}"); it failed with: {error}. '
+                         "--target cpu compiles for the CPU instead (XLA:CPU ops, not GPU kernels)") from None
+    return list(topology.devices)[:count]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="llama3.1-8b", help="model shape (llama3.1-8b)")
+    parser.add_argument("--layers", type=int, default=3,
+                        help="layers to compile (3: first, middle, last; the middle one is the per-layer figure)")
+    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (2)")
+    parser.add_argument("--batch", type=_ints, default=[1, 16], help="batch sizes, comma-separated (1,16)")
+    parser.add_argument("--context", type=int, default=1088, help="cache length: prompt + new tokens (1088)")
+    parser.add_argument("--algorithms", default="psum,none",
+                        help="all_reduce choices of the model: psum, reference, none (psum,none)")
+    parser.add_argument("--target", choices=TARGETS, default="auto",
+                        help="local GPUs, an H200 described to the compiler, or the CPU (auto: GPUs if held, else h200)")
+    parser.add_argument("--list", action="store_true", help="name the kernels of the middle layer")
+    parser.add_argument("--json", metavar="PATH", help="write the counts (and listings) as JSON")
+
+
+def run(args) -> int:
+    from jaxnvrar.models import llama
+    from jaxnvrar.models.llama.modules import LAYER_SCOPE
+
+    if args.layers < 1:
+        raise SystemExit(f"kernels: --layers must be >= 1, got {args.layers}")
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    for algorithm in algorithms:
+        llama.check_all_reduce_choice(algorithm)
+        if algorithm in ("nvrar", "auto"):
+            raise SystemExit(f"kernels: --algorithms {algorithm}: the kernel compiles only with its runtime up, one "
+                             "process per GPU; count psum (nvrar puts one kernel where each all-reduce is) or "
+                             "profile the step (decode --profile)")
+    devices, described = compile_devices(args.target, args.tp)
+    mesh = jax.sharding.Mesh(devices, (llama.TP,))
+    rows = []
+    if is_printer():
+        print(f"kernels of one decode step: {args.preset}, {args.layers} layers, TP {args.tp}, cache {args.context}, "
+              f"compiled for {described}, jax {jax.__version__}")
+        print(f"{'algorithm':>10} {'batch':>5} {'per layer':>9} {'all-reduces':>11} {'per layer, each':>22} "
+              f"{'outside':>7} {'total':>5}")
+    for algorithm in algorithms:
+        model = llama.abstract_model(args.preset, mesh, all_reduce=algorithm, num_layers=args.layers)
+        for batch in args.batch:
+            kernels = kernels_of(llama.compiled_advance(model, batch, args.context).as_text())
+            layers = by_layer(kernels, LAYER_SCOPE)
+            report = step_report(kernels, layers, args.layers)
+            middle = 1 if args.layers > 2 else 0
+            listing = [dataclasses.asdict(k) for k, layer in zip(kernels, layers) if layer == middle]
+            rows.append({"algorithm": algorithm, "batch": batch, **report, "middle_layer_kernels": listing})
+            if is_printer():
+                each = ",".join(map(str, report["per_layer"]))
+                print(f"{algorithm:>10} {batch:>5} {report['middle_layer']:>9} {report['all_reduces_per_layer']:>11} "
+                      f"{each[:22]:>22} {report['outside_layers']:>7} {report['total']:>5}", flush=True)
+                if args.list:
+                    for k in listing:
+                        print(f"{'':>12}{k['kind']:<34} {k['name']:<40} {k['op_name'][-60:]}")
+    if args.json and is_printer():
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "layers": args.layers, "tp": args.tp, "context": args.context,
+                       "compiled_for": described, "jax": jax.__version__, "rows": rows}, f, indent=1)
+    return 0
