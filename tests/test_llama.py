@@ -49,6 +49,47 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint, tp):
     np.testing.assert_array_equal(tokens, hf_tokens)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_one_sequence_decodes_as_transformers(checkpoint, tp):
+    # Batch 1 decodes one row per step, which the model runs as two (a twin row the cache does
+    # not keep); the tokens are those transformers gives that sequence, and one token alone has
+    # the logits of the prompt's first position (causal attention sees nothing else there).
+    needs_devices_in_one_process(tp)
+    directory, hf_logits, hf_tokens = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(tp), all_reduce="psum", dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(llama.generate(model, PROMPTS[:1], NEW_TOKENS)), hf_tokens[:1])
+    logits = np.asarray(llama.forward_logits(model, PROMPTS[:1, :1]))
+    assert logits.shape == (1, 1, CONFIG.vocab_size)
+    np.testing.assert_allclose(logits, hf_logits[:1, :1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_twin_row_is_not_written_to_the_cache(checkpoint):
+    needs_devices_in_one_process(2)
+    directory, _, _ = checkpoint
+    model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
+    caches = llama.init_cache(model, 1, 8)
+    _, _, caches, position = llama.decode_step(model, PROMPTS[:1, :1], caches, 3)
+    assert int(position) == 4
+    for k, v in caches:
+        written = np.abs(np.asarray(k)).sum(axis=(0, 1, 3)) + np.abs(np.asarray(v)).sum(axis=(0, 1, 3))
+        assert written[3] > 0 and not written[np.arange(8) != 3].any()
+
+
+def test_batch_one_decode_step_multiplies_every_weight_by_two_rows():
+    # The twin row keeps each weight product a matrix product (no matrix-vector strength
+    # reduction, no pad or slice kernels), read off the lowered step.
+    import re
+
+    model = llama.abstract_model("tiny", llama.make_mesh(2), all_reduce="psum")
+    text = llama.lowered_advance(model, 1, 32).as_text()
+    # dot_generals whose right operand is a weight matrix (rank 2), with their left operand's shape
+    weights = re.findall(r"dot_general.*: \(tensor<([\dx]+)x[a-z]+\d+>, tensor<(\d+x\d+)x[a-z]+\d+>\)", text)
+    assert len(weights) == 4 * llama.PRESETS["tiny"].num_hidden_layers + 1  # qkv, o, gate/up, down; lm_head
+    rows = [int(np.prod([int(d) for d in lhs.split("x")[:-1]])) for lhs, _ in weights]
+    assert rows == [2] * len(weights), weights
+    assert "optimization_barrier" not in text  # no product was padded one by one (`project`)
+
+
 def test_attention_in_blocks_of_queries_matches_transformers(checkpoint, monkeypatch):
     # A budget of ~2 queries' scores: the 7-token forward runs in 4 blocks of 2 (the last one
     # padded), the prefill into a 13-position cache in 7 blocks of 1; decode steps stay whole.

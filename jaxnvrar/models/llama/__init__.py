@@ -7,7 +7,7 @@ model's mesh.
 
 API: `load_checkpoint`, `random_model`, `forward_logits`, `generate`; for your own loop
 `init_cache`, `prefill`, `decode_step`, `advance`; to compile without weights `abstract_model`,
-`cache_shapes`, `compiled_advance`.
+`cache_shapes`, `lowered_advance`, `compiled_advance`.
 
 Modules: `config` (LlamaConfig, PRESETS, config.json), `reduction` (the all_reduce choices),
 `modules` (the layers), `weights` (checkpoints, random weights, the mesh), `decoding` (the
@@ -17,9 +17,9 @@ mirror their defaults.
 """
 
 from .config import PRESETS, TP, LlamaConfig, check_tensor_parallel, config_from_hf, hf_config_dict
-from .decoding import (PREFILL_TOKENS, advance, cache_shapes, compiled_advance, decode_step, forward_logits, generate, greedy_decode,
-                       greedy_tokens, init_cache, prefill, prefill_in_chunks, prompt_ids, queue_may_deadlock,
-                       replicated, start_history)
+from .decoding import (PREFILL_TOKENS, advance, cache_shapes, compiled_advance, decode_step, forward_logits,
+                       generate, greedy_decode, greedy_tokens, init_cache, lowered_advance, prefill,
+                       prefill_in_chunks, prompt_ids, queue_may_deadlock, replicated, start_history)
 from .modules import (ATTENTION_SCORES_BYTES, MLP, Attention, DecoderLayer, Llama, RMSNorm, causal_attention,
                       fuse_columns, fuse_layer, project, rope_frequencies, with_all_reduce)
 from .reduction import ALL_REDUCE_CHOICES, check_all_reduce_choice, norm_reducer, psum_fallbacks, reducer
@@ -27,10 +27,10 @@ from .weights import abstract_model, load_checkpoint, make_mesh, random_model
 
 __all__ = [
     "ALL_REDUCE_CHOICES", "ATTENTION_SCORES_BYTES", "MLP", "PREFILL_TOKENS", "PRESETS", "TP", "Attention",
-    "DecoderLayer", "Llama", "LlamaConfig", "RMSNorm", "abstract_model", "advance", "cache_shapes", "causal_attention", "compiled_advance", "check_all_reduce_choice",
-    "check_tensor_parallel", "config_from_hf", "decode_step", "forward_logits", "fuse_columns", "fuse_layer",
-    "generate", "greedy_decode", "greedy_tokens", "hf_config_dict", "init_cache", "load_checkpoint", "make_mesh",
-    "norm_reducer",
-    "prefill", "prefill_in_chunks", "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer",
-    "replicated", "rope_frequencies", "start_history", "with_all_reduce",
+    "DecoderLayer", "Llama", "LlamaConfig", "RMSNorm", "abstract_model", "advance", "cache_shapes", "causal_attention",
+    "check_all_reduce_choice", "check_tensor_parallel", "compiled_advance", "config_from_hf", "decode_step",
+    "forward_logits", "fuse_columns", "fuse_layer", "generate", "greedy_decode", "greedy_tokens", "hf_config_dict",
+    "init_cache", "load_checkpoint", "lowered_advance", "make_mesh", "norm_reducer", "prefill", "prefill_in_chunks",
+    "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer", "replicated",
+    "rope_frequencies", "start_history", "with_all_reduce",
 ]

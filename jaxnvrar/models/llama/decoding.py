@@ -180,16 +180,21 @@ def _compiled_advance(model: Llama):
     return leaves, _jit(model, advance, donate_argnums=(1, 2, 3))
 
 
-def compiled_advance(model: Llama, batch: int, max_length: int):
-    """`advance` compiled for a batch and cache length from shapes alone (an `abstract_model`
-    will do; nothing runs): the program XLA runs every decode step, to read
-    (`.as_text()`, `jaxnvrar-bench kernels`)."""
+def lowered_advance(model: Llama, batch: int, max_length: int):
+    """`advance` lowered for a batch and cache length from shapes alone (an `abstract_model`
+    will do; nothing runs): `.as_text()` is the StableHLO, `.compile()` the program XLA runs every
+    decode step (`jaxnvrar-bench kernels` reads it)."""
     leaves, step = _compiled_advance(model)
     replicated_sharding = NamedSharding(model.mesh, P())
     history = jax.ShapeDtypeStruct((batch, max_length), jnp.int32, sharding=replicated_sharding)
     position = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated_sharding)
     with jax.set_mesh(model.mesh):
-        return step.trace(leaves, history, cache_shapes(model, batch, max_length), position).lower().compile()
+        return step.trace(leaves, history, cache_shapes(model, batch, max_length), position).lower()
+
+
+def compiled_advance(model: Llama, batch: int, max_length: int):
+    """`lowered_advance(...).compile()`."""
+    return lowered_advance(model, batch, max_length).compile()
 
 
 def decode_step(model: Llama, tokens, caches, write_at):

@@ -43,7 +43,9 @@ def project(x, w):
     is below the bound too).
     A second row of zeros, behind an optimization barrier so that it is not simplified away,
     keeps it a GEMM; the extra row costs nothing next to reading the weight, but the zero row is
-    one more small kernel, so only products below the bound get it."""
+    one more small kernel, so only products below the bound get it. The Llama itself runs a
+    single row as two (`Llama.__call__`), which needs no pad per product; this serves callers of
+    the layers with single rows (the pipeline's micro-batches)."""
     rows = math.prod(x.shape[:-1])
     if rows != 1 or x.size + w.size >= _DOT_STRENGTH_REDUCTION_BOUND:
         return x @ w
@@ -77,7 +79,9 @@ class Attention(nnx.Module):
         """KV heads over all ranks, as replicated for tensor parallelism (the cache's width)."""
         return self.kv_width // self.head_dim
 
-    def __call__(self, x, rope, positions, cache, write_at):
+    def __call__(self, x, rope, positions, cache, write_at, cache_rows: int | None = None):
+        """`cache_rows`: how many of the positions to write to the cache (None: all; the model's
+        twin row is not written)."""
         b, length, _ = x.shape
         hd = self.head_dim
         tp = lax.axis_size(TP)
@@ -91,8 +95,9 @@ class Attention(nnx.Module):
         # which both attention products are plain batched matmuls (no copy of the cache per step).
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is not None:
-            cache_k = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, write_at, 0))
-            cache_v = lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, write_at, 0))
+            new_k, new_v = k[:, :, :cache_rows], v[:, :, :cache_rows]
+            cache_k = lax.dynamic_update_slice(cache[0], new_k.astype(cache[0].dtype), (0, 0, write_at, 0))
+            cache_v = lax.dynamic_update_slice(cache[1], new_v.astype(cache[1].dtype), (0, 0, write_at, 0))
             k, v, cache = cache_k, cache_v, (cache_k, cache_v)
             key_positions = jnp.arange(k.shape[2])
         else:
@@ -173,13 +178,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(p["post_attention_norm"], config.rms_norm_eps)
         self.mlp = MLP(p["w_gate_up"], p["w_down"])
 
-    def __call__(self, normed, residual, rope, positions, cache, write_at, reduce_norm, next_norm):
+    def __call__(self, normed, residual, rope, positions, cache, write_at, reduce_norm, next_norm,
+                 cache_rows: int | None = None):
         """`normed`: this layer's input norm of `residual` (the layer before computed it, fused
         with its last all-reduce; for the first layer, `input_norm(embeddings)`). `reduce_norm`:
         `reduction.norm_reducer(...)`; `next_norm`: the RMSNorm after this layer (the next
         layer's input norm, or the model's final norm). Returns (next_norm(new residual), the
         new residual, cache)."""
-        attended, cache = self.attention(normed, rope, positions, cache, write_at)
+        attended, cache = self.attention(normed, rope, positions, cache, write_at, cache_rows)
         post = self.post_attention_norm
         normed, residual = reduce_norm(attended, residual, post.weight[...], post.eps)
         normed, residual = reduce_norm(self.mlp(normed), residual, next_norm.weight[...], next_norm.eps)
@@ -219,6 +225,14 @@ class Llama(nnx.Module):
         every position, or with `last_only` of the last one ([B, 1, V/tp]: all decoding needs)."""
         reduce_norm = norm_reducer(self.all_reduce)
         rope = rope_frequencies(self.config)
+        # One token (decoding at batch 1) runs as two identical rows, the second a twin of the
+        # first at the same position that the cache does not keep: with one row XLA:GPU turns
+        # every small product into a matrix-vector multiply + reduce at a fraction of the
+        # bandwidth (`project`); two rows keep them matrix products with no pad or slice kernel
+        # per product, for the same weight reads.
+        twin = tokens.shape[0] * tokens.shape[1] == 1
+        if twin:
+            tokens, positions = jnp.concatenate([tokens, tokens], axis=1), jnp.concatenate([positions, positions])
         residual = self.embed[...][tokens]
         norms = [layer.input_norm for layer in self.layers] + [self.norm]
         normed = norms[0](residual)  # the one norm with no all-reduce before it
@@ -230,11 +244,13 @@ class Llama(nnx.Module):
             with jax.named_scope(f"{LAYER_SCOPE}{i}"):
                 normed, residual, cache = layer(normed, residual, rope, positions,
                                                 None if caches is None else caches[i], write_at, reduce_norm,
-                                                norms[i + 1])
+                                                norms[i + 1], 1 if twin else None)
             new_caches.append(cache)
-        if last_only:
+        if last_only and not twin:
             normed = normed[:, -1:]
         logits = project(normed, self.lm_head[...])
+        if twin:
+            logits = logits[:, :1]
         return logits.astype(jnp.float32), (None if caches is None else tuple(new_caches))
 
 
