@@ -10,11 +10,12 @@ model's `layer<i>` scopes; one without a name, such as XLA's GEMM fusions, goes 
 kernel that has one), so a middle layer's count is the per-layer cost the issue tracker's
 "kernels per layer" means, and `--list` names them.
 
-Targets: the GPUs of this process when it holds --tp of them (XLA autotunes as for a real
-run); else, with the CUDA plugin installed (pip install "jax[cuda13]"), an H200 described to
-XLA's compiler without a GPU (no autotuning: GEMM choices by heuristics, so counts may differ by
-about one per GEMM from a GPU's); `--target cpu` compiles for the CPU (XLA:CPU's ops, not
-kernels: for tests). A profile (`decode --profile`) stays the measurement of time.
+Targets: the job's GPUs when it has --tp of them (XLA autotunes as for a real run; under
+`jaxnvrar-launch -n TP`, one process per GPU, nvrar's own kernel compiles too); else, with the
+CUDA plugin installed (pip install "jax[cuda13]"), an H200 described to XLA's compiler without
+a GPU (no autotuning: GEMM choices by heuristics, so counts may differ by about one per GEMM
+from a GPU's); `--target cpu` compiles for the CPU (XLA:CPU's ops, not kernels: for tests). A
+profile (`decode --profile`) stays the measurement of time.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
 import re
 
 import jax
 
+import jaxnvrar
 from jaxnvrar.bench.decode import _ints
-from jaxnvrar.bench.setup import is_printer
+from jaxnvrar.bench.setup import bring_up, is_printer
+from jaxnvrar.distributed import ENV_NUM_PROCESSES
 
 TARGETS = ("auto", "local", "h200", "cpu")
 
@@ -216,12 +220,14 @@ def compile_devices(target: str, count: int) -> tuple[list, str]:
     """`count` devices to compile for, and a description of them."""
     from jaxnvrar.distributed import local_gpu_count
 
-    if target == "local" or (target == "auto" and local_gpu_count() >= count):
-        gpus = jax.devices("gpu") if local_gpu_count() else []
+    if target == "local" or (target == "auto" and (local_gpu_count() >= count or ENV_NUM_PROCESSES in os.environ)):
+        if ENV_NUM_PROCESSES in os.environ:  # one process per GPU: the job's devices, NVSHMEM up for nvrar
+            bring_up(timed=False)
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
         if len(gpus) < count:
-            raise SystemExit(f"kernels: --target local needs {count} GPUs in this process, it sees {len(gpus)} "
-                             "(run it alone, not under jaxnvrar-launch, or use --target h200)")
-        return gpus[:count], f"{count} x {gpus[0].device_kind} (this process's GPUs)"
+            raise SystemExit(f"kernels: --target local needs {count} GPUs, this job sees {len(gpus)} "
+                             "(or use --target h200 to compile without GPUs)")
+        return gpus[:count], f"{count} x {gpus[0].device_kind} (this job's GPUs, autotuned)"
     if target in ("auto", "h200"):
         return _described_h200s(count), f"{count} x H200 described to XLA (no GPU; no autotuning)"
     from jax._src import xla_bridge
@@ -264,7 +270,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=_ints, default=[1, 16], help="batch sizes, comma-separated (1,16)")
     parser.add_argument("--context", type=int, default=1088, help="cache length: prompt + new tokens (1088)")
     parser.add_argument("--algorithms", default="psum,none",
-                        help="all_reduce choices of the model: psum, reference, none (psum,none)")
+                        help="all_reduce choices of the model (psum,none; nvrar under jaxnvrar-launch on the GPUs)")
     parser.add_argument("--target", choices=TARGETS, default="auto",
                         help="local GPUs, an H200 described to the compiler, or the CPU (auto: GPUs if held, else h200)")
     parser.add_argument("--list", action="store_true", help="name the kernels of the middle layer")
@@ -280,11 +286,12 @@ def run(args) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     for algorithm in algorithms:
         llama.check_all_reduce_choice(algorithm)
-        if algorithm in ("nvrar", "auto"):
-            raise SystemExit(f"kernels: --algorithms {algorithm}: the kernel compiles only with its runtime up, one "
-                             "process per GPU; count psum (nvrar puts one kernel where each all-reduce is) or "
-                             "profile the step (decode --profile)")
     devices, described = compile_devices(args.target, args.tp)
+    for algorithm in algorithms:
+        if algorithm in ("nvrar", "auto") and not jaxnvrar.is_initialized():
+            raise SystemExit(f"kernels: --algorithms {algorithm}: the kernel compiles only with its runtime up, one "
+                             f"process per GPU (jaxnvrar-launch -n {args.tp} -- jaxnvrar-bench kernels ... on the "
+                             "GPUs); here count psum, whose all-reduces nvrar replaces one for one")
     mesh = jax.sharding.Mesh(devices, (llama.TP,))
     rows = []
     if is_printer():
