@@ -68,10 +68,12 @@ def greedy_tokens(logits, reduce) -> jax.Array:
     [2, tp, B] table, zero but for the rank's own row, gathers them all. Ties go to the
     lowest index, as jnp.argmax does; no rank ever holds the whole vocabulary."""
     ranks, rank = lax.axis_size(TP), lax.axis_index(TP)
-    best = jnp.max(logits, axis=-1)
-    index = jnp.argmax(logits, axis=-1) + rank * logits.shape[-1]  # < 2^24: exact in float32
-    table = jnp.zeros((2, ranks, logits.shape[0]), jnp.float32)
-    table = lax.dynamic_update_index_in_dim(table, jnp.stack([best, index.astype(jnp.float32)])[:, None], rank, 1)
+    local = jnp.argmax(logits, axis=-1)
+    # The best value read at the argmax, not a second reduction over the vocabulary (jnp.max).
+    best = jnp.take_along_axis(logits, local[:, None], axis=-1)[:, 0]
+    index = local + rank * logits.shape[-1]  # < 2^24: exact in float32
+    mine = (jnp.arange(ranks) == rank)[None, :, None]  # one select, not zeros + an update: one kernel
+    table = jnp.where(mine, jnp.stack([best, index.astype(jnp.float32)])[:, None], 0.0)
     table = reduce(table)
     winner = jnp.argmax(table[0], axis=0)  # the first rank holding the maximum
     return jnp.take_along_axis(table[1], winner[None], axis=0)[0].astype(jnp.int32)

@@ -232,7 +232,7 @@ class Llama(nnx.Module):
         # per product, for the same weight reads.
         twin = tokens.shape[0] * tokens.shape[1] == 1
         if twin:
-            tokens, positions = jnp.concatenate([tokens, tokens], axis=1), jnp.concatenate([positions, positions])
+            tokens, positions = jnp.broadcast_to(tokens, (1, 2)), jnp.broadcast_to(positions, (2,))  # fuse into the gather
         residual = self.embed[...][tokens]
         norms = [layer.input_norm for layer in self.layers] + [self.norm]
         normed = norms[0](residual)  # the one norm with no all-reduce before it
