@@ -17,7 +17,8 @@ from jaxnvrar import distributed, runtime, settings, tuning
 from jaxnvrar.version import __version__
 
 
-def _version(distribution: str) -> str | None:
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (pip's name), or None."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -45,10 +46,10 @@ def environment_info() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "jax CUDA plugin": _version("jax-cuda13-plugin") or _version("jax-cuda12-plugin"),
-        "NVSHMEM (nvidia-nvshmem-cu13)": _version("nvidia-nvshmem-cu13"),
-        "nvshmem4py": _version("nvshmem4py-cu13") or _version("nvshmem4py-cu12"),
+        "jaxlib": installed_version("jaxlib"),
+        "jax CUDA plugin": installed_version("jax-cuda13-plugin") or installed_version("jax-cuda12-plugin"),
+        "NVSHMEM (nvidia-nvshmem-cu13)": installed_version("nvidia-nvshmem-cu13"),
+        "nvshmem4py": installed_version("nvshmem4py-cu13") or installed_version("nvshmem4py-cu12"),
         "CUDA extension": cuda,
         "GPUs on this host": distributed.local_gpu_count(),
         "runtime": (f"initialised: PE {pe} of {num_pes}, workspace {runtime.workspace_bytes()} B"

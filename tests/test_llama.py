@@ -80,6 +80,7 @@ def test_batch_one_decode_step_multiplies_every_weight_by_two_rows():
     # reduction, no pad or slice kernels), read off the lowered step.
     import re
 
+    needs_devices_in_one_process(2)
     model = llama.abstract_model("tiny", llama.make_mesh(2), all_reduce="psum")
     text = llama.lowered_advance(model, 1, 32).as_text()
     # dot_generals whose right operand is a weight matrix (rank 2), with their left operand's shape

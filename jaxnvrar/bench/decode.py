@@ -32,7 +32,7 @@ import numpy as np
 import jaxnvrar
 from jaxnvrar import runtime, timing
 from jaxnvrar.bench import breakdown
-from jaxnvrar.bench.setup import bring_up, is_printer, progress
+from jaxnvrar.bench.setup import bring_up, is_printer, parse_ints, progress
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -60,17 +60,13 @@ def parse_xla_option(text: str) -> tuple[str, bool | int | str]:
         return name, value
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="tiny",
                         help="random weights of a shape preset: tiny, llama3.2-1b, llama3.1-8b, llama3.1-70b, llama3.1-405b")
     parser.add_argument("--checkpoint", help="a Hugging Face Llama directory (instead of --preset)")
     parser.add_argument("--layers", type=int, help="override the layer count (to fit large shapes)")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks (default: every GPU; 2 on CPU)")
-    parser.add_argument("--batch", type=_ints, default=[1], help="batch sizes, comma-separated (1)")
+    parser.add_argument("--batch", type=parse_ints, default=[1], help="batch sizes, comma-separated (1)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (1024 GPU, 16 CPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (64 GPU, 16 CPU)")
     parser.add_argument("--algorithms", default=None,
@@ -349,7 +345,8 @@ def run(args) -> int:
         print(f"# jaxnvrar-bench decode: {description}")
         print(f"# model {source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads {c.num_attention_heads}"
               f"/{c.num_key_value_heads} kv, vocab {c.vocab_size}, {args.dtype}; TP {tp}; prompt {prompt_len}, "
-              f"{new_tokens} new tokens; all-reduce of {c.hidden_size * jnp.dtype(dtype).itemsize} B x batch, "
+              f"{new_tokens} new tokens; all-reduce of {c.hidden_size * jnp.dtype(dtype).itemsize} B x batch "
+              "(x 2 at batch 1: the twin row), "
               f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s; prefill in chunks "
               f"of at most {llama.PREFILL_TOKENS} tokens; loaded in {load_s:.0f} s")
         if PSUM_XLA in algorithms:

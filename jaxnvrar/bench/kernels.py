@@ -6,9 +6,9 @@ Compiles `llama.advance` (the step `decode` times) for an abstract model (shapes
 and counts, in the optimized HLO, the instructions that launch work on the device: fusions,
 custom calls (cuBLAS, Triton, ours), collectives, copies, and anything left unfused; loop
 bodies count once per known trip. Each kernel is put in the layer its metadata names (the
-model's `layer<i>` scopes; one without a name, such as XLA's GEMM fusions, goes with the next
-kernel that has one), so a middle layer's count is the per-layer cost the issue tracker's
-"kernels per layer" means, and `--list` names them.
+model's `layer<i>` scopes; one without a name, as some of XLA's GEMM fusions are, goes with the
+next kernel that has one); the mean over the middle layers is the per-layer figure (XLA does not
+fuse every layer alike), and `--list` names the kernels.
 
 Targets: the job's GPUs when it has --tp of them (XLA autotunes as for a real run; under
 `jaxnvrar-launch -n TP`, one process per GPU, nvrar's own kernel compiles too); else, with the
@@ -21,7 +21,6 @@ profile (`decode --profile`) stays the measurement of time.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 import re
@@ -29,9 +28,9 @@ import re
 import jax
 
 import jaxnvrar
-from jaxnvrar.bench.decode import _ints
-from jaxnvrar.bench.setup import bring_up, is_printer
+from jaxnvrar.bench.setup import bring_up, is_printer, parse_ints
 from jaxnvrar.distributed import ENV_NUM_PROCESSES
+from jaxnvrar.info import installed_version
 
 TARGETS = ("auto", "local", "h200", "cpu")
 
@@ -52,6 +51,7 @@ class Kernel:
     kind: str  # e.g. "fusion:kLoop", "gemm", "custom-call:__cublas$lt$matmul", "all-reduce"
     op_name: str  # the jax op it came from ("" when XLA kept no metadata)
     trips: int = 1  # launches per step (loop bodies: the known trip count)
+    trips_known: bool = True  # False inside a loop whose trip count XLA did not know (counted once)
 
 
 def parse_computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str]]], str | None]:
@@ -68,6 +68,10 @@ def parse_computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str]]],
             current = None
         elif match := _INSTRUCTION.match(line):
             computations[current].append(match.groups())
+        elif line.strip():
+            # A count that silently skips lines would be wrong without saying so.
+            raise ValueError(f"kernels: cannot read this line of {current!r} in XLA's program (a new text "
+                             f"format?): {line.strip()[:200]}")
     return computations, entry
 
 
@@ -102,40 +106,42 @@ def kernel_kind(opcode: str, rest: str) -> str | None:
 
 def kernels_of(hlo: str) -> list[Kernel]:
     """The kernels of an optimized HLO module in schedule order: the entry's, and those of the
-    loops, branches, calls and async ops it runs (fusion bodies are one kernel each)."""
+    loops, branches, calls and async ops it runs (fusion bodies are one kernel each). A loop's
+    body counts once per known trip and its condition once more; of a conditional's branches,
+    one runs: the one with the most kernels is counted."""
     computations, entry = parse_computations(hlo)
-    found: list[Kernel] = []
 
-    def walk(name: str, trips: int) -> None:
+    def walk(name: str, trips: int, known: bool) -> list[Kernel]:
+        found: list[Kernel] = []
         for instruction, opcode, rest in computations.get(name, []):
             if opcode == "while":
-                known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-                inner = trips * int(known.group(1)) if known else trips
-                for called in _called(rest, "condition") + _called(rest, "body"):
-                    walk(called, inner)
+                count = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                n = int(count.group(1)) if count else 1
+                for called in _called(rest, "condition"):
+                    found += walk(called, trips * (n + 1 if count else 1), known and count is not None)
+                for called in _called(rest, "body"):
+                    found += walk(called, trips * n, known and count is not None)
             elif opcode == "conditional":
-                for called in _called(rest, "branch_computations") + _called(rest, "true_computation") + \
-                        _called(rest, "false_computation"):
-                    walk(called, trips)
-            elif opcode == "call":
-                for called in _called(rest, "to_apply"):
-                    walk(called, trips)
-            elif opcode == "async-start":
-                for called in _called(rest, "calls"):
-                    walk(called, trips)
+                branches = [walk(called, trips, known) for called in
+                            _called(rest, "branch_computations") + _called(rest, "true_computation") +
+                            _called(rest, "false_computation")]
+                found += max(branches, key=lambda branch: sum(k.trips for k in branch), default=[])
+            elif opcode in ("call", "async-start"):
+                for called in _called(rest, "to_apply" if opcode == "call" else "calls"):
+                    found += walk(called, trips, known)
             elif (kind := kernel_kind(opcode, rest)) is not None:
                 op_name = re.search(r'op_name="([^"]*)"', rest)
-                found.append(Kernel(instruction, kind, op_name.group(1) if op_name else "", trips))
+                found.append(Kernel(instruction, kind, op_name.group(1) if op_name else "", trips, known))
+        return found
 
-    if entry is not None:
-        walk(entry, 1)
-    return found
+    return walk(entry, 1, True) if entry is not None else []
 
 
 def by_layer(kernels: list[Kernel], scope: str) -> list[int | None]:
     """The layer of each kernel (None: outside the layers): the `scope<i>` its op_name names;
-    a kernel without metadata goes with the next kernel that has some (XLA's GEMM fusions keep
-    none; what consumes a GEMM's output is in the same layer), the last ones with the one before."""
+    a kernel without metadata goes with the next kernel that has some (some of XLA's GEMM fusions
+    keep none; what consumes a GEMM's output is in the same layer), the last ones with the one
+    before."""
     pattern = re.compile(rf"(?:^|/){re.escape(scope)}(\d+)(?:/|$)")
     named = [(int(m.group(1)) if (m := pattern.search(k.op_name)) else None) if k.op_name else "?" for k in kernels]
     layers: list[int | None] = list(named)
@@ -154,21 +160,25 @@ def by_layer(kernels: list[Kernel], scope: str) -> list[int | None]:
 
 
 def step_report(kernels: list[Kernel], layers: list[int | None], num_layers: int) -> dict:
-    """Counts per layer (launches, loop trips included), the middle layers' count, and the
-    kernels outside the layers."""
+    """Launches per layer (loop trips included), outside the layers and in all; the per-layer
+    figure is the mean over the middle layers (not the first, which follows the embedding, nor
+    the last, which ends in the final norm): XLA does not fuse every layer alike (seen: the
+    residual add fused into the norm in every other layer), so a single layer can mislead."""
     per_layer = [0] * num_layers
+    all_reduces = [0] * num_layers
     outside = 0
     for kernel, layer in zip(kernels, layers):
         if layer is None or not 0 <= layer < num_layers:
             outside += kernel.trips
         else:
             per_layer[layer] += kernel.trips
-    middle = per_layer[1:-1] or per_layer
-    middle_layer = 1 if num_layers > 2 else 0
-    all_reduces = sum(k.trips for k, layer in zip(kernels, layers) if layer == middle_layer and is_all_reduce(k))
-    return {"total": sum(k.trips for k in kernels), "per_layer": per_layer, "middle_layer": max(middle),
-            "middle_layers_equal": len(set(middle)) == 1, "outside_layers": outside,
-            "all_reduces_per_layer": all_reduces}
+            all_reduces[layer] += kernel.trips if is_all_reduce(kernel) else 0
+    middle = range(1, num_layers - 1) if num_layers > 2 else range(num_layers)
+    return {"total": sum(k.trips for k in kernels), "per_layer": per_layer, "middle_layers": list(middle),
+            "per_layer_mean": sum(per_layer[i] for i in middle) / len(middle),
+            "per_layer_range": [min(per_layer[i] for i in middle), max(per_layer[i] for i in middle)],
+            "all_reduces_per_layer": sum(all_reduces[i] for i in middle) / len(middle), "outside_layers": outside,
+            "trip_counts_known": all(k.trips_known for k in kernels)}
 
 
 def is_all_reduce(kernel: Kernel) -> bool:
@@ -189,31 +199,24 @@ _H200 = """gpu_device_info {{
   device_memory_size: 150754820096 shared_memory_per_block_optin: 232448
   cuda_compute_capability {{ major: 9 minor: 0 }}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
-  runtime_version: "{runtime}" dnn_version: "{dnn}" name: "NVIDIA H200" model_str: "NVIDIA H200"
+  runtime_version: "{major}.{minor}.0" name: "NVIDIA H200" model_str: "NVIDIA H200"
   device_vendor: "NVIDIA Corporation"
 }}
 platform_name: "CUDA"
 runtime_version {{ major: {major} minor: {minor} patch: 0 }}
+dnn_version_info {{ major: {dnn_major} minor: {dnn_minor} patch: {dnn_patch} }}
 device_description_str: "NVIDIA H200"
 """
 
 
-def _installed(*packages: str) -> str | None:
-    for package in packages:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def h200_target_config() -> str:
     """The H200 description, with the CUDA runtime and cuDNN versions of the installed wheels
-    (the compiler checks what it may emit against them)."""
-    runtime = _installed("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13") or "13.0.0"
-    dnn = _installed("nvidia-cudnn-cu13") or "9.0.0"
+    (the compiler checks what it may emit against them; 13.0 and 9.0 where none is installed)."""
+    runtime = installed_version("nvidia-cuda-runtime") or installed_version("nvidia-cuda-runtime-cu13") or "13.0"
+    dnn = installed_version("nvidia-cudnn-cu13") or "9.0.0"
     major, minor = (int(part) for part in runtime.split(".")[:2])
-    return _H200.format(runtime=f"{major}.{minor}.0", dnn=".".join(dnn.split(".")[:3]), major=major, minor=minor)
+    dnn_major, dnn_minor, dnn_patch = (int(part) for part in (dnn.split(".") + ["0", "0"])[:3])
+    return _H200.format(major=major, minor=minor, dnn_major=dnn_major, dnn_minor=dnn_minor, dnn_patch=dnn_patch)
 
 
 def compile_devices(target: str, count: int) -> tuple[list, str]:
@@ -264,16 +267,17 @@ def _described_h200s(count: int) -> list:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="llama3.1-8b", help="model shape (llama3.1-8b)")
-    parser.add_argument("--layers", type=int, default=3,
-                        help="layers to compile (3: first, middle, last; the middle one is the per-layer figure)")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="layers to compile (4: the per-layer figure is the mean of the 2 middle ones)")
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (2)")
-    parser.add_argument("--batch", type=_ints, default=[1, 16], help="batch sizes, comma-separated (1,16)")
+    parser.add_argument("--batch", type=parse_ints, default=[1, 16], help="batch sizes, comma-separated (1,16)")
     parser.add_argument("--context", type=int, default=1088, help="cache length: prompt + new tokens (1088)")
     parser.add_argument("--algorithms", default="psum,none",
                         help="all_reduce choices of the model (psum,none; nvrar under jaxnvrar-launch on the GPUs)")
     parser.add_argument("--target", choices=TARGETS, default="auto",
                         help="local GPUs, an H200 described to the compiler, or the CPU (auto: GPUs if held, else h200)")
-    parser.add_argument("--list", action="store_true", help="name the kernels of the middle layer")
+    parser.add_argument("--list", action="store_true",
+                        help="name the kernels of the first middle layer (and of any middle layer that differs)")
     parser.add_argument("--json", metavar="PATH", help="write the counts (and listings) as JSON")
 
 
@@ -286,33 +290,41 @@ def run(args) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     for algorithm in algorithms:
         llama.check_all_reduce_choice(algorithm)
+    kernel_wanted = [a for a in algorithms if a in ("nvrar", "auto")]
+    if kernel_wanted and args.target in ("h200", "cpu"):
+        raise SystemExit(_NO_KERNEL_HERE.format(algorithm=kernel_wanted[0], tp=args.tp))
     devices, described = compile_devices(args.target, args.tp)
-    for algorithm in algorithms:
-        if algorithm in ("nvrar", "auto") and not jaxnvrar.is_initialized():
-            raise SystemExit(f"kernels: --algorithms {algorithm}: the kernel compiles only with its runtime up, one "
-                             f"process per GPU (jaxnvrar-launch -n {args.tp} -- jaxnvrar-bench kernels ... on the "
-                             "GPUs); here count psum, whose all-reduces nvrar replaces one for one")
+    if kernel_wanted and not jaxnvrar.is_initialized():
+        raise SystemExit(_NO_KERNEL_HERE.format(algorithm=kernel_wanted[0], tp=args.tp))
     mesh = jax.sharding.Mesh(devices, (llama.TP,))
     rows = []
     if is_printer():
         print(f"kernels of one decode step: {args.preset}, {args.layers} layers, TP {args.tp}, cache {args.context}, "
               f"compiled for {described}, jax {jax.__version__}")
-        print(f"{'algorithm':>10} {'batch':>5} {'per layer':>9} {'all-reduces':>11} {'per layer, each':>22} "
-              f"{'outside':>7} {'total':>5}")
+        print(f"{'algorithm':>10} {'batch':>5} {'per layer':>9} {'range':>7} {'all-reduces':>11} "
+              f"{'per layer, each':>22} {'outside':>7} {'total':>5}")
     for algorithm in algorithms:
         model = llama.abstract_model(args.preset, mesh, all_reduce=algorithm, num_layers=args.layers)
         for batch in args.batch:
             kernels = kernels_of(llama.compiled_advance(model, batch, args.context).as_text())
             layers = by_layer(kernels, LAYER_SCOPE)
             report = step_report(kernels, layers, args.layers)
-            middle = 1 if args.layers > 2 else 0
-            listing = [dataclasses.asdict(k) for k, layer in zip(kernels, layers) if layer == middle]
-            rows.append({"algorithm": algorithm, "batch": batch, **report, "middle_layer_kernels": listing})
+            # The first middle layer, and any later one that differs from those listed.
+            listed, listings = set(), {}
+            for i in report["middle_layers"]:
+                if report["per_layer"][i] not in listed:
+                    listed.add(report["per_layer"][i])
+                    listings[i] = [dataclasses.asdict(k) for k, layer in zip(kernels, layers) if layer == i]
+            rows.append({"algorithm": algorithm, "batch": batch, **report, "listings": listings})
             if is_printer():
-                each = ",".join(map(str, report["per_layer"]))
-                print(f"{algorithm:>10} {batch:>5} {report['middle_layer']:>9} {report['all_reduces_per_layer']:>11} "
-                      f"{each[:22]:>22} {report['outside_layers']:>7} {report['total']:>5}", flush=True)
-                if args.list:
+                low, high = report["per_layer_range"]
+                print(f"{algorithm:>10} {batch:>5} {report['per_layer_mean']:>9.1f} {f'{low}-{high}':>7} "
+                      f"{report['all_reduces_per_layer']:>11.1f} {','.join(map(str, report['per_layer']))[:22]:>22} "
+                      f"{report['outside_layers']:>7} {report['total']:>5}", flush=True)
+                if not report["trip_counts_known"]:
+                    print(f"{'':>12}(a loop without a known trip count was counted once)")
+                for i, listing in listings.items() if args.list else ():
+                    print(f"{'':>12}layer {i}: {len(listing)} kernels")
                     for k in listing:
                         print(f"{'':>12}{k['kind']:<34} {k['name']:<40} {k['op_name'][-60:]}")
     if args.json and is_printer():
@@ -320,3 +332,8 @@ def run(args) -> int:
             json.dump({"preset": args.preset, "layers": args.layers, "tp": args.tp, "context": args.context,
                        "compiled_for": described, "jax": jax.__version__, "rows": rows}, f, indent=1)
     return 0
+
+
+_NO_KERNEL_HERE = ("kernels: --algorithms {algorithm}: the kernel compiles only with its runtime up, one process per "
+                   "GPU (jaxnvrar-launch -n {tp} -- jaxnvrar-bench kernels ... on the GPUs); here count psum, "
+                   "whose all-reduces nvrar replaces one for one")

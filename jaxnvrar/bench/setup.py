@@ -50,3 +50,8 @@ def bring_up(cpu_devices: int = 8, timed: bool = True) -> str:
 
 def is_printer() -> bool:
     return jax.process_index() == 0
+
+
+def parse_ints(text: str) -> list[int]:
+    """Comma-separated integers ("1,16"), for options such as --batch."""
+    return [int(v) for v in text.split(",")]

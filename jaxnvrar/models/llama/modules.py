@@ -229,7 +229,7 @@ class Llama(nnx.Module):
         # first at the same position that the cache does not keep: with one row XLA:GPU turns
         # every small product into a matrix-vector multiply + reduce at a fraction of the
         # bandwidth (`project`); two rows keep them matrix products with no pad or slice kernel
-        # per product, for the same weight reads.
+        # per product, for the same weight reads. (The all-reduces then carry two rows.)
         twin = tokens.shape[0] * tokens.shape[1] == 1
         if twin:
             tokens, positions = jnp.broadcast_to(tokens, (1, 2)), jnp.broadcast_to(positions, (2,))  # fuse into the gather
@@ -244,7 +244,7 @@ class Llama(nnx.Module):
             with jax.named_scope(f"{LAYER_SCOPE}{i}"):
                 normed, residual, cache = layer(normed, residual, rope, positions,
                                                 None if caches is None else caches[i], write_at, reduce_norm,
-                                                norms[i + 1], 1 if twin else None)
+                                                norms[i + 1], cache_rows=1 if twin else None)
             new_caches.append(cache)
         if last_only and not twin:
             normed = normed[:, -1:]
@@ -260,11 +260,11 @@ def with_all_reduce(model: Llama, algorithm: str, *, compiler_options: dict | No
     the ones its forward and decoding steps are compiled with (None keeps the model's; {} drops
     them): how XLA runs psum is part of the choice. An unknown name fails at the first compile."""
     check_all_reduce_choice(algorithm)
-    twin = nnx.merge(*nnx.split(model))
-    twin.all_reduce = algorithm
+    copy = nnx.merge(*nnx.split(model))
+    copy.all_reduce = algorithm
     if compiler_options is not None:
-        twin.compiler_options = tuple(sorted(compiler_options.items()))
-    return twin
+        copy.compiler_options = tuple(sorted(compiler_options.items()))
+    return copy
 
 
 # ---------------------------------------------------------------- rotary embedding
