@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from jaxnvrar.bench.kernels import Kernel, by_layer, h200_target_config, is_all_reduce, kernels_of, step_report
+from jaxnvrar.bench.kernels import (Kernel, by_layer, h200_target_config, is_all_reduce, kernels_of, launches_of,
+                                    step_report)
 
 # An optimized module as XLA prints it, cut down: a loop of known trip count around a fusion,
 # a conditional whose branches differ, a call and an async computation, a GEMM fusion without
@@ -123,6 +124,20 @@ def test_step_report_averages_the_middle_layers():
     assert report["all_reduces_per_layer"] == 1 and report["outside_layers"] == 2 and report["total"] == 17
 
 
+def test_host_launches_are_the_top_level_thunks():
+    # As XLA:GPU prints a thunk sequence: a command buffer's own thunks are indented under it.
+    sequence = """000: kCommandBuffer [source | next=001 (1)]
+    001: kCustomKernel [source | next=002 (1)] loop_add_fusion grid: [1, 1, 1]
+    002: kCustomKernel [prev=001 (1) | sink] gemm_fusion_dot grid: [64, 1, 1]
+001: kAllReduce [prev=000 (1) | next=002 (1)]
+002: kCommandBuffer [prev=001 (1) | next=003 (1)]
+    001: kCustomKernel [source | sink] fusion_1 grid: [16, 1, 1]
+003: kCustomKernel [prev=002 (1) | sink] loop_slice_fusion grid: [1, 1, 1]
+"""
+    assert launches_of(sequence) == {"launches": 4, "command_buffers": 2,
+                                     "outside_command_buffers": {"kAllReduce": 1, "kCustomKernel": 1}}
+
+
 def test_h200_description_names_the_compiler_versions():
     text = h200_target_config()
     assert "cuda_compute_capability { major: 9 minor: 0 }" in text and "core_count: 132" in text
@@ -143,6 +158,7 @@ def test_command_counts_a_compiled_decode_step_on_cpu(tmp_path):
         assert row["all_reduces_per_layer"] == all_reduces  # the two that end attention and MLP
         assert len(row["per_layer"]) == 4 and row["middle_layers"] == [1, 2]
         assert len(row["listings"]["1"]) == row["per_layer"][1] > 0
+        assert row["host_launches"] is None  # XLA:CPU writes no thunk sequence
     # The same layers, less their collectives, on a step without them.
     assert rows["psum"]["per_layer_mean"] >= rows["none"]["per_layer_mean"] + 2
 

@@ -14,16 +14,20 @@ Targets: the job's GPUs when it has --tp of them (XLA autotunes as for a real ru
 `jaxnvrar-launch -n TP`, one process per GPU, nvrar's own kernel compiles too); else, with the
 CUDA plugin installed (pip install "jax[cuda13]"), an H200 described to XLA's compiler without
 a GPU (no autotuning: GEMM choices by heuristics, so counts may differ by about one per GEMM
-from a GPU's); `--target cpu` compiles for the CPU (XLA:CPU's ops, not kernels: for tests). A
-profile (`decode --profile`) stays the measurement of time.
+from a GPU's); `--target cpu` compiles for the CPU (XLA:CPU's ops, not kernels: for tests).
+On GPUs it also counts the host's launches per step: command buffers (one CUDA graph launch
+each) and what runs outside them. A profile (`decode --profile`) stays the measurement of time.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
 import json
 import os
 import re
+import tempfile
 
 import jax
 
@@ -186,6 +190,29 @@ def is_all_reduce(kernel: Kernel) -> bool:
     return kernel.kind == "all-reduce" or kernel.kind.startswith("custom-call:jaxnvrar_")
 
 
+def compile_with_launches(lowered) -> tuple:
+    """(the compiled program, its host launches per step or None): XLA:GPU's thunk sequence (from
+    its dump) lists what the host launches, each command buffer (a CUDA graph) being one launch
+    however many kernels it holds; a collective XLA keeps out of command buffers splits them.
+    None where XLA writes no thunk sequence (the CPU)."""
+    with tempfile.TemporaryDirectory() as dump:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+        files = glob.glob(os.path.join(dump, "*thunk_sequence_after_thunk_passes.txt"))
+        if len(files) != 1:
+            return compiled, None
+        with open(files[0]) as f:
+            return compiled, launches_of(f.read())
+
+
+def launches_of(thunk_sequence: str) -> dict:
+    """Host launches from XLA:GPU's thunk sequence: its top-level (unindented) thunks, each
+    command buffer one launch, the thunks inside it indented under it."""
+    top_level = [line.split()[1] for line in thunk_sequence.splitlines() if re.match(r"^\d+:\s", line)]
+    kinds = collections.Counter(top_level)
+    return {"launches": len(top_level), "command_buffers": kinds.pop("kCommandBuffer", 0),
+            "outside_command_buffers": dict(kinds)}
+
+
 # ---------------------------------------------------------------- where to compile
 
 
@@ -302,11 +329,12 @@ def run(args) -> int:
         print(f"kernels of one decode step: {args.preset}, {args.layers} layers, TP {args.tp}, cache {args.context}, "
               f"compiled for {described}, jax {jax.__version__}")
         print(f"{'algorithm':>10} {'batch':>5} {'per layer':>9} {'range':>7} {'all-reduces':>11} "
-              f"{'per layer, each':>22} {'outside':>7} {'total':>5}")
+              f"{'per layer, each':>22} {'outside':>7} {'total':>5} {'host launches (graphs)':>23}")
     for algorithm in algorithms:
         model = llama.abstract_model(args.preset, mesh, all_reduce=algorithm, num_layers=args.layers)
         for batch in args.batch:
-            kernels = kernels_of(llama.compiled_advance(model, batch, args.context).as_text())
+            compiled, launches = compile_with_launches(llama.lowered_advance(model, batch, args.context))
+            kernels = kernels_of(compiled.as_text())
             layers = by_layer(kernels, LAYER_SCOPE)
             report = step_report(kernels, layers, args.layers)
             # The first middle layer, and any later one that differs from those listed.
@@ -315,12 +343,14 @@ def run(args) -> int:
                 if report["per_layer"][i] not in listed:
                     listed.add(report["per_layer"][i])
                     listings[i] = [dataclasses.asdict(k) for k, layer in zip(kernels, layers) if layer == i]
-            rows.append({"algorithm": algorithm, "batch": batch, **report, "listings": listings})
+            rows.append({"algorithm": algorithm, "batch": batch, **report, "host_launches": launches,
+                         "listings": listings})
             if is_printer():
                 low, high = report["per_layer_range"]
                 print(f"{algorithm:>10} {batch:>5} {report['per_layer_mean']:>9.1f} {f'{low}-{high}':>7} "
                       f"{report['all_reduces_per_layer']:>11.1f} {','.join(map(str, report['per_layer']))[:22]:>22} "
-                      f"{report['outside_layers']:>7} {report['total']:>5}", flush=True)
+                      f"{report['outside_layers']:>7} {report['total']:>5} "
+                      f"{_launches_text(launches):>23}", flush=True)
                 if not report["trip_counts_known"]:
                     print(f"{'':>12}(a loop without a known trip count was counted once)")
                 for i, listing in listings.items() if args.list else ():
@@ -332,6 +362,10 @@ def run(args) -> int:
             json.dump({"preset": args.preset, "layers": args.layers, "tp": args.tp, "context": args.context,
                        "compiled_for": described, "jax": jax.__version__, "rows": rows}, f, indent=1)
     return 0
+
+
+def _launches_text(launches: dict | None) -> str:
+    return "-" if launches is None else f"{launches['launches']} ({launches['command_buffers']})"
 
 
 _NO_KERNEL_HERE = ("kernels: --algorithms {algorithm}: the kernel compiles only with its runtime up, one process per "
