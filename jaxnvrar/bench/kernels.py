@@ -197,7 +197,10 @@ def compile_with_launches(lowered) -> tuple:
     None where XLA writes no thunk sequence (the CPU)."""
     with tempfile.TemporaryDirectory() as dump:
         compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
-        files = glob.glob(os.path.join(dump, "*thunk_sequence_after_thunk_passes.txt"))
+        # After XLA's thunk passes (which form the command buffers); without command buffers
+        # there are no passes and the plain sequence is the final one.
+        files = (glob.glob(os.path.join(dump, "*thunk_sequence_after_thunk_passes.txt"))
+                 or glob.glob(os.path.join(dump, "*thunk_sequence.txt")))
         if len(files) != 1:
             return compiled, None
         with open(files[0]) as f:
