@@ -135,7 +135,8 @@ def cache_shapes(model: Llama, batch: int, max_length: int):
     """The KV cache's shapes: one (k, v) per layer, each a jax.ShapeDtypeStruct [batch, kv_heads,
     max_length, head_dim] sharded on heads (what `init_cache` allocates; for compiling only)."""
     shape = (batch, model.layers[0].attention.kv_heads(), max_length, model.config.head_dim)
-    one = jax.ShapeDtypeStruct(shape, model.embed.get_value().dtype, sharding=NamedSharding(model.mesh, P(None, TP, None, None)))
+    sharding = NamedSharding(model.mesh, P(None, TP, None, None))
+    one = jax.ShapeDtypeStruct(shape, model.embed.get_value().dtype, sharding=sharding)
     return tuple((one, one) for _ in range(model.config.num_hidden_layers))
 
 
