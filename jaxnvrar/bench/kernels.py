@@ -305,7 +305,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--algorithms", default="psum,none",
                         help="all_reduce choices of the model (psum,none; nvrar under jaxnvrar-launch on the GPUs)")
     parser.add_argument("--target", choices=TARGETS, default="auto",
-                        help="local GPUs, an H200 described to the compiler, or the CPU (auto: GPUs if held, else h200)")
+                        help="the job's GPUs, an H200 described to the compiler, or the CPU (auto: GPUs if any, "
+                             "else h200)")
     parser.add_argument("--list", action="store_true",
                         help="name the kernels of the first middle layer (and of any middle layer that differs)")
     parser.add_argument("--json", metavar="PATH", help="write the counts (and listings) as JSON")

@@ -232,7 +232,8 @@ class Llama(nnx.Module):
         # per product, for the same weight reads. (The all-reduces then carry two rows.)
         twin = tokens.shape[0] * tokens.shape[1] == 1
         if twin:
-            tokens, positions = jnp.broadcast_to(tokens, (1, 2)), jnp.broadcast_to(positions, (2,))  # fuse into the gather
+            # A broadcast, not a concatenate: it fuses into the embedding gather.
+            tokens, positions = jnp.broadcast_to(tokens, (1, 2)), jnp.broadcast_to(positions, (2,))
         residual = self.embed[...][tokens]
         norms = [layer.input_norm for layer in self.layers] + [self.norm]
         normed = norms[0](residual)  # the one norm with no all-reduce before it
