@@ -358,11 +358,11 @@ def run(args) -> int:
     for batch in args.batch:
         rows, tokens = {}, {}
         for algorithm in algorithms:
-            twin = (llama.with_all_reduce(model, "psum", compiler_options=xla_options) if algorithm == PSUM_XLA
-                    else llama.with_all_reduce(model, algorithm))
+            variant = (llama.with_all_reduce(model, "psum", compiler_options=xla_options) if algorithm == PSUM_XLA
+                       else llama.with_all_reduce(model, algorithm))
             llama.psum_fallbacks.clear()
             started = time.perf_counter()
-            rows[algorithm], tokens[algorithm] = run_decode(llama, twin, batch, prompt_len, new_tokens,
+            rows[algorithm], tokens[algorithm] = run_decode(llama, variant, batch, prompt_len, new_tokens,
                                                             f"batch {batch} {algorithm}", args.profile)
             rows[algorithm]["wall_s"] = time.perf_counter() - started  # compiles, prefill, steps: for planning runs
             rows[algorithm]["tokens_equal_psum"] = bool(np.array_equal(tokens[algorithm], tokens["psum"]))

@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnvrar.bench.setup import is_printer
+from jaxnvrar.bench.setup import is_printer, parse_ints
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("-m", type=int, default=None, help="tokens per GEMM before splitting (GPU 512, CPU 128)")
     parser.add_argument("-k", type=int, default=None, help="reduction size (GPU 8192, CPU 512)")
     parser.add_argument("-n", type=int, default=None, help="output size (GPU 28672, CPU 512)")
-    parser.add_argument("--splits", default="1,2,4,8,16", help="ways to split, comma-separated")
+    parser.add_argument("--splits", type=parse_ints, default=[1, 2, 4, 8, 16], help="ways to split, comma-separated")
     parser.add_argument("--repeats", type=int, default=20, help="GEMMs per timed loop")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PNG")
@@ -53,9 +53,8 @@ def run(args) -> int:
     m = args.m or (512 if on_gpu else 128)
     k = args.k or (8192 if on_gpu else 512)
     n = args.n or (28672 if on_gpu else 512)
-    splits = [int(s) for s in args.splits.split(",")]
     rows = []
-    for d in splits:
+    for d in args.splits:
         if m % d or k % d:
             raise SystemExit(f"split {d} does not divide m={m} and k={k}")
         pp = gemm_seconds(m // d, k, n, args.repeats)
