@@ -169,3 +169,10 @@ def test_command_refuses_the_kernel_where_it_cannot_compile():
                                  "--algorithms", "psum,nvrar"], capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and "compiles only with its runtime up" in result.stderr
         assert "jaxnvrar-launch -n 2" in result.stderr
+
+
+@pytest.mark.parametrize("option, value", [("--layers", "0"), ("--tp", "0"), ("--batch", "1,0"), ("--context", "0")])
+def test_command_refuses_sizes_below_one(option, value):
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", "kernels", "--target", "cpu", "--preset", "tiny",
+                             "--algorithms", "none", option, value], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and f"{option} must be >= 1" in result.stderr

@@ -91,6 +91,14 @@ def test_batch_one_decode_step_multiplies_every_weight_by_two_rows():
     assert "optimization_barrier" not in text  # no product was padded one by one (`project`)
 
 
+@pytest.mark.parametrize("batch, length", [(0, 8), (1, 0)])
+def test_lowered_advance_refuses_an_empty_batch_or_cache(batch, length):
+    needs_devices_in_one_process(2)
+    model = llama.abstract_model("tiny", llama.make_mesh(2), all_reduce="psum")
+    with pytest.raises(ValueError, match="batch >= 1 and max_length >= 1"):
+        llama.lowered_advance(model, batch, length)
+
+
 def test_attention_in_blocks_of_queries_matches_transformers(checkpoint, monkeypatch):
     # A budget of ~2 queries' scores: the 7-token forward runs in 4 blocks of 2 (the last one
     # padded), the prefill into a 13-position cache in 7 blocks of 1; decode steps stay whole.

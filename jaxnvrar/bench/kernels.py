@@ -316,8 +316,10 @@ def run(args) -> int:
     from jaxnvrar.models import llama
     from jaxnvrar.models.llama.modules import LAYER_SCOPE
 
-    if args.layers < 1:
-        raise SystemExit(f"kernels: --layers must be >= 1, got {args.layers}")
+    for option, value in (("--layers", args.layers), ("--tp", args.tp), ("--batch", min(args.batch)),
+                          ("--context", args.context)):
+        if value < 1:
+            raise SystemExit(f"kernels: {option} must be >= 1, got {value}")
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     for algorithm in algorithms:
         llama.check_all_reduce_choice(algorithm)

@@ -187,6 +187,9 @@ def lowered_advance(model: Llama, batch: int, max_length: int):
     """`advance` lowered for a batch and cache length from shapes alone (an `abstract_model`
     will do; nothing runs): `.as_text()` is the StableHLO, `.compile()` the program XLA runs every
     decode step (`jaxnvrar-bench kernels` reads it)."""
+    if batch < 1 or max_length < 1:
+        raise ValueError(f"lowered_advance needs batch >= 1 and max_length >= 1 (the cache's positions), "
+                         f"got batch={batch}, max_length={max_length}")
     leaves, step = _compiled_advance(model)
     replicated_sharding = NamedSharding(model.mesh, P())
     history = jax.ShapeDtypeStruct((batch, max_length), jnp.int32, sharding=replicated_sharding)
