@@ -228,6 +228,10 @@ def fused_kernel():
         pytest.skip("the fused kernel is opt-in: run with JAXNVRAR_FUSED_NORM=1 (tests/gpu/run.py does)")
 
 
+# Largest fused message over "nodes" of one GPU tried where ranks share a GPU (the grid barrier).
+_SHARED_GRID_BYTES = 128 * 1024
+
+
 def _fused_host(num_ranks, rows, hidden, dtype, seed=0):
     """Per rank: its partial sum x, then the residual and the weight (alike on every rank)."""
     rng = np.random.default_rng(seed + rows * hidden)
@@ -260,7 +264,14 @@ def test_fused_rms_norm_kernel_matches_the_composition(launch, shape, dtype, fus
     mesh, peers = mesh_1d(num_ranks), xla_collectives_mesh(num_ranks)
     host = _fused_host(num_ranks, rows, hidden, dtype)
     n = rows * hidden
-    for gpus_per_node in sorted({num_ranks, 1}):
+    topologies = sorted({num_ranks, 1})
+    # "Nodes" of one GPU meet at a grid barrier: each rank's grid must be resident at once while
+    # it waits for the other ranks' data. Ranks sharing one GPU cannot all hold grids of this size
+    # (seen on one H200 under MPS, 2026-12-01: 512 KB hangs at 100% of the SMs, 256 KB at 50%).
+    shared_grid_too_big = ranks_share_gpus() and num_ranks > 1 and n * jnp.dtype(dtype).itemsize > _SHARED_GRID_BYTES
+    if shared_grid_too_big:
+        topologies = [num_ranks]
+    for gpus_per_node in topologies:
         with kernel_config_override(KernelConfig.parse(launch)):
             got = run_per_rank(_fused_reduce("nvrar", rows, hidden, gpus_per_node), host, mesh)
         want = run_per_rank(_fused_reduce("reference", rows, hidden, gpus_per_node), host, peers)
@@ -270,6 +281,9 @@ def test_fused_rms_norm_kernel_matches_the_composition(launch, shape, dtype, fus
         eps = float(jnp.finfo(dtype).eps)
         np.testing.assert_allclose(got[:, :n].astype(np.float64), want[:, :n].astype(np.float64),
                                    rtol=2 * eps, atol=2 * eps, err_msg=f"normed ({where})")
+    if shared_grid_too_big:
+        pytest.skip(f"one node passed; {n * jnp.dtype(dtype).itemsize} B over nodes of one GPU needs every rank's "
+                    "grid resident at once, which ranks sharing one GPU cannot give (run it on one GPU per rank)")
 
 
 def test_fused_rms_norm_is_one_kernel_call(fused_kernel):
