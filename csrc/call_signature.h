@@ -18,11 +18,12 @@ enum DtypeCode : uint32_t { kDtypeFloat32 = 1, kDtypeBFloat16 = 2, kDtypeFloat16
 constexpr uint32_t kLaunchOneShot = 1u;
 constexpr uint32_t kLaunchBulk = 2u;
 constexpr uint32_t kLaunchFusedNorm = 4u;  // all_reduce_rms_norm: blocks may cover other ranges
+constexpr uint32_t kLaunchDense = 8u;      // the dense kernel (its own inboxes, no flags)
 
 inline CallSignature EncodeCall(int64_t elements, DtypeCode dtype, bool one_shot, bool bulk, int32_t gpus_per_node,
-                                int32_t num_nodes, bool fused_norm = false) {
-  const uint32_t launch =
-      (one_shot ? kLaunchOneShot : 0u) | (bulk ? kLaunchBulk : 0u) | (fused_norm ? kLaunchFusedNorm : 0u);
+                                int32_t num_nodes, bool fused_norm = false, bool dense = false) {
+  const uint32_t launch = (one_shot ? kLaunchOneShot : 0u) | (bulk ? kLaunchBulk : 0u) |
+                          (fused_norm ? kLaunchFusedNorm : 0u) | (dense ? kLaunchDense : 0u);
   return CallSignature{static_cast<uint32_t>(elements),
                        static_cast<uint32_t>(dtype) << 28 | launch << 24 |
                            static_cast<uint32_t>(gpus_per_node) << 16 | (static_cast<uint32_t>(num_nodes) & 0xFFFFu)};
@@ -37,6 +38,7 @@ struct CallDescription {
   bool one_shot;
   bool bulk;
   bool fused_norm;
+  bool dense;
 };
 
 inline CallDescription DecodeCall(CallSignature s) {
@@ -47,7 +49,8 @@ inline CallDescription DecodeCall(CallSignature s) {
                          (s.shape >> 16) & 0xFFu,
                          (launch & kLaunchOneShot) != 0,
                          (launch & kLaunchBulk) != 0,
-                         (launch & kLaunchFusedNorm) != 0};
+                         (launch & kLaunchFusedNorm) != 0,
+                         (launch & kLaunchDense) != 0};
 }
 
 // A decoded call as a Python dict (for modules that include nanobind first); `dtype` is what
@@ -63,6 +66,7 @@ nanobind::dict CallDict(const CallDescription& call, Dtype dtype) {
   d["one_shot"] = call.one_shot;
   d["bulk"] = call.bulk;
   d["fused_norm"] = call.fused_norm;
+  d["dense"] = call.dense;
   return d;
 }
 #endif

@@ -33,6 +33,8 @@ struct WorkspaceHeader {
   unsigned int blocks_done;        // blocks of the running call that have finished
   unsigned int timed_out;          // set once a wait gave up (only one thread reports)
   unsigned int norm_arrived;       // blocks at the fused epilogue's grid barrier (rms_norm_epilogue.cuh)
+  unsigned int unused;
+  unsigned long long dense_calls;  // dense kernel calls completed: the parity of its inboxes (protocol_dense.cuh)
 };
 static_assert(kSignatureOffset + 2 * kSignatureSlots * kCellBytes <= kWorkspaceHeaderBytes,
               "the signature slots must fit in the workspace header");
@@ -75,6 +77,11 @@ struct KernelArgs {
   int64_t block_units;  // units per block; 0: the slice's units spread evenly over the grid
   NormArgs norm;
   unsigned long long* timing;  // JAXNVRAR_TIMING's ring of per-call records; nullptr: off
+  // The dense kernel's inboxes (protocol_dense.cuh): mine and my node's, and the bytes of one
+  // inbox (DenseInboxBytes).
+  char* dense;
+  char* dense_peers[kMaxGpusPerNode];
+  int64_t dense_inbox_bytes;
 };
 
 // Unit `unit` of a workspace region at `offset` from `base`: LL cells and bulk chunks both
@@ -409,7 +416,7 @@ __device__ __forceinline__ CallStart BeginCall(const KernelArgs& args, const Lay
 // before its barrier and its atomicAdd, and a fence here would wait for this thread's stores to
 // the peers (an NVLink round trip) for nothing
 // (2 x H200, 2026-12-01: ~0.4 us less per call; docs/results/allreduce_stamps_finishcall_fences_ab_*).
-__device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long long calls) {
+__device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long long calls, bool dense = false) {
   WorkspaceHeader* header = reinterpret_cast<WorkspaceHeader*>(args.workspace);
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -423,6 +430,7 @@ __device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long
       }
       header->blocks_done = 0;
       header->norm_arrived = 0;  // every block is past the fused epilogue's barrier
+      if (dense) header->dense_calls += 1;  // every block read it at its start
       header->calls = calls + 1;
     }
   }
@@ -430,10 +438,10 @@ __device__ __forceinline__ void FinishCall(const KernelArgs& args, unsigned long
 
 // The end of every call: the peers' signatures checked, puts completed, the call counted.
 __device__ __forceinline__ void EndCall(const KernelArgs& args, unsigned long long calls, uint32_t flag,
-                                        bool issued_puts) {
+                                        bool issued_puts, bool dense = false) {
   if (args.check_calls && blockIdx.x == 0 && threadIdx.x == 0) AwaitSignatures(args, calls, flag);
   if (issued_puts && threadIdx.x == 0) nvshmem_quiet();  // staging is reused two calls later
-  FinishCall(args, calls);
+  FinishCall(args, calls, dense);
 }
 
 }  // namespace jaxnvrar

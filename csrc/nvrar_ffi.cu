@@ -11,14 +11,17 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <cstddef>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
 #include "all_reduce_kernel.cuh"
 #include "nvshmem_runtime.h"
 #include "protocol_bulk.cuh"
+#include "protocol_dense.cuh"
 #include "protocol_ll.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -118,6 +121,9 @@ ffi::Error ValidateAttributes(const Runtime& rt, int32_t num_ranks, int32_t gpus
   if (one_shot && (num_ranks != gpus_per_node || num_ranks < 2)) {
     return ffi::Error::InvalidArgument("jaxnvrar: a one-shot launch needs one node of several GPUs");
   }
+  if (bulk < 0 || bulk > 2 || (bulk == 2 && (num_ranks != gpus_per_node || num_ranks < 2))) {
+    return ffi::Error::InvalidArgument("jaxnvrar: bulk must be 0 (LL), 1 (bulk) or 2 (dense: one node of 2+ GPUs)");
+  }
   if (bulk && max_blocks > kBulkMaxBlocks) {
     return ffi::Error::InvalidArgument("jaxnvrar: a bulk launch takes at most " + std::to_string(kBulkMaxBlocks) +
                                        " blocks");
@@ -128,6 +134,20 @@ ffi::Error ValidateAttributes(const Runtime& rt, int32_t num_ranks, int32_t gpus
         " processes, but NVSHMEM has " + std::to_string(rt.num_pes) + " PEs");
   }
   return ffi::Error::Success();
+}
+
+// The dense kernel's inboxes alternate by the call counter's parity, which is sound only if every
+// call this process makes has the same peers in it (a call with other peers would let a peer run
+// two calls ahead). The first dense site's axis group claims them; sites of other groups fall
+// back to the flagged bulk kernel. Every rank of a group decides alike where all plan their dense
+// sites in the same order (an SPMD program); the call signature's dense bit catches the rest.
+bool UsesDenseInboxes(const int32_t* group, int32_t num_ranks) {
+  Runtime& rt = GetRuntime();
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  const std::vector<int32_t> mine(group, group + num_ranks);
+  if (rt.dense_group.empty()) rt.dense_group = mine;
+  return rt.dense_group == mine;
 }
 
 // Plan a call site from its attributes: maps the axis onto NVSHMEM PEs, finds my node, my
@@ -191,6 +211,16 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
           "of GPUs per host as gpus_per_node"));
     }
   }
+  // A dense site (bulk == 2, one node; PlanBuffers decides by size) gets the dense inboxes, if its axis
+  // group is the one that uses them; else it runs as one-shot bulk.
+  if (bulk == 2 && !fused_norm && rt.dense != nullptr && UsesDenseInboxes(group, num_ranks)) {
+    args.dense = rt.dense;
+    args.dense_inbox_bytes = DenseInboxBytes(rt.dense_bytes, gpus_per_node, plan->one_shot);
+    for (int32_t l = 0; l < gpus_per_node && args.dense != nullptr; ++l) {
+      args.dense_peers[l] = static_cast<char*>(nvshmem_ptr(rt.dense, group[args.node * gpus_per_node + l]));
+      if (args.dense_peers[l] == nullptr) args.dense = nullptr;
+    }
+  }
   for (int32_t s = 0; s < args.num_steps; ++s) {
     const InterNodeStep step = InterNodeStepOf(args.node, plan->num_nodes, s);
     args.inter_op[s] = step.op;
@@ -244,12 +274,20 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
   args.num_elements = n;
   args.slice_units = plan.layout.slice_units;
   args.slice_stride = plan.layout.slice_stride;
-  args.signature = EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes, plan.fused_norm);
   // One unit per thread up to max_blocks blocks; past that, threads take several units.
   int64_t blocks = CeilDiv(args.slice_units, kThreadsPerBlock);
   blocks = blocks < 1 ? 1 : (blocks > plan.max_blocks ? plan.max_blocks : blocks);
   plan.blocks = static_cast<unsigned>(blocks);
   plan.kernel = plan.protocol.Kernel(dtype, plan.fused_norm);
+  // A dense site whose slices fit the dense inboxes: the dense kernel (no flags, no fences; the
+  // same sums, so the same bits). Larger messages run the flagged bulk kernel.
+  const bool dense = args.dense != nullptr && args.slice_units * kChunkBytes <= args.dense_inbox_bytes;
+  if (dense) {
+    plan.kernel = dtype == ffi::F32 ? DenseKernel<float> : dtype == ffi::BF16 ? DenseKernel<__nv_bfloat16>
+                                                                               : DenseKernel<__half>;
+  }
+  args.signature =
+      EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes, plan.fused_norm, dense);
   plan.work = CallSitePlan::Work::kKernel;
   return ffi::Error::Success();
 }
@@ -479,7 +517,7 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     return targets;
   });
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
-        nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0);
+        nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0, nb::arg("dense_bytes") = 0);
   m.def("finalize", &jaxnvrar::FinalizeRuntime);
   m.def("enable_timing", &jaxnvrar::EnableTiming);
   m.def("reset_timing", &jaxnvrar::ResetTiming);
@@ -489,6 +527,18 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     std::string words(jaxnvrar::kTimingRecords * jaxnvrar::kTimingFields * sizeof(unsigned long long), '\0');
     jaxnvrar::CopyTiming(reinterpret_cast<unsigned long long*>(words.data()));
     return nb::bytes(words.data(), words.size());
+  });
+  // Dense kernel calls completed on this GPU (WorkspaceHeader::dense_calls), once the queued work is done.
+  m.def("dense_calls", []() -> uint64_t {
+    const jaxnvrar::Runtime& rt = jaxnvrar::GetRuntime();
+    if (!rt.initialized) return 0;
+    unsigned long long calls = 0;
+    const char* field = rt.workspace + offsetof(jaxnvrar::WorkspaceHeader, dense_calls);
+    if (cudaDeviceSynchronize() != cudaSuccess ||
+        cudaMemcpy(&calls, field, sizeof(calls), cudaMemcpyDeviceToHost) != cudaSuccess) {
+      throw std::runtime_error("jaxnvrar: cannot read the dense call counter");
+    }
+    return calls;
   });
   m.def("last_timeout", []() -> nb::object {
     const jaxnvrar::TimeoutRecord* r = jaxnvrar::GetRuntime().timeout_host;

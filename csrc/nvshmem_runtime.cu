@@ -1,5 +1,7 @@
 #include "nvshmem_runtime.h"
 
+#include "schedule.h"
+
 #include <cuda_runtime.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -23,7 +25,8 @@ Runtime& GetRuntime() {
   return runtime;
 }
 
-void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call) {
+void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call,
+                       int64_t dense_bytes) {
   Runtime& rt = GetRuntime();
   if (rt.initialized) return;
   // nvshmem4py has bootstrapped NVSHMEM in this process; this call sees that and only fills
@@ -43,6 +46,19 @@ void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool for
   // The counter is the header's first word (WorkspaceHeader::calls).
   Check(cudaMemcpy(rt.workspace, &first_call, sizeof(first_call), cudaMemcpyHostToDevice),
         "cudaMemcpy of the call counter");
+  if (dense_bytes > 0) {
+    rt.dense = static_cast<char*>(nvshmem_malloc(dense_bytes));
+    if (rt.dense == nullptr) {
+      nvshmem_free(rt.workspace);
+      rt.workspace = nullptr;
+      nvshmem_finalize();
+      throw std::runtime_error("jaxnvrar: nvshmem_malloc of the dense kernel's " + std::to_string(dense_bytes) +
+                               " bytes failed; lower JAXNVRAR_DENSE_BYTES or raise NVSHMEM_SYMMETRIC_SIZE");
+    }
+    // Every element all ones: the sentinel of an empty slot (protocol_dense.cuh).
+    Check(cudaMemset(rt.dense, 0xFF, dense_bytes), "cudaMemset of the dense inboxes");
+  }
+  rt.dense_bytes = dense_bytes;
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   nvshmem_barrier_all();
   if (rt.timeout_host == nullptr) {  // kept across finalize/initialize: it may hold a report
@@ -90,6 +106,10 @@ void FinalizeRuntime() {
   rt.initialized = false;
   // All-reduces still queued read and write the workspace: wait for them.
   cudaDeviceSynchronize();
+  if (rt.dense != nullptr) nvshmem_free(rt.dense);
+  rt.dense = nullptr;
+  rt.dense_bytes = 0;
+  rt.dense_group.clear();
   nvshmem_free(rt.workspace);
   rt.workspace = nullptr;
   rt.workspace_bytes = 0;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace jaxnvrar {
 
@@ -29,6 +30,11 @@ struct Runtime {
   TimeoutRecord* timeout_host = nullptr;    // host view
   TimeoutRecord* timeout_device = nullptr;  // the same memory, as the kernel sees it
   unsigned long long* timing = nullptr;     // JAXNVRAR_TIMING: kTimingRecords records (device memory)
+  char* dense = nullptr;  // symmetric: the dense kernel's inboxes, all ones when idle; nullptr: none
+  int64_t dense_bytes = 0;
+  // The PEs (in axis order) of the first call site planned dense; only that group uses the
+  // dense inboxes (protocol_dense.cuh says why), other groups run the flagged bulk kernel.
+  std::vector<int32_t> dense_group;
 };
 
 // JAXNVRAR_TIMING: each call's timestamps (globaltimer, ns) in a ring of records indexed by the
@@ -43,7 +49,9 @@ Runtime& GetRuntime();
 
 // Both throw std::runtime_error with a message naming the failed call.
 // first_call: the call counter's start (tests start near the flags' wrap-around).
-void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call);
+// dense_bytes: the dense kernel's inboxes (0: none).
+void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call,
+                       int64_t dense_bytes);
 void FinalizeRuntime();
 
 }  // namespace jaxnvrar

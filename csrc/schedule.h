@@ -101,6 +101,15 @@ namespace jaxnvrar {
 constexpr int64_t kCellBytes = 16;
 constexpr int64_t kCellDataBytes = 8;
 constexpr int64_t kWorkspaceHeaderBytes = 2048;
+// The dense kernel's inboxes (protocol_dense.cuh): a symmetric allocation of their own next to
+// the workspace (JAXNVRAR_DENSE_BYTES), 2 parities x G inboxes (two-shot: 2 x G, one set per
+// phase) of this many bytes; a slice (one-shot: the message) must fit one.
+// Both from one rounded size, so that each parity's inboxes fill exactly the same half of the
+// allocation in either layout (calls of both kinds share it).
+JAXNVRAR_HD int64_t DenseInboxBytes(int64_t region_bytes, int32_t gpus_per_node, bool one_shot) {
+  const int64_t two_shot = region_bytes / (4 * gpus_per_node) / 16 * 16;
+  return one_shot ? 2 * two_shot : two_shot;
+}
 
 JAXNVRAR_HD int64_t SliceCapacityElements(int64_t num_elements, int32_t gpus_per_node,
                                           int64_t itemsize) {

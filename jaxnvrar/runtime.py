@@ -173,10 +173,12 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     # would compile different programs.
     distributed.check_same_across_processes(snapshot.lowering(), "jaxnvrar.initialize()")
     extension = cuda_extension()
-    # The symmetric heap must hold the workspace; leave NVSHMEM room for its own needs.
-    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(snapshot.workspace_bytes + (256 << 20)))
+    # The symmetric heap must hold the workspace and the dense kernel's inboxes; leave NVSHMEM
+    # room for its own needs.
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(snapshot.workspace_bytes + snapshot.dense_bytes + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
-    extension.initialize(snapshot.workspace_bytes, snapshot.timeout_s, bool(snapshot.force_put), snapshot.first_call)
+    extension.initialize(snapshot.workspace_bytes, snapshot.timeout_s, bool(snapshot.force_put), snapshot.first_call,
+                         snapshot.dense_bytes)
     if snapshot.timing:
         extension.enable_timing()  # before any call site is planned: sites read it then
     _ever_initialized = True  # NVSHMEM is up: it cannot be started again in this process
@@ -204,6 +206,12 @@ def timing_summary() -> dict | None:
     return timing.summary(records) if records is not None and len(records) else None
 
 
+def dense_calls() -> int:
+    """Dense kernel calls completed on this GPU so far (0 before start), once the queued work is
+    done: tests see whether a site ran the dense kernel or fell back to bulk."""
+    return int(cuda_extension().dense_calls()) if _state else 0
+
+
 def reset_timing() -> None:
     """Clear this GPU's stamps once the queued work is done (JAXNVRAR_TIMING=1; else nothing)."""
     if _timing_on():
@@ -214,7 +222,7 @@ def last_timeout() -> dict | None:
     """Why an all-reduce failed in this process, else None: "kind" is "timeout" (a wait gave up;
     phase, step and peer say which) or "mismatch" (a peer made a different call: "mine" and
     "peer_call" describe both calls: elements, dtype, nodes, gpus_per_node, one_shot, bulk,
-    fused_norm).
+    fused_norm, dense).
 
     After either the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
     context is lost; this record survives in pinned host memory and is also printed at exit.
@@ -227,7 +235,7 @@ def last_timeout() -> dict | None:
 def describe_call(call: dict) -> str:
     """A kernel call signature from a failure record, in words."""
     kind = ((", one-shot" if call["one_shot"] else "") + (", bulk" if call["bulk"] else "")
-            + (", fused add + RMSNorm" if call.get("fused_norm") else ""))
+            + (", dense" if call.get("dense") else "") + (", fused add + RMSNorm" if call.get("fused_norm") else ""))
     return (f"{call['elements']} x {call['dtype']} over {call['nodes']} node(s) of "
             f"{call['gpus_per_node']} GPU(s){kind}")
 

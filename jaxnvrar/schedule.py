@@ -181,6 +181,16 @@ def inter_node_steps(node: int, num_nodes: int) -> list[InterNodeStep]:
 CELL_BYTES = 16
 CELL_DATA_BYTES = 8
 WORKSPACE_HEADER_BYTES = 2048
+# The dense kernel's inboxes (csrc/protocol_dense.cuh), a symmetric allocation beside the workspace
+# ($JAXNVRAR_DENSE_BYTES, opt-in: this size suggested): per call parity, G inboxes (two-shot: 2G, half the size).
+DENSE_REGION_BYTES = 64 << 20
+
+
+def dense_inbox_bytes(gpus_per_node: int, region_bytes: int = DENSE_REGION_BYTES, one_shot: bool = True) -> int:
+    """The largest slice (bytes; one-shot: message) a dense site runs the dense kernel for; larger
+    ones run as bulk. Two-shot has an inbox per phase. Twin: DenseInboxBytes in csrc/schedule.h."""
+    two_shot = region_bytes // (4 * gpus_per_node) // 16 * 16  # one-shot: twice, so both fill the same halves
+    return 2 * two_shot if one_shot else two_shot
 # Bulk kernels (csrc/protocol_bulk.cuh) move raw 16-byte chunks, and each block raises one
 # flag per phase and peer after its chunks: the same inboxes at twice the data per byte, then a
 # flag area. At most BULK_MAX_BLOCKS blocks.
@@ -228,36 +238,46 @@ MAX_BLOCKS_LIMIT = 1024
 class KernelConfig:
     """How the kernel runs one call: its width (thread blocks); one-shot (one node: no
     all-gather) or the full schedule; bulk (raw data and a flag per block, for large messages)
-    or LL cells. Every configuration computes the same bits."""
+    or LL cells; dense, a kind of bulk on one node (raw data, no flags: csrc/protocol_dense.cuh).
+    Every configuration computes the same bits."""
 
     max_blocks: int = DEFAULT_MAX_BLOCKS
     one_shot: bool = False
     bulk: bool = False
+    dense: bool = False
 
     def __post_init__(self):
         blocks = self.max_blocks
         if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= MAX_BLOCKS_LIMIT:
             raise ValueError(f"KernelConfig.max_blocks must be an int in [1, {MAX_BLOCKS_LIMIT}], got {blocks!r}")
-        if not isinstance(self.one_shot, bool) or not isinstance(self.bulk, bool):
-            raise TypeError(f"KernelConfig.one_shot and .bulk must be bools, got {self.one_shot!r}, {self.bulk!r}")
+        if not all(isinstance(flag, bool) for flag in (self.one_shot, self.bulk, self.dense)):
+            raise TypeError(f"KernelConfig.one_shot, .bulk and .dense must be bools, got {self.one_shot!r}, "
+                            f"{self.bulk!r}, {self.dense!r}")
+        if self.dense and not self.bulk:
+            raise ValueError("KernelConfig.dense is a kind of bulk: it needs bulk=True (labels BLOCKS-dense, "
+                             "BLOCKS-1shot-dense)")
 
     @property
     def label(self) -> str:
-        """"128", "128-1shot", "128-bulk", "128-1shot-bulk": how benchmarks and the tuning table
-        name a configuration."""
+        """"128", "128-1shot", "128-bulk", "128-1shot-bulk", "128-dense", "128-1shot-dense": how
+        benchmarks and the tuning table name a configuration."""
+        if self.dense:
+            return str(self.max_blocks) + ("-1shot" if self.one_shot else "") + "-dense"
         return str(self.max_blocks) + ("-1shot" if self.one_shot else "") + ("-bulk" if self.bulk else "")
 
     @classmethod
     def parse(cls, label: str) -> KernelConfig:
         blocks, *variants = label.split("-")
         if (not blocks.isdigit() or not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT
-                or variants not in ([], ["1shot"], ["bulk"], ["1shot", "bulk"])):
-            raise ValueError(f"bad kernel configuration {label!r}: expected BLOCKS[-1shot][-bulk] with BLOCKS in "
-                             f"[1, {MAX_BLOCKS_LIMIT}], e.g. 128, 32-1shot or 128-1shot-bulk")
-        return cls(int(blocks), "1shot" in variants, "bulk" in variants)
+                or variants not in ([], ["1shot"], ["bulk"], ["1shot", "bulk"], ["dense"], ["1shot", "dense"])):
+            raise ValueError(f"bad kernel configuration {label!r}: expected BLOCKS[-1shot][-bulk|-dense] with BLOCKS "
+                             f"in [1, {MAX_BLOCKS_LIMIT}], e.g. 128, 32-1shot, 128-1shot-bulk or 128-dense")
+        dense = "dense" in variants
+        return cls(int(blocks), "1shot" in variants, "bulk" in variants or dense, dense)
 
     def possible_for(self, topology: Topology) -> KernelConfig:
         """This configuration, less what the topology cannot run (one-shot needs one node; bulk
-        at most BULK_MAX_BLOCKS blocks)."""
-        return KernelConfig(self.max_blocks, self.one_shot and one_shot_possible(topology),
-                            self.bulk and self.max_blocks <= BULK_MAX_BLOCKS)
+        at most BULK_MAX_BLOCKS blocks; dense, bulk on one node of several GPUs)."""
+        one_node = one_shot_possible(topology)
+        bulk = self.bulk and self.max_blocks <= BULK_MAX_BLOCKS
+        return KernelConfig(self.max_blocks, self.one_shot and one_node, bulk, self.dense and bulk and one_node)

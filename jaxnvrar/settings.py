@@ -12,11 +12,12 @@ import dataclasses
 import os
 
 from jaxnvrar.cost_model import NETWORKS
-from jaxnvrar.schedule import MAX_BLOCKS_LIMIT
+from jaxnvrar.schedule import DENSE_REGION_BYTES, MAX_BLOCKS_LIMIT
 
 DEFAULT_WORKSPACE_BYTES = 512 << 20
 MIN_WORKSPACE_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 10.0
+MIN_DENSE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,9 @@ SETTINGS = (
             help="1/0: one-shot kernels on one node always/never (default: the tuning table's)"),
     Setting("JAXNVRAR_BULK", "bulk", int, None, True, minimum=0, maximum=1,
             help="1/0: bulk kernels (raw data, a flag per block) always/never (default: the tuning table's)"),
+    Setting("JAXNVRAR_DENSE_BYTES", "dense_bytes", int, 0, True, minimum=0,
+            help=f"the dense kernel's inboxes per GPU (0: none, the dense kernel is opt-in; "
+                 f"{DENSE_REGION_BYTES}: messages up to 16 MiB on 2 GPUs)"),
     Setting("JAXNVRAR_CHECK_CALLS", "check_calls", int, 1, True, minimum=0, maximum=1,
             help="0: ranks do not compare call signatures"),
     Setting("JAXNVRAR_FUSED_NORM", "fused_norm", int, 0, True, minimum=0, maximum=1,
@@ -93,6 +97,7 @@ class Settings:
     max_blocks: int | None = None
     one_shot: int | None = None
     bulk: int | None = None
+    dense_bytes: int = 0  # opt-in until its NVLink soak has run (docs/gpu-testing.md)
     check_calls: int = 1
     fused_norm: int = 0
     timing: int = 0
@@ -100,6 +105,11 @@ class Settings:
     auto_max_bytes: int | None = None
     network: str = "ndr"
     tuning_file: str | None = None
+
+    def __post_init__(self):
+        if 0 < self.dense_bytes < MIN_DENSE_BYTES:  # smaller would hold no inbox of 2+ GPUs worth having
+            raise ValueError(f"JAXNVRAR_DENSE_BYTES={self.dense_bytes}: use 0 (no dense kernel) or at least "
+                             f"{MIN_DENSE_BYTES} (1 MiB)")
 
     def lowering(self) -> dict:
         """The settings that change how programs are lowered, by variable name."""

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnvrar import cost_model, distributed, runtime, settings
-from jaxnvrar.schedule import MAX_BLOCKS_LIMIT, KernelConfig, Topology
+from jaxnvrar.schedule import DENSE_REGION_BYTES, MAX_BLOCKS_LIMIT, KernelConfig, Topology
 
 TUNING_FILE_ENV = "JAXNVRAR_TUNING_FILE"
 FORMAT_VERSION = 1
@@ -77,7 +77,7 @@ class Table:
         # "nvrar_us_by_launch": the file format's name, kept so that older tables still load.
         self.entries.setdefault(key, {})[str(bucket_of(nbytes))] = {
             "algorithm": algorithm, "max_blocks": config.max_blocks, "one_shot": config.one_shot,
-            "bulk": config.bulk,
+            "bulk": config.bulk, "dense": config.dense,
             "nvrar_us": nvrar_us, "psum_us": psum_us,
             "nvrar_us_by_launch": {c.label: t for c, t in sorted(nvrar_us_by_config.items(),
                                                                  key=lambda item: item[0].label)}}
@@ -94,7 +94,7 @@ class Table:
         bucket = next((b for b in measured if b >= wanted), measured[-1])
         e = buckets[str(bucket)]
         return Choice(e["algorithm"], KernelConfig(int(e["max_blocks"]), bool(e.get("one_shot", False)),
-                                                   bool(e.get("bulk", False))))
+                                                   bool(e.get("bulk", False)), bool(e.get("dense", False))))
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "entries": self.entries}, indent=1, sort_keys=True)
@@ -230,10 +230,10 @@ _overrides: dict = {}
 def _explicit() -> dict:
     snapshot = runtime.settings()
     if snapshot is None:
-        return {"max_blocks": None, "one_shot": None, "bulk": None}
+        return {"max_blocks": None, "one_shot": None, "bulk": None, "dense": None}
     as_bool = lambda value: None if value is None else bool(value)  # noqa: E731
     return {"max_blocks": snapshot.max_blocks, "one_shot": as_bool(snapshot.one_shot),
-            "bulk": as_bool(snapshot.bulk), **_overrides}
+            "bulk": as_bool(snapshot.bulk), "dense": None, **_overrides}
 
 
 def kernel_config_for(topology: Topology, dtype_name: str, num_elements: int, itemsize: int) -> KernelConfig:
@@ -247,12 +247,22 @@ def kernel_config_for(topology: Topology, dtype_name: str, num_elements: int, it
     if None in explicit.values():
         choice = choice_for(topology, dtype_name, num_elements * itemsize)
         measured = choice.config if choice else measured
-    config = KernelConfig(**{field: measured_value if explicit[field] is None else explicit[field]
-                             for field, measured_value in dataclasses.asdict(measured).items()})
+    fields = {field: measured_value if explicit[field] is None else explicit[field]
+              for field, measured_value in dataclasses.asdict(measured).items()}
+    # Dense is a kind of bulk: an explicit JAXNVRAR_BULK=0 ends it, and so does a process without
+    # the dense inboxes (JAXNVRAR_DENSE_BYTES=0, the default) using a table measured with them.
+    fields["dense"] = fields["dense"] and fields["bulk"] and dense_inboxes()
+    config = KernelConfig(**fields)
     config = config.possible_for(topology)
     if runtime.fits_workspace(num_elements, itemsize, topology, config):
         return config
     return KernelConfig(config.max_blocks)
+
+
+def dense_inboxes() -> bool:
+    """Whether this process has (or, before jaxnvrar.initialize(), will have) the dense kernel's
+    inboxes: JAXNVRAR_DENSE_BYTES > 0 (opt-in)."""
+    return runtime.settings_or_environment().dense_bytes > 0
 
 
 def _needs_runtime(what: str) -> None:
@@ -279,6 +289,10 @@ def kernel_config_override(config: KernelConfig | str):
         config = KernelConfig.parse(config)
     if not isinstance(config, KernelConfig):
         raise TypeError(f"kernel_config_override takes a jaxnvrar.KernelConfig or its label, got {config!r}")
+    if config.dense and not dense_inboxes():
+        raise ValueError(f"kernel configuration {config.label} needs the dense kernel's inboxes: set "
+                         f"JAXNVRAR_DENSE_BYTES (e.g. {DENSE_REGION_BYTES}) on every process before "
+                         "jaxnvrar.initialize()")
     saved = dict(_overrides)
     _overrides.update(dataclasses.asdict(config))
     try:

@@ -116,17 +116,33 @@ def test_workspace_regions_are_disjoint_and_fill_each_half():
                 schedule.WORKSPACE_HEADER_BYTES + 2 * half
 
 
-@pytest.mark.parametrize("one_shot,bulk,fused_norm", [(False, False, False), (True, False, True),
-                                                     (False, True, True), (True, True, False)])
+def test_dense_inboxes_match_the_kernels():
+    assert schedule.dense_inbox_bytes(2) == 16 << 20
+    for region, g in [(64 << 20, 2), (64 << 20, 3), (1000, 2), (0, 8), (3 << 30, 32)]:
+        for one_shot in (True, False):
+            assert schedule.dense_inbox_bytes(g, region, one_shot) == cpp.dense_inbox_bytes(region, g, one_shot)
+    # Each parity's inboxes (one-shot: G; two-shot: 2G) end where the other parity's begin in both
+    # layouts, within the allocation: one-shot and two-shot calls never share bytes across parities.
+    for region in [64 << 20, (1 << 20) + 64, 12345679, 1 << 30]:
+        for g in range(2, 33):
+            one, two = schedule.dense_inbox_bytes(g, region, True), schedule.dense_inbox_bytes(g, region, False)
+            assert g * one == 2 * g * two and 2 * g * one <= region and one % 16 == 0
+
+
+@pytest.mark.parametrize("one_shot,bulk,fused_norm,dense", [(False, False, False, False), (True, False, True, False),
+                                                           (False, True, True, False), (True, True, False, False),
+                                                           (True, True, False, True)])
 @pytest.mark.parametrize("dtype", [1, 2, 3])
-def test_call_signatures_decode_to_what_was_encoded(one_shot, bulk, fused_norm, dtype):
+def test_call_signatures_decode_to_what_was_encoded(one_shot, bulk, fused_norm, dense, dtype):
     # What ranks compare before exchanging data, and what a failure report prints from it.
     for elements, gpus_per_node, nodes in [(1, 1, 2), (4097, 8, 3), ((1 << 32) + 5, 32, 65535)]:
-        signature = cpp.encode_call(elements, dtype, one_shot, bulk, gpus_per_node, nodes, fused_norm)
+        signature = cpp.encode_call(elements, dtype, one_shot, bulk, gpus_per_node, nodes, fused_norm, dense)
         call = cpp.decode_call(*signature)
         assert call == {"elements": elements % (1 << 32), "dtype": dtype, "nodes": nodes,
                         "gpus_per_node": gpus_per_node, "one_shot": one_shot, "bulk": bulk,
-                        "fused_norm": fused_norm}
+                        "fused_norm": fused_norm, "dense": dense}
+    # Dense and flagged one-shot bulk use different inboxes: ranks that disagree are reported.
+    assert cpp.encode_call(4096, dtype, True, True, 2, 1, False, True) != cpp.encode_call(4096, dtype, True, True, 2, 1)
     # The fused kernel's call differs from the plain one of the same message: ranks that
     # disagree on it are reported, not left to read each other's blocks.
     plain = cpp.encode_call(4096, dtype, one_shot, bulk, 2, 1, False)

@@ -26,6 +26,14 @@ def test_values_are_parsed_and_bad_ones_named():
         "JAXNVRAR_BULK": "JAXNVRAR_BULK='2': expected a int in [0, 1]"}
 
 
+def test_dense_inboxes_are_none_or_at_least_a_mebibyte():
+    assert settings.read({"JAXNVRAR_DENSE_BYTES": "0"}).dense_bytes == 0
+    assert settings.read({}).dense_bytes == 0 and settings.read({}).lowering()["JAXNVRAR_DENSE_BYTES"] == 0  # opt-in
+    assert settings.read({"JAXNVRAR_DENSE_BYTES": str(64 << 20)}).dense_bytes == 64 << 20
+    with pytest.raises(ValueError, match=r"JAXNVRAR_DENSE_BYTES=4096: use 0 \(no dense kernel\) or at least"):
+        settings.read({"JAXNVRAR_DENSE_BYTES": "4096"})
+
+
 def test_the_package_version_is_pyprojects():
     pyproject = (pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert re.search(r'^version = "(.*)"$', pyproject, re.M).group(1) == jaxnvrar.__version__

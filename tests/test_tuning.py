@@ -83,6 +83,20 @@ def test_one_shot_configs_are_chosen_where_measured_faster_and_possible(monkeypa
     assert tuning.kernel_config_for(one_node, "bfloat16", 2 << 20, 2) == L(128, False, True)
     monkeypatch.setattr(runtime, "workspace_bytes", lambda: 8 << 20)
     assert tuning.kernel_config_for(one_node, "bfloat16", 2 << 20, 2) == L(128)
+    # Dense, as measured, where the process has the dense inboxes (opt-in), else bulk; an explicit
+    # "no bulk" ends it (it is bulk), "no one-shot" leaves two-shot dense.
+    monkeypatch.setattr(runtime, "workspace_bytes", lambda: 64 << 20)
+    table.record(tuning.entry_key(kind, one_node, "bfloat16"), 1 << 20, psum_us=20.0,
+                 nvrar_us_by_config={L(128, True, True): 10.0, L.parse("128-1shot-dense"): 8.0})
+    monkeypatch.delenv("JAXNVRAR_DENSE_BYTES", raising=False)
+    assert tuning.kernel_config_for(one_node, "bfloat16", 1 << 19, 2) == L(128, True, True)
+    monkeypatch.setenv("JAXNVRAR_DENSE_BYTES", str(64 << 20))
+    assert tuning.kernel_config_for(one_node, "bfloat16", 1 << 19, 2) == L.parse("128-1shot-dense")
+    unset = {"max_blocks": None, "one_shot": None, "bulk": None, "dense": None}
+    monkeypatch.setattr(tuning, "_explicit", lambda: dict(unset, bulk=False))
+    assert tuning.kernel_config_for(one_node, "bfloat16", 1 << 19, 2) == L(128, True, False)
+    monkeypatch.setattr(tuning, "_explicit", lambda: dict(unset, one_shot=False))
+    assert tuning.kernel_config_for(one_node, "bfloat16", 1 << 19, 2) == L.parse("128-dense")
 
 
 def test_tables_from_before_one_shot_still_load():
@@ -91,11 +105,12 @@ def test_tables_from_before_one_shot_still_load():
 
 
 def test_kernel_config_labels_round_trip_and_bad_ones_are_named():
-    for config in (L(128), L(32, True), L(1024, True), L(64, False, True), L(128, True, True)):
+    for config in (L(128), L(32, True), L(1024, True), L(64, False, True), L(128, True, True), L(8, False, True, True),
+                   L(8, True, True, True)):
         assert L.parse(config.label) == config
     assert L(128, True, True).label == "128-1shot-bulk"
-    for bad in ("0", "x", "128-2shot", "2000", "-1shot", "128-bulk-1shot", "128-1shot-1shot"):
-        with pytest.raises(ValueError, match=r"BLOCKS\[-1shot\]\[-bulk\]"):
+    for bad in ("0", "x", "128-2shot", "2000", "-1shot", "128-bulk-1shot", "128-1shot-1shot", "128-dense-1shot"):
+        with pytest.raises(ValueError, match=r"BLOCKS\[-1shot\]\[-bulk\|-dense\]"):
             L.parse(bad)
     with pytest.raises(ValueError, match=r"max_blocks must be an int in \[1, 1024\]"):
         L(0)
@@ -140,7 +155,35 @@ def test_every_process_uses_process_0s_table(tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', config=KernelConfig(max_blocks=32, one_shot=False, bulk=False))" in job.stdout, job.stdout[-2000:]
+        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', config=KernelConfig(max_blocks=32, one_shot=False, bulk=False, dense=False))" in job.stdout, job.stdout[-2000:]
+
+
+def test_dense_configurations_need_the_opt_in(monkeypatch):
+    from jaxnvrar.bench.allreduce import parse_kernel_configs
+
+    monkeypatch.delenv("JAXNVRAR_DENSE_BYTES", raising=False)
+    assert not tuning.dense_inboxes()
+    with pytest.raises(SystemExit, match=r"128-dense needs the dense kernel's inboxes \(opt-in\): set JAXNVRAR_DENSE_BYTES"):
+        parse_kernel_configs("128,128-dense", Topology(2, 2), "tune --kernel-configs")
+    monkeypatch.setenv("JAXNVRAR_DENSE_BYTES", str(64 << 20))
+    assert tuning.dense_inboxes()
+    assert parse_kernel_configs("128,128-dense", Topology(2, 2), "tune --kernel-configs")[1] == L.parse("128-dense")
+
+
+def test_dense_is_a_kind_of_bulk_on_one_node():
+    assert L.parse("64-1shot-dense") == L(64, True, True, True) and L(64, True, True, True).label == "64-1shot-dense"
+    assert L.parse("64-dense") == L(64, False, True, True) and L(64, False, True, True).label == "64-dense"
+    with pytest.raises(ValueError, match="needs bulk=True"):
+        L(64, True, False, True)
+    with pytest.raises(ValueError, match="bad kernel configuration"):
+        L.parse("64-bulk-dense")
+    # Across nodes there is no dense kernel: bulk (and no one-shot) instead.
+    assert L.parse("64-1shot-dense").possible_for(Topology(4, 2)) == L(64, False, True, False)
+    assert L.parse("64-dense").possible_for(Topology(2, 2)) == L(64, False, True, True)
+    # A table entry records it, and reads back.
+    table = tuning.Table()
+    table.record("k", 1 << 20, psum_us=9.0, nvrar_us_by_config={L.parse("128-1shot-dense"): 5.0, L(128): 6.0})
+    assert table.lookup("k", 1 << 20) == tuning.Choice("nvrar", L.parse("128-1shot-dense"))
 
 
 def test_the_builtin_table_gives_the_measured_configs_without_a_tuning_run(monkeypatch):

@@ -22,9 +22,9 @@ from jax.sharding import PartitionSpec as P
 import jaxnvrar
 from jaxnvrar.distributed import default_topology
 from jaxnvrar.runtime import fits_workspace
-from jaxnvrar.schedule import KernelConfig, Topology, one_shot_possible
+from jaxnvrar.schedule import DENSE_REGION_BYTES, KernelConfig, Topology, one_shot_possible
 from jaxnvrar.tuning import kernel_config_override
-from jaxnvrar import runtime, timing
+from jaxnvrar import runtime, timing, tuning
 from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import bring_up, is_printer
 
@@ -60,8 +60,9 @@ def add_arguments(parser) -> None:
                              "all-reduce, each replayed in a CUDA graph, in the same job")
     parser.add_argument("--kernel-configs", "--launches", "--max-blocks", dest="kernel_configs", default=None,
                         help="comma-separated kernel configurations to compare for nvrar, each "
-                             "BLOCKS[-1shot][-bulk]: at most BLOCKS thread blocks; one-shot (one node only); bulk "
-                             "data (a flag per block); e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); "
+                             "BLOCKS[-1shot][-bulk|-dense]: at most BLOCKS thread blocks; one-shot (one node only); "
+                             "bulk data (a flag per block); dense (one node: raw data, no flags); "
+                             "e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); "
                              "default: the tuning policy's choice (--launches: the old spelling)")
     parser.add_argument("--rms-norm", type=int, default=None, metavar="HIDDEN",
                         help="time jaxnvrar.all_reduce_rms_norm over rows of HIDDEN elements instead (the "
@@ -152,6 +153,9 @@ def parse_kernel_configs(text: str, topology: Topology, option: str) -> list[Ker
             raise SystemExit(f"jaxnvrar-bench {option}: {config.label} needs one node of several GPUs, but "
                              f"the topology is {topology.num_nodes} node(s) of {topology.gpus_per_node}; drop -1shot "
                              "or change --gpus-per-node")
+        if config.dense and not tuning.dense_inboxes():
+            raise SystemExit(f"jaxnvrar-bench {option}: {config.label} needs the dense kernel's inboxes (opt-in): "
+                             f"set JAXNVRAR_DENSE_BYTES, e.g. {DENSE_REGION_BYTES}")
     return configs
 
 

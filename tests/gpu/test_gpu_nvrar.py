@@ -8,7 +8,8 @@ Skipped with a reason where there is no GPU or no CUDA build (tests/gpu/conftest
 messages need JAXNVRAR_WORKSPACE_BYTES=2147483648 (4294967296 for 3 ranks), or are skipped. With
 JAXNVRAR_ONE_SHOT=1 / JAXNVRAR_BULK=1 every one-node call launches one-shot / bulk
 (JAXNVRAR_FORCE_PUT=1: the inter-node phase through NVSHMEM puts). The fused all-reduce +
-RMSNorm kernel's tests need JAXNVRAR_FUSED_NORM=1 (opt-in; run.py sets it), else they skip.
+RMSNorm kernel's tests need JAXNVRAR_FUSED_NORM=1, the dense kernel's JAXNVRAR_DENSE_BYTES (both
+opt-in; run.py sets them), else they skip.
 
 On one GPU, `jaxnvrar-launch -n 2 --gpus 1` runs two ranks on it (start CUDA MPS first so that
 their kernels run side by side). NCCL refuses ranks that share a GPU, so there the psum and
@@ -26,7 +27,8 @@ import jaxnvrar
 from helpers import mesh_1d, run_per_rank, xla_collectives_mesh
 from jaxnvrar.distributed import ranks_share_gpus
 from jaxnvrar.runtime import fits_workspace
-from jaxnvrar.schedule import KernelConfig, workspace_bytes_needed
+from jaxnvrar.schedule import KernelConfig, dense_inbox_bytes, workspace_bytes_needed
+from jaxnvrar import tuning
 from jaxnvrar.tuning import kernel_config_override
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nvshmem_runtime")]
@@ -91,7 +93,14 @@ def test_matches_psum_and_reference(size, dtype):
 # Each kernel configuration pinned: the two-shot LL one (which the built-in table no longer picks
 # on one node of 2 H200s), one-shot (one node), bulk (any topology), both; few blocks make every
 # thread take several cells/chunks.
-LAUNCHES = ["128", "128-1shot", "128-bulk", "128-1shot-bulk", "3-bulk", "5-1shot"]
+@pytest.fixture(autouse=True)
+def _dense_needs_its_inboxes(request):
+    if "dense" in request.node.name and not tuning.dense_inboxes():
+        pytest.skip("the dense kernel is opt-in: run with JAXNVRAR_DENSE_BYTES=67108864 (tests/gpu/run.py does)")
+
+
+LAUNCHES = ["128", "128-1shot", "128-bulk", "128-1shot-bulk", "3-bulk", "5-1shot", "128-1shot-dense", "5-1shot-dense",
+            "128-dense", "5-dense"]
 LAUNCH_SIZES = [1, 7, 4097, (1 << 16) + 3, 1 << 20, 4 << 20]
 
 
@@ -191,6 +200,104 @@ def test_command_buffer_replay_advances_flags():
         host = _host(num_ranks, 5000, jnp.float32, seed=run)
         out = run_per_rank(chain, host, mesh)
         np.testing.assert_allclose(out[0], host.mean(0), rtol=1e-5, atol=1e-6)
+
+
+# The dense kernel (csrc/protocol_dense.cuh): no flags, an empty slot is all ones. Many calls of
+# several sizes, every element of every call checked against the reference (same sums: same
+# bits), so that a slot read before its data landed, or a stale one from two calls back, shows.
+def _dense_sizes(dtype, num_ranks, one_shot):
+    # Random sizes up to 1 MB, and the largest message the dense inboxes hold (larger ones run as
+    # bulk, which the launch tests cover): one-shot, the message fits an inbox; two-shot, a slice.
+    inbox = dense_inbox_bytes(num_ranks, jaxnvrar.runtime.settings().dense_bytes, one_shot)
+    largest = max(1, inbox * (1 if one_shot else num_ranks) // jnp.dtype(dtype).itemsize)
+    rng = np.random.default_rng(7)
+    return [int(s) for s in rng.integers(1, 1 << 20, size=4)] + [largest]
+
+
+@pytest.mark.skipif(ranks_share_gpus(), reason="the reference runs XLA's collectives: NCCL refuses ranks that share a GPU")
+@pytest.mark.parametrize("config", ["128-1shot-dense", "128-dense"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_dense_every_element_of_many_calls(dtype, config):
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    uint = {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
+    calls = 400
+
+    def run(a):
+        def body(i, differing):
+            scaled = a * (i % 16 + 1).astype(a.dtype)  # new values every call
+            ours = jaxnvrar.all_reduce(scaled, "x", algorithm="nvrar", gpus_per_node=num_ranks)
+            reference = jaxnvrar.all_reduce(scaled, "x", algorithm="reference", gpus_per_node=num_ranks)
+            same = lax.bitcast_convert_type(ours, uint) == lax.bitcast_convert_type(reference, uint)
+            return differing + jnp.sum(~same, dtype=jnp.int32)
+        return lax.fori_loop(0, calls, body, jnp.int32(0))[None]
+
+    with kernel_config_override(config):
+        for size in _dense_sizes(dtype, num_ranks, KernelConfig.parse(config).one_shot):
+            before = jaxnvrar.runtime.dense_calls()
+            out = run_per_rank(run, _host(num_ranks, size, dtype, seed=size), mesh)
+            assert (out == 0).all(), f"{size} elements: {out.tolist()} elements of {calls} calls differ from the reference"
+            assert jaxnvrar.runtime.dense_calls() - before == calls, "the dense kernel did not run (fell back to bulk)"
+
+
+def test_dense_calls_back_to_back_with_other_kernels():
+    # Only kernel calls, ranks free to drift apart: three dense sites (one-shot and two-shot, which
+    # share the inboxes) and an LL site take turns (a tuning table picks each site's configuration by size); exact small
+    # integers, a new expected sum every call (a stale slot from two dense calls back holds another).
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    total = num_ranks * (num_ranks + 1) // 2
+    sites = {70001: "128-1shot-dense", 5: "128", 1 << 18: "64-dense", 3 << 20: "64-1shot-dense"}  # float32 elements
+    table = tuning.Table()
+    key = tuning.entry_key(jax.devices()[0].device_kind, jaxnvrar.Topology(num_ranks, num_ranks), "float32")
+    for size, label in sites.items():
+        table.record(key, 4 * size, psum_us=1e9, nvrar_us_by_config={KernelConfig.parse(label): 1.0})
+
+    def run(ranks):
+        def body(i, errors):
+            for k, size in enumerate(sites):
+                shift = ((3 * i + k) % 7).astype(jnp.float32)  # consecutive dense calls expect different sums
+                out = jaxnvrar.all_reduce(jnp.broadcast_to(ranks[0] + shift, (size,)), "x", algorithm="nvrar",
+                                          gpus_per_node=num_ranks)
+                errors = errors + jnp.sum(out != total + num_ranks * shift, dtype=jnp.int32)
+            return errors
+        return lax.fori_loop(0, 2000, body, jnp.int32(0))[None]
+
+    saved = tuning.active()
+    tuning.use(table)
+    before = jaxnvrar.runtime.dense_calls()
+    try:
+        out = run_per_rank(run, np.arange(1, num_ranks + 1, dtype=np.float32)[:, None], mesh)
+    finally:
+        tuning.use(saved)
+    assert (out == 0).all(), f"wrong elements: {out.tolist()}"
+    fitting = sum(4 * size <= dense_inbox_bytes(num_ranks, jaxnvrar.runtime.settings().dense_bytes,
+                                                 KernelConfig.parse(label).one_shot) * (1 if "1shot" in label else num_ranks)
+                  for size, label in sites.items() if "dense" in label)
+    assert jaxnvrar.runtime.dense_calls() - before == 2000 * fitting
+
+
+@pytest.mark.parametrize("config", ["128-1shot-dense", "128-dense"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_dense_passes_sentinel_valued_inputs(dtype, config):
+    # Inputs whose bits are the empty-slot pattern (all ones: a NaN) must not hang or be taken for
+    # "not yet arrived": they are sent as another NaN; the sum there is NaN, elsewhere exact.
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    itemsize = jnp.dtype(dtype).itemsize
+    uint = {2: np.uint16, 4: np.uint32}[itemsize]
+    host = _host(num_ranks, 100003, dtype, seed=3)
+    bits = host.view(uint)
+    bits[:, 3::11] = 1 << (8 * itemsize - 1)  # -0.0
+    bits[:, ::7] = np.iinfo(uint).max  # the sentinel in every 7th element of every rank
+    with kernel_config_override(config):
+        out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
+    expected = run_per_rank(_reduce("reference", num_ranks), host, xla_collectives_mesh(num_ranks))
+    nan = np.isnan(expected.astype(np.float32))
+    assert nan[:, ::7].all()
+    np.testing.assert_array_equal(np.isnan(out.astype(np.float32)), nan)
+    assert out[~nan].tobytes() == expected[~nan].tobytes()
+    _assert_replicas_identical(out)  # NaNs included: two-shot sends every replica the same bits
 
 
 def test_auto_picks_nvrar_for_small_messages_and_psum_for_large():
