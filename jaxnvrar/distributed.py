@@ -120,6 +120,20 @@ def default_topology(num_ranks: int) -> Topology:
 
 
 _agreements = itertools.count(1)
+_gathers = itertools.count(1)
+
+
+def gather_from_processes(values: list[int]) -> list[list[int]]:
+    """Every process's `values`, by process index, through jax.distributed's key-value store,
+    not a collective: it works where NCCL does not (ranks sharing a GPU) and does not depend on
+    the all-reduce under test. Every process must call it."""
+    if jax.process_count() == 1:
+        return [[int(v) for v in values]]
+    client = kv_client()
+    prefix = f"jaxnvrar/gather/{next(_gathers)}"
+    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps([int(v) for v in values]))
+    return [json.loads(client.blocking_key_value_get(f"{prefix}/{other}", KV_TIMEOUT_MS))
+            for other in range(jax.process_count())]
 
 
 def check_same_across_processes(settings: dict, caller: str) -> None:

@@ -187,7 +187,7 @@ def test_soak_counts_wrong_results(monkeypatch):
     x = jax.device_put(jax.numpy.array([1.0, 1.0, 2.0, 2.0], jax.numpy.float32),
                        jax.NamedSharding(mesh, jax.P("x")))
     with jax.set_mesh(mesh):
-        errors = int(soak.soak_program(mesh, "psum", 5)(x))
+        errors = soak.local_errors(soak.soak_program(mesh, "psum", 5)(x))
     assert errors == 5 * 2 * 2  # 5 calls, 2 elements per rank, 2 ranks
 
 

@@ -61,3 +61,33 @@ def test_ranks_sharing_a_gpu_gather_results_without_collectives():
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "[rank 0] gathered (2, 3000001)" in result.stdout and "[rank 1] gathered" in result.stdout
+
+
+
+_SOAK_JOB = """
+import jax
+from jax import lax
+import jaxnvrar
+from jaxnvrar import bench
+# Process 1's ranks get wrong sums: each process counts its own ranks' errors; the report must
+# give their total (through the key-value store, not a collective).
+jaxnvrar.all_reduce = lambda x, axis, algorithm: lax.psum(x, axis) - jax.process_index()
+raise SystemExit(bench.main(["soak", "--calls", "30", "--chunk", "10", "--bytes", "64", "--dtype", "float32"]))
+"""
+
+
+@pytest.mark.multiprocess
+def test_soak_sums_every_process_errors():
+    import re
+
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    env.pop("JAXNVRAR_NUM_PROCESSES", None)
+    command = [sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--timeout", "200", "--",
+               sys.executable, "-c", _SOAK_JOB]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    by_process = re.search(r"\[rank 0\]   by process: 0: (\d+), 1: (\d+)", out)
+    total = re.search(r"\[rank 0\] 30 calls of 64 B float32 with reference: (\d+) wrong elements", out)
+    assert by_process and total, out[-3000:]
+    assert int(by_process.group(2)) > 0 and int(total.group(1)) == int(by_process.group(1)) + int(by_process.group(2))

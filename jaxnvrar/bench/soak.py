@@ -4,8 +4,9 @@ Call i gives each rank the value rank + 1 + (i mod 5); it must return the exact 
 P(P+1)/2 + P (i mod 5) (small integers are exact in every dtype). Consecutive calls, and calls
 two apart (which share a half of the workspace), expect different sums, so a stale result is
 counted as well as a wrong one; the next call's input is derived from the output, so the calls
-stay dependent. Reports errors, calls
-per second and the time of each chunk of calls, first against last (drift).
+stay dependent. Reports errors (counted per rank and summed through jax.distributed's key-value
+store, so no collective is needed: it runs where ranks share a GPU), calls per second and the
+time of each chunk of calls, first against last (drift).
 
 Several sizes (`--bytes 64K,1M`, `--random-sizes N`) take turns chunk by chunk, each its own
 program, so that calls of different sizes follow each other through the same workspace;
@@ -29,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 import jaxnvrar
 from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
 from jaxnvrar.bench.setup import bring_up, is_printer, progress
+from jaxnvrar.distributed import gather_from_processes
 from jaxnvrar.schedule import KernelConfig
 from jaxnvrar.tuning import kernel_config_override
 
@@ -81,9 +83,16 @@ def soak_program(mesh, algorithm: str, chunk: int):
             return lax.pcast(summed - expected, "x", to="varying") + mine + shift(i + 1), errors
 
         _, errors = lax.fori_loop(0, chunk, one_call, (x + shift(0), jnp.zeros((), jnp.int32)))
-        return lax.psum(errors, "x")
+        # Each rank's own count (summed on the host, not by a collective: psum cannot run where
+        # ranks share a GPU, and the all-reduce under test should not count its own errors).
+        return errors[None]
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P()))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+
+
+def local_errors(counts: jax.Array) -> int:
+    """This process's ranks' error counts, summed."""
+    return sum(int(np.asarray(shard.data).sum()) for shard in counts.addressable_shards)
 
 
 def run(args) -> int:
@@ -112,16 +121,18 @@ def run(args) -> int:
             inputs.append(jax.make_array_from_callback(ranks.shape, NamedSharding(mesh, P("x")),
                                                        lambda i, ranks=ranks: ranks[i]))
             programs.append(soak_program(mesh, algorithm, chunk))
-            programs[-1](inputs[-1]).block_until_ready()
+            programs[-1](inputs[-1]).block_until_ready()  # warm-up: not checked
         errors_by_size, times = [0] * len(counts), []
         start = time.perf_counter()
         for done in range(1, chunks + 1):
             k = (done - 1) % len(counts)
             t = time.perf_counter()
-            errors_by_size[k] += int(programs[k](inputs[k]))  # waits: each chunk is timed on its own
+            errors_by_size[k] += local_errors(programs[k](inputs[k]))  # waits: each chunk is timed on its own
             times.append(time.perf_counter() - t)
-            progress(f"{algorithm}, {sum(errors_by_size)} wrong so far", done, chunks)
+            progress(f"{algorithm}, {sum(errors_by_size)} wrong so far on this process's ranks", done, chunks)
         elapsed = time.perf_counter() - start
+    by_process = gather_from_processes(errors_by_size)
+    errors_by_size = [sum(counts) for counts in zip(*by_process)]
     calls = chunks * chunk
     errors = sum(errors_by_size)
     first, last = np.median(times[: max(1, chunks // 10)]), np.median(times[-max(1, chunks // 10):])
@@ -129,6 +140,7 @@ def run(args) -> int:
     result = {"devices": description, "algorithm": algorithm, "dtype": args.dtype,
               "kernel_config": pinned.label if pinned else None, "bytes": sizes_bytes,
               "errors_by_size": dict(zip(map(str, sizes_bytes), errors_by_size)),
+              "errors_by_process": [sum(counts) for counts in by_process],
               "calls": calls, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
               "first_tenth_chunk_ms": first * 1e3, "last_tenth_chunk_ms": last * 1e3}
     if is_printer():
@@ -142,6 +154,8 @@ def run(args) -> int:
         for size, wrong in zip(sizes_bytes, errors_by_size):
             if wrong:
                 print(f"  {size} B: {wrong} wrong elements")
+        if errors and len(by_process) > 1:
+            print("  by process: " + ", ".join(f"{i}: {sum(counts)}" for i, counts in enumerate(by_process)))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
