@@ -186,7 +186,7 @@ WORKSPACE_HEADER_BYTES = 2048
 DENSE_REGION_BYTES = 64 << 20
 
 
-def dense_inbox_bytes(gpus_per_node: int, region_bytes: int = DENSE_REGION_BYTES, one_shot: bool = True) -> int:
+def dense_inbox_bytes(region_bytes: int, gpus_per_node: int, one_shot: bool) -> int:
     """The largest slice (bytes; one-shot: message) a dense site runs the dense kernel for; larger
     ones run as bulk. Two-shot has an inbox per phase. Twin: DenseInboxBytes in csrc/schedule.h."""
     two_shot = region_bytes // (4 * gpus_per_node) // 16 * 16  # one-shot: twice, so both fill the same halves

@@ -31,6 +31,7 @@ class Setting:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     help: str = ""
+    zero_means_none: bool = False  # 0 is accepted below the minimum: "none of it"
 
     def parse(self, raw: str | None):
         """The value of `raw` (the default when None); a ValueError naming the variable and
@@ -45,10 +46,14 @@ class Setting:
             value = self.kind(raw)
         except ValueError:
             value = None
+        if value == 0 and self.zero_means_none:
+            return value
         if value is None or (self.minimum is not None and value < self.minimum) or (
                 self.maximum is not None and value > self.maximum):
             bound = (f"in [{self.minimum}, {self.maximum}]" if self.maximum is not None
                      else f">= {self.minimum}" if self.minimum is not None else "")
+            if self.zero_means_none:
+                bound = f"0 (none) or {bound}"
             raise ValueError(f"{self.name}={raw!r}: expected a {self.kind.__name__} {bound}".rstrip())
         return value
 
@@ -67,7 +72,7 @@ SETTINGS = (
             help="1/0: one-shot kernels on one node always/never (default: the tuning table's)"),
     Setting("JAXNVRAR_BULK", "bulk", int, None, True, minimum=0, maximum=1,
             help="1/0: bulk kernels (raw data, a flag per block) always/never (default: the tuning table's)"),
-    Setting("JAXNVRAR_DENSE_BYTES", "dense_bytes", int, 0, True, minimum=0,
+    Setting("JAXNVRAR_DENSE_BYTES", "dense_bytes", int, 0, True, minimum=MIN_DENSE_BYTES, zero_means_none=True,
             help=f"the dense kernel's inboxes per GPU (0: none, the dense kernel is opt-in; "
                  f"{DENSE_REGION_BYTES}: messages up to 16 MiB on 2 GPUs)"),
     Setting("JAXNVRAR_CHECK_CALLS", "check_calls", int, 1, True, minimum=0, maximum=1,
@@ -105,11 +110,6 @@ class Settings:
     auto_max_bytes: int | None = None
     network: str = "ndr"
     tuning_file: str | None = None
-
-    def __post_init__(self):
-        if 0 < self.dense_bytes < MIN_DENSE_BYTES:  # smaller would hold no inbox of 2+ GPUs worth having
-            raise ValueError(f"JAXNVRAR_DENSE_BYTES={self.dense_bytes}: use 0 (no dense kernel) or at least "
-                             f"{MIN_DENSE_BYTES} (1 MiB)")
 
     def lowering(self) -> dict:
         """The settings that change how programs are lowered, by variable name."""

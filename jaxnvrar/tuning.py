@@ -65,7 +65,8 @@ class Choice:
 
 class Table:
     """Measured choices: entries[key][bucket] = {"algorithm", "max_blocks", "one_shot", "bulk",
-    "nvrar_us", "psum_us", "nvrar_us_by_launch"}."""
+    "dense", "nvrar_us", "psum_us", "nvrar_us_by_launch"} (a missing "dense" or "one_shot" is
+    False: tables from before them)."""
 
     def __init__(self, entries: dict | None = None):
         self.entries = entries or {}
@@ -83,9 +84,11 @@ class Table:
                                                                  key=lambda item: item[0].label)}}
         return Choice(algorithm, config)
 
-    def lookup(self, key: str, nbytes: int) -> Choice | None:
+    def lookup(self, key: str, nbytes: int, *, dense: bool = True) -> Choice | None:
         """The choice measured for this message's bucket; past the largest bucket measured, that
-        one's (large messages behave alike); below the smallest, the smallest's."""
+        one's (large messages behave alike); below the smallest, the smallest's. With
+        `dense=False` (no dense inboxes in this process) the fastest of the other measured
+        configurations, against psum again."""
         buckets = self.entries.get(key)
         if not buckets:
             return None
@@ -93,6 +96,12 @@ class Table:
         wanted = bucket_of(nbytes)
         bucket = next((b for b in measured if b >= wanted), measured[-1])
         e = buckets[str(bucket)]
+        if e.get("dense") and not dense:
+            others = {label: us for label, us in e.get("nvrar_us_by_launch", {}).items() if not KernelConfig.parse(label).dense}
+            if not others:  # nothing else measured: the same width and shot, as bulk
+                return Choice(e["algorithm"], KernelConfig(int(e["max_blocks"]), bool(e.get("one_shot", False)), True))
+            label, nvrar_us = min(others.items(), key=lambda item: item[1])
+            return Choice("nvrar" if nvrar_us < e["psum_us"] else "psum", KernelConfig.parse(label))
         return Choice(e["algorithm"], KernelConfig(int(e["max_blocks"]), bool(e.get("one_shot", False)),
                                                    bool(e.get("bulk", False)), bool(e.get("dense", False))))
 
@@ -171,12 +180,13 @@ def builtin() -> Table:
 
 def tuned_choice(topology: Topology, dtype_name: str, nbytes: int) -> Choice | None:
     """The tuning table's choice for this call (`jaxnvrar-bench tune`), else None."""
-    return _active.lookup(entry_key(jax.devices()[0].device_kind, topology, dtype_name), nbytes)
+    return _active.lookup(entry_key(jax.devices()[0].device_kind, topology, dtype_name), nbytes, dense=dense_inboxes())
 
 
 def builtin_choice(topology: Topology, nbytes: int) -> Choice | None:
     """The built-in table's choice for this GPU kind and topology, else None."""
-    return builtin().lookup(entry_key(jax.devices()[0].device_kind, topology, _BUILTIN_DTYPE), nbytes)
+    return builtin().lookup(entry_key(jax.devices()[0].device_kind, topology, _BUILTIN_DTYPE), nbytes,
+                            dense=dense_inboxes())
 
 
 def choice_for(topology: Topology, dtype_name: str, nbytes: int) -> Choice | None:
@@ -249,8 +259,8 @@ def kernel_config_for(topology: Topology, dtype_name: str, num_elements: int, it
         measured = choice.config if choice else measured
     fields = {field: measured_value if explicit[field] is None else explicit[field]
               for field, measured_value in dataclasses.asdict(measured).items()}
-    # Dense is a kind of bulk: an explicit JAXNVRAR_BULK=0 ends it, and so does a process without
-    # the dense inboxes (JAXNVRAR_DENSE_BYTES=0, the default) using a table measured with them.
+    # Dense is a kind of bulk: an explicit JAXNVRAR_BULK=0 ends it. (Without the dense inboxes
+    # the table's lookup already chose among the other configurations.)
     fields["dense"] = fields["dense"] and fields["bulk"] and dense_inboxes()
     config = KernelConfig(**fields)
     config = config.possible_for(topology)

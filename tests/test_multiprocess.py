@@ -69,8 +69,9 @@ import jax
 from jax import lax
 import jaxnvrar
 from jaxnvrar import bench
-# Process 1's ranks get wrong sums: each process counts its own ranks' errors; the report must
-# give their total (through the key-value store, not a collective).
+# Process 1's ranks get wrong sums (and through the next inputs, so do process 0's later): each
+# process counts its own ranks' errors; the report must give their total (through the key-value
+# store, not a collective) and each process's part.
 jaxnvrar.all_reduce = lambda x, axis, algorithm: lax.psum(x, axis) - jax.process_index()
 raise SystemExit(bench.main(["soak", "--calls", "30", "--chunk", "10", "--bytes", "64", "--dtype", "float32"]))
 """

@@ -117,15 +117,15 @@ def test_workspace_regions_are_disjoint_and_fill_each_half():
 
 
 def test_dense_inboxes_match_the_kernels():
-    assert schedule.dense_inbox_bytes(2) == 16 << 20
+    assert schedule.dense_inbox_bytes(schedule.DENSE_REGION_BYTES, 2, True) == 16 << 20
     for region, g in [(64 << 20, 2), (64 << 20, 3), (1000, 2), (0, 8), (3 << 30, 32)]:
         for one_shot in (True, False):
-            assert schedule.dense_inbox_bytes(g, region, one_shot) == cpp.dense_inbox_bytes(region, g, one_shot)
+            assert schedule.dense_inbox_bytes(region, g, one_shot) == cpp.dense_inbox_bytes(region, g, one_shot)
     # Each parity's inboxes (one-shot: G; two-shot: 2G) end where the other parity's begin in both
     # layouts, within the allocation: one-shot and two-shot calls never share bytes across parities.
     for region in [64 << 20, (1 << 20) + 64, 12345679, 1 << 30]:
         for g in range(2, 33):
-            one, two = schedule.dense_inbox_bytes(g, region, True), schedule.dense_inbox_bytes(g, region, False)
+            one, two = schedule.dense_inbox_bytes(region, g, True), schedule.dense_inbox_bytes(region, g, False)
             assert g * one == 2 * g * two and 2 * g * one <= region and one % 16 == 0
 
 

@@ -30,8 +30,9 @@ def test_dense_inboxes_are_none_or_at_least_a_mebibyte():
     assert settings.read({"JAXNVRAR_DENSE_BYTES": "0"}).dense_bytes == 0
     assert settings.read({}).dense_bytes == 0 and settings.read({}).lowering()["JAXNVRAR_DENSE_BYTES"] == 0  # opt-in
     assert settings.read({"JAXNVRAR_DENSE_BYTES": str(64 << 20)}).dense_bytes == 64 << 20
-    with pytest.raises(ValueError, match=r"JAXNVRAR_DENSE_BYTES=4096: use 0 \(no dense kernel\) or at least"):
+    with pytest.raises(ValueError, match=r"JAXNVRAR_DENSE_BYTES='4096': expected a int 0 \(none\) or >= 1048576"):
         settings.read({"JAXNVRAR_DENSE_BYTES": "4096"})
+    assert "0 (none) or >= 1048576" in settings.problems({"JAXNVRAR_DENSE_BYTES": "4096"})["JAXNVRAR_DENSE_BYTES"]
 
 
 def test_the_package_version_is_pyprojects():

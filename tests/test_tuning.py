@@ -184,6 +184,12 @@ def test_dense_is_a_kind_of_bulk_on_one_node():
     table = tuning.Table()
     table.record("k", 1 << 20, psum_us=9.0, nvrar_us_by_config={L.parse("128-1shot-dense"): 5.0, L(128): 6.0})
     assert table.lookup("k", 1 << 20) == tuning.Choice("nvrar", L.parse("128-1shot-dense"))
+    # Without the dense inboxes: the fastest other configuration, against psum again.
+    assert table.lookup("k", 1 << 20, dense=False) == tuning.Choice("nvrar", L(128))
+    table.record("k", 1 << 20, psum_us=9.0, nvrar_us_by_config={L.parse("128-1shot-dense"): 5.0, L(128): 12.0})
+    assert table.lookup("k", 1 << 20, dense=False).algorithm == "psum"
+    table.record("k", 1 << 20, psum_us=9.0, nvrar_us_by_config={L.parse("128-1shot-dense"): 5.0})
+    assert table.lookup("k", 1 << 20, dense=False) == tuning.Choice("nvrar", L(128, True, True))
 
 
 def test_the_builtin_table_gives_the_measured_configs_without_a_tuning_run(monkeypatch):

@@ -153,6 +153,10 @@ def parse_kernel_configs(text: str, topology: Topology, option: str) -> list[Ker
             raise SystemExit(f"jaxnvrar-bench {option}: {config.label} needs one node of several GPUs, but "
                              f"the topology is {topology.num_nodes} node(s) of {topology.gpus_per_node}; drop -1shot "
                              "or change --gpus-per-node")
+        if config.dense and not one_shot_possible(topology):
+            raise SystemExit(f"jaxnvrar-bench {option}: {config.label} runs on one node of several GPUs, but the "
+                             f"topology is {topology.num_nodes} node(s) of {topology.gpus_per_node} (it would run as "
+                             "bulk under the wrong name); use -bulk or change --gpus-per-node")
         if config.dense and not tuning.dense_inboxes():
             raise SystemExit(f"jaxnvrar-bench {option}: {config.label} needs the dense kernel's inboxes (opt-in): "
                              f"set JAXNVRAR_DENSE_BYTES, e.g. {DENSE_REGION_BYTES}")

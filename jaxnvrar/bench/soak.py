@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 
 import jax
@@ -31,7 +32,8 @@ import jaxnvrar
 from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
 from jaxnvrar.bench.setup import bring_up, is_printer, progress
 from jaxnvrar.distributed import gather_from_processes
-from jaxnvrar.schedule import KernelConfig
+from jaxnvrar import runtime, tuning
+from jaxnvrar.schedule import DENSE_REGION_BYTES, KernelConfig
 from jaxnvrar.tuning import kernel_config_override
 
 
@@ -114,6 +116,9 @@ def run(args) -> int:
     if pinned and algorithm != "nvrar":
         raise SystemExit(f"jaxnvrar-bench soak --kernel-config: it pins nvrar's kernel, but this run uses {algorithm} "
                          "(nvrar needs GPUs, the CUDA build and jaxnvrar-launch)")
+    if pinned and pinned.dense and not tuning.dense_inboxes():
+        raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {pinned.label} needs the dense kernel's inboxes "
+                         f"(opt-in): set JAXNVRAR_DENSE_BYTES, e.g. {DENSE_REGION_BYTES}")
     with kernel_config_override(pinned) if pinned else contextlib.nullcontext(), jax.set_mesh(mesh):
         programs, inputs = [], []
         for count in counts:  # one program per size, each compiled and warmed up (not counted)
@@ -123,6 +128,7 @@ def run(args) -> int:
             programs.append(soak_program(mesh, algorithm, chunk))
             programs[-1](inputs[-1]).block_until_ready()  # warm-up: not checked
         errors_by_size, times = [0] * len(counts), []
+        dense_before = runtime.dense_calls() if algorithm == "nvrar" else 0  # after the warm-ups
         start = time.perf_counter()
         for done in range(1, chunks + 1):
             k = (done - 1) % len(counts)
@@ -133,6 +139,9 @@ def run(args) -> int:
         elapsed = time.perf_counter() - start
     by_process = gather_from_processes(errors_by_size)
     errors_by_size = [sum(counts) for counts in zip(*by_process)]
+    # Calls of the dense kernel on this GPU (a dense site falls back to bulk where a message
+    # outgrows the inboxes): a dense soak that ran none has not tested it.
+    dense_calls = runtime.dense_calls() - dense_before if algorithm == "nvrar" else 0
     calls = chunks * chunk
     errors = sum(errors_by_size)
     first, last = np.median(times[: max(1, chunks // 10)]), np.median(times[-max(1, chunks // 10):])
@@ -140,7 +149,7 @@ def run(args) -> int:
     result = {"devices": description, "algorithm": algorithm, "dtype": args.dtype,
               "kernel_config": pinned.label if pinned else None, "bytes": sizes_bytes,
               "errors_by_size": dict(zip(map(str, sizes_bytes), errors_by_size)),
-              "errors_by_process": [sum(counts) for counts in by_process],
+              "errors_by_process": [sum(counts) for counts in by_process], "dense_calls": dense_calls,
               "calls": calls, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
               "first_tenth_chunk_ms": first * 1e3, "last_tenth_chunk_ms": last * 1e3}
     if is_printer():
@@ -151,6 +160,9 @@ def run(args) -> int:
               f"{elapsed:.2f} s ({result['us_per_call']:.2f} us/call); chunk of {chunk}: "
               f"{result['first_tenth_chunk_ms']:.2f} ms in the first tenth, {result['last_tenth_chunk_ms']:.2f} ms "
               "in the last (median)")
+        if pinned and pinned.dense:
+            print(f"  dense kernel calls on rank {jax.process_index()}'s GPU: {dense_calls} of {calls} (larger "
+                  "messages than its inboxes run bulk)")
         for size, wrong in zip(sizes_bytes, errors_by_size):
             if wrong:
                 print(f"  {size} B: {wrong} wrong elements")
@@ -159,4 +171,7 @@ def run(args) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
+    if pinned and pinned.dense and dense_calls == 0:
+        print("jaxnvrar-bench soak: the dense kernel never ran (every message outgrew its inboxes?)", file=sys.stderr)
+        return 1
     return 1 if errors else 0

@@ -112,8 +112,10 @@ def test_other_launches_give_the_same_bits(launch, size, dtype):
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
     host = _host(num_ranks, size, dtype)
+    before = jaxnvrar.runtime.dense_calls()
     with kernel_config_override(KernelConfig.parse(launch)):
         out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
+        _assert_dense_ran(launch, size * jnp.dtype(dtype).itemsize, num_ranks, before)
         # Across "nodes": bulk runs there too (with JAXNVRAR_FORCE_PUT=1 through puts with signal);
         # one-shot falls back to the full schedule. The bits agree either way.
         across = run_per_rank(_reduce("nvrar", 1), host, mesh) if num_ranks > 1 else None
@@ -205,37 +207,63 @@ def test_command_buffer_replay_advances_flags():
 # The dense kernel (csrc/protocol_dense.cuh): no flags, an empty slot is all ones. Many calls of
 # several sizes, every element of every call checked against the reference (same sums: same
 # bits), so that a slot read before its data landed, or a stale one from two calls back, shows.
+def _dense_fits(label: str, nbytes: int, num_ranks: int) -> bool:
+    """Whether a one-node call of `nbytes` under configuration `label` runs the dense kernel
+    (else bulk): one-shot, the message must fit an inbox; two-shot, a slice."""
+    config = KernelConfig.parse(label)
+    inbox = dense_inbox_bytes(jaxnvrar.runtime.settings().dense_bytes, num_ranks, config.one_shot)
+    return config.dense and num_ranks > 1 and nbytes <= inbox * (1 if config.one_shot else num_ranks)
+
+
+def _assert_dense_ran(label: str, nbytes: int, num_ranks: int, before: int, calls: int = 1) -> None:
+    """A dense configuration's calls that fit the inboxes ran the dense kernel, not bulk."""
+    if KernelConfig.parse(label).dense:
+        want = calls if _dense_fits(label, nbytes, num_ranks) else 0
+        assert jaxnvrar.runtime.dense_calls() - before == want, f"{label}, {nbytes} B: dense calls != {want}"
+
+
 def _dense_sizes(dtype, num_ranks, one_shot):
     # Random sizes up to 1 MB, and the largest message the dense inboxes hold (larger ones run as
     # bulk, which the launch tests cover): one-shot, the message fits an inbox; two-shot, a slice.
-    inbox = dense_inbox_bytes(num_ranks, jaxnvrar.runtime.settings().dense_bytes, one_shot)
+    inbox = dense_inbox_bytes(jaxnvrar.runtime.settings().dense_bytes, num_ranks, one_shot)
     largest = max(1, inbox * (1 if one_shot else num_ranks) // jnp.dtype(dtype).itemsize)
     rng = np.random.default_rng(7)
     return [int(s) for s in rng.integers(1, 1 << 20, size=4)] + [largest]
 
 
-@pytest.mark.skipif(ranks_share_gpus(), reason="the reference runs XLA's collectives: NCCL refuses ranks that share a GPU")
 @pytest.mark.parametrize("config", ["128-1shot-dense", "128-dense"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_dense_every_element_of_many_calls(dtype, config):
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
     uint = {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
-    calls = 400
+    calls, scales = 400, 16
 
-    def run(a):
+    # Call i sums a * (i % 16 + 1): the reference's 16 sums, computed once where XLA's collectives
+    # run (this process's CPU devices where ranks share a GPU), are the expected bits.
+    def references(a):
+        return jnp.concatenate([jaxnvrar.all_reduce(a * jnp.asarray(s, a.dtype), "x", algorithm="reference",
+                                                    gpus_per_node=num_ranks) for s in range(1, scales + 1)])
+
+    def run(row):
+        n = row.shape[0] // (scales + 1)
+        a, expected = row[:n], row[n:].reshape(scales, n)
+
         def body(i, differing):
-            scaled = a * (i % 16 + 1).astype(a.dtype)  # new values every call
+            scaled = a * (i % scales + 1).astype(a.dtype)  # new values every call
             ours = jaxnvrar.all_reduce(scaled, "x", algorithm="nvrar", gpus_per_node=num_ranks)
-            reference = jaxnvrar.all_reduce(scaled, "x", algorithm="reference", gpus_per_node=num_ranks)
-            same = lax.bitcast_convert_type(ours, uint) == lax.bitcast_convert_type(reference, uint)
+            want = lax.dynamic_index_in_dim(expected, i % scales, keepdims=False)
+            same = lax.bitcast_convert_type(ours, uint) == lax.bitcast_convert_type(want, uint)
             return differing + jnp.sum(~same, dtype=jnp.int32)
-        return lax.fori_loop(0, calls, body, jnp.int32(0))[None]
+        # The expected sums are this rank's input: the count varies over ranks.
+        return lax.fori_loop(0, calls, body, lax.pcast(jnp.int32(0), "x", to="varying"))[None]
 
     with kernel_config_override(config):
         for size in _dense_sizes(dtype, num_ranks, KernelConfig.parse(config).one_shot):
+            host = _host(num_ranks, size, dtype, seed=size)
+            want = run_per_rank(references, host, xla_collectives_mesh(num_ranks))
             before = jaxnvrar.runtime.dense_calls()
-            out = run_per_rank(run, _host(num_ranks, size, dtype, seed=size), mesh)
+            out = run_per_rank(run, np.concatenate([host, want], axis=1), mesh)
             assert (out == 0).all(), f"{size} elements: {out.tolist()} elements of {calls} calls differ from the reference"
             assert jaxnvrar.runtime.dense_calls() - before == calls, "the dense kernel did not run (fell back to bulk)"
 
@@ -271,7 +299,7 @@ def test_dense_calls_back_to_back_with_other_kernels():
     finally:
         tuning.use(saved)
     assert (out == 0).all(), f"wrong elements: {out.tolist()}"
-    fitting = sum(4 * size <= dense_inbox_bytes(num_ranks, jaxnvrar.runtime.settings().dense_bytes,
+    fitting = sum(4 * size <= dense_inbox_bytes(jaxnvrar.runtime.settings().dense_bytes, num_ranks,
                                                  KernelConfig.parse(label).one_shot) * (1 if "1shot" in label else num_ranks)
                   for size, label in sites.items() if "dense" in label)
     assert jaxnvrar.runtime.dense_calls() - before == 2000 * fitting
@@ -290,8 +318,10 @@ def test_dense_passes_sentinel_valued_inputs(dtype, config):
     bits = host.view(uint)
     bits[:, 3::11] = 1 << (8 * itemsize - 1)  # -0.0
     bits[:, ::7] = np.iinfo(uint).max  # the sentinel in every 7th element of every rank
+    before = jaxnvrar.runtime.dense_calls()
     with kernel_config_override(config):
         out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
+    _assert_dense_ran(config, host[0].nbytes, num_ranks, before)
     expected = run_per_rank(_reduce("reference", num_ranks), host, xla_collectives_mesh(num_ranks))
     nan = np.isnan(expected.astype(np.float32))
     assert nan[:, ::7].all()
