@@ -202,6 +202,13 @@ def slice_capacity_elements(num_elements: int, gpus_per_node: int, itemsize: int
     return slice_stride(num_elements, gpus_per_node, max(1, SLICE_ALIGN_BYTES // itemsize))
 
 
+def dense_fits(num_elements: int, itemsize: int, gpus_per_node: int, one_shot: bool, region_bytes: int) -> bool:
+    """Whether a dense site of one node runs the dense kernel for this message (its slice, the
+    whole message one-shot, fits an inbox), else bulk. Twin of the check in csrc/nvrar_ffi.cu."""
+    slice_bytes = slice_capacity_elements(num_elements, 1 if one_shot else gpus_per_node, itemsize) * itemsize
+    return gpus_per_node > 1 and slice_bytes <= dense_inbox_bytes(region_bytes, gpus_per_node, one_shot)
+
+
 def one_shot_possible(topology: Topology) -> bool:
     """A one-shot launch needs one node (no inter-node phase) of at least two GPUs."""
     return topology.num_nodes == 1 and topology.gpus_per_node > 1

@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 
 import jaxnvrar
-from jaxnvrar import tuning
+from jaxnvrar import runtime, tuning
 from jaxnvrar.bench.allreduce import (DTYPES, max_error_against_psum, measure, message_sizes, parse_bytes,
                                       parse_kernel_configs)
 from jaxnvrar.bench.setup import bring_up, is_printer
 from jaxnvrar.distributed import default_topology
 from jaxnvrar.runtime import fits_workspace
-from jaxnvrar.schedule import KernelConfig, Topology, one_shot_possible
+from jaxnvrar.schedule import KernelConfig, Topology, dense_fits, one_shot_possible
 
 
 def add_arguments(parser) -> None:
@@ -73,7 +73,9 @@ def run(args) -> int:
         by_config, cells = {}, []
         for config in configs:
             algorithm = f"nvrar/{config.label}"
-            if not fits_workspace(count, itemsize, topology, config):  # it would run as the default one
+            if not fits_workspace(count, itemsize, topology, config) or (  # it would run as the default one
+                    config.dense and not dense_fits(count, itemsize, topology.gpus_per_node, config.one_shot,
+                                                    runtime.settings().dense_bytes)):  # ... or as bulk
                 cells.append(f"{'n/a':>14}")
                 continue
             error = max_error_against_psum(mesh, algorithm, count, dtype, gpus_per_node=args.gpus_per_node)

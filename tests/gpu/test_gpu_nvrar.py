@@ -27,7 +27,7 @@ import jaxnvrar
 from helpers import mesh_1d, run_per_rank, xla_collectives_mesh
 from jaxnvrar.distributed import ranks_share_gpus
 from jaxnvrar.runtime import fits_workspace
-from jaxnvrar.schedule import KernelConfig, dense_inbox_bytes, workspace_bytes_needed
+from jaxnvrar.schedule import KernelConfig, dense_fits, dense_inbox_bytes, workspace_bytes_needed
 from jaxnvrar import tuning
 from jaxnvrar.tuning import kernel_config_override
 
@@ -115,7 +115,7 @@ def test_other_launches_give_the_same_bits(launch, size, dtype):
     before = jaxnvrar.runtime.dense_calls()
     with kernel_config_override(KernelConfig.parse(launch)):
         out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
-        _assert_dense_ran(launch, size * jnp.dtype(dtype).itemsize, num_ranks, before)
+        _assert_dense_ran(launch, size, dtype, num_ranks, before)
         # Across "nodes": bulk runs there too (with JAXNVRAR_FORCE_PUT=1 through puts with signal);
         # one-shot falls back to the full schedule. The bits agree either way.
         across = run_per_rank(_reduce("nvrar", 1), host, mesh) if num_ranks > 1 else None
@@ -207,19 +207,15 @@ def test_command_buffer_replay_advances_flags():
 # The dense kernel (csrc/protocol_dense.cuh): no flags, an empty slot is all ones. Many calls of
 # several sizes, every element of every call checked against the reference (same sums: same
 # bits), so that a slot read before its data landed, or a stale one from two calls back, shows.
-def _dense_fits(label: str, nbytes: int, num_ranks: int) -> bool:
-    """Whether a one-node call of `nbytes` under configuration `label` runs the dense kernel
-    (else bulk): one-shot, the message must fit an inbox; two-shot, a slice."""
+def _assert_dense_ran(label: str, size: int, dtype, num_ranks: int, before: int, calls: int = 1) -> None:
+    """A dense configuration's one-node calls of `size` elements ran the dense kernel where the
+    message fits its inboxes (else bulk)."""
     config = KernelConfig.parse(label)
-    inbox = dense_inbox_bytes(jaxnvrar.runtime.settings().dense_bytes, num_ranks, config.one_shot)
-    return config.dense and num_ranks > 1 and nbytes <= inbox * (1 if config.one_shot else num_ranks)
-
-
-def _assert_dense_ran(label: str, nbytes: int, num_ranks: int, before: int, calls: int = 1) -> None:
-    """A dense configuration's calls that fit the inboxes ran the dense kernel, not bulk."""
-    if KernelConfig.parse(label).dense:
-        want = calls if _dense_fits(label, nbytes, num_ranks) else 0
-        assert jaxnvrar.runtime.dense_calls() - before == want, f"{label}, {nbytes} B: dense calls != {want}"
+    if config.dense:
+        fits = dense_fits(size, jnp.dtype(dtype).itemsize, num_ranks, config.one_shot,
+                          jaxnvrar.runtime.settings().dense_bytes)
+        want = calls if fits else 0
+        assert jaxnvrar.runtime.dense_calls() - before == want, f"{label}, {size} elements: dense calls != {want}"
 
 
 def _dense_sizes(dtype, num_ranks, one_shot):
@@ -299,9 +295,8 @@ def test_dense_calls_back_to_back_with_other_kernels():
     finally:
         tuning.use(saved)
     assert (out == 0).all(), f"wrong elements: {out.tolist()}"
-    fitting = sum(4 * size <= dense_inbox_bytes(jaxnvrar.runtime.settings().dense_bytes, num_ranks,
-                                                 KernelConfig.parse(label).one_shot) * (1 if "1shot" in label else num_ranks)
-                  for size, label in sites.items() if "dense" in label)
+    fitting = sum(dense_fits(size, 4, num_ranks, KernelConfig.parse(label).one_shot,
+                             jaxnvrar.runtime.settings().dense_bytes) for size, label in sites.items() if "dense" in label)
     assert jaxnvrar.runtime.dense_calls() - before == 2000 * fitting
 
 
@@ -321,7 +316,7 @@ def test_dense_passes_sentinel_valued_inputs(dtype, config):
     before = jaxnvrar.runtime.dense_calls()
     with kernel_config_override(config):
         out = run_per_rank(_reduce("nvrar", num_ranks), host, mesh)
-    _assert_dense_ran(config, host[0].nbytes, num_ranks, before)
+    _assert_dense_ran(config, host.shape[1], dtype, num_ranks, before)
     expected = run_per_rank(_reduce("reference", num_ranks), host, xla_collectives_mesh(num_ranks))
     nan = np.isnan(expected.astype(np.float32))
     assert nan[:, ::7].all()
