@@ -97,7 +97,8 @@ class Table:
         bucket = next((b for b in measured if b >= wanted), measured[-1])
         e = buckets[str(bucket)]
         if e.get("dense") and not dense:
-            others = {label: us for label, us in e.get("nvrar_us_by_launch", {}).items() if not KernelConfig.parse(label).dense}
+            others = {label: us for label, us in e.get("nvrar_us_by_launch", {}).items()
+                      if not KernelConfig.parse(label).dense}
             if not others:  # nothing else measured: the same width and shot, as bulk
                 return Choice(e["algorithm"], KernelConfig(int(e["max_blocks"]), bool(e.get("one_shot", False)), True))
             label, nvrar_us = min(others.items(), key=lambda item: item[1])

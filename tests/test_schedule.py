@@ -131,7 +131,8 @@ def test_dense_inboxes_match_the_kernels():
 
 def test_dense_runs_where_the_slice_fits_an_inbox():
     region = schedule.DENSE_REGION_BYTES  # 2 GPUs: a one-shot inbox of 16 MiB, two-shot 8 MiB
-    assert schedule.dense_fits(8 << 20, 2, 2, True, region) and not schedule.dense_fits((8 << 20) + 1, 2, 2, True, region)
+    assert schedule.dense_fits(8 << 20, 2, 2, True, region)
+    assert not schedule.dense_fits((8 << 20) + 1, 2, 2, True, region)
     assert schedule.dense_fits(8 << 20, 2, 2, False, region)  # two slices of 8 MiB
     assert not schedule.dense_fits((8 << 20) + 16, 2, 2, False, region)
     assert not schedule.dense_fits(8, 4, 2, True, 0) and not schedule.dense_fits(8, 4, 1, True, region)

@@ -295,8 +295,9 @@ def test_dense_calls_back_to_back_with_other_kernels():
     finally:
         tuning.use(saved)
     assert (out == 0).all(), f"wrong elements: {out.tolist()}"
-    fitting = sum(dense_fits(size, 4, num_ranks, KernelConfig.parse(label).one_shot,
-                             jaxnvrar.runtime.settings().dense_bytes) for size, label in sites.items() if "dense" in label)
+    region = jaxnvrar.runtime.settings().dense_bytes
+    fitting = sum(dense_fits(size, 4, num_ranks, KernelConfig.parse(label).one_shot, region)
+                  for size, label in sites.items() if "dense" in label)
     assert jaxnvrar.runtime.dense_calls() - before == 2000 * fitting
 
 
