@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
+from jaxnvrar.tuning import kernel_config_override
 
 # Flags are calls % FLAG_PERIOD + 1 (BeginCall in csrc/device_common.cuh); the wrap scenario starts just before
 # the counter crosses a multiple of it.
@@ -94,6 +95,11 @@ def main(name: str) -> None:
                 lambda a: lax.cond(lax.axis_index("x") == 0, mine, theirs, a)[None],
                 mesh=mesh, in_specs=P("x"), out_specs=P("x"), check_vma=False))
             expect_failure(fn, x)
+
+        if name == "dense-mismatch":  # run with JAXNVRAR_DENSE_BYTES set: the same call, dense on rank 0 only
+            x = sharded(mesh, np.ones(1 << 16, np.float32))
+            with kernel_config_override("128-1shot-dense" if rank == 0 else "128-1shot-bulk"):
+                expect_failure(all_reduce_fn(mesh), x)  # lowered under the override: each its own kernel
 
         if name == "wrap":  # run with JAXNVRAR_FIRST_CALL a few calls before a flag wrap
             inputs = [np.random.default_rng(r).standard_normal(70000).astype(np.float32) for r in range(2)]

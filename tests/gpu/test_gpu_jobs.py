@@ -97,6 +97,15 @@ def test_ranks_in_different_calls_report_a_mismatch(scenario):
     assert expected in reports[0]["message"], reports[0]["message"]
 
 
+def test_a_dense_call_against_a_bulk_call_reports_a_mismatch():
+    # Dense and bulk use different inboxes: without the signature check neither would see the other.
+    reports = run_scenario("dense-mismatch", JAXNVRAR_DENSE_BYTES=str(64 << 20))
+    for rank, seen in reports.items():
+        assert seen["raised"] and seen["record"]["kind"] == "mismatch", (rank, seen)
+        assert seen["seconds"] < TIMEOUT_S + 10, (rank, seen)
+    assert "dense" in reports[0]["message"] and "bulk" in reports[0]["message"], reports[0]["message"]
+
+
 @pytest.mark.parametrize("launch", [{}, {"JAXNVRAR_BULK": "1"}], ids=["default", "bulk"])
 @pytest.mark.parametrize("start_before_wrap", [6, 7])  # both parities
 def test_flags_wrap_around_without_error(start_before_wrap, launch):
