@@ -1,7 +1,5 @@
 #include "nvshmem_runtime.h"
 
-#include "schedule.h"
-
 #include <cuda_runtime.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>

@@ -276,6 +276,14 @@ def dense_inboxes() -> bool:
     return runtime.settings_or_environment().dense_bytes > 0
 
 
+def check_dense_inboxes(config: KernelConfig) -> None:
+    """A ValueError naming the setting where `config` is dense and this process has no dense inboxes."""
+    if config.dense and not dense_inboxes():
+        raise ValueError(f"kernel configuration {config.label} needs the dense kernel's inboxes (opt-in): set "
+                         f"JAXNVRAR_DENSE_BYTES (e.g. {DENSE_REGION_BYTES}) on every process before "
+                         "jaxnvrar.initialize()")
+
+
 def _needs_runtime(what: str) -> None:
     if not runtime.is_initialized():
         raise RuntimeError(f"jaxnvrar.tuning.{what}() needs jaxnvrar.initialize() first")
@@ -300,10 +308,7 @@ def kernel_config_override(config: KernelConfig | str):
         config = KernelConfig.parse(config)
     if not isinstance(config, KernelConfig):
         raise TypeError(f"kernel_config_override takes a jaxnvrar.KernelConfig or its label, got {config!r}")
-    if config.dense and not dense_inboxes():
-        raise ValueError(f"kernel configuration {config.label} needs the dense kernel's inboxes: set "
-                         f"JAXNVRAR_DENSE_BYTES (e.g. {DENSE_REGION_BYTES}) on every process before "
-                         "jaxnvrar.initialize()")
+    check_dense_inboxes(config)
     saved = dict(_overrides)
     _overrides.update(dataclasses.asdict(config))
     try:

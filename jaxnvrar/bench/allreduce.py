@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import jaxnvrar
 from jaxnvrar.distributed import default_topology
 from jaxnvrar.runtime import fits_workspace
-from jaxnvrar.schedule import DENSE_REGION_BYTES, KernelConfig, Topology, one_shot_possible
+from jaxnvrar.schedule import KernelConfig, Topology, one_shot_possible
 from jaxnvrar.tuning import kernel_config_override
 from jaxnvrar import runtime, timing, tuning
 from jaxnvrar.bench import breakdown
@@ -146,6 +146,8 @@ def parse_kernel_configs(text: str, topology: Topology, option: str) -> list[Ker
     configuration under the wrong name)."""
     try:
         configs = [KernelConfig.parse(label.strip()) for label in text.split(",")]
+        for config in configs:
+            tuning.check_dense_inboxes(config)
     except ValueError as err:
         raise SystemExit(f"jaxnvrar-bench {option}: {err}") from None
     for config in configs:
@@ -157,9 +159,6 @@ def parse_kernel_configs(text: str, topology: Topology, option: str) -> list[Ker
             raise SystemExit(f"jaxnvrar-bench {option}: {config.label} runs on one node of several GPUs, but the "
                              f"topology is {topology.num_nodes} node(s) of {topology.gpus_per_node} (it would run as "
                              "bulk under the wrong name); use -bulk or change --gpus-per-node")
-        if config.dense and not tuning.dense_inboxes():
-            raise SystemExit(f"jaxnvrar-bench {option}: {config.label} needs the dense kernel's inboxes (opt-in): "
-                             f"set JAXNVRAR_DENSE_BYTES, e.g. {DENSE_REGION_BYTES}")
     return configs
 
 

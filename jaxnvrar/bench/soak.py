@@ -33,7 +33,7 @@ from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
 from jaxnvrar.bench.setup import bring_up, is_printer, progress
 from jaxnvrar.distributed import gather_from_processes
 from jaxnvrar import runtime, tuning
-from jaxnvrar.schedule import DENSE_REGION_BYTES, KernelConfig
+from jaxnvrar.schedule import KernelConfig
 from jaxnvrar.tuning import kernel_config_override
 
 
@@ -111,14 +111,13 @@ def run(args) -> int:
     chunks = max(len(counts), calls // chunk)
     try:
         pinned = KernelConfig.parse(args.kernel_config) if args.kernel_config else None
+        if pinned and algorithm != "nvrar":
+            raise SystemExit(f"jaxnvrar-bench soak --kernel-config: it pins nvrar's kernel, but this run uses "
+                             f"{algorithm} (nvrar needs GPUs, the CUDA build and jaxnvrar-launch)")
+        if pinned:
+            tuning.check_dense_inboxes(pinned)
     except ValueError as err:
         raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {err}") from None
-    if pinned and algorithm != "nvrar":
-        raise SystemExit(f"jaxnvrar-bench soak --kernel-config: it pins nvrar's kernel, but this run uses {algorithm} "
-                         "(nvrar needs GPUs, the CUDA build and jaxnvrar-launch)")
-    if pinned and pinned.dense and not tuning.dense_inboxes():
-        raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {pinned.label} needs the dense kernel's inboxes "
-                         f"(opt-in): set JAXNVRAR_DENSE_BYTES, e.g. {DENSE_REGION_BYTES}")
     with kernel_config_override(pinned) if pinned else contextlib.nullcontext(), jax.set_mesh(mesh):
         programs, inputs = [], []
         for count in counts:  # one program per size, each compiled and warmed up (not counted)
