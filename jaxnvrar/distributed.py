@@ -119,19 +119,19 @@ def default_topology(num_ranks: int) -> Topology:
     return Topology(num_ranks, math.gcd(num_ranks, devices_per_host()))
 
 
-_agreements = itertools.count(1)
 _gathers = itertools.count(1)
 
 
-def gather_from_processes(values: list[int]) -> list[list[int]]:
-    """Every process's `values`, by process index, through jax.distributed's key-value store,
-    not a collective: it works where NCCL does not (ranks sharing a GPU) and does not depend on
-    the all-reduce under test. Every process must call it."""
+def gather_from_processes(value):
+    """Every process's `value` (JSON: numbers, strings, lists, dicts), by process index, through
+    jax.distributed's key-value store, not a collective: it works where NCCL does not (ranks
+    sharing a GPU) and does not depend on the all-reduce under test. Every process must make the
+    same calls in the same order."""
     if jax.process_count() == 1:
-        return [[int(v) for v in values]]
+        return [json.loads(json.dumps(value))]
     client = kv_client()
     prefix = f"jaxnvrar/gather/{next(_gathers)}"
-    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps([int(v) for v in values]))
+    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(value, sort_keys=True))
     return [json.loads(client.blocking_key_value_get(f"{prefix}/{other}", KV_TIMEOUT_MS))
             for other in range(jax.process_count())]
 
@@ -142,11 +142,7 @@ def check_same_across_processes(settings: dict, caller: str) -> None:
     programs, and a job whose processes compile different programs can hang before any kernel runs."""
     if jax.process_count() == 1:
         return
-    client = kv_client()
-    prefix = f"jaxnvrar/settings/{next(_agreements)}"
-    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(settings, sort_keys=True))
-    for other in range(jax.process_count()):
-        theirs = json.loads(client.blocking_key_value_get(f"{prefix}/{other}", KV_TIMEOUT_MS))
+    for other, theirs in enumerate(gather_from_processes(settings)):
         differ = [name for name in sorted(settings) if theirs.get(name) != settings[name]]
         if differ:
             raise RuntimeError(
