@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "all_reduce_kernel.cuh"
+#include "decode_attention.h"
 #include "nvshmem_runtime.h"
 #include "protocol_bulk.cuh"
 #include "protocol_dense.cuh"
@@ -514,6 +515,11 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     nb::dict targets;
     targets["jaxnvrar_nvrar_all_reduce"] = stages;
     targets["jaxnvrar_nvrar_all_reduce_rms_norm"] = fused_stages;
+    return targets;
+  });
+  m.def("attention_registrations", []() {  // no runtime needed: jaxnvrar/models/llama/attention.py
+    nb::dict targets;
+    targets["jaxnvrar_decode_attention"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::DecodeAttention));
     return targets;
   });
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),

@@ -104,7 +104,7 @@ def test_attention_in_blocks_of_queries_matches_transformers(checkpoint, monkeyp
     # padded), the prefill into a 13-position cache in 7 blocks of 1; decode steps stay whole.
     needs_devices_in_one_process(2)
     directory, hf_logits, hf_tokens = checkpoint
-    monkeypatch.setattr(llama.modules, "ATTENTION_SCORES_BYTES", 250)
+    monkeypatch.setattr(llama.attention, "ATTENTION_SCORES_BYTES", 250)
     model = llama.load_checkpoint(directory, llama.make_mesh(2), all_reduce="psum", dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(llama.forward_logits(model, PROMPTS)), hf_logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(llama.generate(model, PROMPTS, NEW_TOKENS)), hf_tokens)

@@ -26,6 +26,8 @@ _MATMUL = re.compile(r"gemm|gemv|xmma|nvjet|cutlass|matmul|wgmma|cublas|\bdot\b|
 
 
 def classify(kernel_name: str) -> str:
+    if "DecodeAttention" in kernel_name:  # jaxnvrar's attention kernel: its namespace says nvrar
+        return "other"
     if _COMMUNICATION.search(kernel_name):
         return "communication"
     if _MATMUL.search(kernel_name):

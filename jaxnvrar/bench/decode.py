@@ -76,6 +76,9 @@ def add_arguments(parser) -> None:
                         help="an XLA option of the psum-xla row (repeat for several); given, they replace "
                              "its defaults: " + ", ".join(f"{k}={v}" for k, v in PSUM_XLA_OPTIONS.items()))
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--attention", choices=("xla", "kernel"), default="xla",
+                        help="the decode step's attention for every row: XLA's ops (xla) or the fused CUDA "
+                             "kernel (kernel: experimental, slower as of 2026-12-01)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace a few decode steps per algorithm with jax.profiler into DIR and print "
@@ -337,6 +340,8 @@ def run(args) -> int:
     mesh = make_mesh(tp)
     loading = time.perf_counter()
     llama, model = _load_model(args, mesh, dtype)
+    model = llama.with_attention(model, args.attention)
+    attention = llama.attention.implementation_text(args.attention)
     load_s = time.perf_counter() - loading
     c = model.config
     bandwidth = _copy_bandwidth(dtype, on_gpu)
@@ -348,7 +353,7 @@ def run(args) -> int:
               f"{new_tokens} new tokens; all-reduce of {c.hidden_size * jnp.dtype(dtype).itemsize} B x batch "
               "(x 2 at batch 1: the twin row), "
               f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s; prefill in chunks "
-              f"of at most {llama.PREFILL_TOKENS} tokens; loaded in {load_s:.0f} s")
+              f"of at most {llama.PREFILL_TOKENS} tokens; attention {attention}; loaded in {load_s:.0f} s")
         if PSUM_XLA in algorithms:
             gpu_only = not on_gpu and any(name.startswith("xla_gpu_") for name in xla_options)
             cpu_note = " (XLA:CPU accepts the xla_gpu_ options and ignores them)" if gpu_only else ""
@@ -431,7 +436,7 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"devices": description, "model": args.checkpoint or args.preset, "tp": tp,
                        "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": args.dtype,
-                       "copy_bandwidth_gbs": bandwidth / 1e9,
+                       "attention": attention, "copy_bandwidth_gbs": bandwidth / 1e9,
                        "psum_xla_options": xla_options if PSUM_XLA in algorithms else None,
                        "results": results}, f, indent=1)
     return 0

@@ -187,7 +187,7 @@ def step_report(kernels: list[Kernel], layers: list[int | None], num_layers: int
 
 def is_all_reduce(kernel: Kernel) -> bool:
     """XLA's collective, or our kernel's custom call (plain or fused with the RMSNorm)."""
-    return kernel.kind == "all-reduce" or kernel.kind.startswith("custom-call:jaxnvrar_")
+    return kernel.kind == "all-reduce" or kernel.kind.startswith("custom-call:jaxnvrar_nvrar_")
 
 
 def compile_with_launches(lowered) -> tuple:
@@ -307,6 +307,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", choices=TARGETS, default="auto",
                         help="the job's GPUs, an H200 described to the compiler, or the CPU (auto: GPUs if any, "
                              "else h200)")
+    parser.add_argument("--attention", choices=("xla", "kernel"), default="xla",
+                        help="the decode step's attention: XLA's ops (xla) or the fused CUDA kernel (kernel: "
+                             "on the GPUs, or an H200 described where the CUDA build is installed)")
     parser.add_argument("--list", action="store_true",
                         help="name the kernels of the first middle layer (and of any middle layer that differs)")
     parser.add_argument("--json", metavar="PATH", help="write the counts (and listings) as JSON")
@@ -331,13 +334,15 @@ def run(args) -> int:
         raise SystemExit(_NO_KERNEL_HERE.format(algorithm=kernel_wanted[0], tp=args.tp))
     mesh = jax.sharding.Mesh(devices, (llama.TP,))
     rows = []
+    attention = llama.attention.implementation_text(args.attention)
     if is_printer():
         print(f"kernels of one decode step: {args.preset}, {args.layers} layers, TP {args.tp}, cache {args.context}, "
-              f"compiled for {described}, jax {jax.__version__}")
+              f"compiled for {described}, jax {jax.__version__}; attention {attention}")
         print(f"{'algorithm':>10} {'batch':>5} {'per layer':>9} {'range':>7} {'all-reduces':>11} "
               f"{'per layer, each':>22} {'outside':>7} {'total':>5} {'host launches (graphs)':>23}")
     for algorithm in algorithms:
-        model = llama.abstract_model(args.preset, mesh, all_reduce=algorithm, num_layers=args.layers)
+        model = llama.with_attention(llama.abstract_model(args.preset, mesh, all_reduce=algorithm,
+                                                          num_layers=args.layers), args.attention)
         for batch in args.batch:
             compiled, launches = compile_with_launches(llama.lowered_advance(model, batch, args.context))
             kernels = kernels_of(compiled.as_text())
@@ -366,7 +371,7 @@ def run(args) -> int:
     if args.json and is_printer():
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "layers": args.layers, "tp": args.tp, "context": args.context,
-                       "compiled_for": described, "jax": jax.__version__, "rows": rows}, f, indent=1)
+                       "compiled_for": described, "jax": jax.__version__, "attention": attention, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -4,7 +4,9 @@
 
 1. the kernel tests in N ranks (one process per GPU, under jaxnvrar-launch);
 2. the same with JAXNVRAR_FORCE_PUT=1 (the inter-node phase through NVSHMEM puts);
-3. the failure-mode and lifecycle jobs (outside the launcher: they start jobs of their own).
+3. the failure-mode and lifecycle jobs (outside the launcher: they start jobs of their own);
+4. the decode step's fused attention kernel against XLA's ops, in N ranks (no peers needed:
+   `--gpus 1 --only attention` on one GPU).
 
 Each part's output goes to DIR/<part>.log (default: printed); exits non-zero if any part failed.
 """
@@ -23,9 +25,10 @@ ROOT = HERE.parent.parent
 
 
 def parts(gpus: int, extra: list[str]) -> list[tuple[str, list[str], dict]]:
-    in_ranks = [sys.executable, "-m", "jaxnvrar.launcher", "-n", str(gpus), "--timeout", "1500", "--",
-                sys.executable, "-m", "pytest", str(HERE / "test_gpu_nvrar.py"), "-x", "-q", "-p", "no:cacheprovider",
-                *extra]
+    def in_ranks_of(test_file: str) -> list[str]:
+        return [sys.executable, "-m", "jaxnvrar.launcher", "-n", str(gpus), "--timeout", "1500", "--",
+                sys.executable, "-m", "pytest", str(HERE / test_file), "-x", "-q", "-p", "no:cacheprovider", *extra]
+    in_ranks = in_ranks_of("test_gpu_nvrar.py")
     # Every program replays as a command buffer (CUDA graph), however small; a workspace that
     # holds the 64 MB cases (unless the caller set one).
     graphs = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip(),
@@ -37,6 +40,7 @@ def parts(gpus: int, extra: list[str]) -> list[tuple[str, list[str], dict]]:
         ("kernel_force_put", in_ranks, dict(graphs, JAXNVRAR_FORCE_PUT="1")),
         ("jobs", [sys.executable, "-m", "pytest", str(HERE / "test_gpu_jobs.py"), "-q", "-p", "no:cacheprovider",
                   *extra], {}),
+        ("attention", in_ranks_of("test_gpu_attention.py"), graphs),
     ]
 
 
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=2, help="ranks (one GPU each) of the kernel tests (2)")
     parser.add_argument("--logs", type=pathlib.Path, default=None, help="write each part's output here")
-    parser.add_argument("--only", default=None, help="comma-separated parts to run (kernel,kernel_force_put,jobs)")
+    parser.add_argument("--only", default=None, help="comma-separated parts to run (kernel,kernel_force_put,jobs,attention)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more pytest arguments")
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra

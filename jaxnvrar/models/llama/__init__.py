@@ -10,9 +10,9 @@ API: `load_checkpoint`, `random_model`, `forward_logits`, `generate`; for your o
 `cache_shapes`, `lowered_advance`, `compiled_advance`.
 
 Modules: `config` (LlamaConfig, PRESETS, config.json), `reduction` (the all_reduce choices),
-`modules` (the layers), `weights` (checkpoints, random weights, the mesh), `decoding` (the
+`attention` (rope, attention, and the decode step's fused attention kernel), `modules` (the layers), `weights` (checkpoints, random weights, the mesh), `decoding` (the
 sharded forward and decoding). Settings are read where they are defined: set or patch
-`decoding.PREFILL_TOKENS` and `modules.ATTENTION_SCORES_BYTES` there; the names here only
+`decoding.PREFILL_TOKENS` and `attention.ATTENTION_SCORES_BYTES` there; the names here only
 mirror their defaults.
 """
 
@@ -20,8 +20,9 @@ from .config import PRESETS, TP, LlamaConfig, check_tensor_parallel, config_from
 from .decoding import (PREFILL_TOKENS, advance, cache_shapes, compiled_advance, decode_step, forward_logits,
                        generate, greedy_decode, greedy_tokens, init_cache, lowered_advance, prefill,
                        prefill_in_chunks, prompt_ids, queue_may_deadlock, replicated, start_history)
-from .modules import (ATTENTION_SCORES_BYTES, MLP, Attention, DecoderLayer, Llama, RMSNorm, causal_attention,
-                      fuse_columns, fuse_layer, project, rope_frequencies, with_all_reduce)
+from .attention import ATTENTION_SCORES_BYTES, causal_attention, decode_attention, decode_attention_reference
+from .modules import (MLP, Attention, DecoderLayer, Llama, RMSNorm, fuse_columns, fuse_layer, project,
+                      rope_frequencies, with_all_reduce, with_attention)
 from .reduction import ALL_REDUCE_CHOICES, check_all_reduce_choice, norm_reducer, psum_fallbacks, reducer
 from .weights import abstract_model, load_checkpoint, make_mesh, random_model
 
@@ -32,5 +33,6 @@ __all__ = [
     "forward_logits", "fuse_columns", "fuse_layer", "generate", "greedy_decode", "greedy_tokens", "hf_config_dict",
     "init_cache", "load_checkpoint", "lowered_advance", "make_mesh", "norm_reducer", "prefill", "prefill_in_chunks",
     "project", "prompt_ids", "psum_fallbacks", "queue_may_deadlock", "random_model", "reducer", "replicated",
-    "rope_frequencies", "start_history", "with_all_reduce",
+    "rope_frequencies", "start_history", "with_all_reduce", "with_attention", "decode_attention",
+    "decode_attention_reference",
 ]

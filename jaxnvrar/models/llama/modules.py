@@ -23,6 +23,8 @@ from jax import lax
 
 from jaxnvrar.primitive import rms_norm
 
+from .attention import (ATTENTION_SCORES_BYTES, apply_rope, causal_attention, check_implementation,
+                        decode_attention, split_heads, KERNEL_MAX_QUERY_ROWS)
 from .config import TP, LlamaConfig
 from .reduction import check_all_reduce_choice, norm_reducer
 
@@ -79,69 +81,32 @@ class Attention(nnx.Module):
         """KV heads over all ranks, as replicated for tensor parallelism (the cache's width)."""
         return self.kv_width // self.head_dim
 
-    def __call__(self, x, rope, positions, cache, write_at, cache_rows: int | None = None):
+    def __call__(self, x, rope, positions, cache, write_at, cache_rows: int | None = None,
+                 implementation: str = "xla"):
         """`cache_rows`: how many of the positions to write to the cache (None: all; the model's
-        twin row is not written)."""
+        twin row is not written). `implementation`: the decode step's attention
+        (`attention.decode_attention`: "xla" or "kernel"; "kernel" for decode steps, XLA's ops
+        for prefill chunks)."""
         b, length, _ = x.shape
         hd = self.head_dim
         tp = lax.axis_size(TP)
-        qkv = project(x, self.wqkv[...])
-        q_local, kv_local = self.q_width // tp, self.kv_width // tp
-        q = qkv[..., :q_local].reshape(b, length, -1, hd)  # this rank's query heads
-        k = qkv[..., q_local:q_local + kv_local].reshape(b, length, -1, hd)  # this rank's KV heads
-        v = qkv[..., q_local + kv_local:].reshape(b, length, -1, hd)
-        q, k = _apply_rope(q, rope, positions), _apply_rope(k, rope, positions)
-        # Keys and values as [batch, kv_heads, positions, head_dim]: the layout of the cache, in
-        # which both attention products are plain batched matmuls (no copy of the cache per step).
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        qkv = project(x, self.wqkv[...])  # this rank's [q | k | v] heads
+        q_heads = self.q_width // tp // hd
         if cache is not None:
-            new_k, new_v = k[:, :, :cache_rows], v[:, :, :cache_rows]
-            cache_k = lax.dynamic_update_slice(cache[0], new_k.astype(cache[0].dtype), (0, 0, write_at, 0))
-            cache_v = lax.dynamic_update_slice(cache[1], new_v.astype(cache[1].dtype), (0, 0, write_at, 0))
-            k, v, cache = cache_k, cache_v, (cache_k, cache_v)
-            key_positions = jnp.arange(k.shape[2])
-        else:
-            key_positions = positions
-        kv_heads = k.shape[1]
+            if implementation == "kernel" and q_heads // cache[0].shape[1] * length > KERNEL_MAX_QUERY_ROWS:
+                implementation = "xla"  # a prefill chunk: the kernel is for decode steps
+            out, cache_k, cache_v = decode_attention(qkv, cache[0], cache[1], rope, positions, write_at,
+                                                     q_heads=q_heads, cache_rows=cache_rows,
+                                                     implementation=implementation)
+            return project(out, self.wo[...]), (cache_k, cache_v)
+        q, k, v = split_heads(qkv, q_heads, hd)
+        q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         # Group the query heads of each KV head: [batch, kv_heads, group, length, head_dim].
-        q = q.reshape(b, length, kv_heads, -1, hd).transpose(0, 2, 3, 1, 4)
-        out = causal_attention(q, k, v, positions, key_positions)
+        q = q.reshape(b, length, k.shape[1], -1, hd).transpose(0, 2, 3, 1, 4)
+        out = causal_attention(q, k, v, positions, positions)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
         return project(out, self.wo[...]), cache
-
-
-# A prefill's float32 scores [batch, kv_heads, group, queries, keys] for all queries at once
-# outgrow a GPU (Llama 3.1 8B, batch 64 x 1024 on one H100: ~9 GB per layer, and softmax
-# keeps copies); longer prompts go through in blocks of queries holding at most this much.
-ATTENTION_SCORES_BYTES = 1 << 30
-
-
-def causal_attention(q, k, v, positions, key_positions):
-    """softmax(q k / sqrt(d), keys at positions <= the query's) v, in blocks of queries where the
-    scores of all of them would exceed ATTENTION_SCORES_BYTES (each block sees every key, so the
-    result does not depend on the blocking). q [b, kv, g, L, d], k and v [b, kv, S, d],
-    positions [L], key_positions [S]; returns [b, kv, g, L, d]."""
-    b, kv, g, length, d = q.shape
-    bytes_per_query = b * kv * g * k.shape[2] * 4
-    block = 1 << max(0, (ATTENTION_SCORES_BYTES // bytes_per_query).bit_length() - 1)  # a power of 2
-    if length <= block:
-        return _attend(q, k, v, positions, key_positions)
-    blocks = -(-length // block)
-    pad = blocks * block - length  # padded queries repeat the last position; their rows are dropped
-    q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
-    positions = jnp.pad(positions, (0, pad), mode="edge")
-    q = q.reshape(b, kv, g, blocks, block, d).transpose(3, 0, 1, 2, 4, 5)
-    out = lax.map(lambda qp: _attend(qp[0], k, v, qp[1], key_positions), (q, positions.reshape(blocks, block)))
-    return out.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, blocks * block, d)[:, :, :, :length]
-
-
-def _attend(q, k, v, positions, key_positions):
-    scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
-    visible = key_positions[None, :] <= positions[:, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgls,bksd->bkgld", weights, v)
 
 
 class MLP(nnx.Module):
@@ -179,13 +144,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(p["w_gate_up"], p["w_down"])
 
     def __call__(self, normed, residual, rope, positions, cache, write_at, reduce_norm, next_norm,
-                 cache_rows: int | None = None):
+                 cache_rows: int | None = None, attention: str = "xla"):
         """`normed`: this layer's input norm of `residual` (the layer before computed it, fused
         with its last all-reduce; for the first layer, `input_norm(embeddings)`). `reduce_norm`:
         `reduction.norm_reducer(...)`; `next_norm`: the RMSNorm after this layer (the next
         layer's input norm, or the model's final norm). Returns (next_norm(new residual), the
-        new residual, cache)."""
-        attended, cache = self.attention(normed, rope, positions, cache, write_at, cache_rows)
+        new residual, cache). `attention`: the decode step's attention implementation."""
+        attended, cache = self.attention(normed, rope, positions, cache, write_at, cache_rows, attention)
         post = self.post_attention_norm
         normed, residual = reduce_norm(attended, residual, post.weight[...], post.eps)
         normed, residual = reduce_norm(self.mlp(normed), residual, next_norm.weight[...], next_norm.eps)
@@ -207,11 +172,16 @@ LAYER_SCOPE = "layer"
 class Llama(nnx.Module):
     """The model; `params` maps names to (global, sharded) arrays, see weights.py."""
 
-    def __init__(self, params: dict, config: LlamaConfig, mesh, all_reduce: str = "auto"):
+    def __init__(self, params: dict, config: LlamaConfig, mesh, all_reduce: str = "auto",
+                 attention: str = "xla"):
         check_all_reduce_choice(all_reduce)
+        check_implementation(attention)
         self.config = config
         self.mesh = mesh
         self.all_reduce = all_reduce
+        # The decode step's attention with the cache (`attention.decode_attention`): "xla", the jax
+        # ops, or "kernel", the fused CUDA kernel (experimental, opt-in: slower as of 2026-12-01).
+        self.attention = attention
         # XLA options its compiled programs get, as sorted (name, value) pairs (`with_all_reduce`).
         self.compiler_options: tuple[tuple[str, bool | int | str], ...] = ()
         self.embed = nnx.Param(params["embed"])
@@ -245,7 +215,8 @@ class Llama(nnx.Module):
             with jax.named_scope(f"{LAYER_SCOPE}{i}"):
                 normed, residual, cache = layer(normed, residual, rope, positions,
                                                 None if caches is None else caches[i], write_at, reduce_norm,
-                                                norms[i + 1], cache_rows=1 if twin else None)
+                                                norms[i + 1], cache_rows=1 if twin else None,
+                                                attention=self.attention)
             new_caches.append(cache)
         if last_only and not twin:
             normed = normed[:, -1:]
@@ -268,6 +239,15 @@ def with_all_reduce(model: Llama, algorithm: str, *, compiler_options: dict | No
     return copy
 
 
+def with_attention(model: Llama, implementation: str) -> Llama:
+    """The same weights (shared, not copied) with another decode attention implementation
+    ("xla" or "kernel"; see `attention.decode_attention`)."""
+    check_implementation(implementation)
+    copy = nnx.merge(*nnx.split(model))
+    copy.attention = implementation
+    return copy
+
+
 # ---------------------------------------------------------------- rotary embedding
 
 
@@ -286,12 +266,3 @@ def rope_frequencies(config: LlamaConfig) -> jax.Array:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
     return jnp.where(medium, smoothed, scaled)
-
-
-def _apply_rope(x, inv_freq, positions):
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, hd/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[None, :, None, :]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[None, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)

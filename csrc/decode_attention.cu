@@ -1,0 +1,438 @@
+// The decode step's attention as one kernel (jaxnvrar/models/llama/attention.py is the API and the
+// reference): rotary embedding of the new queries and keys, the write of the new keys and values
+// into the cache, and causal attention of the queries over the cache. XLA runs the same ops as 7
+// kernels per layer (rope, two cache updates, scores, softmax, PV, a transpose); each costs a launch
+// gap that is most of its time at decode sizes.
+//
+// One thread-block cluster per (batch row, KV head); its blocks split the cache positions. The
+// softmax is exact, not online: the blocks exchange their rows' maxima and sums through distributed
+// shared memory, so the weights are rounded to the cache dtype after normalisation, as the reference
+// does, before the PV product; the partial PV sums are added in block order. The new keys and values
+// are taken from the projection (never read back from the cache), so no block waits for the write.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_pipeline.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "decode_attention.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+namespace cg = cooperative_groups;
+
+namespace jaxnvrar {
+namespace {
+
+constexpr int kClusterBlocks = 8;  // the portable maximum cluster size
+constexpr int kThreads = 256;
+constexpr int kLanesPerKey = 8;  // a key's dot products are split over this many lanes
+
+struct AttentionShape {
+  int rows;        // query rows (positions) per batch row
+  int q_heads;     // this rank's query heads
+  int kv_heads;    // this rank's KV heads
+  int group;       // query heads per KV head
+  int cache_len;   // positions in the cache
+  int cache_rows;  // rows written to the cache (the first ones)
+  int qkv_width;   // columns of qkv: (q_heads + 2 kv_heads) * head_dim
+  int chunk;       // cache positions per block
+  int tile;        // cache positions per shared-memory tile (TileKeys)
+};
+
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+template <typename T>
+__device__ __forceinline__ T FromFloat(float x);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
+template <typename T>
+__device__ __forceinline__ float RoundTo(float x) { return ToFloat(FromFloat<T>(x)); }
+
+// x * cos + rotate_half(x) * sin for element d of a head at `position`, as the reference computes
+// it in float32 (rotate_half(x)[d] = -x[d + half] below half, x[d - half] above).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ float Rope(const T* head, int d, int position, const float* inv_freq) {
+  constexpr int kHalf = kHeadDim / 2;
+  const float x = ToFloat(head[d]);
+  const float rotated = d < kHalf ? -ToFloat(head[d + kHalf]) : ToFloat(head[d - kHalf]);
+  const float angle = __fmul_rn(static_cast<float>(position), inv_freq[d % kHalf]);
+  return __fadd_rn(__fmul_rn(x, cosf(angle)), __fmul_rn(rotated, sinf(angle)));
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads)
+    DecodeAttentionKernel(const T* __restrict__ qkv, const int32_t* __restrict__ positions,
+                          const int32_t* __restrict__ write_at, const float* __restrict__ inv_freq,
+                          T* cache_k, T* cache_v, T* __restrict__ out, AttentionShape s) {
+  constexpr int kVectorsPerRow = kHeadDim * static_cast<int>(sizeof(T)) / 16;  // 16-byte vectors of a key
+  constexpr int kPerVector = 16 / static_cast<int>(sizeof(T));
+  constexpr int kVectorsPerLane = (kVectorsPerRow + kLanesPerKey - 1) / kLanesPerKey;
+  constexpr int kPairs = kHeadDim / 2;
+  constexpr int kParities = kThreads / kPairs;  // PV: a thread per pair of columns and key parity
+  static_assert(kParities >= 1 && kParities <= 16, "head_dim 32, 64 or 128");
+  cg::cluster_group cluster = cg::this_cluster();
+  const int part = static_cast<int>(cluster.block_rank());
+  const int kv_head = blockIdx.y, batch = blockIdx.z, tid = threadIdx.x;
+  const int q_rows = s.group * s.rows;  // row r: query head r / rows of the group, position r % rows
+  const int first = part * s.chunk;
+  const int last = min(s.cache_len, first + s.chunk);
+  const int write = min(max(write_at[0], 0), s.cache_len - s.cache_rows);  // as dynamic_update_slice clamps
+  const int64_t head_offset = (static_cast<int64_t>(batch) * s.kv_heads + kv_head) * s.cache_len * kHeadDim;
+
+  extern __shared__ __align__(16) unsigned char shared[];
+  T* k_tile = reinterpret_cast<T*>(shared);         // [tile][kHeadDim]: keys of the cache, copied
+  T* v_tile = k_tile + s.tile * kHeadDim;           // [tile][kHeadDim]: values
+  const int staged_width = (s.group + 2) * kHeadDim;
+  T* staged = v_tile + s.tile * kHeadDim;           // [rows][staged_width]: this KV head's q | k | v columns
+  float* frequencies = reinterpret_cast<float*>(staged + s.rows * staged_width);  // [kHeadDim / 2]
+  float* q = frequencies + kHeadDim / 2;            // [q_rows][kHeadDim], roped, as T
+  float* new_k = q + q_rows * kHeadDim;             // [cache_rows][kHeadDim], roped, rounded to T
+  float* new_v = new_k + s.cache_rows * kHeadDim;   // [cache_rows][kHeadDim]
+  float* weights = new_v + s.cache_rows * kHeadDim; // [q_rows][chunk]: scores, then weights
+  float* partial = weights + q_rows * s.chunk;      // [q_rows][kHeadDim]: this block's PV sums
+  float* halves = partial + q_rows * kHeadDim;      // [kParities][q_rows][kHeadDim]: per key parity
+  float* row_max = halves + kParities * q_rows * kHeadDim;  // [q_rows]
+  float* row_sum = row_max + q_rows;                // [q_rows]
+  float* total = row_sum + q_rows;                  // [q_rows]: over the cluster
+  int* pos = reinterpret_cast<int*>(total + q_rows);  // [rows]
+
+  // Copies keys [from, from + keys) of a cache into a tile, asynchronously: every thread's
+  // 16-byte copies are in flight at once (the latency is paid once per tile, not per key).
+  auto start_copy = [&](T* tile, const T* cache, int from, int keys) {
+    const char* src = reinterpret_cast<const char*>(cache + head_offset + static_cast<int64_t>(from) * kHeadDim);
+    for (int i = tid; i < keys * kVectorsPerRow; i += kThreads)
+      __pipeline_memcpy_async(reinterpret_cast<char*>(tile) + 16 * i, src + 16 * i, 16);
+    __pipeline_commit();
+  };
+  // The new rows come from the projection, never from the cache (which this kernel writes).
+  auto patch = [&](T* tile, const float* fresh, int from, int keys) {
+    for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
+      const int key = write + i / kHeadDim;
+      if (key >= from && key < from + keys) tile[(key - from) * kHeadDim + i % kHeadDim] = FromFloat<T>(fresh[i]);
+    }
+  };
+  // This KV head's columns of the projection and the frequencies, copied asynchronously first.
+  const T* tokens = qkv + static_cast<int64_t>(batch) * s.rows * s.qkv_width;
+  {
+    constexpr int kVectorsPerHead = kHeadDim * static_cast<int>(sizeof(T)) / 16;
+    const int vectors_per_row = (s.group + 2) * kVectorsPerHead;
+    for (int i = tid; i < s.rows * vectors_per_row; i += kThreads) {
+      const int row = i / vectors_per_row, vector = i % vectors_per_row, head = vector / kVectorsPerHead;
+      const int column = head < s.group ? (kv_head * s.group + head) * kHeadDim                     // q
+                                        : s.q_heads * kHeadDim + (head - s.group) * s.kv_heads * kHeadDim  // k, v
+                                              + kv_head * kHeadDim;
+      __pipeline_memcpy_async(staged + row * staged_width + head * kHeadDim + (vector % kVectorsPerHead) * kPerVector,
+                              tokens + static_cast<int64_t>(row) * s.qkv_width + column + (vector % kVectorsPerHead) * kPerVector,
+                              16);
+    }
+    for (int i = tid; i < kHeadDim / 8; i += kThreads)  // kHeadDim / 2 floats in 16-byte vectors
+      __pipeline_memcpy_async(frequencies + 4 * i, inv_freq + 4 * i, 16);
+    __pipeline_commit();
+  }
+  // Then the cache's first tiles (their wait comes later).
+  const bool one_tile = last - first <= s.tile;
+  if (first < last) {
+    start_copy(k_tile, cache_k, first, min(s.tile, last - first));
+    if (one_tile) start_copy(v_tile, cache_v, first, last - first);
+  }
+  for (int i = tid; i < s.rows; i += kThreads) pos[i] = positions[i];
+  for (int i = tid; i < kParities * q_rows * kHeadDim; i += kThreads) halves[i] = 0.0f;
+  // The projection's columns; the tiles, committed after them, may still be in flight.
+  if (first >= last) {
+    __pipeline_wait_prior(0);
+  } else if (one_tile) {
+    __pipeline_wait_prior(2);
+  } else {
+    __pipeline_wait_prior(1);
+  }
+  __syncthreads();
+  for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
+    const int r = i / kHeadDim, d = i % kHeadDim, row = r % s.rows;
+    q[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + (r / s.rows) * kHeadDim, d, pos[row], frequencies));
+  }
+  for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
+    const int row = i / kHeadDim, d = i % kHeadDim;
+    new_k[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + s.group * kHeadDim, d, pos[row], frequencies));
+    new_v[i] = ToFloat(staged[row * staged_width + (s.group + 1) * kHeadDim + d]);
+  }
+
+  // Scores: kLanesPerKey lanes per key, lane l reading the key's 16-byte vectors l, l + 8, ...
+  // (a key's lanes read consecutive bytes of shared memory).
+  const float scale = 1.0f / sqrtf(static_cast<float>(kHeadDim));
+  const int lane = tid % kLanesPerKey;
+  for (int from = first; from < last; from += s.tile) {
+    const int keys = min(s.tile, last - from);
+    if (from != first) start_copy(k_tile, cache_k, from, keys);
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    patch(k_tile, new_k, from, keys);
+    __syncthreads();
+    for (int base = 0; base < keys; base += kThreads / kLanesPerKey) {  // uniform: the shuffles need every lane
+      const int j = base + tid / kLanesPerKey;
+      float k[kVectorsPerLane * kPerVector] = {};
+      for (int v = 0; v < kVectorsPerLane; ++v) {
+        const int vector = v * kLanesPerKey + lane;
+        if (j < keys && vector < kVectorsPerRow) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(k_tile + j * kHeadDim + vector * kPerVector);
+          const T* elements = reinterpret_cast<const T*>(&raw);
+          for (int e = 0; e < kPerVector; ++e) k[v * kPerVector + e] = ToFloat(elements[e]);
+        }
+      }
+      for (int r0 = 0; r0 < q_rows; r0 += 4) {  // 4 rows' sums at once: independent chains
+        float dot[4] = {};
+        for (int v = 0; v < kVectorsPerLane; ++v) {
+          const int vector = v * kLanesPerKey + lane;
+          if (vector < kVectorsPerRow) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const float* qr = q + min(r0 + r, q_rows - 1) * kHeadDim + vector * kPerVector;
+#pragma unroll
+              for (int e = 0; e < kPerVector; ++e) dot[r] = fmaf(qr[e], k[v * kPerVector + e], dot[r]);
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], offset);
+        }
+        const int key = from + j;
+        for (int r = r0; r < min(r0 + 4, q_rows); ++r) {
+          if (lane == 0 && j < keys) weights[r * s.chunk + key - first] = key <= pos[r % s.rows] ? dot[r - r0] * scale : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();  // before the next tile replaces this one
+  }
+
+  // Softmax over the whole cluster's keys: maxima, then sums, exchanged in block order.
+  const int warp = tid / 32, warp_lane = tid % 32;
+  for (int r = warp; r < q_rows; r += kThreads / 32) {
+    float m = -INFINITY;
+    for (int j = warp_lane; j < last - first; j += 32) m = fmaxf(m, weights[r * s.chunk + j]);
+    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    if (warp_lane == 0) row_max[r] = m;
+  }
+  cluster.sync();
+  if (tid < q_rows) {
+    float m = -INFINITY;
+    for (int b = 0; b < kClusterBlocks; ++b) m = fmaxf(m, cluster.map_shared_rank(row_max, b)[tid]);
+    total[tid] = m;
+  }
+  __syncthreads();
+  for (int r = warp; r < q_rows; r += kThreads / 32) {
+    float sum = 0.0f;
+    for (int j = warp_lane; j < last - first; j += 32) {
+      const float e = expf(weights[r * s.chunk + j] - total[r]);
+      weights[r * s.chunk + j] = e;
+      sum += e;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (warp_lane == 0) row_sum[r] = sum;
+  }
+  cluster.sync();  // every block's maxima have been read, its sums written
+  if (tid < q_rows) {
+    float sum = 0.0f;
+    for (int b = 0; b < kClusterBlocks; ++b) sum += cluster.map_shared_rank(row_sum, b)[tid];
+    total[tid] = sum;
+  }
+  __syncthreads();
+  for (int i = tid; i < q_rows * (last - first); i += kThreads) {
+    const int r = i / (last - first), j = i % (last - first);
+    weights[r * s.chunk + j] = RoundTo<T>(weights[r * s.chunk + j] / total[r]);
+  }
+  __syncthreads();
+
+  // PV, into per-parity sums that each thread owns.
+  const int pair = tid % kPairs, parity = tid / kPairs;
+  for (int from = first; from < last; from += s.tile) {
+    const int keys = min(s.tile, last - from);
+    if (!one_tile) {
+      start_copy(v_tile, cache_v, from, keys);
+      __pipeline_wait_prior(0);
+      __syncthreads();
+    }
+    patch(v_tile, new_v, from, keys);
+    __syncthreads();
+    for (int r0 = 0; r0 < q_rows; r0 += 8) {  // 8 rows of sums in registers at a time
+      float acc[8][2] = {};
+      for (int j = parity; j < keys; j += kParities) {
+        const T* src = v_tile + j * kHeadDim + 2 * pair;
+        const float v0 = ToFloat(src[0]), v1 = ToFloat(src[1]);
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          if (r0 + r < q_rows) {
+            const float w = weights[(r0 + r) * s.chunk + from + j - first];
+            acc[r][0] = fmaf(w, v0, acc[r][0]);
+            acc[r][1] = fmaf(w, v1, acc[r][1]);
+          }
+        }
+      }
+      for (int r = 0; r < 8 && r0 + r < q_rows; ++r) {
+        halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair] += acc[r][0];
+        halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair + 1] += acc[r][1];
+      }
+    }
+    __syncthreads();  // before the next tile replaces this one
+  }
+  for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
+    float sum = 0.0f;
+    for (int p = 0; p < kParities; ++p) sum += halves[p * q_rows * kHeadDim + i];
+    partial[i] = sum;
+  }
+  cluster.sync();
+  // Each block writes a share of the outputs, summing the blocks' partials in block order.
+  for (int i = part * kThreads + tid; i < q_rows * kHeadDim; i += kClusterBlocks * kThreads) {
+    float sum = 0.0f;
+    for (int b = 0; b < kClusterBlocks; ++b) sum += cluster.map_shared_rank(partial, b)[i];
+    const int r = i / kHeadDim, d = i % kHeadDim, head = kv_head * s.group + r / s.rows, row = r % s.rows;
+    out[(static_cast<int64_t>(batch) * s.rows + row) * s.q_heads * kHeadDim + head * kHeadDim + d] = FromFloat<T>(sum);
+  }
+  // The new rows into the cache, last: no block of this kernel reads them from there.
+  if (part == 0) {
+    for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
+      cache_k[head_offset + static_cast<int64_t>(write) * kHeadDim + i] = FromFloat<T>(new_k[i]);
+      cache_v[head_offset + static_cast<int64_t>(write) * kHeadDim + i] = FromFloat<T>(new_v[i]);
+    }
+  }
+  cluster.sync();  // no block leaves while another reads its shared memory
+}
+
+// Keys per tile: the K and V tiles of a block hold at most this much each.
+constexpr int64_t kTileBytes = 48 * 1024;
+
+int TileKeys(int chunk, int head_dim, int element_bytes) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunk, kTileBytes / (head_dim * element_bytes))));
+}
+
+int64_t SharedBytes(const AttentionShape& s, int head_dim, int element_bytes) {
+  const int q_rows = s.group * s.rows;
+  const int parities = kThreads / (head_dim / 2);
+  return 2LL * s.tile * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
+         2LL * head_dim +
+         4 * (static_cast<int64_t>(q_rows) * head_dim * (2 + parities) + 2LL * s.cache_rows * head_dim +
+              static_cast<int64_t>(q_rows) * s.chunk + 3LL * q_rows) +
+         4LL * s.rows;
+}
+
+template <typename T, int kHeadDim>
+ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int32_t* positions,
+                       const int32_t* write_at, const float* inv_freq, void* cache_k, void* cache_v, void* out,
+                       const AttentionShape& s, int batch) {
+  auto kernel = DecodeAttentionKernel<T, kHeadDim>;
+  const int64_t shared_bytes = SharedBytes(s, kHeadDim, sizeof(T));
+  if (shared_bytes > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(shared_bytes));
+    if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxnvrar: decode attention: ") + cudaGetErrorString(err));
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(kClusterBlocks, s.kv_heads, batch);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = kClusterBlocks;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(qkv.untyped_data()), positions, write_at,
+                                       inv_freq, static_cast<T*>(cache_k), static_cast<T*>(cache_v),
+                                       static_cast<T*>(out), s);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxnvrar: decode attention launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+template <typename T>
+ffi::Error LaunchForHeadDim(int head_dim, cudaStream_t stream, const ffi::AnyBuffer& qkv, const int32_t* positions,
+                            const int32_t* write_at, const float* inv_freq, void* cache_k, void* cache_v, void* out,
+                            const AttentionShape& s, int batch) {
+  if (head_dim == 128)
+    return LaunchTyped<T, 128>(stream, qkv, positions, write_at, inv_freq, cache_k, cache_v, out, s, batch);
+  if (head_dim == 64)
+    return LaunchTyped<T, 64>(stream, qkv, positions, write_at, inv_freq, cache_k, cache_v, out, s, batch);
+  if (head_dim == 32)
+    return LaunchTyped<T, 32>(stream, qkv, positions, write_at, inv_freq, cache_k, cache_v, out, s, batch);
+  return ffi::Error::InvalidArgument("jaxnvrar: decode attention takes head_dim 32, 64 or 128, not " + std::to_string(head_dim));
+}
+
+ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32> positions,
+                   ffi::Buffer<ffi::S32> write_at, ffi::Buffer<ffi::F32> inv_freq, ffi::AnyBuffer cache_k_in,
+                   ffi::AnyBuffer cache_v_in, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> cache_k,
+                   ffi::Result<ffi::AnyBuffer> cache_v, int32_t q_heads, int32_t cache_rows) {
+  const auto q_dims = qkv.dimensions();
+  const auto c_dims = cache_k_in.dimensions();
+  if (q_dims.size() != 3 || c_dims.size() != 4)
+    return ffi::Error::InvalidArgument("jaxnvrar: decode attention takes qkv [batch, rows, width] and caches [batch, kv_heads, positions, head_dim]");
+  const int batch = static_cast<int>(q_dims[0]);
+  AttentionShape s;
+  s.rows = static_cast<int>(q_dims[1]);
+  s.qkv_width = static_cast<int>(q_dims[2]);
+  s.kv_heads = static_cast<int>(c_dims[1]);
+  s.cache_len = static_cast<int>(c_dims[2]);
+  const int head_dim = static_cast<int>(c_dims[3]);
+  s.q_heads = q_heads;
+  s.cache_rows = cache_rows;
+  if (batch == 0) return ffi::Error::Success();
+  if (s.kv_heads < 1 || q_heads % s.kv_heads != 0 || s.qkv_width != (q_heads + 2 * s.kv_heads) * head_dim ||
+      c_dims[0] != batch || cache_rows < 1 || cache_rows > s.rows || cache_rows > s.cache_len)
+    return ffi::Error::InvalidArgument("jaxnvrar: decode attention: shapes of qkv, caches and q_heads disagree");
+  s.group = q_heads / s.kv_heads;
+  s.chunk = (s.cache_len + kClusterBlocks - 1) / kClusterBlocks;
+  s.tile = TileKeys(s.chunk, head_dim, static_cast<int>(ffi::ByteWidth(qkv.element_type())));
+  if (qkv.element_type() != cache_k_in.element_type() || qkv.element_type() != cache_v_in.element_type())
+    return ffi::Error::InvalidArgument("jaxnvrar: decode attention: qkv and the caches must share a dtype");
+  // XLA gives aliased results the operands' buffers; copy where it did not.
+  for (auto [in, result] : {std::pair{&cache_k_in, &cache_k}, std::pair{&cache_v_in, &cache_v}}) {
+    if (in->untyped_data() != (*result)->untyped_data()) {
+      cudaMemcpyAsync((*result)->untyped_data(), in->untyped_data(), in->size_bytes(), cudaMemcpyDeviceToDevice, stream);
+    }
+  }
+  void* k = cache_k->untyped_data();
+  void* v = cache_v->untyped_data();
+  const int32_t* p = positions.typed_data();
+  const int32_t* w = write_at.typed_data();
+  const float* f = inv_freq.typed_data();
+  switch (qkv.element_type()) {
+    case ffi::DataType::BF16:
+      return LaunchForHeadDim<__nv_bfloat16>(head_dim, stream, qkv, p, w, f, k, v, out->untyped_data(), s, batch);
+    case ffi::DataType::F16:
+      return LaunchForHeadDim<__half>(head_dim, stream, qkv, p, w, f, k, v, out->untyped_data(), s, batch);
+    case ffi::DataType::F32:
+      return LaunchForHeadDim<float>(head_dim, stream, qkv, p, w, f, k, v, out->untyped_data(), s, batch);
+    default:
+      return ffi::Error::InvalidArgument("jaxnvrar: decode attention takes bfloat16, float16 or float32");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, Execute,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()           // qkv [batch, rows, width]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // positions [rows]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // write_at []
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // inv_freq [head_dim / 2]
+                                  .Arg<ffi::AnyBuffer>()           // cache_k
+                                  .Arg<ffi::AnyBuffer>()           // cache_v
+                                  .Ret<ffi::AnyBuffer>()           // out [batch, rows, q_heads * head_dim]
+                                  .Ret<ffi::AnyBuffer>()           // cache_k (aliased)
+                                  .Ret<ffi::AnyBuffer>()           // cache_v (aliased)
+                                  .Attr<int32_t>("q_heads")
+                                  .Attr<int32_t>("cache_rows"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jaxnvrar

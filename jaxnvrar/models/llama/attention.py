@@ -1,0 +1,245 @@
+"""The Llama's attention: rotary embedding, causal attention, and the decode step's fused op.
+
+`decode_attention` is what a layer does between its QKV projection and its o-projection when it
+has a KV cache: rope on the new queries and keys, the write of the new keys and values into the
+cache, and causal attention of the queries over the cache. With implementation "xla" (the
+default) it runs these as jax ops (`decode_attention_reference`; XLA makes ~7 kernels of them
+per layer); with "kernel" as one CUDA kernel (csrc/decode_attention.cu, an XLA FFI call that
+updates the caches in place; shapes it takes: `kernel_supports`). Both round alike: the kernel
+normalizes the softmax before rounding the weights to the cache dtype, as the jax ops do.
+
+The kernel is experimental and opt-in: it cuts the layer's kernels (16 -> 11 per layer, Llama
+3.1 8B on one H200) but is itself slower than XLA's 7 (2026-12-01, one H200: 34 vs 16 us per
+call at batch 1, 110 vs 39 at batch 16), so the decode step is slower with it; see
+docs/llama.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from jaxnvrar import runtime
+from jaxnvrar.primitive import _with_varying_axes, varying_axes
+
+IMPLEMENTATIONS = ("xla", "kernel")
+TARGET = "jaxnvrar_decode_attention"
+
+# The kernel's limits (csrc/decode_attention.cu): its head sizes and dtypes, query rows per KV
+# head (query heads per KV head x positions per step) and shared memory of a block.
+KERNEL_HEAD_DIMS = (32, 64, 128)
+KERNEL_DTYPES = ("bfloat16", "float16", "float32")
+KERNEL_MAX_QUERY_ROWS = 32
+KERNEL_MAX_SHARED_BYTES = 220 * 1024  # of the H100/H200's 227 KB
+_CLUSTER_BLOCKS = 8  # blocks over the cache positions of one (batch row, KV head)
+_TILE_BYTES = 48 * 1024  # of keys (and of values) per shared-memory tile
+
+
+def check_implementation(implementation: str) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, not {implementation!r}")
+
+
+# ---------------------------------------------------------------- rotary embedding and attention
+
+
+def apply_rope(x, inv_freq, positions):
+    """Rotary embedding of x [b, L, heads, hd] at positions [L], in float32, rounded to x's dtype."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, hd/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[None, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[None, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+# A prefill's float32 scores [batch, kv_heads, group, queries, keys] for all queries at once
+# outgrow a GPU (Llama 3.1 8B, batch 64 x 1024 on one H100: ~9 GB per layer, and softmax
+# keeps copies); longer prompts go through in blocks of queries holding at most this much.
+ATTENTION_SCORES_BYTES = 1 << 30
+
+
+def causal_attention(q, k, v, positions, key_positions):
+    """softmax(q k / sqrt(d), keys at positions <= the query's) v, in blocks of queries where the
+    scores of all of them would exceed ATTENTION_SCORES_BYTES (each block sees every key, so the
+    result does not depend on the blocking). q [b, kv, g, L, d], k and v [b, kv, S, d],
+    positions [L], key_positions [S]; returns [b, kv, g, L, d]."""
+    b, kv, g, length, d = q.shape
+    bytes_per_query = b * kv * g * k.shape[2] * 4
+    block = 1 << max(0, (ATTENTION_SCORES_BYTES // bytes_per_query).bit_length() - 1)  # a power of 2
+    if length <= block:
+        return _attend(q, k, v, positions, key_positions)
+    blocks = -(-length // block)
+    pad = blocks * block - length  # padded queries repeat the last position; their rows are dropped
+    q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+    positions = jnp.pad(positions, (0, pad), mode="edge")
+    q = q.reshape(b, kv, g, blocks, block, d).transpose(3, 0, 1, 2, 4, 5)
+    out = lax.map(lambda qp: _attend(qp[0], k, v, qp[1], key_positions), (q, positions.reshape(blocks, block)))
+    return out.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, blocks * block, d)[:, :, :, :length]
+
+
+def _attend(q, k, v, positions, key_positions):
+    scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    visible = key_positions[None, :] <= positions[:, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgls,bksd->bkgld", weights, v)
+
+
+def split_heads(qkv, q_heads: int, head_dim: int):
+    """q [b, L, q_heads, hd], k and v [b, L, kv_heads, hd] from the projection's [q | k | v] columns."""
+    b, length, width = qkv.shape
+    q_width = q_heads * head_dim
+    kv_width = (width - q_width) // 2
+    q = qkv[..., :q_width].reshape(b, length, q_heads, head_dim)
+    k = qkv[..., q_width:q_width + kv_width].reshape(b, length, -1, head_dim)
+    v = qkv[..., q_width + kv_width:].reshape(b, length, -1, head_dim)
+    return q, k, v
+
+
+# ---------------------------------------------------------------- the decode step's attention
+
+
+def decode_attention_reference(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_heads: int,
+                               cache_rows: int):
+    """The jax ops `decode_attention` stands for (its "xla" implementation)."""
+    b, length, _ = qkv.shape
+    head_dim = cache_k.shape[-1]
+    q, k, v = split_heads(qkv, q_heads, head_dim)
+    q, k = apply_rope(q, inv_freq, positions), apply_rope(k, inv_freq, positions)
+    # Keys and values as [batch, kv_heads, positions, head_dim]: the layout of the cache, in
+    # which both attention products are plain batched matmuls (no copy of the cache per step).
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    start = (0, 0, write_at, 0)
+    cache_k = lax.dynamic_update_slice(cache_k, k[:, :, :cache_rows].astype(cache_k.dtype), start)
+    cache_v = lax.dynamic_update_slice(cache_v, v[:, :, :cache_rows].astype(cache_v.dtype), start)
+    kv_heads = cache_k.shape[1]
+    # Group the query heads of each KV head: [batch, kv_heads, group, length, head_dim].
+    q = q.reshape(b, length, kv_heads, -1, head_dim).transpose(0, 2, 3, 1, 4)
+    out = causal_attention(q, cache_k, cache_v, positions, jnp.arange(cache_k.shape[2]))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1), cache_k, cache_v
+
+
+def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int) -> str | None:
+    """None where the CUDA kernel takes these shapes and dtypes, else why not."""
+    b, length, width = qkv.shape
+    kv_heads, cache_len, head_dim = cache_k.shape[1:]
+    if head_dim not in KERNEL_HEAD_DIMS:
+        return f"head_dim {head_dim} (the kernel takes {KERNEL_HEAD_DIMS})"
+    if not (qkv.dtype == cache_k.dtype == cache_v.dtype) or jnp.dtype(qkv.dtype).name not in KERNEL_DTYPES:
+        return f"dtypes {qkv.dtype}, {cache_k.dtype}, {cache_v.dtype} (the kernel takes one of {KERNEL_DTYPES} for all)"
+    if q_heads % kv_heads or width != (q_heads + 2 * kv_heads) * head_dim:
+        return f"qkv width {width} for {q_heads} query heads and {kv_heads} KV heads of {head_dim}"
+    query_rows = q_heads // kv_heads * length
+    if query_rows > KERNEL_MAX_QUERY_ROWS:
+        return (f"{length} positions x {q_heads // kv_heads} query heads per KV head = {query_rows} query rows "
+                f"(the kernel takes at most {KERNEL_MAX_QUERY_ROWS}: it is for decoding, not prefill)")
+    if kernel_shared_bytes(query_rows, length, cache_rows, cache_len, head_dim,
+                           jnp.dtype(qkv.dtype).itemsize) > KERNEL_MAX_SHARED_BYTES:
+        return f"a cache of {cache_len} positions (a block's shared memory would exceed {KERNEL_MAX_SHARED_BYTES} bytes)"
+    return None
+
+
+def kernel_shared_bytes(query_rows: int, rows: int, cache_rows: int, cache_len: int, head_dim: int,
+                        element_bytes: int) -> int:
+    """A block's shared memory, as csrc/decode_attention.cu's SharedBytes counts it: its K and V
+    tiles, and float32 queries, new rows, weights and partial sums."""
+    parities = 256 // (head_dim // 2)
+    chunk = -(-cache_len // _CLUSTER_BLOCKS)
+    tile = max(1, min(chunk, _TILE_BYTES // (head_dim * element_bytes)))
+    group = query_rows // rows
+    return (2 * tile * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes + 2 * head_dim
+            + 4 * (query_rows * head_dim * (2 + parities) + 2 * cache_rows * head_dim + query_rows * chunk
+                   + 3 * query_rows) + 4 * rows)
+
+
+def decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_heads: int,
+                     cache_rows: int | None = None, implementation: str = "xla"):
+    """One decode step's attention with the cache, per shard.
+
+    qkv [b, L, (q_heads + 2 kv_heads) * hd]: the projection's [q | k | v] columns before rope;
+    cache_k, cache_v [b, kv_heads, S, hd]; inv_freq [hd/2] float32 (`rope_frequencies`);
+    positions [L] int32, the queries' positions; write_at: where the first `cache_rows` (default
+    all L) new keys and values go. Keys at positions <= a query's are attended to. Returns
+    (out [b, L, q_heads * hd], cache_k, cache_v) with the new rows written."""
+    check_implementation(implementation)
+    b, length, _ = qkv.shape
+    cache_rows = length if cache_rows is None else cache_rows
+    if not 1 <= cache_rows <= length:
+        raise ValueError(f"cache_rows must be in 1..{length} (the positions of qkv), not {cache_rows}")
+    if cache_k.shape != cache_v.shape or cache_k.ndim != 4 or cache_k.shape[0] != b:
+        raise ValueError(f"caches must both be [batch={b}, kv_heads, positions, head_dim], "
+                         f"not {cache_k.shape} and {cache_v.shape}")
+    params = dict(q_heads=int(q_heads), cache_rows=int(cache_rows))
+    if implementation == "xla":
+        return decode_attention_reference(qkv, cache_k, cache_v, inv_freq, positions, write_at, **params)
+    reason = kernel_supports(qkv, cache_k, cache_v, **params)
+    if reason is not None:
+        raise ValueError(f"decode_attention(implementation='kernel') does not take {reason}; "
+                         "use implementation='xla'")
+    positions = jnp.asarray(positions, jnp.int32)
+    write_at = jnp.asarray(write_at, jnp.int32).reshape(())
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    return tuple(decode_attention_p.bind(qkv, positions, write_at, inv_freq, cache_k, cache_v, **params))
+
+
+decode_attention_p = Primitive("jaxnvrar_decode_attention")
+decode_attention_p.multiple_results = True
+
+
+def _abstract_eval(qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows):
+    axes = frozenset().union(*(varying_axes(a) for a in (qkv, positions, write_at, inv_freq, cache_k, cache_v)))
+    b, length, _ = qkv.shape
+    out = qkv.update(shape=(b, length, q_heads * cache_k.shape[-1]))
+    return [_with_varying_axes(a, axes) for a in (out, cache_k.update(), cache_v.update())]
+
+
+decode_attention_p.def_abstract_eval(_abstract_eval)
+
+
+def _refuse_off_cuda(ctx, *args, **params):
+    raise NotImplementedError(
+        f"decode_attention(implementation='kernel') runs on CUDA GPUs only, not on "
+        f"{ctx.module_context.platforms}; use implementation='xla' (the model's attention='xla')")
+
+
+_registered = False
+
+
+def register_kernel() -> bool:
+    """Registers the kernel's FFI target with XLA once; False where this install lacks it."""
+    global _registered
+    if not _registered:
+        try:
+            extension = runtime.cuda_extension()
+        except ImportError:
+            return False
+        for name, handler in extension.attention_registrations().items():
+            jax.ffi.register_ffi_target(name, handler, platform="CUDA")
+        _registered = True
+    return True
+
+
+def implementation_text(implementation: str) -> str:
+    """What `implementation` runs, for reports."""
+    return ("xla: XLA's ops" if implementation == "xla"
+            else "kernel: the fused decode attention kernel (csrc/decode_attention.cu), XLA's ops in prefill")
+
+
+def _lower_cuda(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows):
+    if not register_kernel():
+        runtime.cuda_extension()  # raises, saying how to build the CUDA part
+    rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases={4: 1, 5: 2})
+    return rule(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v,
+                q_heads=np.int32(q_heads), cache_rows=np.int32(cache_rows))
+
+
+mlir.register_lowering(decode_attention_p, _refuse_off_cuda)
+mlir.register_lowering(decode_attention_p, _lower_cuda, platform="cuda")

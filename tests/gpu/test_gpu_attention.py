@@ -1,0 +1,133 @@
+"""The decode step's fused attention kernel (csrc/decode_attention.cu) against XLA's ops, on a GPU.
+
+It needs no NVSHMEM and no peers: each rank tests its own GPU. tests/gpu/run.py runs it as the
+part "attention" (`python tests/gpu/run.py --gpus 1 --only attention` on one GPU), or by hand:
+
+    jaxnvrar-launch -n 1 -- python -m pytest tests/gpu/test_gpu_attention.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnvrar.models import llama
+from jaxnvrar.models.llama import attention
+
+pytestmark = [pytest.mark.gpu]
+
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+def _inputs(seed, dtype, batch, rows, q_heads, kv_heads, head_dim, cache_len):
+    rng = np.random.default_rng(seed)
+    width = (q_heads + 2 * kv_heads) * head_dim
+    qkv = jnp.asarray(rng.standard_normal((batch, rows, width)), dtype)
+    # The cache holds a history of earlier steps (random here): only the new rows may change.
+    cache_k = jnp.asarray(rng.standard_normal((batch, kv_heads, cache_len, head_dim)), dtype)
+    cache_v = jnp.asarray(rng.standard_normal((batch, kv_heads, cache_len, head_dim)), dtype)
+    config = llama.LlamaConfig(64, q_heads * head_dim, 64, 1, q_heads, kv_heads, head_dim,
+                               rope_llama3=(8.0, 1.0, 4.0, 8192))
+    return qkv, cache_k, cache_v, llama.rope_frequencies(config)
+
+
+def _both(qkv, cache_k, cache_v, inv_freq, positions, write_at, q_heads, cache_rows):
+    def run(implementation):
+        f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=q_heads, cache_rows=cache_rows,
+                                                          implementation=implementation))
+        # float32 products in full precision (XLA's default on GPUs rounds their inputs to TF32).
+        with jax.default_matmul_precision("highest"):
+            return jax.device_get(f(qkv, cache_k, cache_v, inv_freq, positions, write_at))
+    return run("kernel"), run("xla")
+
+
+# (dtype, batch, rows, cache_rows, q_heads, kv_heads, head_dim, cache_len, write_at, twin)
+CASES = [
+    (jnp.bfloat16, 1, 2, 1, 32, 8, 128, 1088, 1024, True),   # Llama 3.1 8B, TP 1, batch 1 (twin row)
+    (jnp.bfloat16, 16, 1, 1, 16, 4, 128, 1088, 1030, False),  # 8B TP 2, batch 16
+    (jnp.bfloat16, 1, 2, 1, 16, 4, 64, 1088, 0, True),       # Llama 3.2 1B TP 2, first position
+    (jnp.float32, 3, 1, 1, 8, 2, 128, 100, 99, False),        # the last position
+    (jnp.float16, 2, 4, 4, 4, 4, 64, 37, 5, False),           # 4 new positions, no grouping
+    (jnp.float32, 2, 3, 2, 6, 2, 32, 5, 1, False),            # a cache shorter than the cluster
+    (jnp.bfloat16, 1, 1, 1, 8, 1, 128, 4096, 4000, False),    # one KV head, a long cache
+    (jnp.float32, 1, 2, 2, 4, 2, 64, 20, 19, False),          # write_at clamped, as dynamic_update_slice does
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, (jnp.dtype(c[0]).name, *c[1:]))))
+def test_kernel_matches_xla_ops(case):
+    dtype, batch, rows, cache_rows, q_heads, kv_heads, head_dim, cache_len, write_at, twin = case
+    qkv, cache_k, cache_v, inv_freq = _inputs(0, dtype, batch, rows, q_heads, kv_heads, head_dim, cache_len)
+    if twin:  # the model's batch 1: two identical rows at one position, the second not written
+        qkv = jnp.concatenate([qkv[:, :1]] * rows, axis=1)
+        positions = jnp.full((rows,), write_at, jnp.int32)
+    else:
+        positions = write_at + jnp.arange(rows, dtype=jnp.int32)
+    assert attention.kernel_supports(qkv, cache_k, cache_v, q_heads, cache_rows) is None
+    (out, new_k, new_v), (want, want_k, want_v) = _both(qkv, cache_k, cache_v, inv_freq, positions,
+                                                        jnp.int32(write_at), q_heads, cache_rows)
+    tol = TOLERANCE[dtype]
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    np.testing.assert_allclose(f32(out), f32(want), atol=tol, rtol=tol)
+    start = min(write_at, cache_len - cache_rows)
+    written = np.zeros(cache_len, bool)
+    written[start:start + cache_rows] = True
+    for got, ref, before in ((new_k, want_k, cache_k), (new_v, want_v, cache_v)):
+        # Rows not written are untouched, bit for bit; the written ones are the new keys/values.
+        np.testing.assert_array_equal(f32(got)[:, :, ~written], f32(before)[:, :, ~written])
+        np.testing.assert_allclose(f32(got)[:, :, written], f32(ref)[:, :, written], atol=tol, rtol=tol)
+        assert not np.array_equal(f32(got)[:, :, written], f32(before)[:, :, written])
+
+
+def test_kept_input_cache_is_not_overwritten():
+    """Without donation XLA gives the kernel a copy to update: the caller's cache stays as it was."""
+    qkv, cache_k, cache_v, inv_freq = _inputs(1, jnp.bfloat16, 2, 1, 8, 2, 128, 64)
+    before = np.asarray(cache_k, np.float32).copy()
+    f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=8, implementation="kernel"))
+    _, new_k, _ = f(qkv, cache_k, cache_v, inv_freq, jnp.arange(1, dtype=jnp.int32) + 10, jnp.int32(10))
+    np.testing.assert_array_equal(np.asarray(cache_k, np.float32), before)
+    assert not np.array_equal(np.asarray(new_k, np.float32), before)
+
+
+def test_donated_cache_updates_in_a_scan():
+    """Steps in a lax.scan with the caches carried (and donated to the jit): each step sees the
+    keys the steps before it wrote, as with XLA's ops."""
+    qkv, cache_k, cache_v, inv_freq = _inputs(2, jnp.float32, 2, 1, 8, 2, 64, 48)
+    steps = jnp.asarray(np.random.default_rng(3).standard_normal((6, *qkv.shape)), jnp.float32)
+
+    def decode(implementation):
+        def body(caches, xs):
+            step_qkv, position = xs
+            out, k, v = attention.decode_attention(step_qkv, *caches, inv_freq, position[None], position,
+                                                   q_heads=8, implementation=implementation)
+            return (k, v), out
+        run = jax.jit(lambda k, v: jax.lax.scan(body, (k, v), (steps, jnp.arange(6, dtype=jnp.int32) + 20)),
+                      donate_argnums=(0, 1))
+        with jax.default_matmul_precision("highest"):
+            return jax.device_get(run(jnp.copy(cache_k), jnp.copy(cache_v)))
+
+    (got_caches, got), (want_caches, want) = decode("kernel"), decode("xla")
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    for a, b in zip(got_caches, want_caches):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_llama_decodes_the_same_tokens_with_the_kernel():
+    """A random Llama (float32, head_dim 64) generates the same tokens with the fused kernel as
+    with XLA's ops, at batch 1 (the twin row) and batch 3, through prefill, decode_step and advance."""
+    config = llama.LlamaConfig(512, 256, 512, 2, 8, 2, 64, rope_llama3=(8.0, 1.0, 4.0, 8192))
+    mesh = jax.make_mesh((1,), (llama.TP,), devices=jax.local_devices()[:1])
+    model = llama.random_model(config, mesh, all_reduce="psum", dtype=jnp.float32)
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: the tokens must not tie-break apart
+    for batch in (1, 3):
+        prompt = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, 9)).astype(np.int32)
+        tokens = {impl: np.asarray(llama.generate(llama.with_attention(model, impl), prompt, 12))
+                  for impl in ("kernel", "xla")}
+        np.testing.assert_array_equal(tokens["kernel"], tokens["xla"])
+
+
+def test_kernel_refuses_what_it_does_not_take():
+    qkv, cache_k, cache_v, inv_freq = _inputs(4, jnp.bfloat16, 1, 16, 8, 2, 128, 64)  # 64 query rows: prefill
+    with pytest.raises(ValueError, match="query rows"):
+        attention.decode_attention(qkv, cache_k, cache_v, inv_freq, jnp.arange(16, dtype=jnp.int32), 0,
+                                   q_heads=8, implementation="kernel")

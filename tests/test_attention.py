@@ -1,0 +1,90 @@
+"""The decode step's attention op (jaxnvrar/models/llama/attention.py) without a GPU: the "xla"
+implementation against a direct computation, and the fused kernel's refusals and size checks
+(the kernel itself: tests/gpu/test_gpu_attention.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+
+from jaxnvrar.models import llama  # noqa: E402
+from jaxnvrar.models.llama import attention  # noqa: E402
+
+
+def _inputs(batch=2, rows=1, q_heads=4, kv_heads=2, head_dim=32, cache_len=12, seed=0):
+    rng = np.random.default_rng(seed)
+    qkv = jnp.asarray(rng.standard_normal((batch, rows, (q_heads + 2 * kv_heads) * head_dim)), jnp.float32)
+    cache_k = jnp.asarray(rng.standard_normal((batch, kv_heads, cache_len, head_dim)), jnp.float32)
+    cache_v = jnp.asarray(rng.standard_normal((batch, kv_heads, cache_len, head_dim)), jnp.float32)
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    return qkv, cache_k, cache_v, inv_freq
+
+
+def test_xla_implementation_is_rope_cache_write_and_causal_softmax():
+    """Each output row against numpy: rope, write at write_at, softmax over keys <= the position."""
+    qkv, cache_k, cache_v, inv_freq = _inputs(rows=2)
+    write_at, q_heads, hd = 5, 4, 32
+    positions = jnp.arange(2, dtype=jnp.int32) + write_at
+    out, new_k, new_v = attention.decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at,
+                                                   q_heads=q_heads, cache_rows=1)
+    q, k, v = attention.split_heads(qkv, q_heads, hd)
+    q, k = attention.apply_rope(q, inv_freq, positions), attention.apply_rope(k, inv_freq, positions)
+    want_k = np.asarray(cache_k).copy()
+    want_k[:, :, write_at] = np.asarray(k)[:, 0]
+    want_v = np.asarray(cache_v).copy()
+    want_v[:, :, write_at] = np.asarray(v)[:, 0]
+    np.testing.assert_array_equal(np.asarray(new_k), want_k)
+    np.testing.assert_array_equal(np.asarray(new_v), want_v)
+    for b in range(2):
+        for row in range(2):
+            for head in range(q_heads):
+                kv = head // 2
+                visible = np.arange(12) <= int(positions[row])  # row 1 sees the stale cache row 6 too
+                scores = want_k[b, kv][visible] @ np.asarray(q)[b, row, head] / np.sqrt(hd)
+                weights = np.exp(scores - scores.max())
+                expected = (weights / weights.sum()) @ want_v[b, kv][visible]
+                np.testing.assert_allclose(np.asarray(out)[b, row, head * hd:(head + 1) * hd], expected,
+                                           rtol=2e-5, atol=2e-5)
+
+
+def test_kernel_refused_off_cuda_naming_the_fix():
+    qkv, cache_k, cache_v, inv_freq = _inputs()
+    call = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=4, implementation="kernel"))
+    with pytest.raises(NotImplementedError, match="CUDA GPUs only.*implementation='xla'"):
+        call(qkv, cache_k, cache_v, inv_freq, jnp.zeros(1, jnp.int32), jnp.int32(0))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(head_dim=48), "head_dim 48"),
+    (dict(rows=16, q_heads=8), "query rows"),
+    (dict(cache_len=200_000), "shared memory"),
+])
+def test_kernel_refuses_shapes_it_does_not_take(change, message):
+    shape = dict(rows=1, q_heads=4, kv_heads=2, head_dim=64, cache_len=16)
+    shape.update(change)
+    width = (shape["q_heads"] + 2 * shape["kv_heads"]) * shape["head_dim"]
+    qkv = jax.ShapeDtypeStruct((1, shape["rows"], width), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((1, shape["kv_heads"], shape["cache_len"], shape["head_dim"]), jnp.bfloat16)
+    reason = attention.kernel_supports(qkv, cache, cache, shape["q_heads"], 1)
+    assert reason is not None and message in reason
+
+
+def test_kernel_accepts_llama_decode_shapes():
+    for q_heads, kv_heads, rows in ((32, 8, 2), (16, 4, 1), (16, 4, 2)):  # 8B TP 1 / TP 2, twin row
+        qkv = jax.ShapeDtypeStruct((16, rows, (q_heads + 2 * kv_heads) * 128), jnp.bfloat16)
+        cache = jax.ShapeDtypeStruct((16, kv_heads, 1088, 128), jnp.bfloat16)
+        assert attention.kernel_supports(qkv, cache, cache, q_heads, 1) is None
+
+
+def test_bad_arguments_are_named():
+    qkv, cache_k, cache_v, inv_freq = _inputs()
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        attention.decode_attention(qkv, cache_k, cache_v, inv_freq, jnp.zeros(1, jnp.int32), 0, q_heads=4,
+                                   implementation="auto")
+    with pytest.raises(ValueError, match="cache_rows must be in 1..1"):
+        attention.decode_attention(qkv, cache_k, cache_v, inv_freq, jnp.zeros(1, jnp.int32), 0, q_heads=4,
+                                   cache_rows=2)
+    with pytest.raises(ValueError, match="must be one of"):
+        llama.with_attention(None, "fused")
