@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -29,7 +30,8 @@ namespace cg = cooperative_groups;
 namespace jaxnvrar {
 namespace {
 
-constexpr int kClusterBlocks = 8;  // the portable maximum cluster size
+constexpr int kClusterBlocks = 8;       // the portable maximum cluster size
+constexpr int kWideClusterBlocks = 16;  // H100/H200's largest (non-portable): few (batch row, KV head) pairs
 constexpr int kThreads = 256;
 constexpr int kLanesPerKey = 8;  // a key's dot products are split over this many lanes
 
@@ -43,6 +45,8 @@ struct AttentionShape {
   int qkv_width;   // columns of qkv: (q_heads + 2 kv_heads) * head_dim
   int chunk;       // cache positions per block
   int tile;        // cache positions per shared-memory tile (TileKeys)
+  int parts;       // blocks per cluster (the cache positions split over them)
+  int computed_rows;  // query rows computed: all, or 1 where every row is a copy of the first (twin)
 };
 
 __device__ __forceinline__ float ToFloat(float x) { return x; }
@@ -84,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
   cg::cluster_group cluster = cg::this_cluster();
   const int part = static_cast<int>(cluster.block_rank());
   const int kv_head = blockIdx.y, batch = blockIdx.z, tid = threadIdx.x;
-  const int q_rows = s.group * s.rows;  // row r: query head r / rows of the group, position r % rows
+  const int q_rows = s.group * s.computed_rows;  // r: query head r / computed_rows, position r % computed_rows
   const int first = part * s.chunk;
   const int last = min(s.cache_len, first + s.chunk);
   const int write = min(max(write_at[0], 0), s.cache_len - s.cache_rows);  // as dynamic_update_slice clamps
@@ -158,8 +162,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
-    const int r = i / kHeadDim, d = i % kHeadDim, row = r % s.rows;
-    q[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + (r / s.rows) * kHeadDim, d, pos[row], frequencies));
+    const int r = i / kHeadDim, d = i % kHeadDim, row = r % s.computed_rows;
+    q[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + (r / s.computed_rows) * kHeadDim, d, pos[row],
+                                        frequencies));
   }
   for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
     const int row = i / kHeadDim, d = i % kHeadDim;
@@ -181,16 +186,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int base = 0; base < keys; base += kThreads / kLanesPerKey) {  // uniform: the shuffles need every lane
       const int j = base + tid / kLanesPerKey;
       float k[kVectorsPerLane * kPerVector] = {};
+#pragma unroll
       for (int v = 0; v < kVectorsPerLane; ++v) {
         const int vector = v * kLanesPerKey + lane;
         if (j < keys && vector < kVectorsPerRow) {
           const uint4 raw = *reinterpret_cast<const uint4*>(k_tile + j * kHeadDim + vector * kPerVector);
           const T* elements = reinterpret_cast<const T*>(&raw);
+#pragma unroll
           for (int e = 0; e < kPerVector; ++e) k[v * kPerVector + e] = ToFloat(elements[e]);
         }
       }
       for (int r0 = 0; r0 < q_rows; r0 += 4) {  // 4 rows' sums at once: independent chains
         float dot[4] = {};
+#pragma unroll
         for (int v = 0; v < kVectorsPerLane; ++v) {
           const int vector = v * kLanesPerKey + lane;
           if (vector < kVectorsPerRow) {
@@ -207,8 +215,10 @@ __global__ void __launch_bounds__(kThreads)
           for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], offset);
         }
         const int key = from + j;
-        for (int r = r0; r < min(r0 + 4, q_rows); ++r) {
-          if (lane == 0 && j < keys) weights[r * s.chunk + key - first] = key <= pos[r % s.rows] ? dot[r - r0] * scale : -INFINITY;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          if (lane == 0 && j < keys && r0 + r < q_rows)
+            weights[(r0 + r) * s.chunk + key - first] = key <= pos[(r0 + r) % s.computed_rows] ? dot[r] * scale : -INFINITY;
         }
       }
     }
@@ -226,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
   cluster.sync();
   if (tid < q_rows) {
     float m = -INFINITY;
-    for (int b = 0; b < kClusterBlocks; ++b) m = fmaxf(m, cluster.map_shared_rank(row_max, b)[tid]);
+    for (int b = 0; b < s.parts; ++b) m = fmaxf(m, cluster.map_shared_rank(row_max, b)[tid]);
     total[tid] = m;
   }
   __syncthreads();
@@ -243,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
   cluster.sync();  // every block's maxima have been read, its sums written
   if (tid < q_rows) {
     float sum = 0.0f;
-    for (int b = 0; b < kClusterBlocks; ++b) sum += cluster.map_shared_rank(row_sum, b)[tid];
+    for (int b = 0; b < s.parts; ++b) sum += cluster.map_shared_rank(row_sum, b)[tid];
     total[tid] = sum;
   }
   __syncthreads();
@@ -278,9 +288,12 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
-      for (int r = 0; r < 8 && r0 + r < q_rows; ++r) {
-        halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair] += acc[r][0];
-        halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair + 1] += acc[r][1];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        if (r0 + r < q_rows) {
+          halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair] += acc[r][0];
+          halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair + 1] += acc[r][1];
+        }
       }
     }
     __syncthreads();  // before the next tile replaces this one
@@ -292,11 +305,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   cluster.sync();
   // Each block writes a share of the outputs, summing the blocks' partials in block order.
-  for (int i = part * kThreads + tid; i < q_rows * kHeadDim; i += kClusterBlocks * kThreads) {
+  // A computed row's result goes to the rows that copy it (the twin's second row).
+  for (int i = part * kThreads + tid; i < q_rows * kHeadDim; i += s.parts * kThreads) {
     float sum = 0.0f;
-    for (int b = 0; b < kClusterBlocks; ++b) sum += cluster.map_shared_rank(partial, b)[i];
-    const int r = i / kHeadDim, d = i % kHeadDim, head = kv_head * s.group + r / s.rows, row = r % s.rows;
-    out[(static_cast<int64_t>(batch) * s.rows + row) * s.q_heads * kHeadDim + head * kHeadDim + d] = FromFloat<T>(sum);
+    for (int b = 0; b < s.parts; ++b) sum += cluster.map_shared_rank(partial, b)[i];
+    const int r = i / kHeadDim, d = i % kHeadDim, head = kv_head * s.group + r / s.computed_rows;
+    for (int row = r % s.computed_rows; row < s.rows; row += s.computed_rows)
+      out[(static_cast<int64_t>(batch) * s.rows + row) * s.q_heads * kHeadDim + head * kHeadDim + d] = FromFloat<T>(sum);
   }
   // The new rows into the cache, last: no block of this kernel reads them from there.
   if (part == 0) {
@@ -316,7 +331,7 @@ int TileKeys(int chunk, int head_dim, int element_bytes) {
 }
 
 int64_t SharedBytes(const AttentionShape& s, int head_dim, int element_bytes) {
-  const int q_rows = s.group * s.rows;
+  const int q_rows = s.group * s.computed_rows;
   const int parities = kThreads / (head_dim / 2);
   return 2LL * s.tile * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
          2LL * head_dim +
@@ -325,32 +340,64 @@ int64_t SharedBytes(const AttentionShape& s, int head_dim, int element_bytes) {
          4LL * s.rows;
 }
 
+// A launch of cluster size `parts`: the positions per block and tile it gives, and the shared memory.
+struct LaunchPlan {
+  cudaLaunchConfig_t config;
+  cudaLaunchAttribute attribute[1];
+};
+
+template <typename T, int kHeadDim>
+cudaError_t Plan(AttentionShape& s, int parts, int batch, cudaStream_t stream, LaunchPlan& plan) {
+  s.parts = parts;
+  s.chunk = (s.cache_len + parts - 1) / parts;
+  s.tile = TileKeys(s.chunk, kHeadDim, sizeof(T));
+  const int64_t shared_bytes = SharedBytes(s, kHeadDim, sizeof(T));
+  auto kernel = DecodeAttentionKernel<T, kHeadDim>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(std::max<int64_t>(shared_bytes, 48 * 1024)));
+  if (err == cudaSuccess && parts > kClusterBlocks)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  plan.config = {};
+  plan.config.gridDim = dim3(parts, s.kv_heads, batch);
+  plan.config.blockDim = dim3(kThreads);
+  plan.config.dynamicSmemBytes = shared_bytes;
+  plan.config.stream = stream;
+  plan.attribute[0].id = cudaLaunchAttributeClusterDimension;
+  plan.attribute[0].val.clusterDim.x = parts;
+  plan.attribute[0].val.clusterDim.y = 1;
+  plan.attribute[0].val.clusterDim.z = 1;
+  plan.config.attrs = plan.attribute;
+  plan.config.numAttrs = 1;
+  return err;
+}
+
 template <typename T, int kHeadDim>
 ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int32_t* positions,
                        const int32_t* write_at, const float* inv_freq, void* cache_k, void* cache_v, void* out,
-                       const AttentionShape& s, int batch) {
+                       AttentionShape s, int batch) {
   auto kernel = DecodeAttentionKernel<T, kHeadDim>;
-  const int64_t shared_bytes = SharedBytes(s, kHeadDim, sizeof(T));
-  if (shared_bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(shared_bytes));
+  LaunchPlan plan;
+  cudaError_t err = cudaErrorUnknown;
+  // Few (batch row, KV head) pairs leave most SMs idle with 8 blocks each: 16 where the GPU
+  // can place such clusters (H100/H200), else 8.
+  // Asked once per kernel (the first call's shapes), not per call: the answer is the GPU's.
+  static std::atomic<int> wide_fits{-1};
+  if (batch * s.kv_heads <= 8 && wide_fits.load() != 0 &&
+      Plan<T, kHeadDim>(s, kWideClusterBlocks, batch, stream, plan) == cudaSuccess) {
+    if (wide_fits.load() < 0) {
+      int clusters = 0;
+      const bool fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &plan.config) == cudaSuccess && clusters > 0;
+      wide_fits.store(fits ? 1 : 0);
+    }
+    err = wide_fits.load() == 1 ? cudaSuccess : cudaErrorUnknown;
+  }
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // a refused wide cluster is not an error of this call
+    err = Plan<T, kHeadDim>(s, kClusterBlocks, batch, stream, plan);
     if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxnvrar: decode attention: ") + cudaGetErrorString(err));
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(kClusterBlocks, s.kv_heads, batch);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = shared_bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = kClusterBlocks;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(qkv.untyped_data()), positions, write_at,
-                                       inv_freq, static_cast<T*>(cache_k), static_cast<T*>(cache_v),
-                                       static_cast<T*>(out), s);
+  err = cudaLaunchKernelEx(&plan.config, kernel, static_cast<const T*>(qkv.untyped_data()), positions, write_at,
+                           inv_freq, static_cast<T*>(cache_k), static_cast<T*>(cache_v), static_cast<T*>(out), s);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxnvrar: decode attention launch: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -371,7 +418,7 @@ ffi::Error LaunchForHeadDim(int head_dim, cudaStream_t stream, const ffi::AnyBuf
 ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32> positions,
                    ffi::Buffer<ffi::S32> write_at, ffi::Buffer<ffi::F32> inv_freq, ffi::AnyBuffer cache_k_in,
                    ffi::AnyBuffer cache_v_in, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> cache_k,
-                   ffi::Result<ffi::AnyBuffer> cache_v, int32_t q_heads, int32_t cache_rows) {
+                   ffi::Result<ffi::AnyBuffer> cache_v, int32_t q_heads, int32_t cache_rows, int32_t twin) {
   const auto q_dims = qkv.dimensions();
   const auto c_dims = cache_k_in.dimensions();
   if (q_dims.size() != 3 || c_dims.size() != 4)
@@ -390,8 +437,9 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
       c_dims[0] != batch || cache_rows < 1 || cache_rows > s.rows || cache_rows > s.cache_len)
     return ffi::Error::InvalidArgument("jaxnvrar: decode attention: shapes of qkv, caches and q_heads disagree");
   s.group = q_heads / s.kv_heads;
-  s.chunk = (s.cache_len + kClusterBlocks - 1) / kClusterBlocks;
-  s.tile = TileKeys(s.chunk, head_dim, static_cast<int>(ffi::ByteWidth(qkv.element_type())));
+  s.computed_rows = twin ? 1 : s.rows;
+  if (twin && s.cache_rows != 1)
+    return ffi::Error::InvalidArgument("jaxnvrar: decode attention: twin rows write one row of the cache");
   if (qkv.element_type() != cache_k_in.element_type() || qkv.element_type() != cache_v_in.element_type())
     return ffi::Error::InvalidArgument("jaxnvrar: decode attention: qkv and the caches must share a dtype");
   // XLA gives aliased results the operands' buffers; copy where it did not.
@@ -432,7 +480,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, Execute,
                                   .Ret<ffi::AnyBuffer>()           // cache_k (aliased)
                                   .Ret<ffi::AnyBuffer>()           // cache_v (aliased)
                                   .Attr<int32_t>("q_heads")
-                                  .Attr<int32_t>("cache_rows"),
+                                  .Attr<int32_t>("cache_rows")
+                                  .Attr<int32_t>("twin"),  // 1: rows after the first copy it
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxnvrar

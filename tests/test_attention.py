@@ -86,5 +86,8 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="cache_rows must be in 1..1"):
         attention.decode_attention(qkv, cache_k, cache_v, inv_freq, jnp.zeros(1, jnp.int32), 0, q_heads=4,
                                    cache_rows=2)
+    two_rows = _inputs(rows=2)
+    with pytest.raises(ValueError, match="twin rows write one row"):
+        attention.decode_attention(*two_rows[:3], inv_freq, jnp.zeros(2, jnp.int32), 0, q_heads=4, twin=True)
     with pytest.raises(ValueError, match="must be one of"):
         llama.with_attention(None, "fused")

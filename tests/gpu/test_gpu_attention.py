@@ -31,9 +31,9 @@ def _inputs(seed, dtype, batch, rows, q_heads, kv_heads, head_dim, cache_len):
     return qkv, cache_k, cache_v, llama.rope_frequencies(config)
 
 
-def _both(qkv, cache_k, cache_v, inv_freq, positions, write_at, q_heads, cache_rows):
+def _both(qkv, cache_k, cache_v, inv_freq, positions, write_at, q_heads, cache_rows, twin=False):
     def run(implementation):
-        f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=q_heads, cache_rows=cache_rows,
+        f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=q_heads, cache_rows=cache_rows, twin=twin,
                                                           implementation=implementation))
         # float32 products in full precision (XLA's default on GPUs rounds their inputs to TF32).
         with jax.default_matmul_precision("highest"):
@@ -65,7 +65,7 @@ def test_kernel_matches_xla_ops(case):
         positions = write_at + jnp.arange(rows, dtype=jnp.int32)
     assert attention.kernel_supports(qkv, cache_k, cache_v, q_heads, cache_rows) is None
     (out, new_k, new_v), (want, want_k, want_v) = _both(qkv, cache_k, cache_v, inv_freq, positions,
-                                                        jnp.int32(write_at), q_heads, cache_rows)
+                                                        jnp.int32(write_at), q_heads, cache_rows, twin)
     tol = TOLERANCE[dtype]
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     np.testing.assert_allclose(f32(out), f32(want), atol=tol, rtol=tol)

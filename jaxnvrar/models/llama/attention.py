@@ -9,9 +9,9 @@ updates the caches in place; shapes it takes: `kernel_supports`). Both round ali
 normalizes the softmax before rounding the weights to the cache dtype, as the jax ops do.
 
 The kernel is experimental and opt-in: it cuts the layer's kernels (16 -> 11 per layer, Llama
-3.1 8B on one H200) but is itself slower than XLA's 7 (2026-12-01, one H200: 34 vs 16 us per
-call at batch 1, 110 vs 39 at batch 16), so the decode step is slower with it; see
-docs/llama.md.
+3.1 8B on one H200) but is itself slower than XLA's 7 (2026-12-01, one H200: 29 vs 15 us per
+call at batch 1, 109 vs 38 at batch 16: its products run on CUDA cores, XLA's on tensor cores),
+so the decode step is slower with it; see docs/llama.md.
 """
 
 from __future__ import annotations
@@ -161,13 +161,15 @@ def kernel_shared_bytes(query_rows: int, rows: int, cache_rows: int, cache_len: 
 
 
 def decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_heads: int,
-                     cache_rows: int | None = None, implementation: str = "xla"):
+                     cache_rows: int | None = None, twin: bool = False, implementation: str = "xla"):
     """One decode step's attention with the cache, per shard.
 
     qkv [b, L, (q_heads + 2 kv_heads) * hd]: the projection's [q | k | v] columns before rope;
     cache_k, cache_v [b, kv_heads, S, hd]; inv_freq [hd/2] float32 (`rope_frequencies`);
     positions [L] int32, the queries' positions; write_at: where the first `cache_rows` (default
-    all L) new keys and values go. Keys at positions <= a query's are attended to. Returns
+    all L) new keys and values go. Keys at positions <= a query's are attended to. `twin`: the
+    caller promises that every row of qkv and positions is a copy of the first (the model's batch-1
+    twin row; cache_rows 1): the kernel computes the first row only and copies its result. Returns
     (out [b, L, q_heads * hd], cache_k, cache_v) with the new rows written."""
     check_implementation(implementation)
     b, length, _ = qkv.shape
@@ -177,6 +179,8 @@ def decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_
     if cache_k.shape != cache_v.shape or cache_k.ndim != 4 or cache_k.shape[0] != b:
         raise ValueError(f"caches must both be [batch={b}, kv_heads, positions, head_dim], "
                          f"not {cache_k.shape} and {cache_v.shape}")
+    if twin and cache_rows != 1:
+        raise ValueError(f"twin rows write one row of the cache (cache_rows=1), not {cache_rows}")
     params = dict(q_heads=int(q_heads), cache_rows=int(cache_rows))
     if implementation == "xla":
         return decode_attention_reference(qkv, cache_k, cache_v, inv_freq, positions, write_at, **params)
@@ -187,14 +191,15 @@ def decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_
     positions = jnp.asarray(positions, jnp.int32)
     write_at = jnp.asarray(write_at, jnp.int32).reshape(())
     inv_freq = jnp.asarray(inv_freq, jnp.float32)
-    return tuple(decode_attention_p.bind(qkv, positions, write_at, inv_freq, cache_k, cache_v, **params))
+    return tuple(decode_attention_p.bind(qkv, positions, write_at, inv_freq, cache_k, cache_v, twin=bool(twin),
+                                         **params))
 
 
 decode_attention_p = Primitive("jaxnvrar_decode_attention")
 decode_attention_p.multiple_results = True
 
 
-def _abstract_eval(qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows):
+def _abstract_eval(qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows, twin):
     axes = frozenset().union(*(varying_axes(a) for a in (qkv, positions, write_at, inv_freq, cache_k, cache_v)))
     b, length, _ = qkv.shape
     out = qkv.update(shape=(b, length, q_heads * cache_k.shape[-1]))
@@ -233,12 +238,12 @@ def implementation_text(implementation: str) -> str:
             else "kernel: the fused decode attention kernel (csrc/decode_attention.cu), XLA's ops in prefill")
 
 
-def _lower_cuda(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows):
+def _lower_cuda(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows, twin):
     if not register_kernel():
         runtime.cuda_extension()  # raises, saying how to build the CUDA part
     rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases={4: 1, 5: 2})
     return rule(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v,
-                q_heads=np.int32(q_heads), cache_rows=np.int32(cache_rows))
+                q_heads=np.int32(q_heads), cache_rows=np.int32(cache_rows), twin=np.int32(twin))
 
 
 mlir.register_lowering(decode_attention_p, _refuse_off_cuda)

@@ -82,9 +82,9 @@ class Attention(nnx.Module):
         return self.kv_width // self.head_dim
 
     def __call__(self, x, rope, positions, cache, write_at, cache_rows: int | None = None,
-                 implementation: str = "xla"):
+                 implementation: str = "xla", twin: bool = False):
         """`cache_rows`: how many of the positions to write to the cache (None: all; the model's
-        twin row is not written). `implementation`: the decode step's attention
+        twin row is not written); `twin`: the rows are copies of the first (the model's batch 1). `implementation`: the decode step's attention
         (`attention.decode_attention`: "xla" or "kernel"; "kernel" for decode steps, XLA's ops
         for prefill chunks)."""
         b, length, _ = x.shape
@@ -97,7 +97,7 @@ class Attention(nnx.Module):
                 implementation = "xla"  # a prefill chunk: the kernel is for decode steps
             out, cache_k, cache_v = decode_attention(qkv, cache[0], cache[1], rope, positions, write_at,
                                                      q_heads=q_heads, cache_rows=cache_rows,
-                                                     implementation=implementation)
+                                                     twin=twin, implementation=implementation)
             return project(out, self.wo[...]), (cache_k, cache_v)
         q, k, v = split_heads(qkv, q_heads, hd)
         q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
@@ -144,13 +144,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(p["w_gate_up"], p["w_down"])
 
     def __call__(self, normed, residual, rope, positions, cache, write_at, reduce_norm, next_norm,
-                 cache_rows: int | None = None, attention: str = "xla"):
+                 twin: bool = False, attention: str = "xla"):
         """`normed`: this layer's input norm of `residual` (the layer before computed it, fused
         with its last all-reduce; for the first layer, `input_norm(embeddings)`). `reduce_norm`:
         `reduction.norm_reducer(...)`; `next_norm`: the RMSNorm after this layer (the next
         layer's input norm, or the model's final norm). Returns (next_norm(new residual), the
-        new residual, cache). `attention`: the decode step's attention implementation."""
-        attended, cache = self.attention(normed, rope, positions, cache, write_at, cache_rows, attention)
+        new residual, cache). `twin`: the rows are copies of the first (the model's batch 1, whose
+        cache keeps one); `attention`: the decode step's attention implementation."""
+        attended, cache = self.attention(normed, rope, positions, cache, write_at, 1 if twin else None, attention,
+                                         twin=twin)
         post = self.post_attention_norm
         normed, residual = reduce_norm(attended, residual, post.weight[...], post.eps)
         normed, residual = reduce_norm(self.mlp(normed), residual, next_norm.weight[...], next_norm.eps)
@@ -215,7 +217,7 @@ class Llama(nnx.Module):
             with jax.named_scope(f"{LAYER_SCOPE}{i}"):
                 normed, residual, cache = layer(normed, residual, rope, positions,
                                                 None if caches is None else caches[i], write_at, reduce_norm,
-                                                norms[i + 1], cache_rows=1 if twin else None,
+                                                norms[i + 1], twin=twin,
                                                 attention=self.attention)
             new_caches.append(cache)
         if last_only and not twin:
