@@ -16,7 +16,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -174,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // Scores: kLanesPerKey lanes per key, lane l reading the key's 16-byte vectors l, l + 8, ...
   // (a key's lanes read consecutive bytes of shared memory).
-  const float scale = 1.0f / sqrtf(static_cast<float>(kHeadDim));
+  const float root = sqrtf(static_cast<float>(kHeadDim));  // the reference divides by it
   const int lane = tid % kLanesPerKey;
   for (int from = first; from < last; from += s.tile) {
     const int keys = min(s.tile, last - from);
@@ -218,7 +217,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           if (lane == 0 && j < keys && r0 + r < q_rows)
-            weights[(r0 + r) * s.chunk + key - first] = key <= pos[(r0 + r) % s.computed_rows] ? dot[r] * scale : -INFINITY;
+            weights[(r0 + r) * s.chunk + key - first] = key <= pos[(r0 + r) % s.computed_rows] ? dot[r] / root : -INFINITY;
         }
       }
     }
@@ -323,6 +322,8 @@ __global__ void __launch_bounds__(kThreads)
   cluster.sync();  // no block leaves while another reads its shared memory
 }
 
+// A block's shared memory at most (of the H100/H200's 227 KB; attention.py's KERNEL_MAX_SHARED_BYTES).
+constexpr int kMaxSharedBytes = 220 * 1024;
 // Keys per tile: the K and V tiles of a block hold at most this much each.
 constexpr int64_t kTileBytes = 48 * 1024;
 
@@ -353,8 +354,10 @@ cudaError_t Plan(AttentionShape& s, int parts, int batch, cudaStream_t stream, L
   s.tile = TileKeys(s.chunk, kHeadDim, sizeof(T));
   const int64_t shared_bytes = SharedBytes(s, kHeadDim, sizeof(T));
   auto kernel = DecodeAttentionKernel<T, kHeadDim>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(std::max<int64_t>(shared_bytes, 48 * 1024)));
+  // The largest the kernel may use (attention.py's KERNEL_MAX_SHARED_BYTES), the same on every
+  // call: the attribute is the function's, not the call's.
+  if (shared_bytes > kMaxSharedBytes) return cudaErrorInvalidValue;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes);
   if (err == cudaSuccess && parts > kClusterBlocks)
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   plan.config = {};
@@ -380,16 +383,11 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
   cudaError_t err = cudaErrorUnknown;
   // Few (batch row, KV head) pairs leave most SMs idle with 8 blocks each: 16 where the GPU
   // can place such clusters (H100/H200), else 8.
-  // Asked once per kernel (the first call's shapes), not per call: the answer is the GPU's.
-  static std::atomic<int> wide_fits{-1};
-  if (batch * s.kv_heads <= 8 && wide_fits.load() != 0 &&
-      Plan<T, kHeadDim>(s, kWideClusterBlocks, batch, stream, plan) == cudaSuccess) {
-    if (wide_fits.load() < 0) {
-      int clusters = 0;
-      const bool fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &plan.config) == cudaSuccess && clusters > 0;
-      wide_fits.store(fits ? 1 : 0);
-    }
-    err = wide_fits.load() == 1 ? cudaSuccess : cudaErrorUnknown;
+  // Asked per call site's shapes (a host query, not a stream operation).
+  if (batch * s.kv_heads <= 8 && Plan<T, kHeadDim>(s, kWideClusterBlocks, batch, stream, plan) == cudaSuccess) {
+    int clusters = 0;
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &plan.config);
+    if (err == cudaSuccess && clusters < 1) err = cudaErrorUnknown;
   }
   if (err != cudaSuccess) {
     cudaGetLastError();  // a refused wide cluster is not an error of this call
@@ -434,8 +432,11 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
   s.cache_rows = cache_rows;
   if (batch == 0) return ffi::Error::Success();
   if (s.kv_heads < 1 || q_heads % s.kv_heads != 0 || s.qkv_width != (q_heads + 2 * s.kv_heads) * head_dim ||
-      c_dims[0] != batch || cache_rows < 1 || cache_rows > s.rows || cache_rows > s.cache_len)
-    return ffi::Error::InvalidArgument("jaxnvrar: decode attention: shapes of qkv, caches and q_heads disagree");
+      c_dims[0] != batch || cache_rows < 1 || cache_rows > s.rows || cache_rows > s.cache_len ||
+      cache_v_in.dimensions().size() != 4 || !std::equal(c_dims.begin(), c_dims.end(), cache_v_in.dimensions().begin()) ||
+      positions.element_count() != s.rows || inv_freq.element_count() != head_dim / 2 || write_at.element_count() != 1)
+    return ffi::Error::InvalidArgument(
+        "jaxnvrar: decode attention: shapes of qkv, caches, positions, inv_freq and q_heads disagree");
   s.group = q_heads / s.kv_heads;
   s.computed_rows = twin ? 1 : s.rows;
   if (twin && s.cache_rows != 1)
@@ -445,7 +446,9 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
   // XLA gives aliased results the operands' buffers; copy where it did not.
   for (auto [in, result] : {std::pair{&cache_k_in, &cache_k}, std::pair{&cache_v_in, &cache_v}}) {
     if (in->untyped_data() != (*result)->untyped_data()) {
-      cudaMemcpyAsync((*result)->untyped_data(), in->untyped_data(), in->size_bytes(), cudaMemcpyDeviceToDevice, stream);
+      const cudaError_t err = cudaMemcpyAsync((*result)->untyped_data(), in->untyped_data(), in->size_bytes(),
+                                              cudaMemcpyDeviceToDevice, stream);
+      if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxnvrar: decode attention: ") + cudaGetErrorString(err));
     }
   }
   void* k = cache_k->untyped_data();

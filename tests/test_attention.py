@@ -22,6 +22,12 @@ def _inputs(batch=2, rows=1, q_heads=4, kv_heads=2, head_dim=32, cache_len=12, s
     return qkv, cache_k, cache_v, inv_freq
 
 
+@pytest.fixture(autouse=True)
+def on_cpu():
+    with jax.default_device(jax.devices("cpu")[0]):  # the "xla" ops on CPU even on a GPU host
+        yield
+
+
 def test_xla_implementation_is_rope_cache_write_and_causal_softmax():
     """Each output row against numpy: rope, write at write_at, softmax over keys <= the position."""
     qkv, cache_k, cache_v, inv_freq = _inputs(rows=2)
@@ -49,6 +55,7 @@ def test_xla_implementation_is_rope_cache_write_and_causal_softmax():
                                            rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the kernel runs (tests/gpu)")
 def test_kernel_refused_off_cuda_naming_the_fix():
     qkv, cache_k, cache_v, inv_freq = _inputs()
     call = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=4, implementation="kernel"))
@@ -89,5 +96,27 @@ def test_bad_arguments_are_named():
     two_rows = _inputs(rows=2)
     with pytest.raises(ValueError, match="twin rows write one row"):
         attention.decode_attention(*two_rows[:3], inv_freq, jnp.zeros(2, jnp.int32), 0, q_heads=4, twin=True)
+    with pytest.raises(ValueError, match=r"positions must be \[1\]"):
+        attention.decode_attention(qkv, cache_k, cache_v, inv_freq, jnp.zeros(2, jnp.int32), 0, q_heads=4)
+    with pytest.raises(ValueError, match=r"inv_freq must be \[head_dim / 2\] = \[16\]"):
+        attention.decode_attention(qkv, cache_k, cache_v, inv_freq[:8], jnp.zeros(1, jnp.int32), 0, q_heads=4)
     with pytest.raises(ValueError, match="must be one of"):
         llama.with_attention(None, "fused")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the kernel runs (tests/gpu)")
+def test_model_kernel_attention_is_for_decode_steps_and_never_falls_back():
+    """attention="kernel": a prefill chunk runs XLA's ops; a decode step (one row, or the batch-1
+    twin) takes the kernel, so off CUDA it is refused by name, not run as XLA's ops."""
+    from helpers import needs_devices_in_one_process
+
+    needs_devices_in_one_process(2)
+    model = llama.with_attention(llama.random_model("tiny", llama.make_mesh(2), all_reduce="psum",
+                                                    dtype=jnp.float32), "kernel")
+    caches = llama.init_cache(model, 2, 16)
+    prompt = np.arange(8, dtype=np.int32).reshape(2, 4)
+    llama.decode_step(model, prompt, caches, 0)  # a prefill chunk of 4 positions: XLA's ops
+    for batch in (1, 2):  # the twin row, and one row per sequence
+        caches = llama.init_cache(model, batch, 16)
+        with pytest.raises(NotImplementedError, match="CUDA GPUs only"):
+            llama.decode_step(model, prompt[:batch, :1], caches, 4)

@@ -51,6 +51,13 @@ CASES = [
     (jnp.float32, 2, 3, 2, 6, 2, 32, 5, 1, False),            # a cache shorter than the cluster
     (jnp.bfloat16, 1, 1, 1, 8, 1, 128, 4096, 4000, False),    # one KV head, a long cache
     (jnp.float32, 1, 2, 2, 4, 2, 64, 20, 19, False),          # write_at clamped, as dynamic_update_slice does
+    # 12 (batch row, KV head) pairs: 8-block clusters; 125 positions per block in tiles of 96 (float32
+    # rows of 512 B), the two new rows on both sides of a tile boundary (95 | 96); exact enough to
+    # catch a missed patch or an off-by-one mask, which bf16's tolerance could hide.
+    (jnp.float32, 3, 2, 2, 16, 4, 128, 1000, 95, False),
+    (jnp.bfloat16, 2, 1, 1, 8, 2, 32, 300, 150, False),       # head_dim 32: some lanes of a key idle
+    (jnp.float16, 2, 1, 1, 8, 2, 128, 500, 250, False),
+    (jnp.float32, 1, 2, 1, 32, 1, 64, 64, 40, True),          # a group of 32: the twin computes 32 rows
 ]
 
 
@@ -63,7 +70,7 @@ def test_kernel_matches_xla_ops(case):
         positions = jnp.full((rows,), write_at, jnp.int32)
     else:
         positions = write_at + jnp.arange(rows, dtype=jnp.int32)
-    assert attention.kernel_supports(qkv, cache_k, cache_v, q_heads, cache_rows) is None
+    assert attention.kernel_supports(qkv, cache_k, cache_v, q_heads, cache_rows, twin) is None
     (out, new_k, new_v), (want, want_k, want_v) = _both(qkv, cache_k, cache_v, inv_freq, positions,
                                                         jnp.int32(write_at), q_heads, cache_rows, twin)
     tol = TOLERANCE[dtype]
@@ -118,12 +125,15 @@ def test_llama_decodes_the_same_tokens_with_the_kernel():
     config = llama.LlamaConfig(512, 256, 512, 2, 8, 2, 64, rope_llama3=(8.0, 1.0, 4.0, 8192))
     mesh = jax.make_mesh((1,), (llama.TP,), devices=jax.local_devices()[:1])
     model = llama.random_model(config, mesh, all_reduce="psum", dtype=jnp.float32)
-    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: the tokens must not tie-break apart
-    for batch in (1, 3):
-        prompt = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, 9)).astype(np.int32)
-        tokens = {impl: np.asarray(llama.generate(llama.with_attention(model, impl), prompt, 12))
-                  for impl in ("kernel", "xla")}
-        np.testing.assert_array_equal(tokens["kernel"], tokens["xla"])
+    for impl in ("kernel", "xla"):  # the decode step holds the kernel's call only with "kernel"
+        text = llama.lowered_advance(llama.with_attention(model, impl), 1, 32).as_text()
+        assert ("jaxnvrar_decode_attention" in text) == (impl == "kernel")
+    with jax.default_matmul_precision("highest"):  # no TF32: the tokens must not tie-break apart
+        for batch in (1, 3):
+            prompt = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, 9)).astype(np.int32)
+            tokens = {impl: np.asarray(llama.generate(llama.with_attention(model, impl), prompt, 12))
+                      for impl in ("kernel", "xla")}
+            np.testing.assert_array_equal(tokens["kernel"], tokens["xla"])
 
 
 def test_kernel_refuses_what_it_does_not_take():

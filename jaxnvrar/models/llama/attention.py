@@ -16,6 +16,7 @@ so the decode step is slower with it; see docs/llama.md.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -127,8 +128,9 @@ def decode_attention_reference(qkv, cache_k, cache_v, inv_freq, positions, write
     return out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1), cache_k, cache_v
 
 
-def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int) -> str | None:
-    """None where the CUDA kernel takes these shapes and dtypes, else why not."""
+def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int, twin: bool = False) -> str | None:
+    """None where the CUDA kernel takes these shapes and dtypes, else why not (`twin`: only the
+    first row is computed)."""
     b, length, width = qkv.shape
     kv_heads, cache_len, head_dim = cache_k.shape[1:]
     if head_dim not in KERNEL_HEAD_DIMS:
@@ -137,24 +139,26 @@ def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int) -> str
         return f"dtypes {qkv.dtype}, {cache_k.dtype}, {cache_v.dtype} (the kernel takes one of {KERNEL_DTYPES} for all)"
     if q_heads % kv_heads or width != (q_heads + 2 * kv_heads) * head_dim:
         return f"qkv width {width} for {q_heads} query heads and {kv_heads} KV heads of {head_dim}"
-    query_rows = q_heads // kv_heads * length
+    computed = 1 if twin else length
+    query_rows = q_heads // kv_heads * computed
     if query_rows > KERNEL_MAX_QUERY_ROWS:
-        return (f"{length} positions x {q_heads // kv_heads} query heads per KV head = {query_rows} query rows "
+        return (f"{computed} positions x {q_heads // kv_heads} query heads per KV head = {query_rows} query rows "
                 f"(the kernel takes at most {KERNEL_MAX_QUERY_ROWS}: it is for decoding, not prefill)")
-    if kernel_shared_bytes(query_rows, length, cache_rows, cache_len, head_dim,
+    if kernel_shared_bytes(q_heads // kv_heads, computed, length, cache_rows, cache_len, head_dim,
                            jnp.dtype(qkv.dtype).itemsize) > KERNEL_MAX_SHARED_BYTES:
         return f"a cache of {cache_len} positions (a block's shared memory would exceed {KERNEL_MAX_SHARED_BYTES} bytes)"
     return None
 
 
-def kernel_shared_bytes(query_rows: int, rows: int, cache_rows: int, cache_len: int, head_dim: int,
+def kernel_shared_bytes(group: int, computed_rows: int, rows: int, cache_rows: int, cache_len: int, head_dim: int,
                         element_bytes: int) -> int:
-    """A block's shared memory, as csrc/decode_attention.cu's SharedBytes counts it: its K and V
-    tiles, and float32 queries, new rows, weights and partial sums."""
+    """A block's shared memory, as csrc/decode_attention.cu's SharedBytes counts it (with 8-block
+    clusters, the most per block): its K and V tiles, the projection's columns of all `rows`, and
+    float32 queries (`computed_rows` x `group`), new rows, weights and partial sums."""
+    query_rows = group * computed_rows
     parities = 256 // (head_dim // 2)
     chunk = -(-cache_len // _CLUSTER_BLOCKS)
     tile = max(1, min(chunk, _TILE_BYTES // (head_dim * element_bytes)))
-    group = query_rows // rows
     return (2 * tile * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes + 2 * head_dim
             + 4 * (query_rows * head_dim * (2 + parities) + 2 * cache_rows * head_dim + query_rows * chunk
                    + 3 * query_rows) + 4 * rows)
@@ -181,18 +185,29 @@ def decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_
                          f"not {cache_k.shape} and {cache_v.shape}")
     if twin and cache_rows != 1:
         raise ValueError(f"twin rows write one row of the cache (cache_rows=1), not {cache_rows}")
+    if jnp.shape(positions) != (length,):
+        raise ValueError(f"positions must be [{length}] (one per row of qkv), not {jnp.shape(positions)}")
+    if jnp.shape(inv_freq) != (cache_k.shape[-1] // 2,):
+        raise ValueError(f"inv_freq must be [head_dim / 2] = [{cache_k.shape[-1] // 2}], not {jnp.shape(inv_freq)}")
+    if jnp.size(write_at) != 1:
+        raise ValueError(f"write_at must be a scalar, not of shape {jnp.shape(write_at)}")
     params = dict(q_heads=int(q_heads), cache_rows=int(cache_rows))
     if implementation == "xla":
         return decode_attention_reference(qkv, cache_k, cache_v, inv_freq, positions, write_at, **params)
-    reason = kernel_supports(qkv, cache_k, cache_v, **params)
+    reason = kernel_supports(qkv, cache_k, cache_v, **params, twin=twin)
     if reason is not None:
         raise ValueError(f"decode_attention(implementation='kernel') does not take {reason}; "
                          "use implementation='xla'")
     positions = jnp.asarray(positions, jnp.int32)
     write_at = jnp.asarray(write_at, jnp.int32).reshape(())
     inv_freq = jnp.asarray(inv_freq, jnp.float32)
-    return tuple(decode_attention_p.bind(qkv, positions, write_at, inv_freq, cache_k, cache_v, twin=bool(twin),
-                                         **params))
+    return _bind(qkv, positions, write_at, inv_freq, cache_k, cache_v, twin=bool(twin), **params)
+
+
+@functools.partial(jax.jit, static_argnames=("q_heads", "cache_rows", "twin"))
+def _bind(*args, **params):
+    """The primitive, always under jit (inlined where already traced), so that an eager call runs."""
+    return tuple(decode_attention_p.bind(*args, **params))
 
 
 decode_attention_p = Primitive("jaxnvrar_decode_attention")
@@ -235,7 +250,8 @@ def register_kernel() -> bool:
 def implementation_text(implementation: str) -> str:
     """What `implementation` runs, for reports."""
     return ("xla: XLA's ops" if implementation == "xla"
-            else "kernel: the fused decode attention kernel (csrc/decode_attention.cu), XLA's ops in prefill")
+            else "kernel: the fused decode attention kernel (csrc/decode_attention.cu) in decode steps, "
+                 "XLA's ops in prefill")
 
 
 def _lower_cuda(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows, twin):

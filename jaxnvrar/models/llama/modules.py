@@ -24,7 +24,7 @@ from jax import lax
 from jaxnvrar.primitive import rms_norm
 
 from .attention import (ATTENTION_SCORES_BYTES, apply_rope, causal_attention, check_implementation,
-                        decode_attention, split_heads, KERNEL_MAX_QUERY_ROWS)
+                        decode_attention, split_heads)
 from .config import TP, LlamaConfig
 from .reduction import check_all_reduce_choice, norm_reducer
 
@@ -93,8 +93,8 @@ class Attention(nnx.Module):
         qkv = project(x, self.wqkv[...])  # this rank's [q | k | v] heads
         q_heads = self.q_width // tp // hd
         if cache is not None:
-            if implementation == "kernel" and q_heads // cache[0].shape[1] * length > KERNEL_MAX_QUERY_ROWS:
-                implementation = "xla"  # a prefill chunk: the kernel is for decode steps
+            if not (length == 1 or twin):
+                implementation = "xla"  # a prefill chunk: the kernel is for decode steps (one row, or the twin)
             out, cache_k, cache_v = decode_attention(qkv, cache[0], cache[1], rope, positions, write_at,
                                                      q_heads=q_heads, cache_rows=cache_rows,
                                                      twin=twin, implementation=implementation)
