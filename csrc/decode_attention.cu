@@ -34,6 +34,11 @@ constexpr int kWideClusterBlocks = 16;  // H100/H200's largest (non-portable): f
 constexpr int kThreads = 256;
 constexpr int kLanesPerKey = 8;  // a key's dot products are split over this many lanes
 
+// Where the first block of the last call's first cluster was at each phase (globaltimer, ns):
+// start, projection columns staged, scores, maxima exchanged, weights normalized, PV summed,
+// outputs written, end. One thread writes them; read with AttentionStamps().
+__device__ unsigned long long g_attention_stamps[kAttentionPhases];
+
 struct AttentionShape {
   int rows;        // query rows (positions) per batch row
   int q_heads;     // this rank's query heads
@@ -92,6 +97,16 @@ __global__ void __launch_bounds__(kThreads)
   const int last = min(s.cache_len, first + s.chunk);
   const int write = min(max(write_at[0], 0), s.cache_len - s.cache_rows);  // as dynamic_update_slice clamps
   const int64_t head_offset = (static_cast<int64_t>(batch) * s.kv_heads + kv_head) * s.cache_len * kHeadDim;
+  // Phase times of the first block of the first cluster (`attention_stamps()`), for tuning.
+  const bool stamping = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tid == 0;
+  auto Stamp = [&](int phase) {
+    if (stamping) {
+      unsigned long long now;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      g_attention_stamps[phase] = now;
+    }
+  };
+  Stamp(0);
 
   extern __shared__ __align__(16) unsigned char shared[];
   T* k_tile = reinterpret_cast<T*>(shared);         // [tile][kHeadDim]: keys of the cache, copied
@@ -160,6 +175,7 @@ __global__ void __launch_bounds__(kThreads)
     __pipeline_wait_prior(1);
   }
   __syncthreads();
+  Stamp(1);  // projection columns in shared memory
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
     const int r = i / kHeadDim, d = i % kHeadDim, row = r % s.computed_rows;
     q[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + (r / s.computed_rows) * kHeadDim, d, pos[row],
@@ -224,6 +240,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // before the next tile replaces this one
   }
 
+  Stamp(2);  // scores done
   // Softmax over the whole cluster's keys: maxima, then sums, exchanged in block order.
   const int warp = tid / 32, warp_lane = tid % 32;
   for (int r = warp; r < q_rows; r += kThreads / 32) {
@@ -239,6 +256,7 @@ __global__ void __launch_bounds__(kThreads)
     total[tid] = m;
   }
   __syncthreads();
+  Stamp(3);  // maxima exchanged
   for (int r = warp; r < q_rows; r += kThreads / 32) {
     float sum = 0.0f;
     for (int j = warp_lane; j < last - first; j += 32) {
@@ -261,6 +279,7 @@ __global__ void __launch_bounds__(kThreads)
     weights[r * s.chunk + j] = RoundTo<T>(weights[r * s.chunk + j] / total[r]);
   }
   __syncthreads();
+  Stamp(4);  // weights normalized over the cluster
 
   // PV, into per-parity sums that each thread owns.
   const int pair = tid % kPairs, parity = tid / kPairs;
@@ -303,6 +322,7 @@ __global__ void __launch_bounds__(kThreads)
     partial[i] = sum;
   }
   cluster.sync();
+  Stamp(5);  // PV summed over the cluster
   // Each block writes a share of the outputs, summing the blocks' partials in block order.
   // A computed row's result goes to the rows that copy it (the twin's second row).
   for (int i = part * kThreads + tid; i < q_rows * kHeadDim; i += s.parts * kThreads) {
@@ -312,6 +332,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int row = r % s.computed_rows; row < s.rows; row += s.computed_rows)
       out[(static_cast<int64_t>(batch) * s.rows + row) * s.q_heads * kHeadDim + head * kHeadDim + d] = FromFloat<T>(sum);
   }
+  Stamp(6);  // outputs written
   // The new rows into the cache, last: no block of this kernel reads them from there.
   if (part == 0) {
     for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
@@ -320,6 +341,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   cluster.sync();  // no block leaves while another reads its shared memory
+  Stamp(7);
 }
 
 // A block's shared memory at most (of the H100/H200's 227 KB; attention.py's KERNEL_MAX_SHARED_BYTES).
@@ -469,6 +491,13 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
 }
 
 }  // namespace
+
+std::vector<uint64_t> AttentionStamps() {
+  unsigned long long stamps[kAttentionPhases] = {};
+  cudaDeviceSynchronize();
+  cudaMemcpyFromSymbol(stamps, g_attention_stamps, sizeof(stamps));
+  return std::vector<uint64_t>(stamps, stamps + kAttentionPhases);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, Execute,
                               ffi::Ffi::Bind()

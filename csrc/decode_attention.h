@@ -2,8 +2,17 @@
 // nanobind module in nvrar_ffi.cu. It needs no NVSHMEM runtime.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxnvrar {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(DecodeAttention);
+
+// Phase times (globaltimer ns) of the first block of the last call on the current device:
+// start, projection staged, scores, maxima exchanged, weights normalized, PV summed, outputs
+// written, end. Waits for the device first.
+constexpr int kAttentionPhases = 8;
+std::vector<uint64_t> AttentionStamps();
 }  // namespace jaxnvrar

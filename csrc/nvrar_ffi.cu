@@ -10,6 +10,7 @@
 // call and on every replay of a command buffer.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstddef>
 #include <memory>
@@ -522,6 +523,7 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     targets["jaxnvrar_decode_attention"] = nb::capsule(reinterpret_cast<void*>(&jaxnvrar::DecodeAttention));
     return targets;
   });
+  m.def("attention_stamps", &jaxnvrar::AttentionStamps);
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
         nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0, nb::arg("dense_bytes") = 0);
   m.def("finalize", &jaxnvrar::FinalizeRuntime);

@@ -141,3 +141,22 @@ def test_kernel_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="query rows"):
         attention.decode_attention(qkv, cache_k, cache_v, inv_freq, jnp.arange(16, dtype=jnp.int32), 0,
                                    q_heads=8, implementation="kernel")
+
+
+def test_phase_times_cover_the_call():
+    """kernel_phase_times: every phase of the last call, in order (non-negative), summing to less
+    than the host's wall time around the call."""
+    import time
+
+    qkv, cache_k, cache_v, inv_freq = _inputs(5, jnp.bfloat16, 1, 2, 16, 4, 128, 256)
+    f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=16, cache_rows=1, twin=True,
+                                                      implementation="kernel"))
+    args = (jnp.concatenate([qkv[:, :1]] * 2, axis=1), cache_k, cache_v, inv_freq, jnp.full((2,), 7, jnp.int32),
+            jnp.int32(7))
+    jax.block_until_ready(f(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    wall_us = (time.perf_counter() - start) * 1e6
+    phases = attention.kernel_phase_times()
+    assert list(phases) == list(attention.PHASES)
+    assert all(t >= 0 for t in phases.values()) and 0 < sum(phases.values()) < wall_us, phases

@@ -254,6 +254,20 @@ def implementation_text(implementation: str) -> str:
                  "XLA's ops in prefill")
 
 
+PHASES = ("stage projection", "scores", "exchange maxima", "normalize weights", "PV and exchange",
+          "write outputs", "finish")
+
+
+def kernel_phase_times() -> dict[str, float] | None:
+    """Microseconds each phase took in the first block of the last kernel call on this process's
+    current GPU (its device clock; waits for the GPU): where a call's time goes, for tuning the
+    kernel. None before any call."""
+    stamps = runtime.cuda_extension().attention_stamps()
+    if not stamps[0]:
+        return None
+    return {name: (stop - start) / 1e3 for name, start, stop in zip(PHASES, stamps, stamps[1:])}
+
+
 def _lower_cuda(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows, twin):
     if not register_kernel():
         runtime.cuda_extension()  # raises, saying how to build the CUDA part
