@@ -305,3 +305,14 @@ def test_cpu_defaults_end_in_seconds_and_say_what_they_do():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--profile-plot wrote nothing: it needs --profile DIR" in result.stderr
+
+
+@pytest.mark.parametrize("command, message", [
+    (["decode", "--attention", "kernel", "--layers", "1"], "--attention kernel runs on CUDA GPUs"),
+    (["kernels", "--target", "cpu", "--attention", "kernel", "--preset", "tiny"], "compiles for CUDA GPUs only"),
+])
+def test_attention_kernel_refused_without_a_gpu(command, message):
+    pytest.importorskip("flax")
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", *command], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode != 0 and message in result.stderr + result.stdout

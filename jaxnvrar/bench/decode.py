@@ -330,6 +330,9 @@ def run(args) -> int:
     xla_options = dict(args.xla_option) if args.xla_option else PSUM_XLA_OPTIONS
     if "nvrar" in algorithms and not jaxnvrar.is_initialized():
         raise SystemExit("jaxnvrar-bench decode: nvrar needs the CUDA build on GPUs (run under jaxnvrar-launch)")
+    if args.attention == "kernel" and not on_gpu:
+        raise SystemExit("jaxnvrar-bench decode: --attention kernel runs on CUDA GPUs (csrc/decode_attention.cu); "
+                         "use --attention xla here")
     dtype = _DTYPES[args.dtype]
 
     from jaxnvrar.models.llama import ALL_REDUCE_CHOICES, make_mesh

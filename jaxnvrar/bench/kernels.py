@@ -329,6 +329,8 @@ def run(args) -> int:
     kernel_wanted = [a for a in algorithms if a in ("nvrar", "auto")]
     if kernel_wanted and args.target in ("h200", "cpu"):
         raise SystemExit(_NO_KERNEL_HERE.format(algorithm=kernel_wanted[0], tp=args.tp))
+    if args.attention == "kernel" and args.target == "cpu":
+        raise SystemExit("kernels: --attention kernel compiles for CUDA GPUs only; use --attention xla with --target cpu")
     devices, described = compile_devices(args.target, args.tp)
     if kernel_wanted and not jaxnvrar.is_initialized():
         raise SystemExit(_NO_KERNEL_HERE.format(algorithm=kernel_wanted[0], tp=args.tp))

@@ -23,8 +23,7 @@ from jax import lax
 
 from jaxnvrar.primitive import rms_norm
 
-from .attention import (ATTENTION_SCORES_BYTES, apply_rope, causal_attention, check_implementation,
-                        decode_attention, split_heads)
+from .attention import apply_rope, causal_attention, check_implementation, decode_attention, split_heads
 from .config import TP, LlamaConfig
 from .reduction import check_all_reduce_choice, norm_reducer
 
@@ -84,9 +83,9 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, positions, cache, write_at, cache_rows: int | None = None,
                  implementation: str = "xla", twin: bool = False):
         """`cache_rows`: how many of the positions to write to the cache (None: all; the model's
-        twin row is not written); `twin`: the rows are copies of the first (the model's batch 1). `implementation`: the decode step's attention
-        (`attention.decode_attention`: "xla" or "kernel"; "kernel" for decode steps, XLA's ops
-        for prefill chunks)."""
+        twin row is not written); `twin`: the rows are copies of the first (the model's batch 1);
+        `implementation`: the decode step's attention (`attention.decode_attention`: "xla" or
+        "kernel"; "kernel" for decode steps, XLA's ops for prefill chunks)."""
         b, length, _ = x.shape
         hd = self.head_dim
         tp = lax.axis_size(TP)
