@@ -2,9 +2,11 @@
 // reference): rotary embedding of the new queries and keys, the write of the new keys and values
 // into the cache, and causal attention of the queries over the cache. XLA runs the same ops as 7
 // kernels per layer (rope, two cache updates, scores, softmax, PV, a transpose); each costs a launch
-// gap that is most of its time at decode sizes.
+// gap that is most of its time at decode sizes. Experimental: as of 2026-12-01 this kernel is
+// slower than those 7 (docs/llama.md); g_attention_stamps shows where its time goes.
 //
-// One thread-block cluster per (batch row, KV head); its blocks split the cache positions. The
+// One thread-block cluster per (batch row, KV head), of 16 blocks for batch 1 where they fit, else
+// 8; its blocks split the cache positions, copied to shared memory in tiles with cp.async. The
 // softmax is exact, not online: the blocks exchange their rows' maxima and sums through distributed
 // shared memory, so the weights are rounded to the cache dtype after normalisation, as the reference
 // does, before the PV product; the partial PV sums are added in block order. The new keys and values
