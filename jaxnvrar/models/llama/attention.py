@@ -108,24 +108,32 @@ def split_heads(qkv, q_heads: int, head_dim: int):
 # ---------------------------------------------------------------- the decode step's attention
 
 
+def roped_heads(qkv, q_heads: int, head_dim: int, inv_freq, positions):
+    """q [b, L, q_heads, hd] and k, v [b, kv_heads, L, hd] from the projection, q and k roped. Keys
+    and values come in the cache's layout, in which both attention products are plain batched
+    matmuls (no copy of the cache per step)."""
+    q, k, v = split_heads(qkv, q_heads, head_dim)
+    q, k = apply_rope(q, inv_freq, positions), apply_rope(k, inv_freq, positions)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def attend_heads(q, k, v, positions, key_positions):
+    """`causal_attention` of q [b, L, heads, hd] over k, v [b, kv_heads, S, hd], each KV head's
+    query heads grouped; returns [b, L, heads * hd]."""
+    b, length, _, head_dim = q.shape
+    q = q.reshape(b, length, k.shape[1], -1, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kv, group, L, hd]
+    out = causal_attention(q, k, v, positions, key_positions)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
+
+
 def decode_attention_reference(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_heads: int,
                                cache_rows: int):
     """The jax ops `decode_attention` stands for (its "xla" implementation)."""
-    b, length, _ = qkv.shape
-    head_dim = cache_k.shape[-1]
-    q, k, v = split_heads(qkv, q_heads, head_dim)
-    q, k = apply_rope(q, inv_freq, positions), apply_rope(k, inv_freq, positions)
-    # Keys and values as [batch, kv_heads, positions, head_dim]: the layout of the cache, in
-    # which both attention products are plain batched matmuls (no copy of the cache per step).
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    q, k, v = roped_heads(qkv, q_heads, cache_k.shape[-1], inv_freq, positions)
     start = (0, 0, write_at, 0)
     cache_k = lax.dynamic_update_slice(cache_k, k[:, :, :cache_rows].astype(cache_k.dtype), start)
     cache_v = lax.dynamic_update_slice(cache_v, v[:, :, :cache_rows].astype(cache_v.dtype), start)
-    kv_heads = cache_k.shape[1]
-    # Group the query heads of each KV head: [batch, kv_heads, group, length, head_dim].
-    q = q.reshape(b, length, kv_heads, -1, head_dim).transpose(0, 2, 3, 1, 4)
-    out = causal_attention(q, cache_k, cache_v, positions, jnp.arange(cache_k.shape[2]))
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1), cache_k, cache_v
+    return attend_heads(q, cache_k, cache_v, positions, jnp.arange(cache_k.shape[2])), cache_k, cache_v
 
 
 def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int, twin: bool = False) -> str | None:

@@ -23,7 +23,7 @@ from jax import lax
 
 from jaxnvrar.primitive import rms_norm
 
-from .attention import apply_rope, causal_attention, check_implementation, decode_attention, split_heads
+from .attention import attend_heads, check_implementation, decode_attention, roped_heads
 from .config import TP, LlamaConfig
 from .reduction import check_all_reduce_choice, norm_reducer
 
@@ -80,32 +80,23 @@ class Attention(nnx.Module):
         """KV heads over all ranks, as replicated for tensor parallelism (the cache's width)."""
         return self.kv_width // self.head_dim
 
-    def __call__(self, x, rope, positions, cache, write_at, cache_rows: int | None = None,
-                 implementation: str = "xla", twin: bool = False):
-        """`cache_rows`: how many of the positions to write to the cache (None: all; the model's
-        twin row is not written); `twin`: the rows are copies of the first (the model's batch 1);
+    def __call__(self, x, rope, positions, cache, write_at, implementation: str = "xla", twin: bool = False):
+        """`twin`: the rows are copies of the first (the model's batch 1; the cache keeps one);
         `implementation`: the decode step's attention (`attention.decode_attention`: "xla" or
         "kernel"; "kernel" for decode steps, XLA's ops for prefill chunks)."""
-        b, length, _ = x.shape
-        hd = self.head_dim
+        length = x.shape[1]
         tp = lax.axis_size(TP)
         qkv = project(x, self.wqkv[...])  # this rank's [q | k | v] heads
-        q_heads = self.q_width // tp // hd
+        q_heads = self.q_width // tp // self.head_dim
         if cache is not None:
             if not (length == 1 or twin):
                 implementation = "xla"  # a prefill chunk: the kernel is for decode steps (one row, or the twin)
             out, cache_k, cache_v = decode_attention(qkv, cache[0], cache[1], rope, positions, write_at,
-                                                     q_heads=q_heads, cache_rows=cache_rows,
+                                                     q_heads=q_heads, cache_rows=1 if twin else None,
                                                      twin=twin, implementation=implementation)
             return project(out, self.wo[...]), (cache_k, cache_v)
-        q, k, v = split_heads(qkv, q_heads, hd)
-        q, k = apply_rope(q, rope, positions), apply_rope(k, rope, positions)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        # Group the query heads of each KV head: [batch, kv_heads, group, length, head_dim].
-        q = q.reshape(b, length, k.shape[1], -1, hd).transpose(0, 2, 3, 1, 4)
-        out = causal_attention(q, k, v, positions, positions)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, -1)
-        return project(out, self.wo[...]), cache
+        q, k, v = roped_heads(qkv, q_heads, self.head_dim, rope, positions)
+        return project(attend_heads(q, k, v, positions, positions), self.wo[...]), cache
 
 
 class MLP(nnx.Module):
@@ -150,8 +141,7 @@ class DecoderLayer(nnx.Module):
         layer's input norm, or the model's final norm). Returns (next_norm(new residual), the
         new residual, cache). `twin`: the rows are copies of the first (the model's batch 1, whose
         cache keeps one); `attention`: the decode step's attention implementation."""
-        attended, cache = self.attention(normed, rope, positions, cache, write_at, 1 if twin else None, attention,
-                                         twin=twin)
+        attended, cache = self.attention(normed, rope, positions, cache, write_at, attention, twin=twin)
         post = self.post_attention_norm
         normed, residual = reduce_norm(attended, residual, post.weight[...], post.eps)
         normed, residual = reduce_norm(self.mlp(normed), residual, next_norm.weight[...], next_norm.eps)
