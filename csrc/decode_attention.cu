@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "decode_attention.h"
@@ -36,10 +37,11 @@ constexpr int kWideClusterBlocks = 16;  // H100/H200's largest (non-portable): f
 constexpr int kThreads = 256;
 constexpr int kLanesPerKey = 8;  // a key's dot products are split over this many lanes
 
-// Where the first block of the last call's first cluster was at each phase (globaltimer, ns):
-// start, projection columns staged, scores, maxima exchanged, weights normalized, PV summed,
-// outputs written, end. One thread writes them; read with AttentionStamps().
-__device__ unsigned long long g_attention_stamps[kAttentionPhases];
+// Where each block of the last call was at each phase (globaltimer, ns): start, projection columns
+// staged, scores, maxima exchanged, weights normalized, PV summed, outputs written, end; for the
+// first kAttentionStampedBlocks blocks (one store per block and phase). Read with AttentionStamps().
+__device__ unsigned long long g_attention_stamps[kAttentionStampedBlocks][kAttentionPhases];
+__device__ int g_attention_stamped_blocks;  // of the last call
 
 struct AttentionShape {
   int rows;        // query rows (positions) per batch row
@@ -99,13 +101,16 @@ __global__ void __launch_bounds__(kThreads)
   const int last = min(s.cache_len, first + s.chunk);
   const int write = min(max(write_at[0], 0), s.cache_len - s.cache_rows);  // as dynamic_update_slice clamps
   const int64_t head_offset = (static_cast<int64_t>(batch) * s.kv_heads + kv_head) * s.cache_len * kHeadDim;
-  // Phase times of the first block of the first cluster (`attention_stamps()`), for tuning.
-  const bool stamping = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tid == 0;
+  // Phase times of every block (`attention_stamps()`), for tuning.
+  const int block_index = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const bool stamping = tid == 0 && block_index < kAttentionStampedBlocks;
+  if (tid == 0 && block_index == 0)
+    g_attention_stamped_blocks = min(kAttentionStampedBlocks, static_cast<int>(gridDim.x * gridDim.y * gridDim.z));
   auto Stamp = [&](int phase) {
     if (stamping) {
       unsigned long long now;
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-      g_attention_stamps[phase] = now;
+      g_attention_stamps[block_index][phase] = now;
     }
   };
   Stamp(0);
@@ -196,7 +201,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int from = first; from < last; from += s.tile) {
     const int keys = min(s.tile, last - from);
     if (from != first) start_copy(k_tile, cache_k, from, keys);
-    __pipeline_wait_prior(0);
+    if (one_tile) {
+      __pipeline_wait_prior(1);  // the keys; the values, committed after them, may still be in flight
+    } else {
+      __pipeline_wait_prior(0);
+    }
     __syncthreads();
     patch(k_tile, new_k, from, keys);
     __syncthreads();
@@ -287,11 +296,9 @@ __global__ void __launch_bounds__(kThreads)
   const int pair = tid % kPairs, parity = tid / kPairs;
   for (int from = first; from < last; from += s.tile) {
     const int keys = min(s.tile, last - from);
-    if (!one_tile) {
-      start_copy(v_tile, cache_v, from, keys);
-      __pipeline_wait_prior(0);
-      __syncthreads();
-    }
+    if (!one_tile) start_copy(v_tile, cache_v, from, keys);
+    __pipeline_wait_prior(0);
+    __syncthreads();
     patch(v_tile, new_v, from, keys);
     __syncthreads();
     for (int r0 = 0; r0 < q_rows; r0 += 8) {  // 8 rows of sums in registers at a time
@@ -405,10 +412,22 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
   auto kernel = DecodeAttentionKernel<T, kHeadDim>;
   LaunchPlan plan;
   cudaError_t err = cudaErrorUnknown;
+  // For tuning: JAXNVRAR_ATTENTION_CLUSTER=1..16 blocks per (batch row, KV head) instead of the rule below.
+  if (const char* forced = std::getenv("JAXNVRAR_ATTENTION_CLUSTER"); forced != nullptr && *forced != '\0') {
+    const int parts = std::atoi(forced);
+    if (parts < 1 || parts > kWideClusterBlocks)
+      return ffi::Error::InvalidArgument("jaxnvrar: JAXNVRAR_ATTENTION_CLUSTER must be 1 to 16, not '" +
+                                         std::string(forced) + "'; unset it for the built-in choice");
+    err = Plan<T, kHeadDim>(s, parts, batch, stream, plan);
+    if (err != cudaSuccess)
+      return ffi::Error::Internal(std::string("jaxnvrar: decode attention with JAXNVRAR_ATTENTION_CLUSTER=") + forced +
+                                  ": " + cudaGetErrorString(err));
+  }
   // Few (batch row, KV head) pairs leave most SMs idle with 8 blocks each: 16 where the GPU
   // can place such clusters (H100/H200), else 8.
   // Asked per call site's shapes (a host query, not a stream operation).
-  if (batch * s.kv_heads <= 8 && Plan<T, kHeadDim>(s, kWideClusterBlocks, batch, stream, plan) == cudaSuccess) {
+  if (err != cudaSuccess && batch * s.kv_heads <= 8 &&
+      Plan<T, kHeadDim>(s, kWideClusterBlocks, batch, stream, plan) == cudaSuccess) {
     int clusters = 0;
     err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &plan.config);
     if (err == cudaSuccess && clusters < 1) err = cudaErrorUnknown;
@@ -495,10 +514,12 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
 }  // namespace
 
 std::vector<uint64_t> AttentionStamps() {
-  unsigned long long stamps[kAttentionPhases] = {};
+  int blocks = 0;
   cudaDeviceSynchronize();
-  cudaMemcpyFromSymbol(stamps, g_attention_stamps, sizeof(stamps));
-  return std::vector<uint64_t>(stamps, stamps + kAttentionPhases);
+  if (cudaMemcpyFromSymbol(&blocks, g_attention_stamped_blocks, sizeof(blocks)) != cudaSuccess || blocks < 1) return {};
+  std::vector<uint64_t> stamps(static_cast<size_t>(blocks) * kAttentionPhases);
+  if (cudaMemcpyFromSymbol(stamps.data(), g_attention_stamps, stamps.size() * sizeof(uint64_t)) != cudaSuccess) return {};
+  return stamps;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, Execute,

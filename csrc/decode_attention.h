@@ -10,9 +10,11 @@
 namespace jaxnvrar {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(DecodeAttention);
 
-// Phase times (globaltimer ns) of the first block of the last call on the current device:
-// start, projection staged, scores, maxima exchanged, weights normalized, PV summed, outputs
-// written, end. Waits for the device first.
+// Phase times (globaltimer ns) of each block of the last call on the current device, block-major
+// (blocks x kAttentionPhases: start, projection staged, scores, maxima exchanged, weights
+// normalized, PV summed, outputs written, end), for the first kAttentionStampedBlocks blocks;
+// empty before any call. Waits for the device first.
 constexpr int kAttentionPhases = 8;
+constexpr int kAttentionStampedBlocks = 4096;
 std::vector<uint64_t> AttentionStamps();
 }  // namespace jaxnvrar

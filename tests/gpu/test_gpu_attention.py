@@ -160,3 +160,37 @@ def test_phase_times_cover_the_call():
     phases = attention.kernel_phase_times()
     assert list(phases) == list(attention.PHASES)
     assert all(t >= 0 for t in phases.values()) and 0 < sum(phases.values()) < wall_us, phases
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4, 16])
+def test_forced_cluster_sizes_agree(parts, monkeypatch):
+    """JAXNVRAR_ATTENTION_CLUSTER (a tuning knob): any blocks per (batch row, KV head) give XLA's
+    results; with 1 or 2 a block walks several tiles of keys and values."""
+    monkeypatch.setenv("JAXNVRAR_ATTENTION_CLUSTER", str(parts))
+    qkv, cache_k, cache_v, inv_freq = _inputs(6, jnp.float32, 2, 2, 16, 4, 128, 700)
+    positions = 500 + jnp.arange(2, dtype=jnp.int32)
+    (out, new_k, _), (want, want_k, _) = _both(qkv, cache_k, cache_v, inv_freq, positions, jnp.int32(500), 16, 2)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(new_k, want_k, atol=2e-5, rtol=2e-5)
+    times = attention.kernel_block_times()
+    assert times["blocks"] == 2 * 4 * parts, times
+
+
+def test_forced_cluster_size_out_of_range_is_refused(monkeypatch):
+    monkeypatch.setenv("JAXNVRAR_ATTENTION_CLUSTER", "32")
+    qkv, cache_k, cache_v, inv_freq = _inputs(7, jnp.bfloat16, 1, 1, 8, 2, 64, 64)
+    f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=8, implementation="kernel"))
+    with pytest.raises(Exception, match="JAXNVRAR_ATTENTION_CLUSTER must be 1 to 16"):
+        jax.block_until_ready(f(qkv, cache_k, cache_v, inv_freq, jnp.arange(1, dtype=jnp.int32), jnp.int32(0)))
+
+
+def test_block_times_cover_the_grid():
+    """kernel_block_times: one entry per block of the last call (8 KV heads x batch 2 x 8 blocks),
+    each block's phases summing to its lifetime, the span at least the longest lifetime."""
+    qkv, cache_k, cache_v, inv_freq = _inputs(8, jnp.bfloat16, 2, 1, 32, 8, 128, 1088)
+    f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=32, implementation="kernel"))
+    jax.block_until_ready(f(qkv, cache_k, cache_v, inv_freq, jnp.full((1,), 1000, jnp.int32), jnp.int32(1000)))
+    times = attention.kernel_block_times()
+    assert times["blocks"] == 2 * 8 * 8, times
+    assert times["span"] >= times["lifetime"][1] >= times["lifetime"][0] > 0, times
+    assert list(times["phases"]) == list(attention.PHASES) and min(times["phases"].values()) >= 0, times

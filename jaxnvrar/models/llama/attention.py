@@ -266,14 +266,40 @@ PHASES = ("stage projection", "scores", "exchange maxima", "normalize weights", 
           "write outputs", "finish")
 
 
+def _kernel_stamps() -> np.ndarray | None:
+    """[blocks, 8] globaltimer ns of the last kernel call's blocks (see PHASES), or None."""
+    stamps = runtime.cuda_extension().attention_stamps()
+    if not stamps:
+        return None
+    return np.asarray(stamps, np.int64).reshape(-1, len(PHASES) + 1)
+
+
 def kernel_phase_times() -> dict[str, float] | None:
     """Microseconds each phase took in the first block of the last kernel call on this process's
     current GPU (its device clock; waits for the GPU): where a call's time goes, for tuning the
     kernel. None before any call."""
-    stamps = runtime.cuda_extension().attention_stamps()
-    if not stamps[0]:
+    stamps = _kernel_stamps()
+    if stamps is None:
         return None
-    return {name: (stop - start) / 1e3 for name, start, stop in zip(PHASES, stamps, stamps[1:])}
+    return {name: (stop - start) / 1e3 for name, start, stop in zip(PHASES, stamps[0], stamps[0][1:])}
+
+
+def kernel_block_times() -> dict[str, object] | None:
+    """The last kernel call's blocks on this process's current GPU, in microseconds: `span` (first
+    block's start to last block's end), `start_spread` (first to last start: blocks that waited
+    for a free SM), `lifetime` (median and max of one block's start to end), and the median over
+    blocks of each phase (PHASES). Tells a fixed per-block latency from waves of blocks. None
+    before any call."""
+    stamps = _kernel_stamps()
+    if stamps is None:
+        return None
+    starts, ends = stamps[:, 0], stamps[:, -1]
+    lifetimes = (ends - starts) / 1e3
+    phases = np.diff(stamps, axis=1) / 1e3
+    return {"blocks": int(stamps.shape[0]), "span": float(ends.max() - starts.min()) / 1e3,
+            "start_spread": float(starts.max() - starts.min()) / 1e3,
+            "lifetime": (float(np.median(lifetimes)), float(lifetimes.max())),
+            "phases": {name: float(np.median(phases[:, i])) for i, name in enumerate(PHASES)}}
 
 
 def _lower_cuda(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows, twin):
