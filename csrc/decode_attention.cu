@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "decode_attention.h"
 #include "xla/ffi/api/ffi.h"
@@ -71,6 +72,58 @@ __device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2ha
 template <typename T>
 __device__ __forceinline__ float RoundTo(float x) { return ToFloat(FromFloat<T>(x)); }
 
+// Tiles hold a key's 16-byte vectors in rotated order (vector ^ key % 8): the 8 keys that one
+// ldmatrix (or one lane group) reads at a time then sit in different shared-memory banks.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ int TileOffset(int key, int vector) {
+  constexpr int kVectorsPerRow = kHeadDim * static_cast<int>(sizeof(T)) / 16;
+  constexpr int kRotation = kVectorsPerRow < 8 ? kVectorsPerRow : 8;
+  return key * kHeadDim + (vector ^ (key % kRotation)) * (16 / static_cast<int>(sizeof(T)));
+}
+
+// Tensor-core products for 16-bit caches: D[16x8] += A[16x16] B[16x8], float32 sums of exact
+// products (as XLA's bf16/f16 dots with float32 accumulation).
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Four 8x8 matrices of 16-bit elements from shared memory, lane i giving the address of row i % 8
+// of matrix i / 8; `transposed` hands out columns instead of rows.
+template <bool kTransposed>
+__device__ __forceinline__ void LoadMatrices(uint32_t (&r)[4], const void* row) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTransposed) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+  }
+}
+
+// Two floats as a pair of 16-bit elements, the first in the low half (an mma fragment register).
+template <typename T>
+__device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 pair = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&pair);
+  } else {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&pair);
+  }
+}
+
 // x * cos + rotate_half(x) * sin for element d of a head at `position`, as the reference computes
 // it in float32 (rotate_half(x)[d] = -x[d + half] below half, x[d - half] above).
 template <typename T, int kHeadDim>
@@ -80,6 +133,20 @@ __device__ __forceinline__ float Rope(const T* head, int d, int position, const 
   const float rotated = d < kHalf ? -ToFloat(head[d + kHalf]) : ToFloat(head[d - kHalf]);
   const float angle = __fmul_rn(static_cast<float>(position), inv_freq[d % kHalf]);
   return __fadd_rn(__fmul_rn(x, cosf(angle)), __fmul_rn(rotated, sinf(angle)));
+}
+
+// combine(...combine(init, v0)..., v(parts-1)) of the cluster's blocks' values at array[index] (in
+// their shared memory), in block order; the remote loads are issued together, not one after another.
+template <typename Combine>
+__device__ __forceinline__ float OverCluster(cg::cluster_group& cluster, float* array, int index, int parts, float init,
+                                             Combine combine) {
+  float values[kWideClusterBlocks];
+#pragma unroll
+  for (int b = 0; b < kWideClusterBlocks; ++b) values[b] = b < parts ? cluster.map_shared_rank(array, b)[index] : init;
+  float result = init;
+#pragma unroll
+  for (int b = 0; b < kWideClusterBlocks; ++b) result = b < parts ? combine(result, values[b]) : result;
+  return result;
 }
 
 template <typename T, int kHeadDim>
@@ -116,10 +183,13 @@ __global__ void __launch_bounds__(kThreads)
   Stamp(0);
 
   extern __shared__ __align__(16) unsigned char shared[];
-  T* k_tile = reinterpret_cast<T*>(shared);         // [tile][kHeadDim]: keys of the cache, copied
-  T* v_tile = k_tile + s.tile * kHeadDim;           // [tile][kHeadDim]: values
+  // 16-bit caches go through tensor cores (mma.sync); float32 ones through FMAs, in full precision.
+  constexpr bool kTensorCores = sizeof(T) == 2;
+  const int tile_rows = (s.tile + 15) / 16 * 16;    // whole 16-key steps of the tensor-core products
+  T* k_tile = reinterpret_cast<T*>(shared);         // [tile_rows][kHeadDim]: keys of the cache (TileOffset)
+  T* v_tile = k_tile + tile_rows * kHeadDim;        // [tile_rows][kHeadDim]: values
   const int staged_width = (s.group + 2) * kHeadDim;
-  T* staged = v_tile + s.tile * kHeadDim;           // [rows][staged_width]: this KV head's q | k | v columns
+  T* staged = v_tile + tile_rows * kHeadDim;           // [rows][staged_width]: this KV head's q | k | v columns
   float* frequencies = reinterpret_cast<float*>(staged + s.rows * staged_width);  // [kHeadDim / 2]
   float* q = frequencies + kHeadDim / 2;            // [q_rows][kHeadDim], roped, as T
   float* new_k = q + q_rows * kHeadDim;             // [cache_rows][kHeadDim], roped, rounded to T
@@ -135,17 +205,21 @@ __global__ void __launch_bounds__(kThreads)
   // Copies keys [from, from + keys) of a cache into a tile, asynchronously: every thread's
   // 16-byte copies are in flight at once (the latency is paid once per tile, not per key).
   auto start_copy = [&](T* tile, const T* cache, int from, int keys) {
-    const char* src = reinterpret_cast<const char*>(cache + head_offset + static_cast<int64_t>(from) * kHeadDim);
+    const T* src = cache + head_offset + static_cast<int64_t>(from) * kHeadDim;
     for (int i = tid; i < keys * kVectorsPerRow; i += kThreads)
-      __pipeline_memcpy_async(reinterpret_cast<char*>(tile) + 16 * i, src + 16 * i, 16);
+      __pipeline_memcpy_async(tile + TileOffset<T, kHeadDim>(i / kVectorsPerRow, i % kVectorsPerRow),
+                              src + i * kPerVector, 16);
     __pipeline_commit();
   };
-  // The new rows come from the projection, never from the cache (which this kernel writes).
+  // The new rows come from the projection, never from the cache (which this kernel writes); the
+  // rows after the last key, up to the 16-key step, are zeros (weight 0 x stale NaN would be NaN).
   auto patch = [&](T* tile, const float* fresh, int from, int keys) {
     for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
-      const int key = write + i / kHeadDim;
-      if (key >= from && key < from + keys) tile[(key - from) * kHeadDim + i % kHeadDim] = FromFloat<T>(fresh[i]);
+      const int key = write + i / kHeadDim, d = i % kHeadDim;
+      if (key >= from && key < from + keys)
+        tile[TileOffset<T, kHeadDim>(key - from, d / kPerVector) + d % kPerVector] = FromFloat<T>(fresh[i]);
     }
+    for (int i = keys * kHeadDim + tid; i < (keys + 15) / 16 * 16 * kHeadDim; i += kThreads) tile[i] = FromFloat<T>(0.0f);
   };
   // This KV head's columns of the projection and the frequencies, copied asynchronously first.
   const T* tokens = qkv + static_cast<int64_t>(batch) * s.rows * s.qkv_width;
@@ -198,6 +272,7 @@ __global__ void __launch_bounds__(kThreads)
   // (a key's lanes read consecutive bytes of shared memory).
   const float root = sqrtf(static_cast<float>(kHeadDim));  // the reference divides by it
   const int lane = tid % kLanesPerKey;
+  const int warp = tid / 32, warp_lane = tid % 32;
   for (int from = first; from < last; from += s.tile) {
     const int keys = min(s.tile, last - from);
     if (from != first) start_copy(k_tile, cache_k, from, keys);
@@ -209,42 +284,77 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     patch(k_tile, new_k, from, keys);
     __syncthreads();
-    for (int base = 0; base < keys; base += kThreads / kLanesPerKey) {  // uniform: the shuffles need every lane
-      const int j = base + tid / kLanesPerKey;
-      float k[kVectorsPerLane * kPerVector] = {};
+    if constexpr (kTensorCores) {
+      // Warp w takes keys [8 n, 8 n + 8) for n = w, w + 8, ...: per 16-row block of queries, 16x8
+      // scores from kHeadDim / 16 products; query rows past q_rows are zeros.
+      for (int m0 = 0; m0 < q_rows; m0 += 16) {
+        uint32_t a[kHeadDim / 16][4];
 #pragma unroll
-      for (int v = 0; v < kVectorsPerLane; ++v) {
-        const int vector = v * kLanesPerKey + lane;
-        if (j < keys && vector < kVectorsPerRow) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(k_tile + j * kHeadDim + vector * kPerVector);
-          const T* elements = reinterpret_cast<const T*>(&raw);
+        for (int step = 0; step < kHeadDim / 16; ++step) {
+          const int r = m0 + warp_lane / 4, c = step * 16 + (warp_lane % 4) * 2;
+          const float* lo = q + r * kHeadDim + c;
+          const float* hi = lo + 8 * kHeadDim;
+          const bool lo_in = r < q_rows, hi_in = r + 8 < q_rows;
+          a[step][0] = lo_in ? Pack<T>(lo[0], lo[1]) : 0u;
+          a[step][1] = hi_in ? Pack<T>(hi[0], hi[1]) : 0u;
+          a[step][2] = lo_in ? Pack<T>(lo[8], lo[9]) : 0u;
+          a[step][3] = hi_in ? Pack<T>(hi[8], hi[9]) : 0u;
+        }
+        for (int n0 = 8 * warp; n0 < keys; n0 += 8 * (kThreads / 32)) {
+          float c[4] = {};
 #pragma unroll
-          for (int e = 0; e < kPerVector; ++e) k[v * kPerVector + e] = ToFloat(elements[e]);
+          for (int step = 0; step < kHeadDim / 16; step += 2) {  // two steps per ldmatrix: 32 dimensions
+            uint32_t b[4];
+            LoadMatrices<false>(b, k_tile + TileOffset<T, kHeadDim>(n0 + warp_lane % 8, 2 * step + warp_lane / 8));
+            Mma16816<T>(c, a[step], b[0], b[1]);
+            Mma16816<T>(c, a[step + 1], b[2], b[3]);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = m0 + warp_lane / 4 + (i / 2) * 8, j = n0 + (warp_lane % 4) * 2 + i % 2, key = from + j;
+            if (r < q_rows && j < keys)
+              weights[r * s.chunk + key - first] = key <= pos[r % s.computed_rows] ? c[i] / root : -INFINITY;
+          }
         }
       }
-      for (int r0 = 0; r0 < q_rows; r0 += 4) {  // 4 rows' sums at once: independent chains
-        float dot[4] = {};
+    } else {
+      for (int base = 0; base < keys; base += kThreads / kLanesPerKey) {  // uniform: the shuffles need every lane
+        const int j = base + tid / kLanesPerKey;
+        float k[kVectorsPerLane * kPerVector] = {};
 #pragma unroll
         for (int v = 0; v < kVectorsPerLane; ++v) {
           const int vector = v * kLanesPerKey + lane;
-          if (vector < kVectorsPerRow) {
+          if (j < keys && vector < kVectorsPerRow) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(k_tile + TileOffset<T, kHeadDim>(j, vector));
+            const T* elements = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-              const float* qr = q + min(r0 + r, q_rows - 1) * kHeadDim + vector * kPerVector;
-#pragma unroll
-              for (int e = 0; e < kPerVector; ++e) dot[r] = fmaf(qr[e], k[v * kPerVector + e], dot[r]);
-            }
+            for (int e = 0; e < kPerVector; ++e) k[v * kPerVector + e] = ToFloat(elements[e]);
           }
         }
+        for (int r0 = 0; r0 < q_rows; r0 += 4) {  // 4 rows' sums at once: independent chains
+          float dot[4] = {};
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], offset);
-        }
-        const int key = from + j;
+          for (int v = 0; v < kVectorsPerLane; ++v) {
+            const int vector = v * kLanesPerKey + lane;
+            if (vector < kVectorsPerRow) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          if (lane == 0 && j < keys && r0 + r < q_rows)
-            weights[(r0 + r) * s.chunk + key - first] = key <= pos[(r0 + r) % s.computed_rows] ? dot[r] / root : -INFINITY;
+              for (int r = 0; r < 4; ++r) {
+                const float* qr = q + min(r0 + r, q_rows - 1) * kHeadDim + vector * kPerVector;
+#pragma unroll
+                for (int e = 0; e < kPerVector; ++e) dot[r] = fmaf(qr[e], k[v * kPerVector + e], dot[r]);
+              }
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], offset);
+          }
+          const int key = from + j;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if (lane == 0 && j < keys && r0 + r < q_rows)
+              weights[(r0 + r) * s.chunk + key - first] = key <= pos[(r0 + r) % s.computed_rows] ? dot[r] / root : -INFINITY;
+          }
         }
       }
     }
@@ -253,7 +363,6 @@ __global__ void __launch_bounds__(kThreads)
 
   Stamp(2);  // scores done
   // Softmax over the whole cluster's keys: maxima, then sums, exchanged in block order.
-  const int warp = tid / 32, warp_lane = tid % 32;
   for (int r = warp; r < q_rows; r += kThreads / 32) {
     float m = -INFINITY;
     for (int j = warp_lane; j < last - first; j += 32) m = fmaxf(m, weights[r * s.chunk + j]);
@@ -262,9 +371,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   cluster.sync();
   if (tid < q_rows) {
-    float m = -INFINITY;
-    for (int b = 0; b < s.parts; ++b) m = fmaxf(m, cluster.map_shared_rank(row_max, b)[tid]);
-    total[tid] = m;
+    total[tid] = OverCluster(cluster, row_max, tid, s.parts, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
   }
   __syncthreads();
   Stamp(3);  // maxima exchanged
@@ -280,9 +387,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   cluster.sync();  // every block's maxima have been read, its sums written
   if (tid < q_rows) {
-    float sum = 0.0f;
-    for (int b = 0; b < s.parts; ++b) sum += cluster.map_shared_rank(row_sum, b)[tid];
-    total[tid] = sum;
+    total[tid] = OverCluster(cluster, row_sum, tid, s.parts, 0.0f, [](float a, float b) { return a + b; });
   }
   __syncthreads();
   for (int i = tid; i < q_rows * (last - first); i += kThreads) {
@@ -292,8 +397,14 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   Stamp(4);  // weights normalized over the cluster
 
-  // PV, into per-parity sums that each thread owns.
+  // PV, into per-parity sums that each thread owns (FMAs), or per-warp fragments (tensor cores).
   const int pair = tid % kPairs, parity = tid / kPairs;
+  constexpr int kDimTilesPerWarp = kHeadDim / 8 >= 16 ? 2 : 1;           // 8 dimensions per tile
+  constexpr int kWarpSets = kHeadDim / 8 / kDimTilesPerWarp;               // warps over the dimensions
+  constexpr int kKeySplit = kThreads / 32 / kWarpSets;                     // and over the keys
+  static_assert(kKeySplit >= 1 && kKeySplit <= kParities, "the key split's sums go where the parities' do");
+  const int dim0 = warp % kWarpSets * kDimTilesPerWarp * 8, key_part = warp / kWarpSets;
+  float acc[2][kDimTilesPerWarp][4] = {};
   for (int from = first; from < last; from += s.tile) {
     const int keys = min(s.tile, last - from);
     if (!one_tile) start_copy(v_tile, cache_v, from, keys);
@@ -301,33 +412,69 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     patch(v_tile, new_v, from, keys);
     __syncthreads();
-    for (int r0 = 0; r0 < q_rows; r0 += 8) {  // 8 rows of sums in registers at a time
-      float acc[8][2] = {};
-      for (int j = parity; j < keys; j += kParities) {
-        const T* src = v_tile + j * kHeadDim + 2 * pair;
-        const float v0 = ToFloat(src[0]), v1 = ToFloat(src[1]);
+    if constexpr (kTensorCores) {
+      // Warp w sums dimensions [dim0, dim0 + 8 kDimTilesPerWarp) over its share of 16-key steps;
+      // the weights of keys past the tile's last are zeros (and so are those rows of the tile).
+      for (int k0 = 16 * key_part; k0 < keys; k0 += 16 * kKeySplit) {
+        uint32_t b[4];
+        LoadMatrices<true>(b, v_tile + TileOffset<T, kHeadDim>(k0 + warp_lane % 8 + (warp_lane / 8) % 2 * 8,
+                                                               (dim0 / 8 + warp_lane / 16) % kVectorsPerRow));
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int r = 16 * m + warp_lane / 4, j = k0 + (warp_lane % 4) * 2;
+          if (16 * m >= q_rows) break;
+          auto w = [&](int row, int key) {
+            return row < q_rows && key < keys ? weights[row * s.chunk + from - first + key] : 0.0f;
+          };
+          const uint32_t a[4] = {Pack<T>(w(r, j), w(r, j + 1)), Pack<T>(w(r + 8, j), w(r + 8, j + 1)),
+                                 Pack<T>(w(r, j + 8), w(r, j + 9)), Pack<T>(w(r + 8, j + 8), w(r + 8, j + 9))};
+          Mma16816<T>(acc[m][0], a, b[0], b[1]);
+          if constexpr (kDimTilesPerWarp == 2) Mma16816<T>(acc[m][1], a, b[2], b[3]);
+        }
+      }
+    } else {
+      for (int r0 = 0; r0 < q_rows; r0 += 8) {  // 8 rows of sums in registers at a time
+        float acc[8][2] = {};
+        for (int j = parity; j < keys; j += kParities) {
+          const T* src = v_tile + TileOffset<T, kHeadDim>(j, 2 * pair / kPerVector) + 2 * pair % kPerVector;
+          const float v0 = ToFloat(src[0]), v1 = ToFloat(src[1]);
+#pragma unroll
+          for (int r = 0; r < 8; ++r) {
+            if (r0 + r < q_rows) {
+              const float w = weights[(r0 + r) * s.chunk + from + j - first];
+              acc[r][0] = fmaf(w, v0, acc[r][0]);
+              acc[r][1] = fmaf(w, v1, acc[r][1]);
+            }
+          }
+        }
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
           if (r0 + r < q_rows) {
-            const float w = weights[(r0 + r) * s.chunk + from + j - first];
-            acc[r][0] = fmaf(w, v0, acc[r][0]);
-            acc[r][1] = fmaf(w, v1, acc[r][1]);
+            halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair] += acc[r][0];
+            halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair + 1] += acc[r][1];
           }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 8; ++r) {
-        if (r0 + r < q_rows) {
-          halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair] += acc[r][0];
-          halves[(parity * q_rows + r0 + r) * kHeadDim + 2 * pair + 1] += acc[r][1];
         }
       }
     }
     __syncthreads();  // before the next tile replaces this one
   }
+  if constexpr (kTensorCores) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll
+      for (int t = 0; t < kDimTilesPerWarp; ++t) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = 16 * m + warp_lane / 4 + i / 2 * 8, d = dim0 + 8 * t + (warp_lane % 4) * 2 + i % 2;
+          if (r < q_rows) halves[(key_part * q_rows + r) * kHeadDim + d] = acc[m][t][i];
+        }
+      }
+    }
+    __syncthreads();
+  }
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
     float sum = 0.0f;
-    for (int p = 0; p < kParities; ++p) sum += halves[p * q_rows * kHeadDim + i];
+    for (int p = 0; p < (kTensorCores ? kKeySplit : kParities); ++p) sum += halves[p * q_rows * kHeadDim + i];
     partial[i] = sum;
   }
   cluster.sync();
@@ -335,8 +482,7 @@ __global__ void __launch_bounds__(kThreads)
   // Each block writes a share of the outputs, summing the blocks' partials in block order.
   // A computed row's result goes to the rows that copy it (the twin's second row).
   for (int i = part * kThreads + tid; i < q_rows * kHeadDim; i += s.parts * kThreads) {
-    float sum = 0.0f;
-    for (int b = 0; b < s.parts; ++b) sum += cluster.map_shared_rank(partial, b)[i];
+    const float sum = OverCluster(cluster, partial, i, s.parts, 0.0f, [](float a, float b) { return a + b; });
     const int r = i / kHeadDim, d = i % kHeadDim, head = kv_head * s.group + r / s.computed_rows;
     for (int row = r % s.computed_rows; row < s.rows; row += s.computed_rows)
       out[(static_cast<int64_t>(batch) * s.rows + row) * s.q_heads * kHeadDim + head * kHeadDim + d] = FromFloat<T>(sum);
@@ -365,7 +511,7 @@ int TileKeys(int chunk, int head_dim, int element_bytes) {
 int64_t SharedBytes(const AttentionShape& s, int head_dim, int element_bytes) {
   const int q_rows = s.group * s.computed_rows;
   const int parities = kThreads / (head_dim / 2);
-  return 2LL * s.tile * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
+  return 2LL * ((s.tile + 15) / 16 * 16) * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
          2LL * head_dim +
          4 * (static_cast<int64_t>(q_rows) * head_dim * (2 + parities) + 2LL * s.cache_rows * head_dim +
               static_cast<int64_t>(q_rows) * s.chunk + 3LL * q_rows) +
@@ -389,6 +535,10 @@ cudaError_t Plan(AttentionShape& s, int parts, int batch, cudaStream_t stream, L
   // call: the attribute is the function's, not the call's.
   if (shared_bytes > kMaxSharedBytes) return cudaErrorInvalidValue;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes);
+  // All of L1 as shared memory: else the driver may pick a split that fits one block per SM where
+  // two would fit (seen: 1024 blocks of 87 KB ran ~110 at a time on 132 SMs).
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (err == cudaSuccess && parts > kClusterBlocks)
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   plan.config = {};

@@ -167,7 +167,8 @@ def kernel_shared_bytes(group: int, computed_rows: int, rows: int, cache_rows: i
     parities = 256 // (head_dim // 2)
     chunk = -(-cache_len // _CLUSTER_BLOCKS)
     tile = max(1, min(chunk, _TILE_BYTES // (head_dim * element_bytes)))
-    return (2 * tile * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes + 2 * head_dim
+    tile_rows = -(-tile // 16) * 16  # whole 16-key steps of the tensor-core products
+    return (2 * tile_rows * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes + 2 * head_dim
             + 4 * (query_rows * head_dim * (2 + parities) + 2 * cache_rows * head_dim + query_rows * chunk
                    + 3 * query_rows) + 4 * rows)
 
