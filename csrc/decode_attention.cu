@@ -2,15 +2,18 @@
 // reference): rotary embedding of the new queries and keys, the write of the new keys and values
 // into the cache, and causal attention of the queries over the cache. XLA runs the same ops as 7
 // kernels per layer (rope, two cache updates, scores, softmax, PV, a transpose); each costs a launch
-// gap that is most of its time at decode sizes. Experimental: as of 2026-12-01 this kernel is
-// slower than those 7 (docs/llama.md); g_attention_stamps shows where its time goes.
+// gap that is most of its time at decode sizes. Experimental: see docs/llama.md for where it stands
+// against those 7; g_attention_stamps shows where its time goes.
 //
-// One thread-block cluster per (batch row, KV head), of 16 blocks for batch 1 where they fit, else
-// 8; its blocks split the cache positions, copied to shared memory in tiles with cp.async. The
-// softmax is exact, not online: the blocks exchange their rows' maxima and sums through distributed
-// shared memory, so the weights are rounded to the cache dtype after normalisation, as the reference
-// does, before the PV product; the partial PV sums are added in block order. The new keys and values
-// are taken from the projection (never read back from the cache), so no block waits for the write.
+// One thread-block cluster per (batch row, KV head), of about SMs / pairs blocks (1 to 16); its
+// blocks split the cache positions and stream them through two shared-memory slots with cp.async
+// (one tile in flight while the other is used). bf16/f16 products run on tensor cores (mma.sync
+// with ldmatrix), float32 ones on FMAs. The softmax is exact, not online: the blocks exchange each
+// row's (max, sum of exponentials) through distributed shared memory once, so the weights are
+// rounded to the cache dtype after normalisation, as the reference does, before the PV product;
+// each block then stores its PV sums into the block that owns their slice of the outputs, which
+// adds them in block order. The new keys and values are taken from the projection (never read back
+// from the cache), so no block waits for the write.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -135,20 +138,6 @@ __device__ __forceinline__ float Rope(const T* head, int d, int position, const 
   return __fadd_rn(__fmul_rn(x, cosf(angle)), __fmul_rn(rotated, sinf(angle)));
 }
 
-// combine(...combine(init, v0)..., v(parts-1)) of the cluster's blocks' values at array[index] (in
-// their shared memory), in block order; the remote loads are issued together, not one after another.
-template <typename Combine>
-__device__ __forceinline__ float OverCluster(cg::cluster_group& cluster, float* array, int index, int parts, float init,
-                                             Combine combine) {
-  float values[kWideClusterBlocks];
-#pragma unroll
-  for (int b = 0; b < kWideClusterBlocks; ++b) values[b] = b < parts ? cluster.map_shared_rank(array, b)[index] : init;
-  float result = init;
-#pragma unroll
-  for (int b = 0; b < kWideClusterBlocks; ++b) result = b < parts ? combine(result, values[b]) : result;
-  return result;
-}
-
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
     DecodeAttentionKernel(const T* __restrict__ qkv, const int32_t* __restrict__ positions,
@@ -161,6 +150,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kParities = kThreads / kPairs;  // PV: a thread per pair of columns and key parity
   static_assert(kParities >= 1 && kParities <= 16, "head_dim 32, 64 or 128");
   cg::cluster_group cluster = cg::this_cluster();
+  // Arrive now, wait before the first store into another block's shared memory (every block of
+  // the cluster has started by then, as distributed shared memory needs): free for early blocks.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   const int part = static_cast<int>(cluster.block_rank());
   const int kv_head = blockIdx.y, batch = blockIdx.z, tid = threadIdx.x;
   const int q_rows = s.group * s.computed_rows;  // r: query head r / computed_rows, position r % computed_rows
@@ -186,21 +178,22 @@ __global__ void __launch_bounds__(kThreads)
   // 16-bit caches go through tensor cores (mma.sync); float32 ones through FMAs, in full precision.
   constexpr bool kTensorCores = sizeof(T) == 2;
   const int tile_rows = (s.tile + 15) / 16 * 16;    // whole 16-key steps of the tensor-core products
-  T* k_tile = reinterpret_cast<T*>(shared);         // [tile_rows][kHeadDim]: keys of the cache (TileOffset)
-  T* v_tile = k_tile + tile_rows * kHeadDim;        // [tile_rows][kHeadDim]: values
+  T* slots[2] = {reinterpret_cast<T*>(shared),     // [tile_rows][kHeadDim] each: tiles of keys, then
+                 reinterpret_cast<T*>(shared) + tile_rows * kHeadDim};  // of values (TileOffset order)
   const int staged_width = (s.group + 2) * kHeadDim;
-  T* staged = v_tile + tile_rows * kHeadDim;           // [rows][staged_width]: this KV head's q | k | v columns
+  T* staged = slots[1] + tile_rows * kHeadDim;           // [rows][staged_width]: this KV head's q | k | v columns
   float* frequencies = reinterpret_cast<float*>(staged + s.rows * staged_width);  // [kHeadDim / 2]
   float* q = frequencies + kHeadDim / 2;            // [q_rows][kHeadDim], roped, as T
   float* new_k = q + q_rows * kHeadDim;             // [cache_rows][kHeadDim], roped, rounded to T
   float* new_v = new_k + s.cache_rows * kHeadDim;   // [cache_rows][kHeadDim]
-  float* weights = new_v + s.cache_rows * kHeadDim; // [q_rows][chunk]: scores, then weights
-  float* partial = weights + q_rows * s.chunk;      // [q_rows][kHeadDim]: this block's PV sums
-  float* halves = partial + q_rows * kHeadDim;      // [kParities][q_rows][kHeadDim]: per key parity
-  float* row_max = halves + kParities * q_rows * kHeadDim;  // [q_rows]
-  float* row_sum = row_max + q_rows;                // [q_rows]
-  float* total = row_sum + q_rows;                  // [q_rows]: over the cluster
-  int* pos = reinterpret_cast<int*>(total + q_rows);  // [rows]
+  float* halves = new_v + s.cache_rows * kHeadDim;  // [kParities][q_rows][kHeadDim]: PV sums per key share
+  float2* stats = reinterpret_cast<float2*>(halves + kParities * q_rows * kHeadDim);  // [q_rows]: (max, sum exp)
+  float2* stats_inbox = stats + q_rows;             // [parts][q_rows]: every block's, stored by them
+  float2* totals = stats_inbox + s.parts * q_rows;  // [q_rows]: the cluster's
+  const int slice = (q_rows * kHeadDim + s.parts - 1) / s.parts;  // outputs each block sums and writes
+  float* pv_inbox = reinterpret_cast<float*>(totals + q_rows);    // [parts][slice]: the blocks' PV sums of them
+  float* weights = pv_inbox + s.parts * slice;      // [q_rows][chunk]: scores, then weights
+  int* pos = reinterpret_cast<int*>(weights + q_rows * s.chunk);  // [rows]
 
   // Copies keys [from, from + keys) of a cache into a tile, asynchronously: every thread's
   // 16-byte copies are in flight at once (the latency is paid once per tile, not per key).
@@ -239,22 +232,23 @@ __global__ void __launch_bounds__(kThreads)
       __pipeline_memcpy_async(frequencies + 4 * i, inv_freq + 4 * i, 16);
     __pipeline_commit();
   }
-  // Then the cache's first tiles (their wait comes later).
-  const bool one_tile = last - first <= s.tile;
-  if (first < last) {
-    start_copy(k_tile, cache_k, first, min(s.tile, last - first));
-    if (one_tile) start_copy(v_tile, cache_v, first, last - first);
-  }
+  // Then the cache in tiles: loads 0 .. tiles - 1 are the keys', tiles .. 2 tiles - 1 the values';
+  // load i goes to slot i % 2, issued as soon as load i - 2 is done with, so a copy is in flight
+  // during each tile's products. Each issue commits a group (empty past the last): uniform waits.
+  const int tiles = first < last ? (last - first + s.tile - 1) / s.tile : 0;
+  auto issue = [&](int i) {
+    if (i < 2 * tiles) {
+      const int from = first + (i % tiles) * s.tile;
+      start_copy(slots[i % 2], i < tiles ? cache_k : cache_v, from, min(s.tile, last - from));
+    } else {
+      __pipeline_commit();
+    }
+  };
+  issue(0);
+  issue(1);
   for (int i = tid; i < s.rows; i += kThreads) pos[i] = positions[i];
   for (int i = tid; i < kParities * q_rows * kHeadDim; i += kThreads) halves[i] = 0.0f;
-  // The projection's columns; the tiles, committed after them, may still be in flight.
-  if (first >= last) {
-    __pipeline_wait_prior(0);
-  } else if (one_tile) {
-    __pipeline_wait_prior(2);
-  } else {
-    __pipeline_wait_prior(1);
-  }
+  __pipeline_wait_prior(2);  // the projection's columns; tiles 0 and 1 may still be in flight
   __syncthreads();
   Stamp(1);  // projection columns in shared memory
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
@@ -273,16 +267,12 @@ __global__ void __launch_bounds__(kThreads)
   const float root = sqrtf(static_cast<float>(kHeadDim));  // the reference divides by it
   const int lane = tid % kLanesPerKey;
   const int warp = tid / 32, warp_lane = tid % 32;
-  for (int from = first; from < last; from += s.tile) {
-    const int keys = min(s.tile, last - from);
-    if (from != first) start_copy(k_tile, cache_k, from, keys);
-    if (one_tile) {
-      __pipeline_wait_prior(1);  // the keys; the values, committed after them, may still be in flight
-    } else {
-      __pipeline_wait_prior(0);
-    }
+  for (int t = 0; t < tiles; ++t) {
+    const int from = first + t * s.tile, keys = min(s.tile, last - from);
+    const T* k_tile = slots[t % 2];
+    __pipeline_wait_prior(1);  // load t; load t + 1 may still be in flight
     __syncthreads();
-    patch(k_tile, new_k, from, keys);
+    patch(slots[t % 2], new_k, from, keys);
     __syncthreads();
     if constexpr (kTensorCores) {
       // Warp w takes keys [8 n, 8 n + 8) for n = w, w + 8, ...: per 16-row block of queries, 16x8
@@ -358,41 +348,42 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    __syncthreads();  // before the next tile replaces this one
+    __syncthreads();  // before load t + 2 replaces this tile
+    issue(t + 2);
   }
 
   Stamp(2);  // scores done
-  // Softmax over the whole cluster's keys: maxima, then sums, exchanged in block order.
+  // Softmax over the whole cluster's keys, exact (not online): each block's (max, sum of
+  // exp(score - max)) per row goes to every block in one exchange; the cluster's sum is then
+  // sum_b sum_b * exp(max_b - max), added in block order.
   for (int r = warp; r < q_rows; r += kThreads / 32) {
-    float m = -INFINITY;
+    float m = -INFINITY, sum = 0.0f;
     for (int j = warp_lane; j < last - first; j += 32) m = fmaxf(m, weights[r * s.chunk + j]);
     for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-    if (warp_lane == 0) row_max[r] = m;
-  }
-  cluster.sync();
-  if (tid < q_rows) {
-    total[tid] = OverCluster(cluster, row_max, tid, s.parts, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
+    if (m != -INFINITY)
+      for (int j = warp_lane; j < last - first; j += 32) sum += expf(weights[r * s.chunk + j] - m);
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (warp_lane == 0) stats[r] = make_float2(m, sum);
   }
   __syncthreads();
-  Stamp(3);  // maxima exchanged
-  for (int r = warp; r < q_rows; r += kThreads / 32) {
-    float sum = 0.0f;
-    for (int j = warp_lane; j < last - first; j += 32) {
-      const float e = expf(weights[r * s.chunk + j] - total[r]);
-      weights[r * s.chunk + j] = e;
-      sum += e;
-    }
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (warp_lane == 0) row_sum[r] = sum;
-  }
-  cluster.sync();  // every block's maxima have been read, its sums written
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every block has started
+  for (int i = tid; i < s.parts * q_rows; i += kThreads)
+    cluster.map_shared_rank(stats_inbox, i / q_rows)[part * q_rows + i % q_rows] = stats[i % q_rows];
+  cluster.sync();
+  Stamp(3);  // statistics exchanged
   if (tid < q_rows) {
-    total[tid] = OverCluster(cluster, row_sum, tid, s.parts, 0.0f, [](float a, float b) { return a + b; });
+    float m = -INFINITY, sum = 0.0f;
+    for (int b = 0; b < s.parts; ++b) m = fmaxf(m, stats_inbox[b * q_rows + tid].x);
+    for (int b = 0; b < s.parts; ++b) {
+      const float2 block = stats_inbox[b * q_rows + tid];
+      if (block.y > 0.0f) sum += block.y * expf(block.x - m);
+    }
+    totals[tid] = make_float2(m, sum);
   }
   __syncthreads();
   for (int i = tid; i < q_rows * (last - first); i += kThreads) {
     const int r = i / (last - first), j = i % (last - first);
-    weights[r * s.chunk + j] = RoundTo<T>(weights[r * s.chunk + j] / total[r]);
+    weights[r * s.chunk + j] = RoundTo<T>(expf(weights[r * s.chunk + j] - totals[r].x) / totals[r].y);
   }
   __syncthreads();
   Stamp(4);  // weights normalized over the cluster
@@ -405,12 +396,12 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(kKeySplit >= 1 && kKeySplit <= kParities, "the key split's sums go where the parities' do");
   const int dim0 = warp % kWarpSets * kDimTilesPerWarp * 8, key_part = warp / kWarpSets;
   float acc[2][kDimTilesPerWarp][4] = {};
-  for (int from = first; from < last; from += s.tile) {
-    const int keys = min(s.tile, last - from);
-    if (!one_tile) start_copy(v_tile, cache_v, from, keys);
-    __pipeline_wait_prior(0);
+  for (int t = 0; t < tiles; ++t) {
+    const int from = first + t * s.tile, keys = min(s.tile, last - from);
+    const T* v_tile = slots[(tiles + t) % 2];
+    __pipeline_wait_prior(1);  // load tiles + t
     __syncthreads();
-    patch(v_tile, new_v, from, keys);
+    patch(slots[(tiles + t) % 2], new_v, from, keys);
     __syncthreads();
     if constexpr (kTensorCores) {
       // Warp w sums dimensions [dim0, dim0 + 8 kDimTilesPerWarp) over its share of 16-key steps;
@@ -456,7 +447,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    __syncthreads();  // before the next tile replaces this one
+    __syncthreads();  // before load tiles + t + 2 replaces this tile
+    issue(tiles + t + 2);
   }
   if constexpr (kTensorCores) {
 #pragma unroll
@@ -472,17 +464,21 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
+  // Each block's PV sums go to the block that owns their slice of the outputs, which adds them
+  // in block order after the exchange: no block reads another's shared memory, so none waits
+  // for the others before it leaves.
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
     float sum = 0.0f;
     for (int p = 0; p < (kTensorCores ? kKeySplit : kParities); ++p) sum += halves[p * q_rows * kHeadDim + i];
-    partial[i] = sum;
+    const int owner = i / slice;
+    cluster.map_shared_rank(pv_inbox, owner)[part * slice + i - owner * slice] = sum;
   }
   cluster.sync();
-  Stamp(5);  // PV summed over the cluster
-  // Each block writes a share of the outputs, summing the blocks' partials in block order.
+  Stamp(5);  // PV sums exchanged
   // A computed row's result goes to the rows that copy it (the twin's second row).
-  for (int i = part * kThreads + tid; i < q_rows * kHeadDim; i += s.parts * kThreads) {
-    const float sum = OverCluster(cluster, partial, i, s.parts, 0.0f, [](float a, float b) { return a + b; });
+  for (int i = part * slice + tid; i < min(q_rows * kHeadDim, (part + 1) * slice); i += kThreads) {
+    float sum = 0.0f;
+    for (int b = 0; b < s.parts; ++b) sum += pv_inbox[b * slice + i - part * slice];
     const int r = i / kHeadDim, d = i % kHeadDim, head = kv_head * s.group + r / s.computed_rows;
     for (int row = r % s.computed_rows; row < s.rows; row += s.computed_rows)
       out[(static_cast<int64_t>(batch) * s.rows + row) * s.q_heads * kHeadDim + head * kHeadDim + d] = FromFloat<T>(sum);
@@ -495,27 +491,30 @@ __global__ void __launch_bounds__(kThreads)
       cache_v[head_offset + static_cast<int64_t>(write) * kHeadDim + i] = FromFloat<T>(new_v[i]);
     }
   }
-  cluster.sync();  // no block leaves while another reads its shared memory
   Stamp(7);
 }
 
 // A block's shared memory at most (of the H100/H200's 227 KB; attention.py's KERNEL_MAX_SHARED_BYTES).
 constexpr int kMaxSharedBytes = 220 * 1024;
-// Keys per tile: the K and V tiles of a block hold at most this much each.
-constexpr int64_t kTileBytes = 48 * 1024;
+// A tile of keys or values at most: small enough for two or three blocks per SM, with one tile in
+// flight while the other is used.
+constexpr int64_t kTileBytes = 24 * 1024;
 
+// Keys per tile: at most kTileBytes of them, the block's keys split into equal tiles.
 int TileKeys(int chunk, int head_dim, int element_bytes) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunk, kTileBytes / (head_dim * element_bytes))));
+  const int64_t most = std::max<int64_t>(1, kTileBytes / (head_dim * element_bytes));
+  const int64_t tiles = (chunk + most - 1) / most;
+  return static_cast<int>(std::max<int64_t>(1, (chunk + tiles - 1) / tiles));
 }
 
 int64_t SharedBytes(const AttentionShape& s, int head_dim, int element_bytes) {
-  const int q_rows = s.group * s.computed_rows;
-  const int parities = kThreads / (head_dim / 2);
-  return 2LL * ((s.tile + 15) / 16 * 16) * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
-         2LL * head_dim +
-         4 * (static_cast<int64_t>(q_rows) * head_dim * (2 + parities) + 2LL * s.cache_rows * head_dim +
-              static_cast<int64_t>(q_rows) * s.chunk + 3LL * q_rows) +
-         4LL * s.rows;
+  const int64_t q_rows = s.group * s.computed_rows;
+  const int64_t parities = kThreads / (head_dim / 2);
+  const int64_t tile_rows = (s.tile + 15) / 16 * 16;
+  const int64_t slice = (q_rows * head_dim + s.parts - 1) / s.parts;
+  return 2 * tile_rows * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
+         4 * (head_dim / 2 + q_rows * head_dim * (1 + parities) + 2LL * s.cache_rows * head_dim + 2 * q_rows * (2 + s.parts) +
+              s.parts * slice + q_rows * s.chunk + s.rows);
 }
 
 // A launch of cluster size `parts`: the positions per block and tile it gives, and the shared memory.
@@ -560,33 +559,41 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
                        const int32_t* write_at, const float* inv_freq, void* cache_k, void* cache_v, void* out,
                        AttentionShape s, int batch) {
   auto kernel = DecodeAttentionKernel<T, kHeadDim>;
-  LaunchPlan plan;
-  cudaError_t err = cudaErrorUnknown;
-  // For tuning: JAXNVRAR_ATTENTION_CLUSTER=1..16 blocks per (batch row, KV head) instead of the rule below.
-  if (const char* forced = std::getenv("JAXNVRAR_ATTENTION_CLUSTER"); forced != nullptr && *forced != '\0') {
-    const int parts = std::atoi(forced);
+  // Blocks per (batch row, KV head): about one block per SM in all (a block's keys stream through
+  // its tiles; more blocks per pair cost more exchanges); JAXNVRAR_ATTENTION_CLUSTER=1..16 for tuning.
+  const char* forced = std::getenv("JAXNVRAR_ATTENTION_CLUSTER");
+  if (forced != nullptr && *forced == '\0') forced = nullptr;
+  int parts = 1;
+  if (forced != nullptr) {
+    parts = std::atoi(forced);
     if (parts < 1 || parts > kWideClusterBlocks)
       return ffi::Error::InvalidArgument("jaxnvrar: JAXNVRAR_ATTENTION_CLUSTER must be 1 to 16, not '" +
                                          std::string(forced) + "'; unset it for the built-in choice");
-    err = Plan<T, kHeadDim>(s, parts, batch, stream, plan);
-    if (err != cudaSuccess)
-      return ffi::Error::Internal(std::string("jaxnvrar: decode attention with JAXNVRAR_ATTENTION_CLUSTER=") + forced +
-                                  ": " + cudaGetErrorString(err));
+  } else {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return ffi::Error::Internal("jaxnvrar: decode attention: no CUDA device");
+    while (parts < kWideClusterBlocks && 2 * batch * s.kv_heads * parts <= sms) parts *= 2;
   }
-  // Few (batch row, KV head) pairs leave most SMs idle with 8 blocks each: 16 where the GPU
-  // can place such clusters (H100/H200), else 8.
-  // Asked per call site's shapes (a host query, not a stream operation).
-  if (err != cudaSuccess && batch * s.kv_heads <= 8 &&
-      Plan<T, kHeadDim>(s, kWideClusterBlocks, batch, stream, plan) == cudaSuccess) {
-    int clusters = 0;
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &plan.config);
-    if (err == cudaSuccess && clusters < 1) err = cudaErrorUnknown;
+  // Then more blocks where a block's shared memory would not fit, and 8 where the GPU cannot place
+  // clusters of 16 (beyond the portable 8; asked per call site's shapes, a host query).
+  LaunchPlan plan;
+  cudaError_t err = cudaErrorUnknown;
+  for (const int tried : {parts, 2 * parts, 4 * parts, 8 * parts, 16 * parts, kClusterBlocks}) {
+    if (tried > kWideClusterBlocks || (tried < parts && parts <= kClusterBlocks)) continue;
+    err = Plan<T, kHeadDim>(s, tried, batch, stream, plan);
+    if (err == cudaSuccess && tried > kClusterBlocks) {
+      int clusters = 0;
+      err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &plan.config);
+      if (err == cudaSuccess && clusters < 1) err = cudaErrorInvalidConfiguration;
+    }
+    if (err == cudaSuccess || forced != nullptr) break;
+    cudaGetLastError();  // a refused size is not an error of this call
   }
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // a refused wide cluster is not an error of this call
-    err = Plan<T, kHeadDim>(s, kClusterBlocks, batch, stream, plan);
-    if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxnvrar: decode attention: ") + cudaGetErrorString(err));
-  }
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jaxnvrar: decode attention") +
+                                (forced ? std::string(" with JAXNVRAR_ATTENTION_CLUSTER=") + forced : std::string()) +
+                                ": " + cudaGetErrorString(err));
   err = cudaLaunchKernelEx(&plan.config, kernel, static_cast<const T*>(qkv.untyped_data()), positions, write_at,
                            inv_freq, static_cast<T*>(cache_k), static_cast<T*>(cache_v), static_cast<T*>(out), s);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxnvrar: decode attention launch: ") + cudaGetErrorString(err));

@@ -38,8 +38,8 @@ KERNEL_HEAD_DIMS = (32, 64, 128)
 KERNEL_DTYPES = ("bfloat16", "float16", "float32")
 KERNEL_MAX_QUERY_ROWS = 32
 KERNEL_MAX_SHARED_BYTES = 220 * 1024  # of the H100/H200's 227 KB
-_CLUSTER_BLOCKS = 8  # blocks over the cache positions of one (batch row, KV head)
-_TILE_BYTES = 48 * 1024  # of keys (and of values) per shared-memory tile
+_CLUSTER_BLOCKS = 8  # blocks over the cache positions of one (batch row, KV head): the portable cluster
+_TILE_BYTES = 24 * 1024  # of keys (or of values) per shared-memory tile, at most
 
 
 def check_implementation(implementation: str) -> None:
@@ -159,18 +159,22 @@ def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int, twin: 
 
 
 def kernel_shared_bytes(group: int, computed_rows: int, rows: int, cache_rows: int, cache_len: int, head_dim: int,
-                        element_bytes: int) -> int:
-    """A block's shared memory, as csrc/decode_attention.cu's SharedBytes counts it (with 8-block
-    clusters, the most per block): its K and V tiles, the projection's columns of all `rows`, and
-    float32 queries (`computed_rows` x `group`), new rows, weights and partial sums."""
+                        element_bytes: int, parts: int = _CLUSTER_BLOCKS) -> int:
+    """A block's shared memory with `parts` blocks per (batch row, KV head), as
+    csrc/decode_attention.cu's SharedBytes counts it (8, the portable cluster, is the largest
+    size the kernel always gets): two tiles (keys, values), the projection's columns of all `rows`,
+    and float32 queries (`computed_rows` x `group`), new rows, PV sums per key share, softmax
+    statistics, the blocks' PV sums of its slice, and the weights."""
     query_rows = group * computed_rows
     parities = 256 // (head_dim // 2)
-    chunk = -(-cache_len // _CLUSTER_BLOCKS)
-    tile = max(1, min(chunk, _TILE_BYTES // (head_dim * element_bytes)))
+    chunk = -(-cache_len // parts)
+    most = max(1, _TILE_BYTES // (head_dim * element_bytes))
+    tile = max(1, -(-chunk // -(-chunk // most)))  # equal tiles of at most `most` keys
     tile_rows = -(-tile // 16) * 16  # whole 16-key steps of the tensor-core products
-    return (2 * tile_rows * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes + 2 * head_dim
-            + 4 * (query_rows * head_dim * (2 + parities) + 2 * cache_rows * head_dim + query_rows * chunk
-                   + 3 * query_rows) + 4 * rows)
+    slice_ = -(-query_rows * head_dim // parts)
+    return (2 * tile_rows * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes
+            + 4 * (head_dim // 2 + query_rows * head_dim * (1 + parities) + 2 * cache_rows * head_dim
+                   + 2 * query_rows * (2 + parts) + parts * slice_ + query_rows * chunk + rows))
 
 
 def decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_heads: int,
@@ -263,8 +267,8 @@ def implementation_text(implementation: str) -> str:
                  "XLA's ops in prefill")
 
 
-PHASES = ("stage projection", "scores", "exchange maxima", "normalize weights", "PV and exchange",
-          "write outputs", "finish")
+PHASES = ("stage projection", "scores", "exchange softmax statistics", "normalize weights", "PV and exchange",
+          "write outputs", "write cache")
 
 
 def _kernel_stamps() -> np.ndarray | None:
