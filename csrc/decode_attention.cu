@@ -41,10 +41,10 @@ constexpr int kWideClusterBlocks = 16;  // H100/H200's largest (non-portable): f
 constexpr int kThreads = 256;
 constexpr int kLanesPerKey = 8;  // a key's dot products are split over this many lanes
 
-// Where each block of the last call was at each phase (globaltimer, ns): start, projection columns
-// staged, scores, maxima exchanged, weights normalized, PV summed, outputs written, end; for the
-// first kAttentionStampedBlocks blocks (one store per block and phase). Read with AttentionStamps().
-__device__ unsigned long long g_attention_stamps[kAttentionStampedBlocks][kAttentionPhases];
+// Where each block of the last call was at each phase (globaltimer, ns; decode_attention.h lists
+// the columns), for the first kAttentionStampedBlocks blocks (one store per block and column).
+// Read with AttentionStamps().
+__device__ unsigned long long g_attention_stamps[kAttentionStampedBlocks][kAttentionStampColumns];
 __device__ int g_attention_stamped_blocks;  // of the last call
 
 struct AttentionShape {
@@ -57,6 +57,7 @@ struct AttentionShape {
   int qkv_width;   // columns of qkv: (q_heads + 2 kv_heads) * head_dim
   int chunk;       // cache positions per block
   int tile;        // cache positions per shared-memory tile (TileKeys)
+  int slots;       // tiles in shared memory: slots - 1 loads in flight while one tile is used
   int parts;       // blocks per cluster (the cache positions split over them)
   int computed_rows;  // query rows computed: all, or 1 where every row is a copy of the first (twin)
 };
@@ -139,7 +140,7 @@ __device__ __forceinline__ float Rope(const T* head, int d, int position, const 
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     DecodeAttentionKernel(const T* __restrict__ qkv, const int32_t* __restrict__ positions,
                           const int32_t* __restrict__ write_at, const float* __restrict__ inv_freq,
                           T* cache_k, T* cache_v, T* __restrict__ out, AttentionShape s) {
@@ -165,25 +166,34 @@ __global__ void __launch_bounds__(kThreads)
   const bool stamping = tid == 0 && block_index < kAttentionStampedBlocks;
   if (tid == 0 && block_index == 0)
     g_attention_stamped_blocks = min(kAttentionStampedBlocks, static_cast<int>(gridDim.x * gridDim.y * gridDim.z));
-  auto Stamp = [&](int phase) {
-    if (stamping) {
-      unsigned long long now;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-      g_attention_stamps[block_index][phase] = now;
-    }
+  auto Now = [] {
+    unsigned long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    return now;
   };
+  auto Stamp = [&](int column) {
+    if (stamping) g_attention_stamps[block_index][column] = Now();
+  };
+  unsigned long long waited[2] = {0, 0};  // ns spent waiting for key tiles, value tiles (thread 0)
   Stamp(0);
 
   extern __shared__ __align__(16) unsigned char shared[];
   // 16-bit caches go through tensor cores (mma.sync); float32 ones through FMAs, in full precision.
   constexpr bool kTensorCores = sizeof(T) == 2;
-  const int tile_rows = (s.tile + 15) / 16 * 16;    // whole 16-key steps of the tensor-core products
-  T* slots[2] = {reinterpret_cast<T*>(shared),     // [tile_rows][kHeadDim] each: tiles of keys, then
-                 reinterpret_cast<T*>(shared) + tile_rows * kHeadDim};  // of values (TileOffset order)
+  // [slots][s.tile][kHeadDim]: tiles of keys, then of values (TileOffset order); s.tile is a
+  // multiple of 16 (whole steps of the tensor-core products)
+  auto slot = [&](int load) { return reinterpret_cast<T*>(shared) + (load % s.slots) * s.tile * kHeadDim; };
   const int staged_width = (s.group + 2) * kHeadDim;
-  T* staged = slots[1] + tile_rows * kHeadDim;           // [rows][staged_width]: this KV head's q | k | v columns
-  float* frequencies = reinterpret_cast<float*>(staged + s.rows * staged_width);  // [kHeadDim / 2]
-  float* q = frequencies + kHeadDim / 2;            // [q_rows][kHeadDim], roped, as T
+  T* staged = reinterpret_cast<T*>(shared) + s.slots * s.tile * kHeadDim;  // [rows][staged_width]: this KV head's q | k | v columns
+  // Tensor-core operands, in T, of 16-row blocks (rows past q_rows are zeros): the roped queries
+  // (TileOffset order) and the normalized weights (rows of weight_stride: an odd number of 16-byte
+  // vectors, so that 8 rows' vectors sit in different banks).
+  const int mma_rows = kTensorCores ? (q_rows + 15) / 16 * 16 : 0;
+  const int weight_stride = (s.chunk + 15) / 16 * 16 + 8;
+  T* q_mma = staged + s.rows * staged_width;          // [mma_rows][kHeadDim]
+  T* weights_mma = q_mma + mma_rows * kHeadDim;       // [mma_rows][weight_stride]
+  float* frequencies = reinterpret_cast<float*>(weights_mma + mma_rows * weight_stride);  // [kHeadDim / 2]
+  float* q = frequencies + kHeadDim / 2;            // [q_rows][kHeadDim], roped, as T (FMA products)
   float* new_k = q + q_rows * kHeadDim;             // [cache_rows][kHeadDim], roped, rounded to T
   float* new_v = new_k + s.cache_rows * kHeadDim;   // [cache_rows][kHeadDim]
   float* halves = new_v + s.cache_rows * kHeadDim;  // [kParities][q_rows][kHeadDim]: PV sums per key share
@@ -194,6 +204,7 @@ __global__ void __launch_bounds__(kThreads)
   float* pv_inbox = reinterpret_cast<float*>(totals + q_rows);    // [parts][slice]: the blocks' PV sums of them
   float* weights = pv_inbox + s.parts * slice;      // [q_rows][chunk]: scores, then weights
   int* pos = reinterpret_cast<int*>(weights + q_rows * s.chunk);  // [rows]
+  int* row_pos = pos + s.rows;                      // [q_rows]: each query row's position
 
   // Copies keys [from, from + keys) of a cache into a tile, asynchronously: every thread's
   // 16-byte copies are in flight at once (the latency is paid once per tile, not per key).
@@ -233,34 +244,62 @@ __global__ void __launch_bounds__(kThreads)
     __pipeline_commit();
   }
   // Then the cache in tiles: loads 0 .. tiles - 1 are the keys', tiles .. 2 tiles - 1 the values';
-  // load i goes to slot i % 2, issued as soon as load i - 2 is done with, so a copy is in flight
-  // during each tile's products. Each issue commits a group (empty past the last): uniform waits.
+  // load i goes to slot i % slots, issued as soon as load i - slots is done with, so slots - 1
+  // copies are in flight during each tile's products. Each issue commits a group (empty past the
+  // last), so that waiting for load i is always "all but the newest slots - 1 groups".
   const int tiles = first < last ? (last - first + s.tile - 1) / s.tile : 0;
   auto issue = [&](int i) {
     if (i < 2 * tiles) {
       const int from = first + (i % tiles) * s.tile;
-      start_copy(slots[i % 2], i < tiles ? cache_k : cache_v, from, min(s.tile, last - from));
+      start_copy(slot(i), i < tiles ? cache_k : cache_v, from, min(s.tile, last - from));
     } else {
       __pipeline_commit();
     }
   };
-  issue(0);
-  issue(1);
+  // Waits for load i (loads up to i + slots - 2 issued): its group and every thread's copies. Then
+  // every thread is done with load i - 1's tile, whose slot load i + slots - 1 refills.
+  auto wait_for_load = [&](int kind) {
+    const unsigned long long since = tid == 0 ? Now() : 0;
+    switch (s.slots) {  // the count must be an immediate
+      case 2: __pipeline_wait_prior(0); break;
+      case 3: __pipeline_wait_prior(1); break;
+      default: __pipeline_wait_prior(2); break;
+    }
+    __syncthreads();
+    if (tid == 0) waited[kind] += Now() - since;
+  };
+  for (int i = 0; i < s.slots - 1; ++i) issue(i);
   for (int i = tid; i < s.rows; i += kThreads) pos[i] = positions[i];
+  for (int i = tid; i < q_rows; i += kThreads) row_pos[i] = positions[i % s.computed_rows];
   for (int i = tid; i < kParities * q_rows * kHeadDim; i += kThreads) halves[i] = 0.0f;
-  __pipeline_wait_prior(2);  // the projection's columns; tiles 0 and 1 may still be in flight
+  if constexpr (kTensorCores) {  // the padding rows and columns of the operands stay zeros
+    for (int i = tid; i < (mma_rows * kHeadDim + mma_rows * weight_stride) * static_cast<int>(sizeof(T)) / 16; i += kThreads)
+      reinterpret_cast<uint4*>(q_mma)[i] = make_uint4(0, 0, 0, 0);
+  }
+  switch (s.slots) {  // the projection's columns, the oldest group; the tiles may still be in flight
+    case 2: __pipeline_wait_prior(1); break;
+    case 3: __pipeline_wait_prior(2); break;
+    default: __pipeline_wait_prior(3); break;
+  }
   __syncthreads();
   Stamp(1);  // projection columns in shared memory
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
     const int r = i / kHeadDim, d = i % kHeadDim, row = r % s.computed_rows;
-    q[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + (r / s.computed_rows) * kHeadDim, d, pos[row],
-                                        frequencies));
+    const float roped = Rope<T, kHeadDim>(staged + row * staged_width + (r / s.computed_rows) * kHeadDim, d, pos[row],
+                                          frequencies);
+    if constexpr (kTensorCores) {
+      q_mma[TileOffset<T, kHeadDim>(r, d / kPerVector) + d % kPerVector] = FromFloat<T>(roped);
+    } else {
+      q[i] = RoundTo<T>(roped);
+    }
   }
   for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
     const int row = i / kHeadDim, d = i % kHeadDim;
     new_k[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + s.group * kHeadDim, d, pos[row], frequencies));
     new_v[i] = ToFloat(staged[row * staged_width + (s.group + 1) * kHeadDim + d]);
   }
+  __syncthreads();
+  Stamp(2);  // queries and new rows roped
 
   // Scores: kLanesPerKey lanes per key, lane l reading the key's 16-byte vectors l, l + 8, ...
   // (a key's lanes read consecutive bytes of shared memory).
@@ -269,27 +308,23 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid / 32, warp_lane = tid % 32;
   for (int t = 0; t < tiles; ++t) {
     const int from = first + t * s.tile, keys = min(s.tile, last - from);
-    const T* k_tile = slots[t % 2];
-    __pipeline_wait_prior(1);  // load t; load t + 1 may still be in flight
-    __syncthreads();
-    patch(slots[t % 2], new_k, from, keys);
-    __syncthreads();
+    T* k_tile = slot(t);
+    wait_for_load(0);  // load t
+    issue(t + s.slots - 1);
+    // The new rows and the padding to 16 keys, where this tile has them (the same in every thread).
+    if ((write < from + keys && write + s.cache_rows > from) || keys % 16 != 0) {
+      patch(k_tile, new_k, from, keys);
+      __syncthreads();
+    }
     if constexpr (kTensorCores) {
       // Warp w takes keys [8 n, 8 n + 8) for n = w, w + 8, ...: per 16-row block of queries, 16x8
-      // scores from kHeadDim / 16 products; query rows past q_rows are zeros.
+      // scores from kHeadDim / 16 products (a 16x16 block of queries per ldmatrix).
       for (int m0 = 0; m0 < q_rows; m0 += 16) {
         uint32_t a[kHeadDim / 16][4];
 #pragma unroll
-        for (int step = 0; step < kHeadDim / 16; ++step) {
-          const int r = m0 + warp_lane / 4, c = step * 16 + (warp_lane % 4) * 2;
-          const float* lo = q + r * kHeadDim + c;
-          const float* hi = lo + 8 * kHeadDim;
-          const bool lo_in = r < q_rows, hi_in = r + 8 < q_rows;
-          a[step][0] = lo_in ? Pack<T>(lo[0], lo[1]) : 0u;
-          a[step][1] = hi_in ? Pack<T>(hi[0], hi[1]) : 0u;
-          a[step][2] = lo_in ? Pack<T>(lo[8], lo[9]) : 0u;
-          a[step][3] = hi_in ? Pack<T>(hi[8], hi[9]) : 0u;
-        }
+        for (int step = 0; step < kHeadDim / 16; ++step)
+          LoadMatrices<false>(a[step], q_mma + TileOffset<T, kHeadDim>(m0 + warp_lane % 8 + (warp_lane / 8) % 2 * 8,
+                                                                       2 * step + warp_lane / 16));
         for (int n0 = 8 * warp; n0 < keys; n0 += 8 * (kThreads / 32)) {
           float c[4] = {};
 #pragma unroll
@@ -302,8 +337,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int r = m0 + warp_lane / 4 + (i / 2) * 8, j = n0 + (warp_lane % 4) * 2 + i % 2, key = from + j;
-            if (r < q_rows && j < keys)
-              weights[r * s.chunk + key - first] = key <= pos[r % s.computed_rows] ? c[i] / root : -INFINITY;
+            if (r < q_rows && j < keys) weights[r * s.chunk + key - first] = key <= row_pos[r] ? c[i] / root : -INFINITY;
           }
         }
       }
@@ -343,16 +377,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             if (lane == 0 && j < keys && r0 + r < q_rows)
-              weights[(r0 + r) * s.chunk + key - first] = key <= pos[(r0 + r) % s.computed_rows] ? dot[r] / root : -INFINITY;
+              weights[(r0 + r) * s.chunk + key - first] = key <= row_pos[r0 + r] ? dot[r] / root : -INFINITY;
           }
         }
       }
     }
-    __syncthreads();  // before load t + 2 replaces this tile
-    issue(t + 2);
   }
-
-  Stamp(2);  // scores done
+  __syncthreads();  // every block's scores (of the weights)
+  Stamp(3);  // scores done
   // Softmax over the whole cluster's keys, exact (not online): each block's (max, sum of
   // exp(score - max)) per row goes to every block in one exchange; the cluster's sum is then
   // sum_b sum_b * exp(max_b - max), added in block order.
@@ -370,7 +402,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = tid; i < s.parts * q_rows; i += kThreads)
     cluster.map_shared_rank(stats_inbox, i / q_rows)[part * q_rows + i % q_rows] = stats[i % q_rows];
   cluster.sync();
-  Stamp(3);  // statistics exchanged
+  Stamp(4);  // statistics exchanged
   if (tid < q_rows) {
     float m = -INFINITY, sum = 0.0f;
     for (int b = 0; b < s.parts; ++b) m = fmaxf(m, stats_inbox[b * q_rows + tid].x);
@@ -381,12 +413,21 @@ __global__ void __launch_bounds__(kThreads)
     totals[tid] = make_float2(m, sum);
   }
   __syncthreads();
-  for (int i = tid; i < q_rows * (last - first); i += kThreads) {
-    const int r = i / (last - first), j = i % (last - first);
-    weights[r * s.chunk + j] = RoundTo<T>(expf(weights[r * s.chunk + j] - totals[r].x) / totals[r].y);
+  // Rounded to T, as the reference's weights; a row per warp, or several warps per row where the
+  // rows are fewer than the warps.
+  const int warps_per_row = max(1, kThreads / 32 / q_rows), rows_at_once = kThreads / 32 / warps_per_row;
+  for (int r = warp / warps_per_row; r < q_rows && warp < rows_at_once * warps_per_row; r += rows_at_once) {
+    for (int j = warp % warps_per_row * 32 + warp_lane; j < last - first; j += 32 * warps_per_row) {
+      const float weight = expf(weights[r * s.chunk + j] - totals[r].x) / totals[r].y;
+      if constexpr (kTensorCores) {
+        weights_mma[r * weight_stride + j] = FromFloat<T>(weight);
+      } else {
+        weights[r * s.chunk + j] = RoundTo<T>(weight);
+      }
+    }
   }
   __syncthreads();
-  Stamp(4);  // weights normalized over the cluster
+  Stamp(5);  // weights normalized over the cluster
 
   // PV, into per-parity sums that each thread owns (FMAs), or per-warp fragments (tensor cores).
   const int pair = tid % kPairs, parity = tid / kPairs;
@@ -398,27 +439,26 @@ __global__ void __launch_bounds__(kThreads)
   float acc[2][kDimTilesPerWarp][4] = {};
   for (int t = 0; t < tiles; ++t) {
     const int from = first + t * s.tile, keys = min(s.tile, last - from);
-    const T* v_tile = slots[(tiles + t) % 2];
-    __pipeline_wait_prior(1);  // load tiles + t
-    __syncthreads();
-    patch(slots[(tiles + t) % 2], new_v, from, keys);
-    __syncthreads();
+    T* v_tile = slot(tiles + t);
+    wait_for_load(1);  // load tiles + t
+    issue(tiles + t + s.slots - 1);
+    if ((write < from + keys && write + s.cache_rows > from) || keys % 16 != 0) {
+      patch(v_tile, new_v, from, keys);
+      __syncthreads();
+    }
     if constexpr (kTensorCores) {
       // Warp w sums dimensions [dim0, dim0 + 8 kDimTilesPerWarp) over its share of 16-key steps;
-      // the weights of keys past the tile's last are zeros (and so are those rows of the tile).
+      // the rows of the tile past its last key are zeros (and so are the weights past the block's).
       for (int k0 = 16 * key_part; k0 < keys; k0 += 16 * kKeySplit) {
         uint32_t b[4];
         LoadMatrices<true>(b, v_tile + TileOffset<T, kHeadDim>(k0 + warp_lane % 8 + (warp_lane / 8) % 2 * 8,
                                                                (dim0 / 8 + warp_lane / 16) % kVectorsPerRow));
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-          const int r = 16 * m + warp_lane / 4, j = k0 + (warp_lane % 4) * 2;
           if (16 * m >= q_rows) break;
-          auto w = [&](int row, int key) {
-            return row < q_rows && key < keys ? weights[row * s.chunk + from - first + key] : 0.0f;
-          };
-          const uint32_t a[4] = {Pack<T>(w(r, j), w(r, j + 1)), Pack<T>(w(r + 8, j), w(r + 8, j + 1)),
-                                 Pack<T>(w(r, j + 8), w(r, j + 9)), Pack<T>(w(r + 8, j + 8), w(r + 8, j + 9))};
+          uint32_t a[4];  // weights of rows [16 m, 16 m + 16), keys [k0, k0 + 16) of the tile
+          LoadMatrices<false>(a, weights_mma + (16 * m + warp_lane % 8 + (warp_lane / 8) % 2 * 8) * weight_stride +
+                                     from - first + k0 + warp_lane / 16 * 8);
           Mma16816<T>(acc[m][0], a, b[0], b[1]);
           if constexpr (kDimTilesPerWarp == 2) Mma16816<T>(acc[m][1], a, b[2], b[3]);
         }
@@ -447,8 +487,6 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    __syncthreads();  // before load tiles + t + 2 replaces this tile
-    issue(tiles + t + 2);
   }
   if constexpr (kTensorCores) {
 #pragma unroll
@@ -462,8 +500,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    __syncthreads();
   }
+  __syncthreads();  // every warp's PV sums
   // Each block's PV sums go to the block that owns their slice of the outputs, which adds them
   // in block order after the exchange: no block reads another's shared memory, so none waits
   // for the others before it leaves.
@@ -474,7 +512,7 @@ __global__ void __launch_bounds__(kThreads)
     cluster.map_shared_rank(pv_inbox, owner)[part * slice + i - owner * slice] = sum;
   }
   cluster.sync();
-  Stamp(5);  // PV sums exchanged
+  Stamp(6);  // PV sums exchanged
   // A computed row's result goes to the rows that copy it (the twin's second row).
   for (int i = part * slice + tid; i < min(q_rows * kHeadDim, (part + 1) * slice); i += kThreads) {
     float sum = 0.0f;
@@ -483,7 +521,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int row = r % s.computed_rows; row < s.rows; row += s.computed_rows)
       out[(static_cast<int64_t>(batch) * s.rows + row) * s.q_heads * kHeadDim + head * kHeadDim + d] = FromFloat<T>(sum);
   }
-  Stamp(6);  // outputs written
+  Stamp(7);  // outputs written
   // The new rows into the cache, last: no block of this kernel reads them from there.
   if (part == 0) {
     for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
@@ -491,30 +529,39 @@ __global__ void __launch_bounds__(kThreads)
       cache_v[head_offset + static_cast<int64_t>(write) * kHeadDim + i] = FromFloat<T>(new_v[i]);
     }
   }
-  Stamp(7);
+  Stamp(8);
+  if (stamping) {
+    g_attention_stamps[block_index][9] = waited[0];
+    g_attention_stamps[block_index][10] = waited[1];
+  }
 }
 
 // A block's shared memory at most (of the H100/H200's 227 KB; attention.py's KERNEL_MAX_SHARED_BYTES).
 constexpr int kMaxSharedBytes = 220 * 1024;
-// A tile of keys or values at most: small enough for two or three blocks per SM, with one tile in
-// flight while the other is used.
+// A tile of keys or values at most (JAXNVRAR_ATTENTION_TILE_KB for tuning), and tiles in shared
+// memory (JAXNVRAR_ATTENTION_SLOTS, 2 to 4): small enough for two or three blocks per SM.
 constexpr int64_t kTileBytes = 24 * 1024;
+constexpr int kSlots = 2;
 
-// Keys per tile: at most kTileBytes of them, the block's keys split into equal tiles.
-int TileKeys(int chunk, int head_dim, int element_bytes) {
-  const int64_t most = std::max<int64_t>(1, kTileBytes / (head_dim * element_bytes));
+// Keys per tile: a multiple of 16 (whole steps of the tensor-core products; tiles then start on
+// 16-byte vectors of the weights), at most tile_bytes of them where that is 16 keys or more, the
+// block's keys split into tiles as equal as that allows.
+int TileKeys(int chunk, int head_dim, int element_bytes, int64_t tile_bytes) {
+  const int64_t most = std::max<int64_t>(16, tile_bytes / (head_dim * element_bytes) / 16 * 16);
   const int64_t tiles = (chunk + most - 1) / most;
-  return static_cast<int>(std::max<int64_t>(1, (chunk + tiles - 1) / tiles));
+  return static_cast<int>(std::max<int64_t>(16, ((chunk + tiles - 1) / tiles + 15) / 16 * 16));
 }
 
 int64_t SharedBytes(const AttentionShape& s, int head_dim, int element_bytes) {
   const int64_t q_rows = s.group * s.computed_rows;
   const int64_t parities = kThreads / (head_dim / 2);
-  const int64_t tile_rows = (s.tile + 15) / 16 * 16;
+  const int64_t mma_rows = element_bytes == 2 ? (q_rows + 15) / 16 * 16 : 0;  // tensor-core operands
+  const int64_t weight_stride = (s.chunk + 15) / 16 * 16 + 8;
   const int64_t slice = (q_rows * head_dim + s.parts - 1) / s.parts;
-  return 2 * tile_rows * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
+  return s.slots * s.tile * head_dim * element_bytes + static_cast<int64_t>(s.rows) * (s.group + 2) * head_dim * element_bytes +
+         mma_rows * (head_dim + weight_stride) * element_bytes +
          4 * (head_dim / 2 + q_rows * head_dim * (1 + parities) + 2LL * s.cache_rows * head_dim + 2 * q_rows * (2 + s.parts) +
-              s.parts * slice + q_rows * s.chunk + s.rows);
+              s.parts * slice + q_rows * s.chunk + s.rows + q_rows);
 }
 
 // A launch of cluster size `parts`: the positions per block and tile it gives, and the shared memory.
@@ -524,10 +571,10 @@ struct LaunchPlan {
 };
 
 template <typename T, int kHeadDim>
-cudaError_t Plan(AttentionShape& s, int parts, int batch, cudaStream_t stream, LaunchPlan& plan) {
+cudaError_t Plan(AttentionShape& s, int parts, int64_t tile_bytes, int batch, cudaStream_t stream, LaunchPlan& plan) {
   s.parts = parts;
   s.chunk = (s.cache_len + parts - 1) / parts;
-  s.tile = TileKeys(s.chunk, kHeadDim, sizeof(T));
+  s.tile = TileKeys(s.chunk, kHeadDim, sizeof(T), tile_bytes);
   const int64_t shared_bytes = SharedBytes(s, kHeadDim, sizeof(T));
   auto kernel = DecodeAttentionKernel<T, kHeadDim>;
   // The largest the kernel may use (attention.py's KERNEL_MAX_SHARED_BYTES), the same on every
@@ -559,6 +606,20 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
                        const int32_t* write_at, const float* inv_freq, void* cache_k, void* cache_v, void* out,
                        AttentionShape s, int batch) {
   auto kernel = DecodeAttentionKernel<T, kHeadDim>;
+  // Tuning knobs (unset: the built-in choices): bytes per tile and tiles in shared memory.
+  int tile_kb = static_cast<int>(kTileBytes / 1024);
+  s.slots = kSlots;
+  struct Knob { const char* name; int low, high; int* value; };
+  for (const Knob& knob : {Knob{"JAXNVRAR_ATTENTION_TILE_KB", 1, 96, &tile_kb}, Knob{"JAXNVRAR_ATTENTION_SLOTS", 2, 4, &s.slots}}) {
+    const char* text = std::getenv(knob.name);
+    if (text == nullptr || *text == '\0') continue;
+    *knob.value = std::atoi(text);
+    if (*knob.value < knob.low || *knob.value > knob.high)
+      return ffi::Error::InvalidArgument(std::string("jaxnvrar: ") + knob.name + " must be " + std::to_string(knob.low) +
+                                         " to " + std::to_string(knob.high) + ", not '" + text +
+                                         "'; unset it for the built-in choice");
+  }
+  const int64_t tile_bytes = 1024LL * tile_kb;
   // Blocks per (batch row, KV head): about one block per SM in all (a block's keys stream through
   // its tiles; more blocks per pair cost more exchanges); JAXNVRAR_ATTENTION_CLUSTER=1..16 for tuning.
   const char* forced = std::getenv("JAXNVRAR_ATTENTION_CLUSTER");
@@ -574,6 +635,19 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
     if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
       return ffi::Error::Internal("jaxnvrar: decode attention: no CUDA device");
     while (parts < kWideClusterBlocks && 2 * batch * s.kv_heads * parts <= sms) parts *= 2;
+    // A block's time grows with its tiles more than a second block per SM slows it: where a block
+    // would stream over 512 positions, double the blocks while all of them fit on the GPU at once
+    // (two per SM at most; seen on H200 at 128 pairs: 2 blocks per pair 41 us, 1 block 62 us).
+    while (parts < kClusterBlocks && (s.cache_len + parts - 1) / parts > 512 && batch * s.kv_heads * parts <= sms) {
+      LaunchPlan trial;
+      int clusters = 0;
+      if (Plan<T, kHeadDim>(s, 2 * parts, tile_bytes, batch, stream, trial) != cudaSuccess ||
+          cudaOccupancyMaxActiveClusters(&clusters, kernel, &trial.config) != cudaSuccess || clusters < batch * s.kv_heads) {
+        cudaGetLastError();  // a refused size is not an error of this call
+        break;
+      }
+      parts *= 2;
+    }
   }
   // Then more blocks where a block's shared memory would not fit, and 8 where the GPU cannot place
   // clusters of 16 (beyond the portable 8; asked per call site's shapes, a host query).
@@ -581,7 +655,7 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
   cudaError_t err = cudaErrorUnknown;
   for (const int tried : {parts, 2 * parts, 4 * parts, 8 * parts, 16 * parts, kClusterBlocks}) {
     if (tried > kWideClusterBlocks || (tried < parts && parts <= kClusterBlocks)) continue;
-    err = Plan<T, kHeadDim>(s, tried, batch, stream, plan);
+    err = Plan<T, kHeadDim>(s, tried, tile_bytes, batch, stream, plan);
     if (err == cudaSuccess && tried > kClusterBlocks) {
       int clusters = 0;
       err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &plan.config);
@@ -674,7 +748,7 @@ std::vector<uint64_t> AttentionStamps() {
   int blocks = 0;
   cudaDeviceSynchronize();
   if (cudaMemcpyFromSymbol(&blocks, g_attention_stamped_blocks, sizeof(blocks)) != cudaSuccess || blocks < 1) return {};
-  std::vector<uint64_t> stamps(static_cast<size_t>(blocks) * kAttentionPhases);
+  std::vector<uint64_t> stamps(static_cast<size_t>(blocks) * kAttentionStampColumns);
   if (cudaMemcpyFromSymbol(stamps.data(), g_attention_stamps, stamps.size() * sizeof(uint64_t)) != cudaSuccess) return {};
   return stamps;
 }

@@ -158,8 +158,12 @@ def test_phase_times_cover_the_call():
     jax.block_until_ready(f(*args))
     wall_us = (time.perf_counter() - start) * 1e6
     phases = attention.kernel_phase_times()
-    assert list(phases) == list(attention.PHASES)
-    assert all(t >= 0 for t in phases.values()) and 0 < sum(phases.values()) < wall_us, phases
+    assert list(phases) == list(attention.PHASES + attention.WAITS)
+    assert all(t >= 0 for t in phases.values()), phases
+    assert 0 < sum(phases[name] for name in attention.PHASES) < wall_us, phases
+    # The waits are parts of the scores and PV phases.
+    assert phases["waiting for key tiles"] <= phases["scores"], phases
+    assert phases["waiting for value tiles"] <= phases["PV and exchange"], phases
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -198,3 +202,33 @@ def test_block_times_cover_the_grid(monkeypatch):
     assert times["blocks"] == 2 * 8 * 8, times
     assert times["span"] >= times["lifetime"][1] >= times["lifetime"][0] > 0, times
     assert list(times["phases"]) == list(attention.PHASES) and min(times["phases"].values()) >= 0, times
+    assert list(times["waits"]) == list(attention.WAITS) and min(times["waits"].values()) >= 0, times
+
+
+@pytest.mark.parametrize("knobs", [{"JAXNVRAR_ATTENTION_SLOTS": "3", "JAXNVRAR_ATTENTION_TILE_KB": "8"},
+                                   {"JAXNVRAR_ATTENTION_SLOTS": "4", "JAXNVRAR_ATTENTION_TILE_KB": "1"},
+                                   {"JAXNVRAR_ATTENTION_SLOTS": "2", "JAXNVRAR_ATTENTION_TILE_KB": "48"}])
+def test_tile_knobs_agree(knobs, monkeypatch):
+    """JAXNVRAR_ATTENTION_TILE_KB / _SLOTS (tuning knobs): more, smaller or larger tiles in flight
+    give XLA's results (1 KB: 4 keys per tile, so the new rows' patch and the 16-row padding of
+    every tile are exercised many times)."""
+    for name, value in knobs.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("JAXNVRAR_ATTENTION_CLUSTER", "2")
+    qkv, cache_k, cache_v, inv_freq = _inputs(9, jnp.bfloat16, 2, 2, 16, 4, 128, 700)
+    positions = 500 + jnp.arange(2, dtype=jnp.int32)
+    (out, new_k, new_v), (want, want_k, want_v) = _both(qkv, cache_k, cache_v, inv_freq, positions, jnp.int32(500),
+                                                        16, 2)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    np.testing.assert_allclose(f32(out), f32(want), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(f32(new_k), f32(want_k), atol=2e-2, rtol=2e-2)
+    np.testing.assert_array_equal(f32(new_v), f32(want_v))  # copied, not computed
+
+
+@pytest.mark.parametrize("name, value", [("JAXNVRAR_ATTENTION_SLOTS", "5"), ("JAXNVRAR_ATTENTION_TILE_KB", "0")])
+def test_tile_knobs_out_of_range_are_refused(name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
+    qkv, cache_k, cache_v, inv_freq = _inputs(7, jnp.bfloat16, 1, 1, 8, 2, 64, 64)
+    f = jax.jit(lambda *a: attention.decode_attention(*a, q_heads=8, implementation="kernel"))
+    with pytest.raises(Exception, match=f"{name} must be"):
+        jax.block_until_ready(f(qkv, cache_k, cache_v, inv_freq, jnp.arange(1, dtype=jnp.int32), jnp.int32(0)))

@@ -40,6 +40,7 @@ KERNEL_MAX_QUERY_ROWS = 32
 KERNEL_MAX_SHARED_BYTES = 220 * 1024  # of the H100/H200's 227 KB
 _CLUSTER_BLOCKS = 8  # blocks over the cache positions of one (batch row, KV head): the portable cluster
 _TILE_BYTES = 24 * 1024  # of keys (or of values) per shared-memory tile, at most
+_SLOTS = 2  # tiles in shared memory: one used while the others load
 
 
 def check_implementation(implementation: str) -> None:
@@ -159,22 +160,26 @@ def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int, twin: 
 
 
 def kernel_shared_bytes(group: int, computed_rows: int, rows: int, cache_rows: int, cache_len: int, head_dim: int,
-                        element_bytes: int, parts: int = _CLUSTER_BLOCKS) -> int:
+                        element_bytes: int, parts: int = _CLUSTER_BLOCKS, slots: int = _SLOTS) -> int:
     """A block's shared memory with `parts` blocks per (batch row, KV head), as
     csrc/decode_attention.cu's SharedBytes counts it (8, the portable cluster, is the largest
-    size the kernel always gets): two tiles (keys, values), the projection's columns of all `rows`,
+    size the kernel always gets): `slots` tiles (of keys, then values), the projection's
+    columns of all `rows`, the tensor-core operands (queries and weights in the cache dtype),
     and float32 queries (`computed_rows` x `group`), new rows, PV sums per key share, softmax
     statistics, the blocks' PV sums of its slice, and the weights."""
     query_rows = group * computed_rows
     parities = 256 // (head_dim // 2)
     chunk = -(-cache_len // parts)
-    most = max(1, _TILE_BYTES // (head_dim * element_bytes))
-    tile = max(1, -(-chunk // -(-chunk // most)))  # equal tiles of at most `most` keys
-    tile_rows = -(-tile // 16) * 16  # whole 16-key steps of the tensor-core products
+    most = max(16, _TILE_BYTES // (head_dim * element_bytes) // 16 * 16)
+    per_tile = -(-chunk // -(-chunk // most))  # the block's keys in equal tiles of at most `most`
+    tile = max(16, -(-per_tile // 16) * 16)  # whole 16-key steps
+    mma_rows = -(-query_rows // 16) * 16 if element_bytes == 2 else 0  # tensor-core operands (16-bit caches)
+    weight_stride = -(-chunk // 16) * 16 + 8
     slice_ = -(-query_rows * head_dim // parts)
-    return (2 * tile_rows * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes
+    return (slots * tile * head_dim * element_bytes + rows * (group + 2) * head_dim * element_bytes
+            + mma_rows * (head_dim + weight_stride) * element_bytes
             + 4 * (head_dim // 2 + query_rows * head_dim * (1 + parities) + 2 * cache_rows * head_dim
-                   + 2 * query_rows * (2 + parts) + parts * slice_ + query_rows * chunk + rows))
+                   + 2 * query_rows * (2 + parts) + parts * slice_ + query_rows * chunk + rows + query_rows))
 
 
 def decode_attention(qkv, cache_k, cache_v, inv_freq, positions, write_at, *, q_heads: int,
@@ -267,44 +272,51 @@ def implementation_text(implementation: str) -> str:
                  "XLA's ops in prefill")
 
 
-PHASES = ("stage projection", "scores", "exchange softmax statistics", "normalize weights", "PV and exchange",
-          "write outputs", "write cache")
+PHASES = ("stage projection", "rope", "scores", "exchange softmax statistics", "normalize weights",
+          "PV and exchange", "write outputs", "write cache")
+# Parts of "scores" and "PV and exchange" spent waiting for the cache's tiles to arrive.
+WAITS = ("waiting for key tiles", "waiting for value tiles")
 
 
 def _kernel_stamps() -> np.ndarray | None:
-    """[blocks, 8] globaltimer ns of the last kernel call's blocks (see PHASES), or None."""
+    """[blocks, 11] of the last kernel call's blocks, or None: globaltimer ns at the start and at
+    the end of each of PHASES, then nanoseconds of each of WAITS."""
     stamps = runtime.cuda_extension().attention_stamps()
     if not stamps:
         return None
-    return np.asarray(stamps, np.int64).reshape(-1, len(PHASES) + 1)
+    return np.asarray(stamps, np.int64).reshape(-1, len(PHASES) + 1 + len(WAITS))
 
 
 def kernel_phase_times() -> dict[str, float] | None:
-    """Microseconds each phase took in the first block of the last kernel call on this process's
-    current GPU (its device clock; waits for the GPU): where a call's time goes, for tuning the
-    kernel. None before any call."""
+    """Microseconds each phase (PHASES, then WAITS) took in the first block of the last kernel
+    call on this process's current GPU (its device clock; waits for the GPU): where a call's time
+    goes, for tuning the kernel. None before any call."""
     stamps = _kernel_stamps()
     if stamps is None:
         return None
-    return {name: (stop - start) / 1e3 for name, start, stop in zip(PHASES, stamps[0], stamps[0][1:])}
+    times = stamps[0, :len(PHASES) + 1]
+    phases = {name: (stop - start) / 1e3 for name, start, stop in zip(PHASES, times, times[1:])}
+    return phases | {name: stamps[0, len(PHASES) + 1 + i] / 1e3 for i, name in enumerate(WAITS)}
 
 
 def kernel_block_times() -> dict[str, object] | None:
     """The last kernel call's blocks on this process's current GPU, in microseconds: `span` (first
     block's start to last block's end), `start_spread` (first to last start: blocks that waited
     for a free SM), `lifetime` (median and max of one block's start to end), and the median over
-    blocks of each phase (PHASES). Tells a fixed per-block latency from waves of blocks. None
-    before any call."""
+    blocks of each phase (PHASES) and wait (WAITS). Tells a fixed per-block latency from waves of
+    blocks, and loads from products. None before any call."""
     stamps = _kernel_stamps()
     if stamps is None:
         return None
-    starts, ends = stamps[:, 0], stamps[:, -1]
+    times, waits = stamps[:, :len(PHASES) + 1], stamps[:, len(PHASES) + 1:] / 1e3
+    starts, ends = times[:, 0], times[:, -1]
     lifetimes = (ends - starts) / 1e3
-    phases = np.diff(stamps, axis=1) / 1e3
+    phases = np.diff(times, axis=1) / 1e3
     return {"blocks": int(stamps.shape[0]), "span": float(ends.max() - starts.min()) / 1e3,
             "start_spread": float(starts.max() - starts.min()) / 1e3,
             "lifetime": (float(np.median(lifetimes)), float(lifetimes.max())),
-            "phases": {name: float(np.median(phases[:, i])) for i, name in enumerate(PHASES)}}
+            "phases": {name: float(np.median(phases[:, i])) for i, name in enumerate(PHASES)},
+            "waits": {name: float(np.median(waits[:, i])) for i, name in enumerate(WAITS)}}
 
 
 def _lower_cuda(ctx, qkv, positions, write_at, inv_freq, cache_k, cache_v, *, q_heads, cache_rows, twin):
