@@ -5,10 +5,12 @@
 // gap that is most of its time at decode sizes. Experimental: see docs/llama.md for where it stands
 // against those 7; g_attention_stamps shows where its time goes.
 //
-// One thread-block cluster per (batch row, KV head), of about SMs / pairs blocks (1 to 16); its
-// blocks split the cache positions and stream them through two shared-memory slots with cp.async
-// (one tile in flight while the other is used). bf16/f16 products run on tensor cores (mma.sync
-// with ldmatrix), float32 ones on FMAs. The softmax is exact, not online: the blocks exchange each
+// One thread-block cluster per (batch row, KV head), of about SMs / pairs blocks (1 to 16; 2 where
+// one block would stream a long cache); its blocks split the cache positions and stream them
+// through shared-memory slots with cp.async (two: one tile in flight while the other is used).
+// bf16/f16 products run on tensor cores (mma.sync, operands staged in the cache dtype and read
+// with ldmatrix), float32 ones on FMAs. Two blocks fit on an SM (launch bounds): the kernel is
+// bound by instruction latency, so the second block's warps hide the first's. The softmax is exact, not online: the blocks exchange each
 // row's (max, sum of exponentials) through distributed shared memory once, so the weights are
 // rounded to the cache dtype after normalisation, as the reference does, before the PV product;
 // each block then stores its PV sums into the block that owns their slice of the outputs, which
