@@ -114,6 +114,28 @@ def test_breakdown_accounts_device_time_by_class():
     assert breakdown.device_kernels(meta[:1]) == [] and breakdown.breakdown([], 1) == {}
 
 
+def test_attention_alone_xla_rows(tmp_path):
+    """`attention` times XLA's ops off GPUs: one row per batch, batch 1 as the model's twin row."""
+    out = _bench("attention", "--preset", "tiny", "--batch", "1,3", "--cache", "40", "--calls", "4", "--repeats", "2",
+                 "--json", str(tmp_path / "a.json"))
+    assert "us/call" in out and "4 query, 2 KV heads of 32" in out
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert [(r["implementation"], r["batch"]) for r in data["rows"]] == [("xla", 1), ("xla", 3)]
+    assert all(r["us"] > 0 and "blocks" not in r for r in data["rows"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--implementations", "kernel"), "runs on CUDA GPUs"),
+    (("--clusters", "2"), "runs on CUDA GPUs"),
+    (("--tp", "3"), "does not divide"),
+    (("--preset", "llama9"), "unknown --preset"),
+])
+def test_attention_refuses_by_name(args, message):
+    result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", "attention", "--preset", "tiny", "--calls", "2",
+                             "--repeats", "1", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
 def test_gemm_sweep(tmp_path):
     out = _bench("gemm", "-m", "32", "-k", "64", "-n", "64", "--splits", "1,2", "--repeats", "2",
                  "--json", str(tmp_path / "g.json"))

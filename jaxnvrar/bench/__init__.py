@@ -7,6 +7,7 @@
     jaxnvrar-bench soak [--calls 100000 --bytes 128K]             consecutive calls, each checked
     jaxnvrar-bench tune [--max-bytes 64M --kernel-configs 32,128] measure and save "auto"'s choices
     jaxnvrar-bench kernels [--preset llama3.1-8b --batch 1,16]    kernels per decode layer (compiled, no GPU needed)
+    jaxnvrar-bench attention [--preset llama3.1-8b --batch 1,16]  decode attention alone: XLA's ops vs the fused kernel
 
 On a GPU machine each process drives one GPU: started alone on a host with several GPUs, the
 multi-GPU benchmarks start themselves again under jaxnvrar-launch, one process per GPU
@@ -41,7 +42,7 @@ def relaunch_command(command: str, argv: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxnvrar.bench import allreduce, decode, gemm, kernels, model, soak, tune
+    from jaxnvrar.bench import allreduce, attention, decode, gemm, kernels, model, soak, tune
 
     parser = argparse.ArgumentParser(prog="jaxnvrar-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_arguments(commands.add_parser("soak", help="many consecutive all-reduces, every result checked"))
     tune.add_arguments(commands.add_parser("tune", help="measure the best kernel configuration and algorithm per size"))
     kernels.add_arguments(commands.add_parser("kernels", help="kernels per layer of the compiled decode step"))
+    attention.add_arguments(commands.add_parser("attention", help="the decode step's attention alone, XLA's ops vs the kernel"))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     again = relaunch_command(args.command, argv)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxnvrar-bench: one process per GPU: {' '.join(again)}", file=sys.stderr, flush=True)
         return subprocess.call(again)
     runs = {"allreduce": allreduce.run, "decode": decode.run, "model": model.run, "gemm": gemm.run, "soak": soak.run, "tune": tune.run,
-            "kernels": kernels.run}
+            "kernels": kernels.run, "attention": attention.run}
     return runs[args.command](args)
 
 
