@@ -7,10 +7,12 @@
 //
 // One thread-block cluster per (batch row, KV head), of about SMs / pairs blocks (1 to 16; 2 where
 // one block would stream a long cache); its blocks split the cache positions and stream them
-// through shared-memory slots with cp.async (two: one tile in flight while the other is used).
+// through shared-memory slots with cp.async (two unless JAXNVRAR_ATTENTION_SLOTS says more: one
+// tile in flight while the other is used).
 // bf16/f16 products run on tensor cores (mma.sync, operands staged in the cache dtype and read
-// with ldmatrix), float32 ones on FMAs. Two blocks fit on an SM (launch bounds): the kernel is
-// bound by instruction latency, so the second block's warps hide the first's. The softmax is exact, not online: the blocks exchange each
+// with ldmatrix), float32 ones on FMAs. Registers are bounded so that two blocks can share an SM
+// (launch bounds; shared memory allowing): the kernel is bound by instruction latency, and the
+// second block's warps hide the first's. The softmax is exact, not online: the blocks exchange each
 // row's (max, sum of exponentials) through distributed shared memory once, so the weights are
 // rounded to the cache dtype after normalisation, as the reference does, before the PV product;
 // each block then stores its PV sums into the block that owns their slice of the outputs, which
@@ -23,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -603,6 +606,16 @@ cudaError_t Plan(AttentionShape& s, int parts, int64_t tile_bytes, int batch, cu
   return err;
 }
 
+// A tuning variable's value: a whole number in [low, high] (else false; "3x" and "2.5" too).
+bool ParseKnob(const char* text, int low, int high, int* value) {
+  char* end = nullptr;
+  errno = 0;
+  const long parsed = std::strtol(text, &end, 10);
+  if (end == text || *end != '\0' || errno == ERANGE || parsed < low || parsed > high) return false;
+  *value = static_cast<int>(parsed);
+  return true;
+}
+
 template <typename T, int kHeadDim>
 ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int32_t* positions,
                        const int32_t* write_at, const float* inv_freq, void* cache_k, void* cache_v, void* out,
@@ -615,8 +628,7 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
   for (const Knob& knob : {Knob{"JAXNVRAR_ATTENTION_TILE_KB", 1, 96, &tile_kb}, Knob{"JAXNVRAR_ATTENTION_SLOTS", 2, 4, &s.slots}}) {
     const char* text = std::getenv(knob.name);
     if (text == nullptr || *text == '\0') continue;
-    *knob.value = std::atoi(text);
-    if (*knob.value < knob.low || *knob.value > knob.high)
+    if (!ParseKnob(text, knob.low, knob.high, knob.value))
       return ffi::Error::InvalidArgument(std::string("jaxnvrar: ") + knob.name + " must be " + std::to_string(knob.low) +
                                          " to " + std::to_string(knob.high) + ", not '" + text +
                                          "'; unset it for the built-in choice");
@@ -627,9 +639,14 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
   const char* forced = std::getenv("JAXNVRAR_ATTENTION_CLUSTER");
   if (forced != nullptr && *forced == '\0') forced = nullptr;
   int parts = 1;
+  // A size the GPU refuses below is not an error of this call: forget it, unless an error was
+  // already pending (someone else's, to be reported by them).
+  const bool error_pending = cudaPeekAtLastError() != cudaSuccess;
+  auto forget_refusal = [&] {
+    if (!error_pending) cudaGetLastError();
+  };
   if (forced != nullptr) {
-    parts = std::atoi(forced);
-    if (parts < 1 || parts > kWideClusterBlocks)
+    if (!ParseKnob(forced, 1, kWideClusterBlocks, &parts))
       return ffi::Error::InvalidArgument("jaxnvrar: JAXNVRAR_ATTENTION_CLUSTER must be 1 to 16, not '" +
                                          std::string(forced) + "'; unset it for the built-in choice");
   } else {
@@ -645,7 +662,7 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
       int clusters = 0;
       if (Plan<T, kHeadDim>(s, 2 * parts, tile_bytes, batch, stream, trial) != cudaSuccess ||
           cudaOccupancyMaxActiveClusters(&clusters, kernel, &trial.config) != cudaSuccess || clusters < batch * s.kv_heads) {
-        cudaGetLastError();  // a refused size is not an error of this call
+        forget_refusal();
         break;
       }
       parts *= 2;
@@ -664,7 +681,7 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
       if (err == cudaSuccess && clusters < 1) err = cudaErrorInvalidConfiguration;
     }
     if (err == cudaSuccess || forced != nullptr) break;
-    cudaGetLastError();  // a refused size is not an error of this call
+    forget_refusal();
   }
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("jaxnvrar: decode attention") +
@@ -715,6 +732,9 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
         "jaxnvrar: decode attention: shapes of qkv, caches, positions, inv_freq and q_heads disagree");
   s.group = q_heads / s.kv_heads;
   s.computed_rows = twin ? 1 : s.rows;
+  if (s.group * s.computed_rows > 32)  // the products take two 16-row blocks of queries
+    return ffi::Error::InvalidArgument("jaxnvrar: decode attention takes at most 32 computed query rows per KV head "
+                                       "(query heads per KV head x rows), not " + std::to_string(s.group * s.computed_rows));
   if (twin && s.cache_rows != 1)
     return ffi::Error::InvalidArgument("jaxnvrar: decode attention: twin rows write one row of the cache");
   if (qkv.element_type() != cache_k_in.element_type() || qkv.element_type() != cache_v_in.element_type())

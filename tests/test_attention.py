@@ -85,6 +85,28 @@ def test_kernel_accepts_llama_decode_shapes():
         assert attention.kernel_supports(qkv, cache, cache, q_heads, 1) is None
 
 
+def test_tile_variables_count_in_the_shared_memory_check(monkeypatch):
+    """kernel_supports counts the shared memory of the tiles the kernel will take: a 4096-position
+    cache fits the default (two 24 KB tiles) but not four 96 KB tiles (the kernel would refuse it
+    at launch; here the model falls back to XLA's ops or names the reason)."""
+    qkv = jax.ShapeDtypeStruct((1, 1, (8 + 2 * 2) * 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((1, 2, 4096, 128), jnp.bfloat16)
+    assert attention.kernel_supports(qkv, cache, cache, 8, 1) is None
+    monkeypatch.setenv(attention.TILE_KB_VARIABLE, "96")
+    monkeypatch.setenv(attention.SLOTS_VARIABLE, "4")
+    assert attention.tile_settings() == (96 * 1024, 4)
+    assert "shared memory" in attention.kernel_supports(qkv, cache, cache, 8, 1)
+
+
+@pytest.mark.parametrize("name, value", [("JAXNVRAR_ATTENTION_TILE_KB", "0"), ("JAXNVRAR_ATTENTION_TILE_KB", "97"),
+                                         ("JAXNVRAR_ATTENTION_SLOTS", "5"), ("JAXNVRAR_ATTENTION_SLOTS", "3x"),
+                                         ("JAXNVRAR_ATTENTION_SLOTS", "2.5")])
+def test_bad_tile_variables_are_named(name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        attention.tile_settings()
+
+
 def test_bad_arguments_are_named():
     qkv, cache_k, cache_v, inv_freq = _inputs()
     with pytest.raises(ValueError, match="implementation must be one of"):

@@ -58,6 +58,10 @@ CASES = [
     (jnp.bfloat16, 2, 1, 1, 8, 2, 32, 300, 150, False),       # head_dim 32: some lanes of a key idle
     (jnp.float16, 2, 1, 1, 8, 2, 128, 500, 250, False),
     (jnp.float32, 1, 2, 1, 32, 1, 64, 64, 40, True),          # a group of 32: the twin computes 32 rows
+    # Tensor cores with two 16-row blocks of queries (not yet run on a GPU): 8 heads x 3 positions = 24
+    # rows (the second block half padding), and a group of 32 (the twin).
+    (jnp.bfloat16, 2, 3, 3, 16, 2, 128, 300, 200, False),
+    (jnp.float16, 1, 2, 1, 32, 1, 64, 200, 150, True),
 ]
 
 
@@ -210,8 +214,7 @@ def test_block_times_cover_the_grid(monkeypatch):
                                    {"JAXNVRAR_ATTENTION_SLOTS": "2", "JAXNVRAR_ATTENTION_TILE_KB": "48"}])
 def test_tile_knobs_agree(knobs, monkeypatch):
     """JAXNVRAR_ATTENTION_TILE_KB / _SLOTS (tuning knobs): more, smaller or larger tiles in flight
-    give XLA's results (1 KB: 4 keys per tile, so the new rows' patch and the 16-row padding of
-    every tile are exercised many times)."""
+    give XLA's results (1 KB: tiles of 16 keys, the least the kernel takes: 22 tiles per block)."""
     for name, value in knobs.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("JAXNVRAR_ATTENTION_CLUSTER", "2")
@@ -223,6 +226,20 @@ def test_tile_knobs_agree(knobs, monkeypatch):
     np.testing.assert_allclose(f32(out), f32(want), atol=2e-2, rtol=2e-2)
     np.testing.assert_allclose(f32(new_k), f32(want_k), atol=2e-2, rtol=2e-2)
     np.testing.assert_array_equal(f32(new_v), f32(want_v))  # copied, not computed
+
+
+def test_blocks_with_one_tile_or_none(monkeypatch):
+    """16 blocks over a cache of 20 positions with 4 slots (not yet run on a GPU): blocks of 2
+    positions, one tile each, and blocks past the cache's end with none; the same results."""
+    monkeypatch.setenv("JAXNVRAR_ATTENTION_CLUSTER", "16")
+    monkeypatch.setenv("JAXNVRAR_ATTENTION_SLOTS", "4")
+    qkv, cache_k, cache_v, inv_freq = _inputs(10, jnp.bfloat16, 1, 1, 8, 2, 64, 20)
+    (out, new_k, _), (want, want_k, _) = _both(qkv, cache_k, cache_v, inv_freq, jnp.full((1,), 13, jnp.int32),
+                                               jnp.int32(13), 8, 1)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    np.testing.assert_allclose(f32(out), f32(want), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(f32(new_k), f32(want_k), atol=2e-2, rtol=2e-2)
+    assert attention.kernel_block_times()["blocks"] == 2 * 16
 
 
 @pytest.mark.parametrize("name, value", [("JAXNVRAR_ATTENTION_SLOTS", "5"), ("JAXNVRAR_ATTENTION_TILE_KB", "0")])

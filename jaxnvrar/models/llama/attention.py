@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,29 @@ KERNEL_MAX_SHARED_BYTES = 220 * 1024  # of the H100/H200's 227 KB
 _CLUSTER_BLOCKS = 8  # blocks over the cache positions of one (batch row, KV head): the portable cluster
 _TILE_BYTES = 24 * 1024  # of keys (or of values) per shared-memory tile, at most
 _SLOTS = 2  # tiles in shared memory: one used while the others load
+# Tuning variables the kernel reads at its launch (csrc/decode_attention.cu); read here too, so that
+# kernel_supports counts the shared memory the kernel will ask for.
+TILE_KB_VARIABLE, SLOTS_VARIABLE = "JAXNVRAR_ATTENTION_TILE_KB", "JAXNVRAR_ATTENTION_SLOTS"
+
+
+def _tuning_variable(name: str, low: int, high: int, default: int) -> int:
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ValueError(f"{name} must be {low} to {high}, not {text!r}; unset it for the built-in choice")
+    return value
+
+
+def tile_settings() -> tuple[int, int]:
+    """(bytes per tile at most, tiles in shared memory) the kernel uses: the built-in choice or
+    JAXNVRAR_ATTENTION_TILE_KB (1-96) and JAXNVRAR_ATTENTION_SLOTS (2-4); a bad value raises."""
+    return (1024 * _tuning_variable(TILE_KB_VARIABLE, 1, 96, _TILE_BYTES // 1024),
+            _tuning_variable(SLOTS_VARIABLE, 2, 4, _SLOTS))
 
 
 def check_implementation(implementation: str) -> None:
@@ -153,14 +177,16 @@ def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int, twin: 
     if query_rows > KERNEL_MAX_QUERY_ROWS:
         return (f"{computed} positions x {q_heads // kv_heads} query heads per KV head = {query_rows} query rows "
                 f"(the kernel takes at most {KERNEL_MAX_QUERY_ROWS}: it is for decoding, not prefill)")
+    tile_bytes, slots = tile_settings()
     if kernel_shared_bytes(q_heads // kv_heads, computed, length, cache_rows, cache_len, head_dim,
-                           jnp.dtype(qkv.dtype).itemsize) > KERNEL_MAX_SHARED_BYTES:
+                           jnp.dtype(qkv.dtype).itemsize, slots=slots, tile_bytes=tile_bytes) > KERNEL_MAX_SHARED_BYTES:
         return f"a cache of {cache_len} positions (a block's shared memory would exceed {KERNEL_MAX_SHARED_BYTES} bytes)"
     return None
 
 
 def kernel_shared_bytes(group: int, computed_rows: int, rows: int, cache_rows: int, cache_len: int, head_dim: int,
-                        element_bytes: int, parts: int = _CLUSTER_BLOCKS, slots: int = _SLOTS) -> int:
+                        element_bytes: int, parts: int = _CLUSTER_BLOCKS, slots: int = _SLOTS,
+                        tile_bytes: int = _TILE_BYTES) -> int:
     """A block's shared memory with `parts` blocks per (batch row, KV head), as
     csrc/decode_attention.cu's SharedBytes counts it (8, the portable cluster, is the largest
     size the kernel always gets): `slots` tiles (of keys, then values), the projection's
@@ -170,7 +196,7 @@ def kernel_shared_bytes(group: int, computed_rows: int, rows: int, cache_rows: i
     query_rows = group * computed_rows
     parities = 256 // (head_dim // 2)
     chunk = -(-cache_len // parts)
-    most = max(16, _TILE_BYTES // (head_dim * element_bytes) // 16 * 16)
+    most = max(16, tile_bytes // (head_dim * element_bytes) // 16 * 16)
     per_tile = -(-chunk // -(-chunk // most))  # the block's keys in equal tiles of at most `most`
     tile = max(16, -(-per_tile // 16) * 16)  # whole 16-key steps
     mma_rows = -(-query_rows // 16) * 16 if element_bytes == 2 else 0  # tensor-core operands (16-bit caches)
@@ -274,7 +300,8 @@ def implementation_text(implementation: str) -> str:
 
 PHASES = ("stage projection", "rope", "scores", "exchange softmax statistics", "normalize weights",
           "PV and exchange", "write outputs", "write cache")
-# Parts of "scores" and "PV and exchange" spent waiting for the cache's tiles to arrive.
+# Parts of "scores" and "PV and exchange" spent waiting for the cache's tiles to arrive (in the
+# first thread: its wait for the copies, then for the block's other warps at the barrier).
 WAITS = ("waiting for key tiles", "waiting for value tiles")
 
 
@@ -296,7 +323,7 @@ def kernel_phase_times() -> dict[str, float] | None:
         return None
     times = stamps[0, :len(PHASES) + 1]
     phases = {name: (stop - start) / 1e3 for name, start, stop in zip(PHASES, times, times[1:])}
-    return phases | {name: stamps[0, len(PHASES) + 1 + i] / 1e3 for i, name in enumerate(WAITS)}
+    return phases | {name: float(stamps[0, len(PHASES) + 1 + i]) / 1e3 for i, name in enumerate(WAITS)}
 
 
 def kernel_block_times() -> dict[str, object] | None:
