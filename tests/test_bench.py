@@ -331,6 +331,8 @@ def test_cpu_defaults_end_in_seconds_and_say_what_they_do():
 
 @pytest.mark.parametrize("command, message", [
     (["decode", "--attention", "kernel", "--layers", "1"], "--attention kernel runs on CUDA GPUs"),
+    (["decode", "--attention", "xla,kernel", "--layers", "1"], "--attention kernel runs on CUDA GPUs"),
+    (["decode", "--attention", "xla,fast", "--layers", "1"], "--attention: unknown ['fast']"),
     (["kernels", "--target", "cpu", "--attention", "kernel", "--preset", "tiny"], "compiles for CUDA GPUs only"),
 ])
 def test_attention_kernel_refused_without_a_gpu(command, message):

@@ -76,9 +76,10 @@ def add_arguments(parser) -> None:
                         help="an XLA option of the psum-xla row (repeat for several); given, they replace "
                              "its defaults: " + ", ".join(f"{k}={v}" for k, v in PSUM_XLA_OPTIONS.items()))
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    parser.add_argument("--attention", choices=("xla", "kernel"), default="xla",
-                        help="the decode step's attention for every row: XLA's ops (xla) or the fused CUDA "
-                             "kernel (kernel: experimental, slower as of 2026-12-01)")
+    parser.add_argument("--attention", default="xla",
+                        help="the decode step's attention, comma-separated: XLA's ops (xla) and/or the fused CUDA "
+                             "kernel (kernel: experimental, 2.6-2.9%% slower per step on one H200 as of "
+                             "2026-12-02); rows after the first attention are named 'ALGORITHM+kernel-attention'")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace a few decode steps per algorithm with jax.profiler into DIR and print "
@@ -330,7 +331,10 @@ def run(args) -> int:
     xla_options = dict(args.xla_option) if args.xla_option else PSUM_XLA_OPTIONS
     if "nvrar" in algorithms and not jaxnvrar.is_initialized():
         raise SystemExit("jaxnvrar-bench decode: nvrar needs the CUDA build on GPUs (run under jaxnvrar-launch)")
-    if args.attention == "kernel" and not on_gpu:
+    attentions = list(dict.fromkeys(args.attention.split(",")))
+    if unknown := [a for a in attentions if a not in ("xla", "kernel")]:
+        raise SystemExit(f"--attention: unknown {unknown}; choose from xla,kernel")
+    if "kernel" in attentions and not on_gpu:
         raise SystemExit("jaxnvrar-bench decode: --attention kernel runs on CUDA GPUs (csrc/decode_attention.cu); "
                          "use --attention xla here")
     dtype = _DTYPES[args.dtype]
@@ -343,8 +347,10 @@ def run(args) -> int:
     mesh = make_mesh(tp)
     loading = time.perf_counter()
     llama, model = _load_model(args, mesh, dtype)
-    model = llama.with_attention(model, args.attention)
-    attention = llama.attention.implementation_text(args.attention)
+    # The first attention's rows are named by algorithm alone (the speed-ups are against its psum).
+    models = {a: llama.with_attention(model, a) for a in attentions}
+    model = models[attentions[0]]
+    attention = "; ".join(llama.attention.implementation_text(a) for a in attentions)
     load_s = time.perf_counter() - loading
     c = model.config
     bandwidth = _copy_bandwidth(dtype, on_gpu)
@@ -365,17 +371,20 @@ def run(args) -> int:
     results = []
     for batch in args.batch:
         rows, tokens = {}, {}
-        for algorithm in algorithms:
-            variant = (llama.with_all_reduce(model, "psum", compiler_options=xla_options) if algorithm == PSUM_XLA
-                       else llama.with_all_reduce(model, algorithm))
-            llama.psum_fallbacks.clear()
-            started = time.perf_counter()
-            rows[algorithm], tokens[algorithm] = run_decode(llama, variant, batch, prompt_len, new_tokens,
-                                                            f"batch {batch} {algorithm}", args.profile)
-            rows[algorithm]["wall_s"] = time.perf_counter() - started  # compiles, prefill, steps: for planning runs
-            rows[algorithm]["tokens_equal_psum"] = bool(np.array_equal(tokens[algorithm], tokens["psum"]))
-            # Call sites of "nvrar" that went to psum (prefill messages over the workspace).
-            rows[algorithm]["psum_fallbacks"] = [f"{list(shape)} {dtype}" for shape, dtype in llama.psum_fallbacks]
+        for attention_choice, attention_model in models.items():
+            for algorithm in algorithms:
+                variant = (llama.with_all_reduce(attention_model, "psum", compiler_options=xla_options)
+                           if algorithm == PSUM_XLA else llama.with_all_reduce(attention_model, algorithm))
+                name = algorithm if attention_choice == attentions[0] else f"{algorithm}+{attention_choice}-attention"
+                llama.psum_fallbacks.clear()
+                started = time.perf_counter()
+                rows[name], tokens[name] = run_decode(llama, variant, batch, prompt_len, new_tokens,
+                                                      f"batch {batch} {name}", args.profile)
+                rows[name]["attention"] = attention_choice
+                rows[name]["wall_s"] = time.perf_counter() - started  # compiles, prefill, steps: for planning runs
+                rows[name]["tokens_equal_psum"] = bool(np.array_equal(tokens[name], tokens["psum"]))
+                # Call sites of "nvrar" that went to psum (prefill messages over the workspace).
+                rows[name]["psum_fallbacks"] = [f"{list(shape)} {dtype}" for shape, dtype in llama.psum_fallbacks]
         context = prompt_len + new_tokens // 2
         roofline_ms = _bytes_per_step(model, batch, context) / bandwidth * 1e3
         for r in rows.values():
@@ -392,13 +401,14 @@ def run(args) -> int:
         results.append({"batch": batch, "roofline_ms": roofline_ms, "algorithms": rows})
         if is_printer():
             print(f"\nbatch {batch}: HBM roofline {roofline_ms:.3f} ms/step")
-            print(f"  {'':<12} {'':>10} {'--------- step ---------':>27} {'---------- queued ----------':>29}")
-            print(f"  {'all-reduce':<12} {'prefill ms':>10} {'ms':>8} {'p90 ms':>8} {'x psum':>7} "
+            width = max(12, *(len(name) for name in rows))
+            print(f"  {'':<{width}} {'':>10} {'--------- step ---------':>27} {'---------- queued ----------':>29}")
+            print(f"  {'all-reduce':<{width}} {'prefill ms':>10} {'ms':>8} {'p90 ms':>8} {'x psum':>7} "
                   f"{'ms':>8} {'x psum':>7} {'x roofline':>10} {'tok/s':>9}")
             for algorithm, r in rows.items():
                 note = "  (diagnostic: no all-reduce, WRONG numbers; the communication-free bound)" \
-                    if algorithm == "none" else ""
-                print(f"  {algorithm:<12} {r['prefill_ms']:>10.2f} {r['step_median_ms']:>8.3f} "
+                    if algorithm.startswith("none") else ""
+                print(f"  {algorithm:<{width}} {r['prefill_ms']:>10.2f} {r['step_median_ms']:>8.3f} "
                       f"{r['step_p90_ms']:>8.3f} {r['speedup_vs_psum']:>7.2f} {r['step_queued_ms']:>8.3f} "
                       f"{r['queued_speedup_vs_psum']:>7.2f} {r['queued_vs_roofline']:>10.2f} "
                       f"{r['queued_tokens_per_s']:>9.1f}{note}", flush=True)
@@ -413,7 +423,7 @@ def run(args) -> int:
                 print("  queued step over the communication-free bound (none): " + ", ".join(
                     f"{algorithm} {r['queued_vs_none']:.2f}x" for algorithm, r in rows.items() if algorithm != "none"))
             for algorithm, r in rows.items():
-                if not r["tokens_equal_psum"] and algorithm != "none":
+                if not r["tokens_equal_psum"] and not algorithm.startswith("none"):
                     print(f"  note: {algorithm}'s greedy tokens differ from psum's (another summation order "
                           "can flip a near tie; else a wrong sum)")
                 if r["psum_fallbacks"]:
