@@ -322,7 +322,7 @@ def kernel_phase_times() -> dict[str, float] | None:
     if stamps is None:
         return None
     times = stamps[0, :len(PHASES) + 1]
-    phases = {name: (stop - start) / 1e3 for name, start, stop in zip(PHASES, times, times[1:])}
+    phases = {name: float(stop - start) / 1e3 for name, start, stop in zip(PHASES, times, times[1:])}
     return phases | {name: float(stamps[0, len(PHASES) + 1 + i]) / 1e3 for i, name in enumerate(WAITS)}
 
 
