@@ -117,11 +117,19 @@ def test_breakdown_accounts_device_time_by_class():
 def test_attention_alone_xla_rows(tmp_path):
     """`attention` times XLA's ops off GPUs: one row per batch, batch 1 as the model's twin row."""
     out = _bench("attention", "--preset", "tiny", "--batch", "1,3", "--cache", "40", "--calls", "4", "--repeats", "2",
-                 "--json", str(tmp_path / "a.json"))
+                 "--device-time", "--json", str(tmp_path / "a.json"))
     assert "us/call" in out and "4 query, 2 KV heads of 32" in out
+    assert "device us" in out and "the traces held no device kernels" in out  # a CPU trace has none
     data = json.loads((tmp_path / "a.json").read_text())
     assert [(r["implementation"], r["batch"]) for r in data["rows"]] == [("xla", 1), ("xla", 3)]
-    assert all(r["us"] > 0 and "blocks" not in r for r in data["rows"])
+    assert all(r["us"] > 0 and "blocks" not in r and r["device_us"] is None for r in data["rows"])
+
+
+def test_busy_time_is_the_union_of_kernels():
+    from jaxnvrar.bench import breakdown
+
+    assert breakdown.busy_us([("a", 0, 10), ("b", 5, 12), ("c", 20, 21)]) == 13
+    assert breakdown.busy_us([]) == 0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,7 +10,9 @@ figure is the loop's wall time per call (median of --repeats loops), which inclu
 own small kernels, the same for both. For the kernel it adds its own stamps of the last call
 (`attention.kernel_block_times`): span (first block's start to last block's end), start spread
 (blocks that waited for an SM) and the median block's phases; --clusters adds kernel rows with
-JAXNVRAR_ATTENTION_CLUSTER forced to each value. The kernel runs on CUDA GPUs only; elsewhere
+JAXNVRAR_ATTENTION_CLUSTER forced to each value. --device-time traces one more loop with
+jax.profiler and adds the device time per call (the union of the loop's kernels, the loop's own
+small ones included) and the kernels per call. The kernel runs on CUDA GPUs only; elsewhere
 --implementations xla times XLA's ops (for tests).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import is_printer, parse_ints
 
 CLUSTER_VARIABLE = "JAXNVRAR_ATTENTION_CLUSTER"
@@ -43,6 +47,8 @@ def add_arguments(parser) -> None:
                         help=f"kernel rows with {CLUSTER_VARIABLE} forced to each of these (1-16)")
     parser.add_argument("--calls", type=int, default=64, help="attention calls per timed loop (64)")
     parser.add_argument("--repeats", type=int, default=7, help="timed loops; the median is reported (7)")
+    parser.add_argument("--device-time", action="store_true",
+                        help="trace one more loop per row (jax.profiler): device us and kernels per call")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
 
 
@@ -92,9 +98,11 @@ def _loop(implementation, q_heads, twin, rows, cache, calls):
     return jax.jit(run, donate_argnums=(1, 2))
 
 
-def time_attention(implementation, preset, batch, q_heads, kv_heads, head_dim, cache, dtype, calls, repeats) -> dict:
-    """Microseconds per call of `calls` calls in one loop (median of `repeats` loops), and for
-    the kernel its block times of the last call."""
+def time_attention(implementation, preset, batch, q_heads, kv_heads, head_dim, cache, dtype, calls, repeats,
+                   device_time=False) -> dict:
+    """Microseconds per call of `calls` calls in one loop (median of `repeats` loops), for the
+    kernel its block times of the last call, and with `device_time` the device's busy time and
+    kernels per call from a traced loop (None where the trace has no device kernels: off GPUs)."""
     from jaxnvrar.models.llama import attention
 
     qkv, cache_k, cache_v, inv_freq, twin = _inputs(preset, batch, q_heads, kv_heads, head_dim, cache, dtype)
@@ -111,6 +119,14 @@ def time_attention(implementation, preset, batch, q_heads, kv_heads, head_dim, c
     row = {"implementation": implementation, "batch": batch, "us": float(np.median(per_call))}
     if implementation == "kernel":
         row["blocks"] = attention.kernel_block_times()
+    if device_time:
+        directory = tempfile.mkdtemp(prefix="jaxnvrar_attention_trace_")
+        with breakdown.traced(directory):
+            cache_k, cache_v, last = loop(qkv, cache_k, cache_v, inv_freq)
+            jax.block_until_ready(last)
+        kernels = breakdown.device_kernels(breakdown.read_trace(directory))
+        row["device_us"] = breakdown.busy_us(kernels) / calls if kernels else None
+        row["kernels_per_call"] = len(kernels) / calls if kernels else None
     return row
 
 
@@ -132,7 +148,7 @@ def run(args) -> int:
     q_heads, kv_heads, head_dim = shapes(args.preset, args.tp)
     dtype = _DTYPES[args.dtype]
     measure = dict(preset=args.preset, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, cache=args.cache,
-                   dtype=dtype, calls=args.calls, repeats=args.repeats)
+                   dtype=dtype, calls=args.calls, repeats=args.repeats, device_time=args.device_time)
     rows = []
     for batch in args.batch:
         for implementation in implementations:
@@ -152,13 +168,20 @@ def run(args) -> int:
         print(f"# jaxnvrar-bench attention: {args.preset} / tp {args.tp}: {q_heads} query, {kv_heads} KV heads of "
               f"{head_dim}, cache {args.cache}, {args.dtype}, {jax.devices()[0].device_kind}; us per call in a loop "
               f"of {args.calls} (median of {args.repeats})")
-        print(f"{'batch':>5} {'implementation':<16} {'us/call':>8} {'span us':>8} {'spread':>7}  phases (median block, us)")
+        device = f" {'device us':>9} {'kernels':>7}" if args.device_time else ""
+        print(f"{'batch':>5} {'implementation':<16} {'us/call':>8}{device} {'span us':>8} {'spread':>7}  "
+              "phases (median block, us)")
         for row in rows:
             name = row["implementation"] + (f" cluster {row['cluster']}" if "cluster" in row else "")
             blocks = row.get("blocks") or {}
             phases = " ".join(f"{k}={v:.1f}" for k, v in {**blocks.get("phases", {}), **blocks.get("waits", {})}.items())
             span = f"{blocks['span']:8.1f} {blocks['start_spread']:7.1f}" if blocks else f"{'':>8} {'':>7}"
-            print(f"{row['batch']:>5} {name:<16} {row['us']:8.1f} {span}  {phases}".rstrip())
+            if args.device_time:
+                device = (f" {row['device_us']:9.1f} {row['kernels_per_call']:7.1f}" if row["device_us"] is not None
+                          else f" {'-':>9} {'-':>7}")
+            print(f"{row['batch']:>5} {name:<16} {row['us']:8.1f}{device} {span}  {phases}".rstrip())
+        if args.device_time and any(row["device_us"] is None for row in rows):
+            print("# device time: the traces held no device kernels (a CPU run has none)")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"preset": args.preset, "tp": args.tp, "q_heads": q_heads, "kv_heads": kv_heads,

@@ -61,6 +61,11 @@ def device_kernels(events) -> list[tuple[str, float, float]]:
             for e in events if e.get("ph") == "X" and e.get("pid") == first and e.get("dur", 0) > 0]
 
 
+def busy_us(kernels) -> float:
+    """Microseconds during which at least one of `kernels` ((name, start_us, end_us)) ran."""
+    return _union_length([(start, end) for _, start, end in kernels])
+
+
 def breakdown(kernels, steps: int) -> dict:
     """Per-step milliseconds of each class, and kernels per step."""
     if not kernels:
