@@ -766,6 +766,21 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
 
 }  // namespace
 
+int64_t AttentionSharedBytes(int group, int computed_rows, int rows, int cache_rows, int cache_len, int head_dim,
+                             int element_bytes, int parts, int slots, int64_t tile_bytes) {
+  AttentionShape s{};  // the fields SharedBytes reads, set as Plan sets them
+  s.group = group;
+  s.computed_rows = computed_rows;
+  s.rows = rows;
+  s.cache_rows = cache_rows;
+  s.cache_len = cache_len;
+  s.parts = parts;
+  s.slots = slots;
+  s.chunk = (cache_len + parts - 1) / parts;
+  s.tile = TileKeys(s.chunk, head_dim, element_bytes, tile_bytes);
+  return SharedBytes(s, head_dim, element_bytes);
+}
+
 std::vector<uint64_t> AttentionStamps() {
   int blocks = 0;
   cudaDeviceSynchronize();

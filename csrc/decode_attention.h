@@ -18,4 +18,10 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(DecodeAttention);
 constexpr int kAttentionStampColumns = 11;
 constexpr int kAttentionStampedBlocks = 4096;
 std::vector<uint64_t> AttentionStamps();
+
+// A block's shared memory for these shapes (bytes), as the kernel's launch counts it with `parts`
+// blocks per (batch row, KV head), `slots` tiles of at most `tile_bytes`; a host function, for
+// the Python mirror's test (attention.kernel_shared_bytes must agree).
+int64_t AttentionSharedBytes(int group, int computed_rows, int rows, int cache_rows, int cache_len, int head_dim,
+                             int element_bytes, int parts, int slots, int64_t tile_bytes);
 }  // namespace jaxnvrar

@@ -524,6 +524,9 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     return targets;
   });
   m.def("attention_stamps", &jaxnvrar::AttentionStamps);
+  m.def("attention_shared_bytes", &jaxnvrar::AttentionSharedBytes, nb::arg("group"), nb::arg("computed_rows"),
+        nb::arg("rows"), nb::arg("cache_rows"), nb::arg("cache_len"), nb::arg("head_dim"), nb::arg("element_bytes"),
+        nb::arg("parts"), nb::arg("slots"), nb::arg("tile_bytes"));
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
         nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0, nb::arg("dense_bytes") = 0);
   m.def("finalize", &jaxnvrar::FinalizeRuntime);

@@ -107,6 +107,33 @@ def test_bad_tile_variables_are_named(name, value, monkeypatch):
         attention.tile_settings()
 
 
+def test_shared_memory_count_matches_the_kernels():
+    """kernel_shared_bytes (what kernel_supports checks) against the CUDA part's own count (a host
+    function of the built extension; no GPU needed) over shapes, dtypes, cluster sizes and tiles:
+    a disagreement would let a shape through that the kernel refuses at launch."""
+    from jaxnvrar import runtime
+
+    try:
+        extension = runtime.cuda_extension()
+    except ImportError as err:
+        pytest.skip(f"the CUDA part is not built here: {err}")
+    checked = 0
+    for group, computed_rows, rows in ((4, 1, 2), (4, 1, 1), (8, 3, 3), (32, 1, 2), (6, 2, 2), (1, 1, 1)):
+        for cache_len in (5, 20, 100, 1000, 1088, 4096):
+            for head_dim, element_bytes in ((128, 2), (64, 2), (32, 2), (128, 4), (64, 4)):
+                for parts in (1, 2, 8, 16):
+                    for slots, tile_kb in ((2, 24), (3, 8), (4, 1), (2, 96)):
+                        want = extension.attention_shared_bytes(group, computed_rows, rows, 1, cache_len, head_dim,
+                                                                element_bytes, parts, slots, tile_kb * 1024)
+                        got = attention.kernel_shared_bytes(group, computed_rows, rows, 1, cache_len, head_dim,
+                                                            element_bytes, parts=parts, slots=slots,
+                                                            tile_bytes=tile_kb * 1024)
+                        assert got == want, (group, computed_rows, rows, cache_len, head_dim, element_bytes, parts,
+                                             slots, tile_kb)
+                        checked += 1
+    assert checked == 6 * 6 * 5 * 4 * 4
+
+
 def test_bad_arguments_are_named():
     qkv, cache_k, cache_v, inv_freq = _inputs()
     with pytest.raises(ValueError, match="implementation must be one of"):
