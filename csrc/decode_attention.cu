@@ -121,18 +121,6 @@ __device__ __forceinline__ void LoadMatrices(uint32_t (&r)[4], const void* row) 
   }
 }
 
-// Two floats as a pair of 16-bit elements, the first in the low half (an mma fragment register).
-template <typename T>
-__device__ __forceinline__ uint32_t Pack(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 pair = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&pair);
-  } else {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&pair);
-  }
-}
-
 // x * cos + rotate_half(x) * sin for element d of a head at `position`, as the reference computes
 // it in float32 (rotate_half(x)[d] = -x[d + half] below half, x[d - half] above).
 template <typename T, int kHeadDim>
@@ -557,6 +545,13 @@ int TileKeys(int chunk, int head_dim, int element_bytes, int64_t tile_bytes) {
   return static_cast<int>(std::max<int64_t>(16, ((chunk + tiles - 1) / tiles + 15) / 16 * 16));
 }
 
+// `parts` blocks per (batch row, KV head): the cache positions each block takes, and its tiles.
+void SplitPositions(AttentionShape& s, int parts, int head_dim, int element_bytes, int64_t tile_bytes) {
+  s.parts = parts;
+  s.chunk = (s.cache_len + parts - 1) / parts;
+  s.tile = TileKeys(s.chunk, head_dim, element_bytes, tile_bytes);
+}
+
 int64_t SharedBytes(const AttentionShape& s, int head_dim, int element_bytes) {
   const int64_t q_rows = s.group * s.computed_rows;
   const int64_t parities = kThreads / (head_dim / 2);
@@ -577,9 +572,7 @@ struct LaunchPlan {
 
 template <typename T, int kHeadDim>
 cudaError_t Plan(AttentionShape& s, int parts, int64_t tile_bytes, int batch, cudaStream_t stream, LaunchPlan& plan) {
-  s.parts = parts;
-  s.chunk = (s.cache_len + parts - 1) / parts;
-  s.tile = TileKeys(s.chunk, kHeadDim, sizeof(T), tile_bytes);
+  SplitPositions(s, parts, kHeadDim, sizeof(T), tile_bytes);
   const int64_t shared_bytes = SharedBytes(s, kHeadDim, sizeof(T));
   auto kernel = DecodeAttentionKernel<T, kHeadDim>;
   // The largest the kernel may use (attention.py's KERNEL_MAX_SHARED_BYTES), the same on every
@@ -616,6 +609,11 @@ bool ParseKnob(const char* text, int low, int high, int* value) {
   return true;
 }
 
+ffi::Error KnobError(const char* name, int low, int high, const char* text) {
+  return ffi::Error::InvalidArgument(std::string("jaxnvrar: ") + name + " must be " + std::to_string(low) + " to " +
+                                     std::to_string(high) + ", not '" + text + "'; unset it for the built-in choice");
+}
+
 template <typename T, int kHeadDim>
 ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int32_t* positions,
                        const int32_t* write_at, const float* inv_freq, void* cache_k, void* cache_v, void* out,
@@ -628,10 +626,7 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
   for (const Knob& knob : {Knob{"JAXNVRAR_ATTENTION_TILE_KB", 1, 96, &tile_kb}, Knob{"JAXNVRAR_ATTENTION_SLOTS", 2, 4, &s.slots}}) {
     const char* text = std::getenv(knob.name);
     if (text == nullptr || *text == '\0') continue;
-    if (!ParseKnob(text, knob.low, knob.high, knob.value))
-      return ffi::Error::InvalidArgument(std::string("jaxnvrar: ") + knob.name + " must be " + std::to_string(knob.low) +
-                                         " to " + std::to_string(knob.high) + ", not '" + text +
-                                         "'; unset it for the built-in choice");
+    if (!ParseKnob(text, knob.low, knob.high, knob.value)) return KnobError(knob.name, knob.low, knob.high, text);
   }
   const int64_t tile_bytes = 1024LL * tile_kb;
   // Blocks per (batch row, KV head): about one block per SM in all (a block's keys stream through
@@ -647,8 +642,7 @@ ffi::Error LaunchTyped(cudaStream_t stream, const ffi::AnyBuffer& qkv, const int
   };
   if (forced != nullptr) {
     if (!ParseKnob(forced, 1, kWideClusterBlocks, &parts))
-      return ffi::Error::InvalidArgument("jaxnvrar: JAXNVRAR_ATTENTION_CLUSTER must be 1 to 16, not '" +
-                                         std::string(forced) + "'; unset it for the built-in choice");
+      return KnobError("JAXNVRAR_ATTENTION_CLUSTER", 1, kWideClusterBlocks, forced);
   } else {
     int device = 0, sms = 0;
     if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
@@ -768,16 +762,14 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
 
 int64_t AttentionSharedBytes(int group, int computed_rows, int rows, int cache_rows, int cache_len, int head_dim,
                              int element_bytes, int parts, int slots, int64_t tile_bytes) {
-  AttentionShape s{};  // the fields SharedBytes reads, set as Plan sets them
+  AttentionShape s{};  // the fields SharedBytes reads, the split set as Plan sets it
   s.group = group;
   s.computed_rows = computed_rows;
   s.rows = rows;
   s.cache_rows = cache_rows;
   s.cache_len = cache_len;
-  s.parts = parts;
   s.slots = slots;
-  s.chunk = (cache_len + parts - 1) / parts;
-  s.tile = TileKeys(s.chunk, head_dim, element_bytes, tile_bytes);
+  SplitPositions(s, parts, head_dim, element_bytes, tile_bytes);
   return SharedBytes(s, head_dim, element_bytes);
 }
 

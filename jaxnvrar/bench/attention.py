@@ -31,7 +31,6 @@ from jax import lax
 from jaxnvrar.bench import breakdown
 from jaxnvrar.bench.setup import is_printer, parse_ints
 
-CLUSTER_VARIABLE = "JAXNVRAR_ATTENTION_CLUSTER"
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
@@ -44,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--implementations", default=None,
                         help="comma-separated: xla, kernel (default: both on CUDA GPUs, xla elsewhere)")
     parser.add_argument("--clusters", type=parse_ints, default=[],
-                        help=f"kernel rows with {CLUSTER_VARIABLE} forced to each of these (1-16)")
+                        help="kernel rows with JAXNVRAR_ATTENTION_CLUSTER forced to each of these (1-16)")
     parser.add_argument("--calls", type=int, default=64, help="attention calls per timed loop (64)")
     parser.add_argument("--repeats", type=int, default=7, help="timed loops; the median is reported (7)")
     parser.add_argument("--device-time", action="store_true",
@@ -154,16 +153,15 @@ def run(args) -> int:
         for implementation in implementations:
             rows.append(time_attention(implementation, batch=batch, **measure))
         for parts in args.clusters:
-            before = os.environ.get(CLUSTER_VARIABLE)
-            os.environ[CLUSTER_VARIABLE] = str(parts)
+            before = os.environ.get(attention.CLUSTER_VARIABLE)
+            os.environ[attention.CLUSTER_VARIABLE] = str(parts)
             try:
                 rows.append(time_attention("kernel", batch=batch, **measure) | {"cluster": parts})
             finally:
                 if before is None:
-                    del os.environ[CLUSTER_VARIABLE]
+                    del os.environ[attention.CLUSTER_VARIABLE]
                 else:
-                    os.environ[CLUSTER_VARIABLE] = before
-            jax.clear_caches()
+                    os.environ[attention.CLUSTER_VARIABLE] = before
     if is_printer():
         print(f"# jaxnvrar-bench attention: {args.preset} / tp {args.tp}: {q_heads} query, {kv_heads} KV heads of "
               f"{head_dim}, cache {args.cache}, {args.dtype}, {jax.devices()[0].device_kind}; us per call in a loop "

@@ -45,6 +45,7 @@ _SLOTS = 2  # tiles in shared memory: one used while the others load
 # Tuning variables the kernel reads at its launch (csrc/decode_attention.cu); read here too, so that
 # kernel_supports counts the shared memory the kernel will ask for.
 TILE_KB_VARIABLE, SLOTS_VARIABLE = "JAXNVRAR_ATTENTION_TILE_KB", "JAXNVRAR_ATTENTION_SLOTS"
+CLUSTER_VARIABLE = "JAXNVRAR_ATTENTION_CLUSTER"  # blocks per (batch row, KV head), 1-16: read by the kernel only
 
 
 def _tuning_variable(name: str, low: int, high: int, default: int) -> int:
