@@ -29,8 +29,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "decode_attention.h"
 #include "xla/ffi/api/ffi.h"
@@ -762,6 +764,13 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
 
 int64_t AttentionSharedBytes(int group, int computed_rows, int rows, int cache_rows, int cache_len, int head_dim,
                              int element_bytes, int parts, int slots, int64_t tile_bytes) {
+  for (auto [name, value] : {std::pair{"group", group}, std::pair{"computed_rows", computed_rows}, std::pair{"rows", rows},
+                              std::pair{"cache_rows", cache_rows}, std::pair{"cache_len", cache_len},
+                              std::pair{"head_dim", head_dim}, std::pair{"element_bytes", element_bytes},
+                              std::pair{"parts", parts}, std::pair{"slots", slots}})
+    if (value < 1) throw std::invalid_argument(std::string("attention_shared_bytes: ") + name + " must be >= 1, not " +
+                                               std::to_string(value));
+  if (tile_bytes < 1) throw std::invalid_argument("attention_shared_bytes: tile_bytes must be >= 1");
   AttentionShape s{};  // the fields SharedBytes reads, the split set as Plan sets it
   s.group = group;
   s.computed_rows = computed_rows;

@@ -132,6 +132,8 @@ def test_shared_memory_count_matches_the_kernels():
                                              slots, tile_kb)
                         checked += 1
     assert checked == 6 * 6 * 5 * 4 * 4
+    with pytest.raises(ValueError, match="parts must be >= 1, not 0"):
+        extension.attention_shared_bytes(4, 1, 1, 1, 100, 128, 2, 0, 2, 24 * 1024)
 
 
 def test_bad_arguments_are_named():
