@@ -131,7 +131,9 @@ __device__ __forceinline__ float Rope(const T* head, int d, int position, const 
   const float x = ToFloat(head[d]);
   const float rotated = d < kHalf ? -ToFloat(head[d + kHalf]) : ToFloat(head[d - kHalf]);
   const float angle = __fmul_rn(static_cast<float>(position), inv_freq[d % kHalf]);
-  return __fadd_rn(__fmul_rn(x, cosf(angle)), __fmul_rn(rotated, sinf(angle)));
+  float sine, cosine;
+  sincosf(angle, &sine, &cosine);  // one range reduction for both
+  return __fadd_rn(__fmul_rn(x, cosine), __fmul_rn(rotated, sine));
 }
 
 template <typename T, int kHeadDim>
@@ -177,9 +179,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr bool kTensorCores = sizeof(T) == 2;
   // [slots][s.tile][kHeadDim]: tiles of keys, then of values (TileOffset order); s.tile is a
   // multiple of 16 (whole steps of the tensor-core products)
-  auto slot = [&](int load) { return reinterpret_cast<T*>(shared) + (load % s.slots) * s.tile * kHeadDim; };
+  // Load i uses slot i % slots; loads are issued and used in order, so two running pointers
+  // stand for that division.
+  T* const first_slot = reinterpret_cast<T*>(shared);
+  T* const past_slots = first_slot + s.slots * s.tile * kHeadDim;
+  auto next_slot = [&](T* slot) {
+    slot += s.tile * kHeadDim;
+    return slot == past_slots ? first_slot : slot;
+  };
+  T* issue_slot = first_slot;  // of the next load issued
+  T* use_slot = first_slot;    // of the next load used
   const int staged_width = (s.group + 2) * kHeadDim;
-  T* staged = reinterpret_cast<T*>(shared) + s.slots * s.tile * kHeadDim;  // [rows][staged_width]: this KV head's q | k | v columns
+  T* staged = past_slots;  // [rows][staged_width]: this KV head's q | k | v columns
   // Tensor-core operands, in T, of 16-row blocks (rows past q_rows are zeros): the roped queries
   // (TileOffset order) and the normalized weights (rows of weight_stride: an odd number of 16-byte
   // vectors, so that 8 rows' vectors sit in different banks).
@@ -202,29 +213,39 @@ __global__ void __launch_bounds__(kThreads, 2)
   int* row_pos = pos + s.rows;                      // [q_rows]: each query row's position
 
   // Copies keys [from, from + keys) of a cache into a tile, asynchronously: every thread's
-  // 16-byte copies are in flight at once (the latency is paid once per tile, not per key).
+  // 16-byte copies are in flight at once (the latency is paid once per tile, not per key). A
+  // thread always copies the same vector of every kKeyStep-th key, so its source and destination
+  // just advance by kKeyStep rows (the rotation of TileOffset repeats every 8 keys).
+  constexpr int kKeyStep = kThreads / kVectorsPerRow;
+  static_assert(kThreads % kVectorsPerRow == 0 && kKeyStep % 8 == 0, "a thread's vector and rotation stay fixed");
+  const int copy_key = tid / kVectorsPerRow, copy_vector = tid % kVectorsPerRow;
+  const int copy_offset = TileOffset<T, kHeadDim>(copy_key, copy_vector);
   auto start_copy = [&](T* tile, const T* cache, int from, int keys) {
-    const T* src = cache + head_offset + static_cast<int64_t>(from) * kHeadDim;
-    for (int i = tid; i < keys * kVectorsPerRow; i += kThreads)
-      __pipeline_memcpy_async(tile + TileOffset<T, kHeadDim>(i / kVectorsPerRow, i % kVectorsPerRow),
-                              src + i * kPerVector, 16);
+    const T* src = cache + head_offset + static_cast<int64_t>(from + copy_key) * kHeadDim + copy_vector * kPerVector;
+    T* dst = tile + copy_offset;
+    for (int key = copy_key; key < keys; key += kKeyStep, src += kKeyStep * kHeadDim, dst += kKeyStep * kHeadDim)
+      __pipeline_memcpy_async(dst, src, 16);
     __pipeline_commit();
   };
   // The new rows come from the projection, never from the cache (which this kernel writes); the
   // rows after the last key, up to the 16-key step, are zeros (weight 0 x stale NaN would be NaN).
   auto patch = [&](T* tile, const float* fresh, int from, int keys) {
+    #pragma unroll 1
     for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
       const int key = write + i / kHeadDim, d = i % kHeadDim;
       if (key >= from && key < from + keys)
         tile[TileOffset<T, kHeadDim>(key - from, d / kPerVector) + d % kPerVector] = FromFloat<T>(fresh[i]);
     }
-    for (int i = keys * kHeadDim + tid; i < (keys + 15) / 16 * 16 * kHeadDim; i += kThreads) tile[i] = FromFloat<T>(0.0f);
+    uint4* padding = reinterpret_cast<uint4*>(tile + keys * kHeadDim);  // whole key rows: 16-byte aligned
+    #pragma unroll 1
+    for (int i = tid; i < ((keys + 15) / 16 * 16 - keys) * kVectorsPerRow; i += kThreads) padding[i] = make_uint4(0, 0, 0, 0);
   };
   // This KV head's columns of the projection and the frequencies, copied asynchronously first.
   const T* tokens = qkv + static_cast<int64_t>(batch) * s.rows * s.qkv_width;
   {
     constexpr int kVectorsPerHead = kHeadDim * static_cast<int>(sizeof(T)) / 16;
     const int vectors_per_row = (s.group + 2) * kVectorsPerHead;
+    #pragma unroll 1
     for (int i = tid; i < s.rows * vectors_per_row; i += kThreads) {
       const int row = i / vectors_per_row, vector = i % vectors_per_row, head = vector / kVectorsPerHead;
       const int column = head < s.group ? (kv_head * s.group + head) * kHeadDim                     // q
@@ -245,8 +266,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tiles = first < last ? (last - first + s.tile - 1) / s.tile : 0;
   auto issue = [&](int i) {
     if (i < 2 * tiles) {
-      const int from = first + (i % tiles) * s.tile;
-      start_copy(slot(i), i < tiles ? cache_k : cache_v, from, min(s.tile, last - from));
+      const int from = first + (i < tiles ? i : i - tiles) * s.tile;
+      start_copy(issue_slot, i < tiles ? cache_k : cache_v, from, min(s.tile, last - from));
+      issue_slot = next_slot(issue_slot);
     } else {
       __pipeline_commit();
     }
@@ -264,8 +286,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (tid == 0) waited[kind] += Now() - since;
   };
   for (int i = 0; i < s.slots - 1; ++i) issue(i);
+  #pragma unroll 1
   for (int i = tid; i < s.rows; i += kThreads) pos[i] = positions[i];
+  #pragma unroll 1
   for (int i = tid; i < q_rows; i += kThreads) row_pos[i] = positions[i % s.computed_rows];
+  #pragma unroll 1
   for (int i = tid; i < kParities * q_rows * kHeadDim; i += kThreads) halves[i] = 0.0f;
   if constexpr (kTensorCores) {  // the padding rows and columns of the operands stay zeros
     for (int i = tid; i < (mma_rows * kHeadDim + mma_rows * weight_stride) * static_cast<int>(sizeof(T)) / 16; i += kThreads)
@@ -278,6 +303,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   __syncthreads();
   Stamp(1);  // projection columns in shared memory
+  #pragma unroll 1
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
     const int r = i / kHeadDim, d = i % kHeadDim, row = r % s.computed_rows;
     const float roped = Rope<T, kHeadDim>(staged + row * staged_width + (r / s.computed_rows) * kHeadDim, d, pos[row],
@@ -288,6 +314,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       q[i] = RoundTo<T>(roped);
     }
   }
+  #pragma unroll 1
   for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
     const int row = i / kHeadDim, d = i % kHeadDim;
     new_k[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + s.group * kHeadDim, d, pos[row], frequencies));
@@ -303,7 +330,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int warp = tid / 32, warp_lane = tid % 32;
   for (int t = 0; t < tiles; ++t) {
     const int from = first + t * s.tile, keys = min(s.tile, last - from);
-    T* k_tile = slot(t);
+    T* k_tile = use_slot;
+    use_slot = next_slot(use_slot);
     wait_for_load(0);  // load t
     issue(t + s.slots - 1);
     // The new rows and the padding to 16 keys, where this tile has them (the same in every thread).
@@ -320,19 +348,25 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int step = 0; step < kHeadDim / 16; ++step)
           LoadMatrices<false>(a[step], q_mma + TileOffset<T, kHeadDim>(m0 + warp_lane % 8 + (warp_lane / 8) % 2 * 8,
                                                                        2 * step + warp_lane / 16));
+        // This lane's two rows of scores (fragment rows lane / 4 and lane / 4 + 8), found once per tile.
+        const int rows[2] = {m0 + warp_lane / 4, m0 + warp_lane / 4 + 8};
+        const bool real[2] = {rows[0] < q_rows, rows[1] < q_rows};  // not padding
+        const int row_positions[2] = {real[0] ? row_pos[rows[0]] : 0, real[1] ? row_pos[rows[1]] : 0};
+        float* const scores[2] = {weights + rows[0] * s.chunk + from - first, weights + rows[1] * s.chunk + from - first};
         for (int n0 = 8 * warp; n0 < keys; n0 += 8 * (kThreads / 32)) {
           float c[4] = {};
 #pragma unroll
           for (int step = 0; step < kHeadDim / 16; step += 2) {  // two steps per ldmatrix: 32 dimensions
+            // n0 is a multiple of 8: key n0 + lane % 8 has the rotation of key lane % 8
             uint32_t b[4];
-            LoadMatrices<false>(b, k_tile + TileOffset<T, kHeadDim>(n0 + warp_lane % 8, 2 * step + warp_lane / 8));
+            LoadMatrices<false>(b, k_tile + n0 * kHeadDim + TileOffset<T, kHeadDim>(warp_lane % 8, 2 * step + warp_lane / 8));
             Mma16816<T>(c, a[step], b[0], b[1]);
             Mma16816<T>(c, a[step + 1], b[2], b[3]);
           }
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const int r = m0 + warp_lane / 4 + (i / 2) * 8, j = n0 + (warp_lane % 4) * 2 + i % 2, key = from + j;
-            if (r < q_rows && j < keys) weights[r * s.chunk + key - first] = key <= row_pos[r] ? c[i] / root : -INFINITY;
+            const int j = n0 + (warp_lane % 4) * 2 + i % 2;
+            if (real[i / 2] && j < keys) scores[i / 2][j] = from + j <= row_positions[i / 2] ? c[i] / root : -INFINITY;
           }
         }
       }
@@ -382,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   Stamp(3);  // scores done
   // Softmax over the whole cluster's keys, exact (not online): each block's (max, sum of
   // exp(score - max)) per row goes to every block in one exchange; the cluster's sum is then
-  // sum_b sum_b * exp(max_b - max), added in block order.
+  // sum_b sum_b * exp(max_b - max), added over the blocks in a fixed (shuffle-tree) order.
   for (int r = warp; r < q_rows; r += kThreads / 32) {
     float m = -INFINITY, sum = 0.0f;
     for (int j = warp_lane; j < last - first; j += 32) m = fmaxf(m, weights[r * s.chunk + j]);
@@ -394,18 +428,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   __syncthreads();
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every block has started
+  #pragma unroll 1
   for (int i = tid; i < s.parts * q_rows; i += kThreads)
     cluster.map_shared_rank(stats_inbox, i / q_rows)[part * q_rows + i % q_rows] = stats[i % q_rows];
   cluster.sync();
   Stamp(4);  // statistics exchanged
-  if (tid < q_rows) {
-    float m = -INFINITY, sum = 0.0f;
-    for (int b = 0; b < s.parts; ++b) m = fmaxf(m, stats_inbox[b * q_rows + tid].x);
-    for (int b = 0; b < s.parts; ++b) {
-      const float2 block = stats_inbox[b * q_rows + tid];
-      if (block.y > 0.0f) sum += block.y * expf(block.x - m);
-    }
-    totals[tid] = make_float2(m, sum);
+  // A warp per row, a lane per block (parts <= 32): a shuffle tree, not a chain of parts steps.
+  for (int r = warp; r < q_rows; r += kThreads / 32) {
+    const float2 block = warp_lane < s.parts ? stats_inbox[warp_lane * q_rows + r] : make_float2(-INFINITY, 0.0f);
+    float m = block.x;
+    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    float sum = block.y > 0.0f ? block.y * expf(block.x - m) : 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (warp_lane == 0) totals[r] = make_float2(m, sum);
   }
   __syncthreads();
   // Rounded to T, as the reference's weights; a row per warp, or several warps per row where the
@@ -434,7 +469,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   float acc[2][kDimTilesPerWarp][4] = {};
   for (int t = 0; t < tiles; ++t) {
     const int from = first + t * s.tile, keys = min(s.tile, last - from);
-    T* v_tile = slot(tiles + t);
+    T* v_tile = use_slot;
+    use_slot = next_slot(use_slot);
     wait_for_load(1);  // load tiles + t
     issue(tiles + t + s.slots - 1);
     if ((write < from + keys && write + s.cache_rows > from) || keys % 16 != 0) {
@@ -446,8 +482,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       // the rows of the tile past its last key are zeros (and so are the weights past the block's).
       for (int k0 = 16 * key_part; k0 < keys; k0 += 16 * kKeySplit) {
         uint32_t b[4];
-        LoadMatrices<true>(b, v_tile + TileOffset<T, kHeadDim>(k0 + warp_lane % 8 + (warp_lane / 8) % 2 * 8,
-                                                               (dim0 / 8 + warp_lane / 16) % kVectorsPerRow));
+        LoadMatrices<true>(b, v_tile + k0 * kHeadDim +  // k0 is a multiple of 16: the rotation of keys 0 .. 15
+                                  TileOffset<T, kHeadDim>(warp_lane % 8 + (warp_lane / 8) % 2 * 8,
+                                                          (dim0 / 8 + warp_lane / 16) % kVectorsPerRow));
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
           if (16 * m >= q_rows) break;
@@ -500,6 +537,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Each block's PV sums go to the block that owns their slice of the outputs, which adds them
   // in block order after the exchange: no block reads another's shared memory, so none waits
   // for the others before it leaves.
+  #pragma unroll 1
   for (int i = tid; i < q_rows * kHeadDim; i += kThreads) {
     float sum = 0.0f;
     for (int p = 0; p < (kTensorCores ? kKeySplit : kParities); ++p) sum += halves[p * q_rows * kHeadDim + i];
@@ -509,6 +547,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   cluster.sync();
   Stamp(6);  // PV sums exchanged
   // A computed row's result goes to the rows that copy it (the twin's second row).
+  #pragma unroll 1
   for (int i = part * slice + tid; i < min(q_rows * kHeadDim, (part + 1) * slice); i += kThreads) {
     float sum = 0.0f;
     for (int b = 0; b < s.parts; ++b) sum += pv_inbox[b * slice + i - part * slice];
@@ -519,6 +558,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   Stamp(7);  // outputs written
   // The new rows into the cache, last: no block of this kernel reads them from there.
   if (part == 0) {
+    #pragma unroll 1
     for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
       cache_k[head_offset + static_cast<int64_t>(write) * kHeadDim + i] = FromFloat<T>(new_k[i]);
       cache_v[head_offset + static_cast<int64_t>(write) * kHeadDim + i] = FromFloat<T>(new_v[i]);
