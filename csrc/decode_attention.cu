@@ -224,21 +224,29 @@ __global__ void __launch_bounds__(kThreads, 2)
     const T* src = cache + head_offset + static_cast<int64_t>(from + copy_key) * kHeadDim + copy_vector * kPerVector;
     T* dst = tile + copy_offset;
     for (int key = copy_key; key < keys; key += kKeyStep, src += kKeyStep * kHeadDim, dst += kKeyStep * kHeadDim)
-      __pipeline_memcpy_async(dst, src, 16);
+      if (static_cast<unsigned>(from + key - write) >= static_cast<unsigned>(s.cache_rows))  // not a new row
+        __pipeline_memcpy_async(dst, src, 16);
     __pipeline_commit();
   };
-  // The new rows come from the projection, never from the cache (which this kernel writes); the
-  // rows after the last key, up to the 16-key step, are zeros (weight 0 x stale NaN would be NaN).
-  auto patch = [&](T* tile, const float* fresh, int from, int keys) {
-    #pragma unroll 1
-    for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
-      const int key = write + i / kHeadDim, d = i % kHeadDim;
-      if (key >= from && key < from + keys)
-        tile[TileOffset<T, kHeadDim>(key - from, d / kPerVector) + d % kPerVector] = FromFloat<T>(fresh[i]);
+  // The new rows come from the projection, never from the cache (which this kernel writes): the
+  // copies skip them, so they are written here while the copies are in flight, each thread the
+  // elements of `fresh` that it roped itself (the same i = tid + n kThreads): no barrier needed.
+  // Values also get zero rows after the last key, up to the 16-key step (weight 0 x a stale NaN
+  // would be NaN); keys need none (a padding key's scores are never stored).
+  auto patch = [&](T* tile, const float* fresh, int from, int keys, bool pad) {
+    if (write < from + keys && write + s.cache_rows > from) {
+      #pragma unroll 1
+      for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
+        const int key = write + i / kHeadDim, d = i % kHeadDim;
+        if (key >= from && key < from + keys)
+          tile[TileOffset<T, kHeadDim>(key - from, d / kPerVector) + d % kPerVector] = FromFloat<T>(fresh[i]);
+      }
     }
-    uint4* padding = reinterpret_cast<uint4*>(tile + keys * kHeadDim);  // whole key rows: 16-byte aligned
-    #pragma unroll 1
-    for (int i = tid; i < ((keys + 15) / 16 * 16 - keys) * kVectorsPerRow; i += kThreads) padding[i] = make_uint4(0, 0, 0, 0);
+    if (pad) {
+      uint4* padding = reinterpret_cast<uint4*>(tile + keys * kHeadDim);  // whole key rows: 16-byte aligned
+      #pragma unroll 1
+      for (int i = tid; i < ((keys + 15) / 16 * 16 - keys) * kVectorsPerRow; i += kThreads) padding[i] = make_uint4(0, 0, 0, 0);
+    }
   };
   // This KV head's columns of the projection and the frequencies, copied asynchronously first.
   const T* tokens = qkv + static_cast<int64_t>(batch) * s.rows * s.qkv_width;
@@ -320,8 +328,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     new_k[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + s.group * kHeadDim, d, pos[row], frequencies));
     new_v[i] = ToFloat(staged[row * staged_width + (s.group + 1) * kHeadDim + d]);
   }
-  __syncthreads();
-  Stamp(2);  // queries and new rows roped
+  // No barrier here: the first tile's wait (or, without tiles, the one after the scores) is it.
+  Stamp(2);  // queries and new rows roped (thread 0)
 
   // Scores: kLanesPerKey lanes per key, lane l reading the key's 16-byte vectors l, l + 8, ...
   // (a key's lanes read consecutive bytes of shared memory).
@@ -332,13 +340,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int from = first + t * s.tile, keys = min(s.tile, last - from);
     T* k_tile = use_slot;
     use_slot = next_slot(use_slot);
-    wait_for_load(0);  // load t
+    patch(k_tile, new_k, from, keys, false);
+    wait_for_load(0);  // load t, and the patch
     issue(t + s.slots - 1);
-    // The new rows and the padding to 16 keys, where this tile has them (the same in every thread).
-    if ((write < from + keys && write + s.cache_rows > from) || keys % 16 != 0) {
-      patch(k_tile, new_k, from, keys);
-      __syncthreads();
-    }
     if constexpr (kTensorCores) {
       // Warp w takes keys [8 n, 8 n + 8) for n = w, w + 8, ...: per 16-row block of queries, 16x8
       // scores from kHeadDim / 16 products (a 16x16 block of queries per ldmatrix).
@@ -471,12 +475,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int from = first + t * s.tile, keys = min(s.tile, last - from);
     T* v_tile = use_slot;
     use_slot = next_slot(use_slot);
-    wait_for_load(1);  // load tiles + t
+    patch(v_tile, new_v, from, keys, keys % 16 != 0);
+    wait_for_load(1);  // load tiles + t, and the patch
     issue(tiles + t + s.slots - 1);
-    if ((write < from + keys && write + s.cache_rows > from) || keys % 16 != 0) {
-      patch(v_tile, new_v, from, keys);
-      __syncthreads();
-    }
     if constexpr (kTensorCores) {
       // Warp w sums dimensions [dim0, dim0 + 8 kDimTilesPerWarp) over its share of 16-key steps;
       // the rows of the tile past its last key are zeros (and so are the weights past the block's).
