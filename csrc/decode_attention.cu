@@ -223,8 +223,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto start_copy = [&](T* tile, const T* cache, int from, int keys) {
     const T* src = cache + head_offset + static_cast<int64_t>(from + copy_key) * kHeadDim + copy_vector * kPerVector;
     T* dst = tile + copy_offset;
+    // The new rows are skipped: patch() writes them (keep the two conditions the same). The
+    // pointers end one step past the last key, never dereferenced there.
     for (int key = copy_key; key < keys; key += kKeyStep, src += kKeyStep * kHeadDim, dst += kKeyStep * kHeadDim)
-      if (static_cast<unsigned>(from + key - write) >= static_cast<unsigned>(s.cache_rows))  // not a new row
+      if (static_cast<unsigned>(from + key - write) >= static_cast<unsigned>(s.cache_rows))
         __pipeline_memcpy_async(dst, src, 16);
     __pipeline_commit();
   };
@@ -236,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto patch = [&](T* tile, const float* fresh, int from, int keys, bool pad) {
     if (write < from + keys && write + s.cache_rows > from) {
       #pragma unroll 1
-      for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
+      for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {  // the rope's loop, element for element
         const int key = write + i / kHeadDim, d = i % kHeadDim;
         if (key >= from && key < from + keys)
           tile[TileOffset<T, kHeadDim>(key - from, d / kPerVector) + d % kPerVector] = FromFloat<T>(fresh[i]);
@@ -323,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   #pragma unroll 1
-  for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {
+  for (int i = tid; i < s.cache_rows * kHeadDim; i += kThreads) {  // patch() relies on this thread mapping
     const int row = i / kHeadDim, d = i % kHeadDim;
     new_k[i] = RoundTo<T>(Rope<T, kHeadDim>(staged + row * staged_width + s.group * kHeadDim, d, pos[row], frequencies));
     new_v[i] = ToFloat(staged[row * staged_width + (s.group + 1) * kHeadDim + d]);
@@ -367,6 +369,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             Mma16816<T>(c, a[step], b[0], b[1]);
             Mma16816<T>(c, a[step + 1], b[2], b[3]);
           }
+          // Columns j >= keys hold products with stale (padding) key rows, possibly NaN: never use them.
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int j = n0 + (warp_lane % 4) * 2 + i % 2;
