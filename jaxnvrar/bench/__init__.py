@@ -41,7 +41,8 @@ def relaunch_command(command: str, argv: list[str]) -> list[str] | None:
             sys.executable, "-m", "jaxnvrar.bench", *argv]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of every benchmark (parsing it runs nothing)."""
     from jaxnvrar.bench import allreduce, attention, decode, gemm, kernels, model, soak, tune
 
     parser = argparse.ArgumentParser(prog="jaxnvrar-bench", description=__doc__,
@@ -55,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_arguments(commands.add_parser("tune", help="measure the best kernel configuration and algorithm per size"))
     kernels.add_arguments(commands.add_parser("kernels", help="kernels per layer of the compiled decode step"))
     attention.add_arguments(commands.add_parser("attention", help="the decode step's attention alone, XLA's ops vs the kernel"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxnvrar.bench import allreduce, attention, decode, gemm, kernels, model, soak, tune
+
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     again = relaunch_command(args.command, argv)
     if again is not None:
         import subprocess

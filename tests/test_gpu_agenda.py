@@ -1,0 +1,62 @@
+"""tests/gpu/two_gpu_agenda.sh runs only on a 2-GPU machine, which is lent rarely: check here that
+every benchmark command in it still parses (options, kernel configuration labels, presets), so that
+a renamed option does not waste that machine's time."""
+
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from jaxnvrar.bench import allreduce, build_parser
+from jaxnvrar.models.llama.config import PRESETS
+from jaxnvrar.schedule import Topology
+from jaxnvrar.tuning import KernelConfig
+
+SCRIPT = pathlib.Path(__file__).parent / "gpu" / "two_gpu_agenda.sh"
+
+
+def bench_commands() -> list[list[str]]:
+    """Every `jaxnvrar-bench ...` of the script as an argument list, once per value of a
+    `for config in ...` loop around it."""
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    configs = re.findall(r"for config in ([^;]+);", text)
+    commands = []
+    for line in text.splitlines():
+        if "jaxnvrar-bench " not in line or line.lstrip().startswith("#"):
+            continue
+        argv = shlex.split(line.split("jaxnvrar-bench ", 1)[1].replace("$out", "/tmp/agenda"))
+        if any("$config" in a for a in argv):
+            for value in configs[0].split():
+                commands.append([a.replace("$config", value) for a in argv])
+        else:
+            commands.append(argv)
+    return commands
+
+
+def test_the_script_has_every_part():
+    commands = bench_commands()
+    assert {argv[0] for argv in commands} == {"soak", "allreduce", "decode"}
+    assert len(commands) == 6  # two soaks, the sweep, three decode runs
+
+
+@pytest.mark.parametrize("argv", bench_commands(), ids=lambda argv: " ".join(argv[:3]))
+def test_every_benchmark_command_parses(argv, monkeypatch):
+    monkeypatch.setenv("JAXNVRAR_DENSE_BYTES", "67108864")  # as the script's protocol part sets it
+    args = build_parser().parse_args(argv)
+    if args.command == "allreduce":
+        configs = allreduce.parse_kernel_configs(args.kernel_configs, Topology(2, 2), "agenda")
+        assert any(config.dense for config in configs)
+    elif args.command == "soak":
+        assert KernelConfig.parse(args.kernel_config).dense
+    elif args.command == "decode":
+        assert args.preset in PRESETS and args.tp == 2
+
+
+def test_an_unknown_part_is_refused(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT), "bogus", str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ})
+    assert result.returncode == 2
+    assert "unknown part 'bogus'" in result.stderr
