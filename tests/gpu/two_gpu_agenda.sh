@@ -2,7 +2,8 @@
 # The measurements that need two GPUs (issues 16 and 17), in parts that each fit one ~10-minute
 # run on a 2 x H200 machine, logs and JSON into OUT_DIR (default $OUT, else ./agenda-out):
 #
-#   bash tests/gpu/two_gpu_agenda.sh protocol   # dense-protocol soaks (10^6 calls each), all-reduce sweep vs peers
+#   bash tests/gpu/two_gpu_agenda.sh protocol   # dense-protocol soaks, 10^6 calls of mixed sizes per configuration
+#   bash tests/gpu/two_gpu_agenda.sh peers      # all-reduce sweep 8K-32M, every launch, against torch's peers
 #   bash tests/gpu/two_gpu_agenda.sh suite      # the whole GPU test suite (tests/gpu/run.py)
 #   bash tests/gpu/two_gpu_agenda.sh decode8b   # Llama 3.1 8B TP 2, batch 1/16/64: psum, psum-xla, nvrar, none
 #   bash tests/gpu/two_gpu_agenda.sh decode1b   # Llama 3.2 1B TP 2, batch 1/16, and 8B with the attention kernel
@@ -11,7 +12,7 @@
 # tests/gpu/two_gpu_agenda.sh PART). Every command is bounded by `timeout`; a part goes on after a
 # failed command and ends with one line per command and its exit status (summary.txt).
 set -u
-part=${1:?"which part: protocol, suite, decode8b or decode1b"}
+part=${1:?"which part: protocol, peers, suite, decode8b or decode1b"}
 out=${2:-${OUT:-agenda-out}}
 mkdir -p "$out"
 summary="$out/summary.txt"
@@ -30,10 +31,13 @@ case "$part" in
     # The dense protocol's ordering assumption, before any default uses it (docs/gpu-testing.md).
     export JAXNVRAR_DENSE_BYTES=67108864
     for config in 128-1shot-dense 128-dense; do
-      step "soak_$config" 150 jaxnvrar-launch -n 2 --timeout 140 -- jaxnvrar-bench soak --calls 1000000 \
+      step "soak_$config" 275 jaxnvrar-launch -n 2 --timeout 270 -- jaxnvrar-bench soak --calls 1000000 \
         --bytes 4K,64K,1M,8M --random-sizes 4 --kernel-config "$config" --json "$out/soak_$config.json"
     done
-    step allreduce 280 jaxnvrar-launch -n 2 --timeout 270 -- jaxnvrar-bench allreduce --algorithms psum,nvrar \
+    ;;
+  peers)
+    export JAXNVRAR_DENSE_BYTES=67108864
+    step allreduce 560 jaxnvrar-launch -n 2 --timeout 550 -- jaxnvrar-bench allreduce --algorithms psum,nvrar \
       --max-bytes 32M --launches 128,128-1shot,128-bulk,128-1shot-bulk,128-1shot-dense,128-dense \
       --peers torch --device-time "$out/trace" --json "$out/allreduce.json"
     rm -rf "$out/trace"  # large; the JSON keeps the kernel times
@@ -52,7 +56,7 @@ case "$part" in
       --algorithms nvrar,none --attention xla,kernel --json "$out/decode_8b_attention.json"
     ;;
   *)
-    echo "unknown part '$part': protocol, suite, decode8b or decode1b" >&2
+    echo "unknown part '$part': protocol, peers, suite, decode8b or decode1b" >&2
     exit 2
     ;;
 esac
