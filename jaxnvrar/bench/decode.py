@@ -78,7 +78,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--attention", default="xla",
                         help="the decode step's attention, comma-separated: XLA's ops (xla) and/or the fused CUDA "
-                             "kernel (kernel: experimental, 2.6-2.9%% slower per step on one H200 as of "
+                             "kernel (kernel: experimental, even with xla per step on one H200 as of "
                              "2026-12-02); rows after the first attention are named 'ALGORITHM+kernel-attention'")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--profile", metavar="DIR",

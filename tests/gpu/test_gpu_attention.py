@@ -58,7 +58,7 @@ CASES = [
     (jnp.bfloat16, 2, 1, 1, 8, 2, 32, 300, 150, False),       # head_dim 32: some lanes of a key idle
     (jnp.float16, 2, 1, 1, 8, 2, 128, 500, 250, False),
     (jnp.float32, 1, 2, 1, 32, 1, 64, 64, 40, True),          # a group of 32: the twin computes 32 rows
-    # Tensor cores with two 16-row blocks of queries (not yet run on a GPU): 8 heads x 3 positions = 24
+    # Tensor cores with two 16-row blocks of queries (first run on a GPU 2026-12-02): 8 heads x 3 positions = 24
     # rows (the second block half padding), and a group of 32 (the twin).
     (jnp.bfloat16, 2, 3, 3, 16, 2, 128, 300, 200, False),
     (jnp.float16, 1, 2, 1, 32, 1, 64, 200, 150, True),
@@ -229,7 +229,7 @@ def test_tile_knobs_agree(knobs, monkeypatch):
 
 
 def test_blocks_with_one_tile_or_none(monkeypatch):
-    """16 blocks over a cache of 20 positions with 4 slots (not yet run on a GPU): blocks of 2
+    """16 blocks over a cache of 20 positions with 4 slots (first run on a GPU 2026-12-02): blocks of 2
     positions, one tile each, and blocks past the cache's end with none; the same results."""
     monkeypatch.setenv("JAXNVRAR_ATTENTION_CLUSTER", "16")
     monkeypatch.setenv("JAXNVRAR_ATTENTION_SLOTS", "4")

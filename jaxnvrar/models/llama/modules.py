@@ -171,7 +171,7 @@ class Llama(nnx.Module):
         self.mesh = mesh
         self.all_reduce = all_reduce
         # The decode step's attention with the cache (`attention.decode_attention`): "xla", the jax
-        # ops, or "kernel", the fused CUDA kernel (experimental, opt-in: slower as of 2026-12-01).
+        # ops, or "kernel", the fused CUDA kernel (experimental, opt-in: even with "xla" per step as of 2026-12-02).
         self.attention = attention
         # XLA options its compiled programs get, as sorted (name, value) pairs (`with_all_reduce`).
         self.compiler_options: tuple[tuple[str, bool | int | str], ...] = ()
