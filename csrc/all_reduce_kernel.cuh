@@ -18,7 +18,8 @@ namespace jaxnvrar {
 
 // A protocol gives: Unit (a vector of elements, one per thread per step of a loop); kBulkLayout
 // (which of schedule.h's workspace layouts it uses); kMaxThreads and kMinBlocksPerSm (its launch
-// bounds; 0, as template arguments, gives none); and Send / Receive of a unit, PublishBlock /
+// bounds; 0, as template arguments, gives none); kPullReduceScatter (whether the reduce-scatter
+// reads peers' staged slices with Pull instead of receiving pushed ones); and Send / Receive of a unit, PublishBlock /
 // AwaitBlock around the intra-node phases, and EndStepSend / BeginStepReceive around an
 // inter-node step. kFusedNorm: all_reduce_rms_norm's kernel, which ends in the residual add and
 // the RMSNorm (rms_norm_epilogue.cuh) on the sum it leaves in the output.
@@ -43,12 +44,20 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
   // Slice `d` goes to local d; one-shot, the whole message (slice 0) goes to every local.
   const int32_t my_slice = args.one_shot ? 0 : args.local;
 
-  // 1. Reduce-scatter within the node: push slice d to local d ...
+  // 1. Reduce-scatter within the node: push slice d to local d ... or, where the protocol pulls
+  // (kPullReduceScatter), stage slice d in my own workspace, in the inbox numbered after the
+  // slice, for local d to read there; one-shot stages its one slice once.
   for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
     for (int32_t d = 0; d < g; ++d) {
-      if (d == args.local) continue;
-      Proto::Send(At(args.node_peers[d], half + layout.ReduceScatterInbox(args.local), unit),
-                  LoadSliceUnit<T, Unit>(args, args.input, args.one_shot ? 0 : d, unit), flag);
+      if constexpr (Proto::kPullReduceScatter) {
+        if (args.one_shot ? d > 0 : d == args.local) continue;
+        Proto::Send(At(args.workspace, half + layout.ReduceScatterInbox(d), unit),
+                    LoadSliceUnit<T, Unit>(args, args.input, d, unit), flag);
+      } else {
+        if (d == args.local) continue;
+        Proto::Send(At(args.node_peers[d], half + layout.ReduceScatterInbox(args.local), unit),
+                    LoadSliceUnit<T, Unit>(args, args.input, args.one_shot ? 0 : d, unit), flag);
+      }
     }
   }
   Stamp(args, calls, kTimingSent);
@@ -66,9 +75,13 @@ __global__ void __launch_bounds__(Proto::kMaxThreads, Proto::kMinBlocksPerSm)
   // in my slice of the output; with one node it is final and goes to the all-gather at once.
   for (int64_t unit = first_unit; unit < start.block_end; unit += stride) {
     const Unit mine = SumOverLocals<T, Unit>(g, [&](int32_t j) {
-      return j == args.local ? LoadSliceUnit<T, Unit>(args, args.input, my_slice, unit)
-                             : Proto::Receive(At(args.workspace, half + layout.ReduceScatterInbox(j), unit), flag,
-                                              args, calls, WaitSite{kWaitReduceScatter, 0, j, j});
+      if (j == args.local) return LoadSliceUnit<T, Unit>(args, args.input, my_slice, unit);
+      if constexpr (Proto::kPullReduceScatter) {
+        return Proto::Pull(At(args.node_peers[j], half + layout.ReduceScatterInbox(my_slice), unit));
+      } else {
+        return Proto::Receive(At(args.workspace, half + layout.ReduceScatterInbox(j), unit), flag, args, calls,
+                              WaitSite{kWaitReduceScatter, 0, j, j});
+      }
     });
     if (one_node && !args.one_shot) {
       for (int32_t d = 0; d < g; ++d) {

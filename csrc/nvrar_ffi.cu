@@ -62,9 +62,12 @@ Protocol ProtocolOf() {
                   AllReduceKernel<__half, P, true>};
 }
 
-// The protocol a call site asked for (the lowering's `bulk`): a new protocol is its header and
-// its line here.
-Protocol SelectProtocol(bool bulk) { return bulk ? ProtocolOf<BulkProtocol>() : ProtocolOf<LLProtocol>(); }
+// The protocol a call site asked for (the lowering's `bulk`: 0 LL; 1 bulk; 2 dense, whose sites
+// run the flagged bulk kernel where the dense one cannot; 3 bulk with a pulled reduce-scatter):
+// a new protocol is its header and its line here.
+Protocol SelectProtocol(int32_t bulk) {
+  return bulk == 3 ? ProtocolOf<PullBulkProtocol>() : bulk ? ProtocolOf<BulkProtocol>() : ProtocolOf<LLProtocol>();
+}
 
 DtypeCode DtypeCodeOf(ffi::DataType dtype) {
   return dtype == ffi::F32 ? kDtypeFloat32 : dtype == ffi::BF16 ? kDtypeBFloat16 : kDtypeFloat16;
@@ -89,6 +92,7 @@ struct CallSitePlan {
   int32_t max_blocks = 0;
   bool one_shot = false;
   bool bulk = false;
+  bool pull = false;  // bulk with a pulled reduce-scatter (PullBulkProtocol)
   bool fused_norm = false;  // all_reduce_rms_norm's site
   Protocol protocol = {};
   KernelArgs args = {};  // all but the buffers and what their size decides
@@ -123,8 +127,9 @@ ffi::Error ValidateAttributes(const Runtime& rt, int32_t num_ranks, int32_t gpus
   if (one_shot && (num_ranks != gpus_per_node || num_ranks < 2)) {
     return ffi::Error::InvalidArgument("jaxnvrar: a one-shot launch needs one node of several GPUs");
   }
-  if (bulk < 0 || bulk > 2 || (bulk == 2 && (num_ranks != gpus_per_node || num_ranks < 2))) {
-    return ffi::Error::InvalidArgument("jaxnvrar: bulk must be 0 (LL), 1 (bulk) or 2 (dense: one node of 2+ GPUs)");
+  if (bulk < 0 || bulk > 3 || (bulk == 2 && (num_ranks != gpus_per_node || num_ranks < 2))) {
+    return ffi::Error::InvalidArgument(
+        "jaxnvrar: bulk must be 0 (LL), 1 (bulk), 2 (dense: one node of 2+ GPUs) or 3 (bulk, pulled reduce-scatter)");
   }
   if (bulk && max_blocks > kBulkMaxBlocks) {
     return ffi::Error::InvalidArgument("jaxnvrar: a bulk launch takes at most " + std::to_string(kBulkMaxBlocks) +
@@ -169,7 +174,8 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   plan->max_blocks = max_blocks;
   plan->one_shot = one_shot != 0;
   plan->bulk = bulk != 0;
-  plan->protocol = SelectProtocol(plan->bulk);
+  plan->pull = bulk == 3;
+  plan->protocol = SelectProtocol(bulk);
   plan->fused_norm = fused_norm;
   plan->args.norm.eps = eps;
   if (num_ranks == 1) {
@@ -289,7 +295,7 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
                                                                                : DenseKernel<__half>;
   }
   args.signature =
-      EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes, plan.fused_norm, dense);
+      EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes, plan.fused_norm, dense, plan.pull);
   plan.work = CallSitePlan::Work::kKernel;
   return ffi::Error::Success();
 }

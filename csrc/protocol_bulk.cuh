@@ -46,6 +46,7 @@ struct BulkProtocol {
   // Two blocks per SM: at most 64 registers a thread (without it, 80), no spills (ptxas -v).
   static constexpr int kMaxThreads = kThreadsPerBlock;
   static constexpr int kMinBlocksPerSm = 2;
+  static constexpr bool kPullReduceScatter = false;
 
   // A chunk into a peer's inbox (or my staging area); the block's flag covers it later.
   static __device__ __forceinline__ void Send(char* address, Unit data, uint32_t) {
@@ -120,6 +121,24 @@ struct BulkProtocol {
                 start.calls, site);
     }
     __syncthreads();
+  }
+};
+
+// Bulk with a pulled reduce-scatter (labels BLOCKS[-1shot]-pull), the other way to move the same
+// bytes over NVLink: each rank stages its slices in its own workspace (local stores, so the
+// fence before the block's flag waits for no remote acknowledgement) and, once a peer's flag says
+// its slices are there, loads its own slice from the peer's workspace. The all-gather and the
+// inter-node steps push as in BulkProtocol. A staged slice is not overwritten while a peer may
+// still read it: a block stages call k+2's data in the workspace half of call k only after it
+// has the peer block's flag of call k+1, raised after that block's last load of call k.
+// Which way is faster is a measurement (jaxnvrar-bench allreduce), not a rule.
+struct PullBulkProtocol : BulkProtocol {
+  static constexpr bool kPullReduceScatter = true;
+
+  // A chunk of a peer's staged slice, after AwaitBlock: fetched again from the peer's memory
+  // (ld.global.cv), never a cached line of an earlier call.
+  static __device__ __forceinline__ Unit Pull(const char* peer_address) {
+    return __ldcv(reinterpret_cast<const Unit*>(peer_address));
   }
 };
 

@@ -14,6 +14,7 @@ struct LLProtocol {
   // No launch bounds: bounding the block size lets ptxas spend more registers (72, not 56).
   static constexpr int kMaxThreads = 0;
   static constexpr int kMinBlocksPerSm = 0;
+  static constexpr bool kPullReduceScatter = false;  // a receiver polls its own inbox's cells
 
   // A unit into a peer's inbox (or my staging area), with the call's flag.
   static __device__ __forceinline__ void Send(char* address, Unit data, uint32_t flag) {

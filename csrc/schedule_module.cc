@@ -52,12 +52,13 @@ NB_MODULE(_jaxnvrar_cpu, m) {
   });
   // A call signature as the kernel encodes it, and decoded back as failure reports do.
   m.def("encode_call", [](int64_t elements, uint32_t dtype, bool one_shot, bool bulk, int32_t gpus_per_node,
-                          int32_t num_nodes, bool fused_norm, bool dense) {
+                          int32_t num_nodes, bool fused_norm, bool dense, bool pull) {
     const jaxnvrar::CallSignature s = jaxnvrar::EncodeCall(elements, static_cast<jaxnvrar::DtypeCode>(dtype), one_shot,
-                                                           bulk, gpus_per_node, num_nodes, fused_norm, dense);
+                                                           bulk, gpus_per_node, num_nodes, fused_norm, dense,
+                                                           pull);
     return std::make_pair(s.elements, s.shape);
   }, nb::arg("elements"), nb::arg("dtype"), nb::arg("one_shot"), nb::arg("bulk"), nb::arg("gpus_per_node"),
-        nb::arg("num_nodes"), nb::arg("fused_norm") = false, nb::arg("dense") = false);
+        nb::arg("num_nodes"), nb::arg("fused_norm") = false, nb::arg("dense") = false, nb::arg("pull") = false);
   m.def("decode_call", [](uint32_t elements, uint32_t shape) {
     const jaxnvrar::CallDescription call = jaxnvrar::DecodeCall(jaxnvrar::CallSignature{elements, shape});
     return jaxnvrar::CallDict(call, call.dtype);

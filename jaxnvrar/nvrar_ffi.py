@@ -67,7 +67,8 @@ def _kernel_attributes(ctx, topology: Topology, groups) -> dict:
         gpus_per_node=np.int32(topology.gpus_per_node),
         max_blocks=np.int32(config.max_blocks),
         one_shot=np.int32(config.one_shot),
-        bulk=np.int32(2 if config.dense else config.bulk),  # 2: dense (csrc/protocol_dense.cuh)
+        # 2: dense (csrc/protocol_dense.cuh); 3: bulk with a pulled reduce-scatter (protocol_bulk.cuh)
+        bulk=np.int32(2 if config.dense else 3 if config.pull else config.bulk),
         check_calls=np.int32(runtime.check_calls()),
         pe_groups=table.reshape(-1),
     )

@@ -222,7 +222,7 @@ def last_timeout() -> dict | None:
     """Why an all-reduce failed in this process, else None: "kind" is "timeout" (a wait gave up;
     phase, step and peer say which) or "mismatch" (a peer made a different call: "mine" and
     "peer_call" describe both calls: elements, dtype, nodes, gpus_per_node, one_shot, bulk,
-    fused_norm, dense).
+    fused_norm, dense, pull).
 
     After either the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
     context is lost; this record survives in pinned host memory and is also printed at exit.
@@ -235,7 +235,8 @@ def last_timeout() -> dict | None:
 def describe_call(call: dict) -> str:
     """A kernel call signature from a failure record, in words."""
     kind = ((", one-shot" if call["one_shot"] else "") + (", bulk" if call["bulk"] else "")
-            + (", dense" if call.get("dense") else "") + (", fused add + RMSNorm" if call.get("fused_norm") else ""))
+            + (", dense" if call.get("dense") else "") + (", pulled reduce-scatter" if call.get("pull") else "")
+            + (", fused add + RMSNorm" if call.get("fused_norm") else ""))
     return (f"{call['elements']} x {call['dtype']} over {call['nodes']} node(s) of "
             f"{call['gpus_per_node']} GPU(s){kind}")
 

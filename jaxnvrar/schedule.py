@@ -245,46 +245,56 @@ MAX_BLOCKS_LIMIT = 1024
 class KernelConfig:
     """How the kernel runs one call: its width (thread blocks); one-shot (one node: no
     all-gather) or the full schedule; bulk (raw data and a flag per block, for large messages)
-    or LL cells; dense, a kind of bulk on one node (raw data, no flags: csrc/protocol_dense.cuh).
-    Every configuration computes the same bits."""
+    or LL cells; dense, a kind of bulk on one node (raw data, no flags: csrc/protocol_dense.cuh);
+    pull, a kind of bulk whose reduce-scatter reads the peers' staged slices instead of receiving
+    pushed ones (csrc/protocol_bulk.cuh's PullBulkProtocol). Every configuration computes the
+    same bits."""
 
     max_blocks: int = DEFAULT_MAX_BLOCKS
     one_shot: bool = False
     bulk: bool = False
     dense: bool = False
+    pull: bool = False
 
     def __post_init__(self):
         blocks = self.max_blocks
         if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= MAX_BLOCKS_LIMIT:
             raise ValueError(f"KernelConfig.max_blocks must be an int in [1, {MAX_BLOCKS_LIMIT}], got {blocks!r}")
-        if not all(isinstance(flag, bool) for flag in (self.one_shot, self.bulk, self.dense)):
-            raise TypeError(f"KernelConfig.one_shot, .bulk and .dense must be bools, got {self.one_shot!r}, "
-                            f"{self.bulk!r}, {self.dense!r}")
+        if not all(isinstance(flag, bool) for flag in (self.one_shot, self.bulk, self.dense, self.pull)):
+            raise TypeError(f"KernelConfig.one_shot, .bulk, .dense and .pull must be bools, got {self.one_shot!r}, "
+                            f"{self.bulk!r}, {self.dense!r}, {self.pull!r}")
         if self.dense and not self.bulk:
             raise ValueError("KernelConfig.dense is a kind of bulk: it needs bulk=True (labels BLOCKS-dense, "
                              "BLOCKS-1shot-dense)")
+        if self.pull and (not self.bulk or self.dense):
+            raise ValueError("KernelConfig.pull is a kind of bulk, not dense: it needs bulk=True and dense=False "
+                             "(labels BLOCKS-pull, BLOCKS-1shot-pull)")
 
     @property
     def label(self) -> str:
-        """"128", "128-1shot", "128-bulk", "128-1shot-bulk", "128-dense", "128-1shot-dense": how
-        benchmarks and the tuning table name a configuration."""
-        if self.dense:
-            return str(self.max_blocks) + ("-1shot" if self.one_shot else "") + "-dense"
+        """"128", "128-1shot", "128-bulk", "128-1shot-bulk", "128-dense", "128-1shot-dense",
+        "128-pull", "128-1shot-pull": how benchmarks and the tuning table name a configuration."""
+        if self.dense or self.pull:
+            return str(self.max_blocks) + ("-1shot" if self.one_shot else "") + ("-dense" if self.dense else "-pull")
         return str(self.max_blocks) + ("-1shot" if self.one_shot else "") + ("-bulk" if self.bulk else "")
 
     @classmethod
     def parse(cls, label: str) -> KernelConfig:
         blocks, *variants = label.split("-")
         if (not blocks.isdigit() or not 1 <= int(blocks) <= MAX_BLOCKS_LIMIT
-                or variants not in ([], ["1shot"], ["bulk"], ["1shot", "bulk"], ["dense"], ["1shot", "dense"])):
-            raise ValueError(f"bad kernel configuration {label!r}: expected BLOCKS[-1shot][-bulk|-dense] with BLOCKS "
-                             f"in [1, {MAX_BLOCKS_LIMIT}], e.g. 128, 32-1shot, 128-1shot-bulk or 128-dense")
-        dense = "dense" in variants
-        return cls(int(blocks), "1shot" in variants, "bulk" in variants or dense, dense)
+                or variants not in ([], ["1shot"], ["bulk"], ["1shot", "bulk"], ["dense"], ["1shot", "dense"],
+                                    ["pull"], ["1shot", "pull"])):
+            raise ValueError(f"bad kernel configuration {label!r}: expected BLOCKS[-1shot][-bulk|-dense|-pull] with "
+                             f"BLOCKS in [1, {MAX_BLOCKS_LIMIT}], e.g. 128, 32-1shot, 128-1shot-bulk, 128-dense or "
+                             "128-pull")
+        dense, pull = "dense" in variants, "pull" in variants
+        return cls(int(blocks), "1shot" in variants, "bulk" in variants or dense or pull, dense, pull)
 
     def possible_for(self, topology: Topology) -> KernelConfig:
         """This configuration, less what the topology cannot run (one-shot needs one node; bulk
-        at most BULK_MAX_BLOCKS blocks; dense, bulk on one node of several GPUs)."""
+        at most BULK_MAX_BLOCKS blocks; dense, bulk on one node of several GPUs; pull, bulk with
+        peers in the node to pull from)."""
         one_node = one_shot_possible(topology)
         bulk = self.bulk and self.max_blocks <= BULK_MAX_BLOCKS
-        return KernelConfig(self.max_blocks, self.one_shot and one_node, bulk, self.dense and bulk and one_node)
+        return KernelConfig(self.max_blocks, self.one_shot and one_node, bulk, self.dense and bulk and one_node,
+                            self.pull and bulk and topology.gpus_per_node > 1)

@@ -65,8 +65,8 @@ class Choice:
 
 class Table:
     """Measured choices: entries[key][bucket] = {"algorithm", "max_blocks", "one_shot", "bulk",
-    "dense", "nvrar_us", "psum_us", "nvrar_us_by_launch"} (a missing "dense" or "one_shot" is
-    False: tables from before them)."""
+    "dense", "pull", "nvrar_us", "psum_us", "nvrar_us_by_launch"} (a missing "dense", "pull" or
+    "one_shot" is False: tables from before them)."""
 
     def __init__(self, entries: dict | None = None):
         self.entries = entries or {}
@@ -78,7 +78,7 @@ class Table:
         # "nvrar_us_by_launch": the file format's name, kept so that older tables still load.
         self.entries.setdefault(key, {})[str(bucket_of(nbytes))] = {
             "algorithm": algorithm, "max_blocks": config.max_blocks, "one_shot": config.one_shot,
-            "bulk": config.bulk, "dense": config.dense,
+            "bulk": config.bulk, "dense": config.dense, "pull": config.pull,
             "nvrar_us": nvrar_us, "psum_us": psum_us,
             "nvrar_us_by_launch": {c.label: t for c, t in sorted(nvrar_us_by_config.items(),
                                                                  key=lambda item: item[0].label)}}
@@ -104,7 +104,8 @@ class Table:
             label, nvrar_us = min(others.items(), key=lambda item: item[1])
             return Choice("nvrar" if nvrar_us < e["psum_us"] else "psum", KernelConfig.parse(label))
         return Choice(e["algorithm"], KernelConfig(int(e["max_blocks"]), bool(e.get("one_shot", False)),
-                                                   bool(e.get("bulk", False)), bool(e.get("dense", False))))
+                                                   bool(e.get("bulk", False)), bool(e.get("dense", False)),
+                                                   bool(e.get("pull", False))))
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "entries": self.entries}, indent=1, sort_keys=True)
@@ -241,10 +242,10 @@ _overrides: dict = {}
 def _explicit() -> dict:
     snapshot = runtime.settings()
     if snapshot is None:
-        return {"max_blocks": None, "one_shot": None, "bulk": None, "dense": None}
+        return {"max_blocks": None, "one_shot": None, "bulk": None, "dense": None, "pull": None}
     as_bool = lambda value: None if value is None else bool(value)  # noqa: E731
     return {"max_blocks": snapshot.max_blocks, "one_shot": as_bool(snapshot.one_shot),
-            "bulk": as_bool(snapshot.bulk), "dense": None, **_overrides}
+            "bulk": as_bool(snapshot.bulk), "dense": None, "pull": None, **_overrides}
 
 
 def kernel_config_for(topology: Topology, dtype_name: str, num_elements: int, itemsize: int) -> KernelConfig:
@@ -263,6 +264,7 @@ def kernel_config_for(topology: Topology, dtype_name: str, num_elements: int, it
     # Dense is a kind of bulk: an explicit JAXNVRAR_BULK=0 ends it. (Without the dense inboxes
     # the table's lookup already chose among the other configurations.)
     fields["dense"] = fields["dense"] and fields["bulk"] and dense_inboxes()
+    fields["pull"] = fields["pull"] and fields["bulk"] and not fields["dense"]  # likewise a kind of bulk
     config = KernelConfig(**fields)
     config = config.possible_for(topology)
     if runtime.fits_workspace(num_elements, itemsize, topology, config):

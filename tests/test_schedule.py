@@ -138,20 +138,26 @@ def test_dense_runs_where_the_slice_fits_an_inbox():
     assert not schedule.dense_fits(8, 4, 2, True, 0) and not schedule.dense_fits(8, 4, 1, True, region)
 
 
-@pytest.mark.parametrize("one_shot,bulk,fused_norm,dense", [(False, False, False, False), (True, False, True, False),
-                                                           (False, True, True, False), (True, True, False, False),
-                                                           (True, True, False, True)])
-@pytest.mark.parametrize("dtype", [1, 2, 3])
-def test_call_signatures_decode_to_what_was_encoded(one_shot, bulk, fused_norm, dense, dtype):
-    # What ranks compare before exchanging data, and what a failure report prints from it.
+@pytest.mark.parametrize("one_shot,bulk,fused_norm,dense,pull", [
+    (False, False, False, False, False), (True, False, True, False, False), (False, True, True, False, False),
+    (True, True, False, False, False), (True, True, False, True, False), (False, True, False, False, True),
+    (True, True, True, False, True)])
+@pytest.mark.parametrize("dtype", [1, 2, 3, 7])
+def test_call_signatures_decode_to_what_was_encoded(one_shot, bulk, fused_norm, dense, pull, dtype):
+    # What ranks compare before exchanging data, and what a failure report prints from it
+    # (dtype 7: the largest code the signature's 3 bits hold, next to 5 launch bits).
     for elements, gpus_per_node, nodes in [(1, 1, 2), (4097, 8, 3), ((1 << 32) + 5, 32, 65535)]:
-        signature = cpp.encode_call(elements, dtype, one_shot, bulk, gpus_per_node, nodes, fused_norm, dense)
+        signature = cpp.encode_call(elements, dtype, one_shot, bulk, gpus_per_node, nodes, fused_norm, dense, pull)
         call = cpp.decode_call(*signature)
         assert call == {"elements": elements % (1 << 32), "dtype": dtype, "nodes": nodes,
                         "gpus_per_node": gpus_per_node, "one_shot": one_shot, "bulk": bulk,
-                        "fused_norm": fused_norm, "dense": dense}
+                        "fused_norm": fused_norm, "dense": dense, "pull": pull}
     # Dense and flagged one-shot bulk use different inboxes: ranks that disagree are reported.
     assert cpp.encode_call(4096, dtype, True, True, 2, 1, False, True) != cpp.encode_call(4096, dtype, True, True, 2, 1)
+    # Pulled and pushed reduce-scatters keep slices in different places: likewise.
+    for shot in (False, True):
+        assert (cpp.encode_call(4096, dtype, shot, True, 2, 1, False, False, True)
+                != cpp.encode_call(4096, dtype, shot, True, 2, 1))
     # The fused kernel's call differs from the plain one of the same message: ranks that
     # disagree on it are reported, not left to read each other's blocks.
     plain = cpp.encode_call(4096, dtype, one_shot, bulk, 2, 1, False)

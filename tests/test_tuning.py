@@ -92,7 +92,7 @@ def test_one_shot_configs_are_chosen_where_measured_faster_and_possible(monkeypa
     assert tuning.kernel_config_for(one_node, "bfloat16", 1 << 19, 2) == L(128, True, True)
     monkeypatch.setenv("JAXNVRAR_DENSE_BYTES", str(64 << 20))
     assert tuning.kernel_config_for(one_node, "bfloat16", 1 << 19, 2) == L.parse("128-1shot-dense")
-    unset = {"max_blocks": None, "one_shot": None, "bulk": None, "dense": None}
+    unset = {"max_blocks": None, "one_shot": None, "bulk": None, "dense": None, "pull": None}
     monkeypatch.setattr(tuning, "_explicit", lambda: dict(unset, bulk=False))
     assert tuning.kernel_config_for(one_node, "bfloat16", 1 << 19, 2) == L(128, True, False)
     monkeypatch.setattr(tuning, "_explicit", lambda: dict(unset, one_shot=False))
@@ -106,11 +106,12 @@ def test_tables_from_before_one_shot_still_load():
 
 def test_kernel_config_labels_round_trip_and_bad_ones_are_named():
     for config in (L(128), L(32, True), L(1024, True), L(64, False, True), L(128, True, True), L(8, False, True, True),
-                   L(8, True, True, True)):
+                   L(8, True, True, True), L(8, False, True, pull=True), L(8, True, True, pull=True)):
         assert L.parse(config.label) == config
     assert L(128, True, True).label == "128-1shot-bulk"
-    for bad in ("0", "x", "128-2shot", "2000", "-1shot", "128-bulk-1shot", "128-1shot-1shot", "128-dense-1shot"):
-        with pytest.raises(ValueError, match=r"BLOCKS\[-1shot\]\[-bulk\|-dense\]"):
+    for bad in ("0", "x", "128-2shot", "2000", "-1shot", "128-bulk-1shot", "128-1shot-1shot", "128-dense-1shot",
+                "128-bulk-pull", "128-dense-pull", "128-pull-1shot"):
+        with pytest.raises(ValueError, match=r"BLOCKS\[-1shot\]\[-bulk\|-dense\|-pull\]"):
             L.parse(bad)
     with pytest.raises(ValueError, match=r"max_blocks must be an int in \[1, 1024\]"):
         L(0)
@@ -155,7 +156,7 @@ def test_every_process_uses_process_0s_table(tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', config=KernelConfig(max_blocks=32, one_shot=False, bulk=False, dense=False))" in job.stdout, job.stdout[-2000:]
+        assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', config=KernelConfig(max_blocks=32, one_shot=False, bulk=False, dense=False, pull=False))" in job.stdout, job.stdout[-2000:]
 
 
 def test_dense_configurations_need_the_opt_in(monkeypatch):
@@ -190,6 +191,38 @@ def test_dense_is_a_kind_of_bulk_on_one_node():
     assert table.lookup("k", 1 << 20, dense=False).algorithm == "psum"
     table.record("k", 1 << 20, psum_us=9.0, nvrar_us_by_config={L.parse("128-1shot-dense"): 5.0})
     assert table.lookup("k", 1 << 20, dense=False) == tuning.Choice("nvrar", L(128, True, True))
+
+
+def test_pull_is_a_kind_of_bulk_with_peers_in_the_node(monkeypatch):
+    if runtime.is_initialized():
+        pytest.skip("the runtime is up in this process")
+    assert L.parse("64-pull") == L(64, False, True, False, True) and L(64, False, True, pull=True).label == "64-pull"
+    assert L.parse("64-1shot-pull") == L(64, True, True, pull=True)
+    with pytest.raises(ValueError, match="needs bulk=True and dense=False"):
+        L(64, False, False, pull=True)
+    with pytest.raises(ValueError, match="needs bulk=True and dense=False"):
+        L(64, False, True, True, True)
+    # Nodes of one GPU have no peer to pull from (bulk); several nodes keep it (the node's part).
+    assert L.parse("64-pull").possible_for(Topology(2, 1)) == L(64, False, True)
+    assert L.parse("64-1shot-pull").possible_for(Topology(4, 2)) == L(64, False, True, pull=True)
+    # The lowering's protocol number: 3 (csrc/nvrar_ffi.cu's SelectProtocol).
+    from jaxnvrar.bench.allreduce import parse_kernel_configs
+    assert parse_kernel_configs("128-pull", Topology(2, 2), "x") == [L(128, False, True, pull=True)]
+    with pytest.raises(SystemExit, match="128-pull pulls from the other GPUs of a node"):
+        parse_kernel_configs("128-pull", Topology(2, 1), "x")
+    # A table entry records it and reads back; an explicit "no bulk" ends it.
+    table = tuning.Table()
+    key = tuning.entry_key(jax.devices()[0].device_kind, Topology(2, 2), "bfloat16")
+    table.record(key, 1 << 20, psum_us=9.0, nvrar_us_by_config={L.parse("128-pull"): 5.0, L(128, False, True): 6.0})
+    assert table.lookup(key, 1 << 20) == tuning.Choice("nvrar", L.parse("128-pull"))
+    assert table.entries[key][str(tuning.bucket_of(1 << 20))]["pull"] is True
+    monkeypatch.setattr(tuning, "_active", table)
+    monkeypatch.setattr(runtime, "workspace_bytes", lambda: 64 << 20)
+    unset = {"max_blocks": None, "one_shot": None, "bulk": None, "dense": None, "pull": None}
+    monkeypatch.setattr(tuning, "_explicit", lambda: dict(unset))
+    assert tuning.kernel_config_for(Topology(2, 2), "bfloat16", 1 << 19, 2) == L.parse("128-pull")
+    monkeypatch.setattr(tuning, "_explicit", lambda: dict(unset, bulk=False))
+    assert tuning.kernel_config_for(Topology(2, 2), "bfloat16", 1 << 19, 2) == L(128)
 
 
 def test_the_builtin_table_gives_the_measured_configs_without_a_tuning_run(monkeypatch):

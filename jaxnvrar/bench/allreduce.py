@@ -60,8 +60,9 @@ def add_arguments(parser) -> None:
                              "all-reduce, each replayed in a CUDA graph, in the same job")
     parser.add_argument("--kernel-configs", "--launches", "--max-blocks", dest="kernel_configs", default=None,
                         help="comma-separated kernel configurations to compare for nvrar, each "
-                             "BLOCKS[-1shot][-bulk|-dense]: at most BLOCKS thread blocks; one-shot (one node only); "
-                             "bulk data (a flag per block); dense (one node: raw data, no flags); "
+                             "BLOCKS[-1shot][-bulk|-dense|-pull]: at most BLOCKS thread blocks; one-shot (one node "
+                             "only); bulk data (a flag per block); dense (one node: raw data, no flags); pull (bulk "
+                             "whose reduce-scatter loads the peers' staged slices); "
                              "e.g. 128,128-1shot,128-bulk (columns nvrar/128, ...); "
                              "default: the tuning policy's choice (--launches: the old spelling)")
     parser.add_argument("--rms-norm", type=int, default=None, metavar="HIDDEN",
@@ -159,6 +160,10 @@ def parse_kernel_configs(text: str, topology: Topology, option: str) -> list[Ker
             raise SystemExit(f"jaxnvrar-bench {option}: {config.label} runs on one node of several GPUs, but the "
                              f"topology is {topology.num_nodes} node(s) of {topology.gpus_per_node} (it would run as "
                              "bulk under the wrong name); use -bulk or change --gpus-per-node")
+        if config.pull and topology.gpus_per_node == 1:
+            raise SystemExit(f"jaxnvrar-bench {option}: {config.label} pulls from the other GPUs of a node, but "
+                             f"the topology has nodes of one GPU (it would run as bulk under the wrong name); use "
+                             "-bulk or change --gpus-per-node")
     return configs
 
 

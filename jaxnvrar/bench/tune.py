@@ -1,6 +1,6 @@
 """jaxnvrar-bench tune: measure psum and the kernel in several configurations per size bucket
-(widths and, as variants, bulk and on one node one-shot, both, and dense), and write the winners to the tuning
-table that "auto" and the kernel configuration read (see jaxnvrar/tuning.py). A configuration
+(widths and, as variants, bulk, pull and on one node one-shot, both, and dense), and write the
+winners to the tuning table that "auto" and the kernel configuration read (see jaxnvrar/tuning.py). A configuration
 whose result disagrees with psum is reported and never chosen. Run once per machine type, topology and dtype, under jaxnvrar-launch:
 
     jaxnvrar-launch -n 2 -- jaxnvrar-bench tune --max-bytes 64M
@@ -26,9 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-bytes", type=parse_bytes, default=64 << 20, help="largest message (64M)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--kernel-configs", "--launches", dest="kernel_configs", default="32,128",
-                        help="kernel configurations to try, each BLOCKS[-1shot][-bulk|-dense] "
-                             "(32,128; each width is also tried bulk, and on one node one-shot, both, and, with "
-                             "JAXNVRAR_DENSE_BYTES set, dense, unless --no-variants)")
+                        help="kernel configurations to try, each BLOCKS[-1shot][-bulk|-dense|-pull] "
+                             "(32,128; each width is also tried bulk, pull where a node has several GPUs, and on "
+                             "one node one-shot, both, and, with JAXNVRAR_DENSE_BYTES set, dense, unless "
+                             "--no-variants)")
     parser.add_argument("--no-variants", action="store_true", help="try only the configurations given")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default: per host)")
     parser.add_argument("--chain", type=int, default=16, help="all-reduces per timed program (16)")
@@ -55,6 +56,9 @@ def run(args) -> int:
         one_shots = (False, True) if one_shot_possible(topology) else (False,)
         variants = [KernelConfig(c.max_blocks, one_shot, bulk) for c in configs for one_shot in one_shots
                     for bulk in (False, True)]
+        if topology.gpus_per_node > 1:  # pull: the reduce-scatter reads peers of the node
+            variants += [KernelConfig(c.max_blocks, one_shot, True, pull=True) for c in configs
+                         for one_shot in one_shots]
         if one_shot_possible(topology) and tuning.dense_inboxes():  # dense: opt-in (JAXNVRAR_DENSE_BYTES)
             variants += [KernelConfig(c.max_blocks, one_shot, True, True) for c in configs for one_shot in one_shots]
         configs = list(dict.fromkeys(configs + variants))

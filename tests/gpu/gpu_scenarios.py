@@ -101,6 +101,11 @@ def main(name: str) -> None:
             with kernel_config_override("128-1shot-dense" if rank == 0 else "128-1shot-bulk"):
                 expect_failure(all_reduce_fn(mesh), x)  # lowered under the override: each its own kernel
 
+        if name == "pull-mismatch":  # the same call, its reduce-scatter pulled on rank 0 only
+            x = sharded(mesh, np.ones(1 << 16, np.float32))
+            with kernel_config_override("128-pull" if rank == 0 else "128-bulk"):
+                expect_failure(all_reduce_fn(mesh), x)
+
         if name == "wrap":  # run with JAXNVRAR_FIRST_CALL a few calls before a flag wrap
             inputs = [np.random.default_rng(r).standard_normal(70000).astype(np.float32) for r in range(2)]
             out = all_reduce_fn(mesh, calls=16)(sharded(mesh, inputs[rank]))

@@ -106,6 +106,16 @@ def test_a_dense_call_against_a_bulk_call_reports_a_mismatch():
     assert "dense" in reports[0]["message"] and "bulk" in reports[0]["message"], reports[0]["message"]
 
 
+def test_a_pulled_call_against_a_pushed_one_reports_a_mismatch():
+    # The same flags, other places for the slices: without the pull bit in the signature the
+    # ranks would sum whatever their inboxes held.
+    reports = run_scenario("pull-mismatch")
+    for rank, seen in reports.items():
+        assert seen["raised"] and seen["record"]["kind"] == "mismatch", (rank, seen)
+        assert seen["seconds"] < TIMEOUT_S + 10, (rank, seen)
+    assert "pulled reduce-scatter" in reports[0]["message"], reports[0]["message"]
+
+
 @pytest.mark.parametrize("launch", [{}, {"JAXNVRAR_BULK": "1"}], ids=["default", "bulk"])
 @pytest.mark.parametrize("start_before_wrap", [6, 7])  # both parities
 def test_flags_wrap_around_without_error(start_before_wrap, launch):

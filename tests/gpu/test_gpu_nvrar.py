@@ -100,7 +100,7 @@ def _dense_needs_its_inboxes(request):
 
 
 LAUNCHES = ["128", "128-1shot", "128-bulk", "128-1shot-bulk", "3-bulk", "5-1shot", "128-1shot-dense", "5-1shot-dense",
-            "128-dense", "5-dense"]
+            "128-dense", "5-dense", "128-pull", "128-1shot-pull", "3-pull", "5-1shot-pull"]
 LAUNCH_SIZES = [1, 7, 4097, (1 << 16) + 3, 1 << 20, 4 << 20]
 
 
@@ -350,7 +350,7 @@ def test_message_larger_than_workspace_names_the_variable():
 # rows x hidden: the Llama 3.1 8B decode messages at batch 1 / 16 / 64, the 1B's at 7 rows, and a
 # tiny hidden (one 16-byte vector per row in 16-bit dtypes).
 FUSED_SHAPES = [(1, 4096), (16, 4096), (64, 4096), (7, 2048), (3, 8)]
-FUSED_LAUNCHES = ["128-1shot", "128-1shot-bulk", "128", "128-bulk", "3-bulk", "5-1shot"]
+FUSED_LAUNCHES = ["128-1shot", "128-1shot-bulk", "128", "128-bulk", "3-bulk", "5-1shot", "128-pull", "128-1shot-pull"]
 
 
 @pytest.fixture
