@@ -87,7 +87,7 @@ def test_kernel_accepts_llama_decode_shapes():
 
 def test_tile_variables_count_in_the_shared_memory_check(monkeypatch):
     """kernel_supports counts the shared memory of the tiles the kernel will take: a 4096-position
-    cache fits the default (two 24 KB tiles) but not four 96 KB tiles (the kernel would refuse it
+    cache fits the default (two 32 KB tiles) but not four 96 KB tiles (the kernel would refuse it
     at launch; here the model falls back to XLA's ops or names the reason)."""
     qkv = jax.ShapeDtypeStruct((1, 1, (8 + 2 * 2) * 128), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((1, 2, 4096, 128), jnp.bfloat16)

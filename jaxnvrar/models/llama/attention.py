@@ -39,7 +39,7 @@ KERNEL_DTYPES = ("bfloat16", "float16", "float32")
 KERNEL_MAX_QUERY_ROWS = 32
 KERNEL_MAX_SHARED_BYTES = 220 * 1024  # of the H100/H200's 227 KB
 _CLUSTER_BLOCKS = 8  # blocks over the cache positions of one (batch row, KV head): the portable cluster
-_TILE_BYTES = 24 * 1024  # of keys (or of values) per shared-memory tile, at most
+_TILE_BYTES = 32 * 1024  # of keys (or of values) per shared-memory tile, at most
 _SLOTS = 2  # tiles in shared memory: one used while the others load
 # Tuning variables the kernel's FFI handler reads (csrc/decode_attention.cu); read here too, so that
 # kernel_supports counts the shared memory the kernel will ask for.
