@@ -19,17 +19,19 @@ SCRIPT = pathlib.Path(__file__).parent / "gpu" / "two_gpu_agenda.sh"
 
 
 def bench_commands() -> list[list[str]]:
-    """Every `jaxnvrar-bench ...` of the script as an argument list, once per value of a
-    `for config in ...` loop around it."""
+    """Every `jaxnvrar-bench ...` of the script as an argument list, once per value of the
+    `for config in ...` loop around it (the nearest one above)."""
     text = SCRIPT.read_text().replace("\\\n", " ")
-    configs = re.findall(r"for config in ([^;]+);", text)
-    commands = []
+    commands, configs = [], []
     for line in text.splitlines():
+        loop = re.search(r"for config in ([^;]+);", line)
+        if loop:
+            configs = loop.group(1).split()
         if "jaxnvrar-bench " not in line or line.lstrip().startswith("#"):
             continue
         argv = shlex.split(line.split("jaxnvrar-bench ", 1)[1].replace("$out", "/tmp/agenda"))
         if any("$config" in a for a in argv):
-            for value in configs[0].split():
+            for value in configs:
                 commands.append([a.replace("$config", value) for a in argv])
         else:
             commands.append(argv)
@@ -39,7 +41,7 @@ def bench_commands() -> list[list[str]]:
 def test_the_script_has_every_part():
     commands = bench_commands()
     assert {argv[0] for argv in commands} == {"soak", "allreduce", "decode"}
-    assert len(commands) == 6  # two soaks, the sweep, three decode runs
+    assert len(commands) == 9  # two dense soaks, the sweep, two pull soaks, pull's sweep, three decode runs
 
 
 @pytest.mark.parametrize("argv", bench_commands(), ids=lambda argv: " ".join(argv[:3]))
@@ -48,9 +50,10 @@ def test_every_benchmark_command_parses(argv, monkeypatch):
     args = build_parser().parse_args(argv)
     if args.command == "allreduce":
         configs = allreduce.parse_kernel_configs(args.kernel_configs, Topology(2, 2), "agenda")
-        assert any(config.dense for config in configs)
+        assert any(config.dense or config.pull for config in configs)
     elif args.command == "soak":
-        assert KernelConfig.parse(args.kernel_config).dense
+        config = KernelConfig.parse(args.kernel_config)
+        assert config.dense or config.pull
     elif args.command == "decode":
         assert args.preset in PRESETS and args.tp == 2
 

@@ -4,6 +4,7 @@
 #
 #   bash tests/gpu/two_gpu_agenda.sh protocol   # dense-protocol soaks, 10^6 calls of mixed sizes per configuration
 #   bash tests/gpu/two_gpu_agenda.sh peers      # all-reduce sweep 8K-32M, every launch, against torch's peers
+#   bash tests/gpu/two_gpu_agenda.sh pull       # pulled vs pushed reduce-scatter: soaks, then a sweep side by side
 #   bash tests/gpu/two_gpu_agenda.sh suite      # the whole GPU test suite (tests/gpu/run.py)
 #   bash tests/gpu/two_gpu_agenda.sh decode8b   # Llama 3.1 8B TP 2, batch 1/16/64: psum, psum-xla, nvrar, none
 #   bash tests/gpu/two_gpu_agenda.sh decode1b   # Llama 3.2 1B TP 2, batch 1/16, and 8B with the attention kernel
@@ -12,7 +13,7 @@
 # tests/gpu/two_gpu_agenda.sh PART). Every command is bounded by `timeout`; a part goes on after a
 # failed command and ends with one line per command and its exit status (summary.txt).
 set -u
-part=${1:?"which part: protocol, peers, suite, decode8b or decode1b"}
+part=${1:?"which part: protocol, peers, pull, suite, decode8b or decode1b"}
 out=${2:-${OUT:-agenda-out}}
 mkdir -p "$out"
 summary="$out/summary.txt"
@@ -42,6 +43,19 @@ case "$part" in
       --peers torch --device-time "$out/trace" --json "$out/allreduce.json"
     rm -rf "$out/trace"  # large; the JSON keeps the kernel times
     ;;
+  pull)
+    # The pulled reduce-scatter (protocol_bulk.cuh's PullBulkProtocol): its ordering rests on flags
+    # and a fence like bulk's, so shorter soaks than dense's; then pull vs push, each width and shot.
+    for config in 128-pull 128-1shot-pull; do
+      step "soak_$config" 100 jaxnvrar-launch -n 2 --timeout 95 -- jaxnvrar-bench soak --calls 200000 \
+        --bytes 4K,64K,1M,8M --random-sizes 4 --kernel-config "$config" --json "$out/soak_$config.json"
+    done
+    step allreduce_pull 380 jaxnvrar-launch -n 2 --timeout 370 -- jaxnvrar-bench allreduce --algorithms nvrar \
+      --min-bytes 64K --max-bytes 32M \
+      --launches 128-bulk,128-pull,128-1shot-bulk,128-1shot-pull,256-1shot-bulk,256-1shot-pull \
+      --device-time "$out/trace" --json "$out/allreduce_pull.json"
+    rm -rf "$out/trace"
+    ;;
   suite)
     step suite 570 python tests/gpu/run.py --logs "$out/suite"
     ;;
@@ -56,7 +70,7 @@ case "$part" in
       --algorithms nvrar,none --attention xla,kernel --json "$out/decode_8b_attention.json"
     ;;
   *)
-    echo "unknown part '$part': protocol, peers, suite, decode8b or decode1b" >&2
+    echo "unknown part '$part': protocol, peers, pull, suite, decode8b or decode1b" >&2
     exit 2
     ;;
 esac
