@@ -39,6 +39,7 @@ using KernelFn = void (*)(KernelArgs, Layout);
 // workspace layout they expect.
 struct Protocol {
   bool bulk_layout;
+  bool pull;                // the reduce-scatter reads peers' staged slices (call signatures say so)
   int64_t unit_data_bytes;  // data bytes of a unit: a row of the fused norm is whole units
   KernelFn float32, bfloat16, float16;
   KernelFn float32_norm, bfloat16_norm, float16_norm;
@@ -53,6 +54,7 @@ struct Protocol {
 template <typename P>
 Protocol ProtocolOf() {
   return Protocol{P::kBulkLayout,
+                  P::kPullReduceScatter,
                   sizeof(typename P::Unit),
                   AllReduceKernel<float, P, false>,
                   AllReduceKernel<__nv_bfloat16, P, false>,
@@ -174,8 +176,8 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   plan->max_blocks = max_blocks;
   plan->one_shot = one_shot != 0;
   plan->bulk = bulk != 0;
-  plan->pull = bulk == 3;
   plan->protocol = SelectProtocol(bulk);
+  plan->pull = plan->protocol.pull;  // from the kernels chosen, so a signature never claims another protocol
   plan->fused_norm = fused_norm;
   plan->args.norm.eps = eps;
   if (num_ranks == 1) {

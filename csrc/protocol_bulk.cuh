@@ -14,9 +14,17 @@
 
 namespace jaxnvrar {
 
-// Flags are 8-byte words (NVSHMEM signal words, for the puts across hosts) holding the call's flag.
+// Flags are 8-byte words (NVSHMEM signal words, for the puts across hosts): the call's flag below
+// a fixed tag. The halves are shared by calls of every size and protocol, so a flag word may sit
+// where an earlier call left raw data; untagged, data such as bfloat16 [1.0, 0, 0, 0] would read as
+// the flag of call 16255. The tag is, in float32 and in the upper bfloat16/float16 element, a NaN
+// with a payload that no arithmetic produces.
+constexpr uint64_t kFlagTag = 0x7FC0A5A5ull << 32;
+
+__device__ __forceinline__ uint64_t FlagWord(uint32_t flag) { return kFlagTag | flag; }
+
 __device__ __forceinline__ void RaiseFlag(char* address, uint32_t flag) {
-  asm volatile("st.relaxed.sys.u64 [%0], %1;" ::"l"(address), "l"(static_cast<uint64_t>(flag)) : "memory");
+  asm volatile("st.relaxed.sys.u64 [%0], %1;" ::"l"(address), "l"(FlagWord(flag)) : "memory");
 }
 
 __device__ __forceinline__ uint64_t LoadFlagAcquire(const char* address) {
@@ -28,7 +36,7 @@ __device__ __forceinline__ uint64_t LoadFlagAcquire(const char* address) {
 // One thread waits until the flag word holds `flag` (SpinUntil: bounded, watching signatures).
 __device__ __forceinline__ void AwaitFlag(const char* address, uint32_t flag, const KernelArgs& args,
                                           unsigned long long calls, const WaitSite& site) {
-  SpinUntil([&] { return LoadFlagAcquire(address) == flag; }, flag, args, calls, site);
+  SpinUntil([&] { return LoadFlagAcquire(address) == FlagWord(flag); }, flag, args, calls, site);
 }
 
 // The block's staged range to the same place in a peer's workspace, then the flag word, which
@@ -36,7 +44,7 @@ __device__ __forceinline__ void AwaitFlag(const char* address, uint32_t flag, co
 // count against every thread of the kernel, and it runs only between hosts.
 __device__ __noinline__ void PutWithSignal(char* remote, const char* staged, int64_t bytes, char* flag_word,
                                            uint32_t flag, int32_t pe) {
-  nvshmemx_putmem_signal_nbi_block(remote, staged, bytes, reinterpret_cast<uint64_t*>(flag_word), flag,
+  nvshmemx_putmem_signal_nbi_block(remote, staged, bytes, reinterpret_cast<uint64_t*>(flag_word), FlagWord(flag),
                                    NVSHMEM_SIGNAL_SET, pe);
 }
 
@@ -129,9 +137,12 @@ struct BulkProtocol {
 // fence before the block's flag waits for no remote acknowledgement) and, once a peer's flag says
 // its slices are there, loads its own slice from the peer's workspace. The all-gather and the
 // inter-node steps push as in BulkProtocol. A staged slice is not overwritten while a peer may
-// still read it: a block stages call k+2's data in the workspace half of call k only after it
-// has the peer block's flag of call k+1, raised after that block's last load of call k.
-// Which way is faster is a measurement (jaxnvrar-bench allreduce), not a rule.
+// still read it: call k+2 reuses call k's half, and my call k+1 cannot end before every peer has
+// started call k+1 (its result needs their inputs), which each starts only after its kernel of
+// call k has ended (stream order; no programmatic dependent launch). Like every protocol here,
+// this assumes each call of the process has the same peers (design.md, Protocols).
+// Which way is faster is a measurement (jaxnvrar-bench allreduce), not a rule. Under bulk's
+// 64-register bound its 16-bit kernels spill 8 bytes (24 fused) where bulk's spill none (ptxas -v).
 struct PullBulkProtocol : BulkProtocol {
   static constexpr bool kPullReduceScatter = true;
 

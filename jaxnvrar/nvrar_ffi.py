@@ -8,7 +8,7 @@ import jax
 from jax.interpreters import mlir
 
 from jaxnvrar import runtime, tuning
-from jaxnvrar.schedule import Topology, workspace_bytes_needed
+from jaxnvrar.schedule import KernelConfig, Topology, workspace_bytes_needed
 
 TARGET = "jaxnvrar_nvrar_all_reduce"
 TARGET_RMS_NORM = "jaxnvrar_nvrar_all_reduce_rms_norm"
@@ -52,6 +52,12 @@ def _pe_groups(groups, num_pes: int) -> np.ndarray:
     return table
 
 
+def protocol_attribute(config: KernelConfig) -> int:
+    """The `bulk` attribute of a call site (csrc/nvrar_ffi.cu's SelectProtocol): 0 LL cells, 1 bulk,
+    2 dense (csrc/protocol_dense.cuh), 3 bulk with a pulled reduce-scatter (protocol_bulk.cuh)."""
+    return 2 if config.dense else 3 if config.pull else int(config.bulk)
+
+
 def _kernel_attributes(ctx, topology: Topology, groups) -> dict:
     """The attributes every kernel call site is lowered with (csrc/nvrar_ffi.cu's instantiate)."""
     if groups is None:
@@ -67,8 +73,7 @@ def _kernel_attributes(ctx, topology: Topology, groups) -> dict:
         gpus_per_node=np.int32(topology.gpus_per_node),
         max_blocks=np.int32(config.max_blocks),
         one_shot=np.int32(config.one_shot),
-        # 2: dense (csrc/protocol_dense.cuh); 3: bulk with a pulled reduce-scatter (protocol_bulk.cuh)
-        bulk=np.int32(2 if config.dense else 3 if config.pull else config.bulk),
+        bulk=np.int32(protocol_attribute(config)),
         check_calls=np.int32(runtime.check_calls()),
         pe_groups=table.reshape(-1),
     )

@@ -42,6 +42,8 @@ def test_the_script_has_every_part():
     commands = bench_commands()
     assert {argv[0] for argv in commands} == {"soak", "allreduce", "decode"}
     assert len(commands) == 9  # two dense soaks, the sweep, two pull soaks, pull's sweep, three decode runs
+    soaked = {argv[argv.index("--kernel-config") + 1] for argv in commands if argv[0] == "soak"}
+    assert soaked == {"128-1shot-dense", "128-dense", "128-pull", "128-1shot-pull"}
 
 
 @pytest.mark.parametrize("argv", bench_commands(), ids=lambda argv: " ".join(argv[:3]))
@@ -50,7 +52,11 @@ def test_every_benchmark_command_parses(argv, monkeypatch):
     args = build_parser().parse_args(argv)
     if args.command == "allreduce":
         configs = allreduce.parse_kernel_configs(args.kernel_configs, Topology(2, 2), "agenda")
-        assert any(config.dense or config.pull for config in configs)
+        if args.peers:  # the peer sweep: every launch kind, dense included
+            assert any(config.dense for config in configs) and any(config.bulk and not config.dense for config in configs)
+        else:  # pull's sweep: each pull launch beside its pushed twin
+            pulled = {config for config in configs if config.pull}
+            assert pulled and {KernelConfig(c.max_blocks, c.one_shot, True) for c in pulled} <= set(configs)
     elif args.command == "soak":
         config = KernelConfig.parse(args.kernel_config)
         assert config.dense or config.pull

@@ -205,7 +205,10 @@ def test_pull_is_a_kind_of_bulk_with_peers_in_the_node(monkeypatch):
     # Nodes of one GPU have no peer to pull from (bulk); several nodes keep it (the node's part).
     assert L.parse("64-pull").possible_for(Topology(2, 1)) == L(64, False, True)
     assert L.parse("64-1shot-pull").possible_for(Topology(4, 2)) == L(64, False, True, pull=True)
-    # The lowering's protocol number: 3 (csrc/nvrar_ffi.cu's SelectProtocol).
+    # The lowering's protocol number (csrc/nvrar_ffi.cu's SelectProtocol): 3; dense 2, bulk 1, LL 0.
+    from jaxnvrar.nvrar_ffi import protocol_attribute
+    assert [protocol_attribute(L.parse(label)) for label in ("64-pull", "64-1shot-pull", "64-dense", "64-bulk", "64")] \
+        == [3, 3, 2, 1, 0]
     from jaxnvrar.bench.allreduce import parse_kernel_configs
     assert parse_kernel_configs("128-pull", Topology(2, 2), "x") == [L(128, False, True, pull=True)]
     with pytest.raises(SystemExit, match="128-pull pulls from the other GPUs of a node"):

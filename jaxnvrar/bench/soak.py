@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 import jaxnvrar
 from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
 from jaxnvrar.bench.setup import bring_up, is_printer, progress
-from jaxnvrar.distributed import gather_from_processes
+from jaxnvrar.distributed import default_topology, gather_from_processes
 from jaxnvrar import runtime, tuning
 from jaxnvrar.schedule import KernelConfig
 from jaxnvrar.tuning import kernel_config_override
@@ -116,6 +116,12 @@ def run(args) -> int:
                              f"{algorithm} (nvrar needs GPUs, the CUDA build and jaxnvrar-launch)")
         if pinned:
             tuning.check_dense_inboxes(pinned)
+            topology = default_topology(num_ranks)
+            runs_as = pinned.possible_for(topology)
+            if runs_as != pinned:  # else its calls would be counted under a name they do not run as
+                raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {pinned.label} cannot run on "
+                                 f"{topology.num_nodes} node(s) of {topology.gpus_per_node} GPU(s); it would run as "
+                                 f"{runs_as.label}")
     except ValueError as err:
         raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {err}") from None
     with kernel_config_override(pinned) if pinned else contextlib.nullcontext(), jax.set_mesh(mesh):

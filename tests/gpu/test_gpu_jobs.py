@@ -113,6 +113,9 @@ def test_a_pulled_call_against_a_pushed_one_reports_a_mismatch():
     for rank, seen in reports.items():
         assert seen["raised"] and seen["record"]["kind"] == "mismatch", (rank, seen)
         assert seen["seconds"] < TIMEOUT_S + 10, (rank, seen)
+        # Rank 0 pulled, rank 1 pushed: each record decodes both calls, the peer's from its bits.
+        mine, theirs = seen["record"]["mine"], seen["record"]["peer_call"]
+        assert (mine["pull"], theirs["pull"]) == ((True, False) if rank == 0 else (False, True)), (rank, seen)
     assert "pulled reduce-scatter" in reports[0]["message"], reports[0]["message"]
 
 
