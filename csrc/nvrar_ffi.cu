@@ -281,6 +281,10 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
   }
   // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
   plan.layout = MakeLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout);
+  plan.layout.half_stride = HalfStride(rt.workspace_bytes);
+  if (plan.layout.half_bytes > plan.layout.half_stride) {  // WorkspaceBytesNeeded above rules it out
+    return ffi::Error::Internal("jaxnvrar: a workspace half is smaller than the call's layout");
+  }
   args.num_elements = n;
   args.slice_units = plan.layout.slice_units;
   args.slice_stride = plan.layout.slice_stride;

@@ -139,12 +139,13 @@ struct Layout {
   int64_t slice_units;   // units per inbox: 16-byte LL cells of 8 data bytes, or bulk chunks
   int64_t slice_bytes;
   int64_t flags_offset;
-  int64_t half_bytes;
+  int64_t half_bytes;   // what a half of this layout takes
+  int64_t half_stride;  // from half 0 to half 1: the same for every call of a workspace (HalfStride)
   int32_t gpus_per_node;
   int32_t num_steps;
 
   JAXNVRAR_HD int64_t Half(unsigned long long calls) const {
-    return kWorkspaceHeaderBytes + static_cast<int64_t>(calls & 1ull) * half_bytes;
+    return kWorkspaceHeaderBytes + static_cast<int64_t>(calls & 1ull) * half_stride;
   }
   JAXNVRAR_HD int64_t ReduceScatterInbox(int32_t from_local) const { return from_local * slice_bytes; }
   JAXNVRAR_HD int64_t InterNodeInbox(int32_t step) const { return (gpus_per_node + step) * slice_bytes; }
@@ -171,7 +172,18 @@ JAXNVRAR_HD Layout MakeLayout(int64_t num_elements, int64_t itemsize, int32_t nu
   const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * l.num_steps;
   l.flags_offset = inboxes * l.slice_bytes;
   l.half_bytes = l.flags_offset + (bulk ? BulkFlagAreaBytes(gpus_per_node, one_shot ? 0 : l.num_steps) : 0);
+  l.half_stride = l.half_bytes;  // the kernel's plan sets HalfStride(workspace) instead
   return l;
+}
+
+// Where half 1 starts for every call of a workspace of `workspace_bytes`: its middle (16-byte
+// units). Fixed, not the call's own half_bytes: with halves that moved with the message size, a
+// call could write into the region of a larger previous call that a slower peer was still
+// reading. With fixed halves, call k+2 (the half of call k) starts only after this rank's call
+// k+1 ended, which needed every peer to have started k+1, so to have ended k. A layout fits
+// where WorkspaceBytesNeeded <= workspace_bytes, i.e. half_bytes <= HalfStride.
+JAXNVRAR_HD int64_t HalfStride(int64_t workspace_bytes) {
+  return (workspace_bytes - kWorkspaceHeaderBytes) / 2 / kUnitBytes * kUnitBytes;
 }
 
 JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize, int32_t num_ranks,

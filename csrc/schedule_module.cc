@@ -63,6 +63,7 @@ NB_MODULE(_jaxnvrar_cpu, m) {
     const jaxnvrar::CallDescription call = jaxnvrar::DecodeCall(jaxnvrar::CallSignature{elements, shape});
     return jaxnvrar::CallDict(call, call.dtype);
   });
+  m.def("half_stride", &jaxnvrar::HalfStride, nb::arg("workspace_bytes"));
   m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded, nb::arg("num_elements"),
         nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false,
         nb::arg("bulk") = false);

@@ -114,6 +114,13 @@ def test_workspace_regions_are_disjoint_and_fill_each_half():
             config = KernelConfig(one_shot=one_shot, bulk=bulk)
             assert schedule.workspace_bytes_needed(n, itemsize, Topology(g * nodes, g), config) == \
                 schedule.WORKSPACE_HEADER_BYTES + 2 * half
+            # Half 1 starts at the workspace's middle for every call (HalfStride), not after the
+            # call's own layout: a layout fits the workspace exactly where it fits that half.
+            needed = schedule.WORKSPACE_HEADER_BYTES + 2 * half
+            for workspace in (needed, needed + 8, needed + 16, needed - 16, 512 << 20):
+                fits = needed <= workspace
+                assert (half <= cpp.half_stride(workspace)) == fits, (n, g, nodes, one_shot, bulk, workspace)
+                assert cpp.half_stride(workspace) % 16 == 0
 
 
 def test_dense_inboxes_match_the_kernels():

@@ -186,6 +186,40 @@ def test_ten_thousand_consecutive_calls_and_two_call_sites():
     np.testing.assert_array_equal(out, np.full((num_ranks, 3), 2 * 5001, np.float32))
 
 
+@pytest.mark.parametrize("config", ["128-1shot-bulk", "128-bulk", "128-1shot-pull", "128-pull", "128-1shot", "128"])
+def test_a_smaller_call_never_writes_where_a_peer_still_reads(config):
+    # Calls of 1 MB and 128 KB take turns, only kernels, so ranks drift apart. When the second
+    # workspace half started after the call's own layout, the small call's half fell inside the
+    # large call's inboxes (one-shot) or all-gather inboxes (two-shot), which a slower peer could
+    # still be reading: bulk then summed the wrong data, LL waited for cells that never came.
+    # (With two ranks sharing one H200 this passed with the old halves too, 2026-12-02: the race
+    # needs a peer's blocks to fall behind mid-read; here it checks mixed sizes on fixed halves.)
+    num_ranks = jax.device_count()
+    mesh = mesh_1d(num_ranks)
+    large, small, calls = 1 << 18, 1 << 15, 300  # float32 elements; exact small-integer sums
+    total = num_ranks * (num_ranks + 1) // 2
+
+    def run(_):
+        rank = lax.axis_index("x").astype(jnp.float32) + 1
+        big_pattern = jnp.arange(large, dtype=jnp.int32) % 251 + 1
+        small_pattern = jnp.arange(small, dtype=jnp.int32) % 13 + 1
+
+        def body(i, wrong):
+            big_scale, small_scale = i % 16 + 1, i % 9 + 1
+            big = jaxnvrar.all_reduce(rank * (big_scale * big_pattern).astype(jnp.float32), "x",
+                                      algorithm="nvrar", gpus_per_node=num_ranks)
+            little = jaxnvrar.all_reduce(rank * (small_scale * small_pattern).astype(jnp.float32), "x",
+                                         algorithm="nvrar", gpus_per_node=num_ranks)
+            return (wrong + jnp.sum(big != (total * big_scale * big_pattern).astype(jnp.float32), dtype=jnp.int32)
+                    + jnp.sum(little != (total * small_scale * small_pattern).astype(jnp.float32), dtype=jnp.int32))
+
+        return lax.fori_loop(0, calls, body, lax.pcast(jnp.int32(0), "x", to="varying"))[None]
+
+    with kernel_config_override(config):
+        out = run_per_rank(run, np.zeros((num_ranks, 1), np.float32), mesh)
+    assert (out == 0).all(), f"{out.tolist()} elements of {calls} pairs of calls were wrong"
+
+
 def test_command_buffer_replay_advances_flags():
     # Re-running one compiled program replays its command buffer (CUDA graph; the suite runs
     # with --xla_gpu_graph_min_graph_size=1 so even small programs are captured). The kernel
