@@ -280,8 +280,7 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
         std::to_string(rt.workspace_bytes) + "; raise JAXNVRAR_WORKSPACE_BYTES");
   }
   // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
-  plan.layout = MakeLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout);
-  plan.layout.half_stride = HalfStride(rt.workspace_bytes);
+  plan.layout = KernelLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout, rt.workspace_bytes);
   if (plan.layout.half_bytes > plan.layout.half_stride) {  // WorkspaceBytesNeeded above rules it out
     return ffi::Error::Internal("jaxnvrar: a workspace half is smaller than the call's layout");
   }

@@ -172,18 +172,29 @@ JAXNVRAR_HD Layout MakeLayout(int64_t num_elements, int64_t itemsize, int32_t nu
   const int64_t inboxes = one_shot ? gpus_per_node : 2 * gpus_per_node + 2 * l.num_steps;
   l.flags_offset = inboxes * l.slice_bytes;
   l.half_bytes = l.flags_offset + (bulk ? BulkFlagAreaBytes(gpus_per_node, one_shot ? 0 : l.num_steps) : 0);
-  l.half_stride = l.half_bytes;  // the kernel's plan sets HalfStride(workspace) instead
+  // Not a kernel's layout yet: only KernelLayout sets where half 1 starts (a layout that skipped
+  // it would put half 1 before the workspace and fault, not overlap silently).
+  l.half_stride = -(int64_t{1} << 60);
   return l;
 }
 
 // Where half 1 starts for every call of a workspace of `workspace_bytes`: its middle (16-byte
-// units). Fixed, not the call's own half_bytes: with halves that moved with the message size, a
-// call could write into the region of a larger previous call that a slower peer was still
-// reading. With fixed halves, call k+2 (the half of call k) starts only after this rank's call
-// k+1 ended, which needed every peer to have started k+1, so to have ended k. A layout fits
-// where WorkspaceBytesNeeded <= workspace_bytes, i.e. half_bytes <= HalfStride.
+// units). Fixed, not the call's own half_bytes: with halves that moved with the message size,
+// two consecutive calls of different sizes (either order) overlapped whenever the larger one ran
+// in half 0, and one could write where a slower peer still read the other. With fixed halves,
+// call k+2 (the half of call k) starts only after this rank's call k+1 ended, which needed every
+// peer to have started k+1, so to have ended k. A layout fits where WorkspaceBytesNeeded <=
+// workspace_bytes, i.e. half_bytes <= HalfStride.
 JAXNVRAR_HD int64_t HalfStride(int64_t workspace_bytes) {
   return (workspace_bytes - kWorkspaceHeaderBytes) / 2 / kUnitBytes * kUnitBytes;
+}
+
+// The layout a kernel gets: MakeLayout's, in a workspace of `workspace_bytes`.
+JAXNVRAR_HD Layout KernelLayout(int64_t num_elements, int64_t itemsize, int32_t num_ranks, int32_t gpus_per_node,
+                                bool one_shot, bool bulk, int64_t workspace_bytes) {
+  Layout l = MakeLayout(num_elements, itemsize, num_ranks, gpus_per_node, one_shot, bulk);
+  l.half_stride = HalfStride(workspace_bytes);
+  return l;
 }
 
 JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize, int32_t num_ranks,

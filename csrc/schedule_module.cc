@@ -64,6 +64,13 @@ NB_MODULE(_jaxnvrar_cpu, m) {
     return jaxnvrar::CallDict(call, call.dtype);
   });
   m.def("half_stride", &jaxnvrar::HalfStride, nb::arg("workspace_bytes"));
+  // The workspace bytes [begin, end) that call number `calls` of a kernel's layout uses.
+  m.def("call_half_span", [](int64_t num_elements, int64_t itemsize, int32_t num_ranks, int32_t gpus_per_node,
+                             bool one_shot, bool bulk, int64_t workspace_bytes, uint64_t calls) {
+    const jaxnvrar::Layout l = jaxnvrar::KernelLayout(num_elements, itemsize, num_ranks, gpus_per_node, one_shot, bulk,
+                                                      workspace_bytes);
+    return std::make_pair(l.Half(calls), l.Half(calls) + l.half_bytes);
+  });
   m.def("workspace_bytes_needed", &jaxnvrar::WorkspaceBytesNeeded, nb::arg("num_elements"),
         nb::arg("itemsize"), nb::arg("num_ranks"), nb::arg("gpus_per_node"), nb::arg("one_shot") = false,
         nb::arg("bulk") = false);

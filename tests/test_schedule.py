@@ -97,6 +97,25 @@ def test_inboxes_hold_whole_cells_and_every_slice():
         assert all(e - b <= capacity for b, e in schedule.slice_bounds(n, g, align))
 
 
+def test_consecutive_calls_of_any_layouts_use_disjoint_halves():
+    # A kernel's call k uses half k % 2 of the workspace, at the same place whatever the call's
+    # size or configuration: consecutive calls never share bytes (the halves once moved with the
+    # layout, and a call could write where the previous one's slower peer still read).
+    workspace = 64 << 20
+    layouts = [(n, itemsize, ranks, g, one_shot, bulk)
+               for n, itemsize, (ranks, g) in itertools.product([1, 4097, 98304, 1 << 18, 1 << 21], (2, 4),
+                                                                [(2, 2), (4, 2), (3, 1), (8, 8)])
+               for one_shot, bulk in [(False, False), (False, True)] + ([(True, False), (True, True)] if ranks == g else [])
+               if cpp.workspace_bytes_needed(n, itemsize, ranks, g, one_shot, bulk) <= workspace]
+    assert len(layouts) > 60
+    for first, second in itertools.product(layouts, repeat=2):
+        for calls in (6, 7):  # the first call in half 0, then in half 1
+            a_begin, a_end = cpp.call_half_span(*first, workspace, calls)
+            b_begin, b_end = cpp.call_half_span(*second, workspace, calls + 1)
+            assert schedule.WORKSPACE_HEADER_BYTES <= min(a_begin, b_begin) and max(a_end, b_end) <= workspace
+            assert a_end <= b_begin or b_end <= a_begin, (first, second, calls)
+
+
 def test_workspace_regions_are_disjoint_and_fill_each_half():
     # The kernels' offsets (csrc/schedule.h's Layout): every inbox, staging area and flag array of
     # a half, for every kernel configuration, lies inside the half and overlaps no other.

@@ -187,16 +187,17 @@ def test_ten_thousand_consecutive_calls_and_two_call_sites():
 
 
 @pytest.mark.parametrize("config", ["128-1shot-bulk", "128-bulk", "128-1shot-pull", "128-pull", "128-1shot", "128"])
-def test_a_smaller_call_never_writes_where_a_peer_still_reads(config):
-    # Calls of 1 MB and 128 KB take turns, only kernels, so ranks drift apart. When the second
-    # workspace half started after the call's own layout, the small call's half fell inside the
-    # large call's inboxes (one-shot) or all-gather inboxes (two-shot), which a slower peer could
-    # still be reading: bulk then summed the wrong data, LL waited for cells that never came.
-    # (With two ranks sharing one H200 this passed with the old halves too, 2026-12-02: the race
-    # needs a peer's blocks to fall behind mid-read; here it checks mixed sizes on fixed halves.)
+def test_calls_of_other_sizes_never_write_where_a_peer_still_reads(config):
+    # Calls of 1 MB and 384 KB, only kernels, so ranks drift apart. When the second workspace
+    # half started after the call's own layout, such a pair overlapped (either order) whenever
+    # the larger call ran in half 0; at this ratio (3/8) for every configuration here, on 2 GPUs.
+    # One call could then write where a slower peer still read the other: a wrong sum, or a wait
+    # that timed out. Three calls per round (large, small, small), so that the large call runs
+    # in both halves. (On the old halves, with two ranks sharing one H200 and 1 MB / 128 KB in
+    # pairs, the bulk and pull cases passed, 2026-12-02: sharing a GPU did not provoke it.)
     num_ranks = jax.device_count()
     mesh = mesh_1d(num_ranks)
-    large, small, calls = 1 << 18, 1 << 15, 300  # float32 elements; exact small-integer sums
+    large, small, calls = 1 << 18, 3 << 15, 200  # float32 elements; exact small-integer sums
     total = num_ranks * (num_ranks + 1) // 2
 
     def run(_):
@@ -210,14 +211,18 @@ def test_a_smaller_call_never_writes_where_a_peer_still_reads(config):
                                       algorithm="nvrar", gpus_per_node=num_ranks)
             little = jaxnvrar.all_reduce(rank * (small_scale * small_pattern).astype(jnp.float32), "x",
                                          algorithm="nvrar", gpus_per_node=num_ranks)
-            return (wrong + jnp.sum(big != (total * big_scale * big_pattern).astype(jnp.float32), dtype=jnp.int32)
-                    + jnp.sum(little != (total * small_scale * small_pattern).astype(jnp.float32), dtype=jnp.int32))
+            again = jaxnvrar.all_reduce(lax.pcast(little / total, "x", to="varying"), "x", algorithm="nvrar",
+                                        gpus_per_node=num_ranks)
+            want_big = (total * big_scale * big_pattern).astype(jnp.float32)
+            want_small = (total * small_scale * small_pattern).astype(jnp.float32)
+            return (wrong + jnp.sum(big != want_big, dtype=jnp.int32) + jnp.sum(little != want_small, dtype=jnp.int32)
+                    + jnp.sum(again != num_ranks * want_small / total, dtype=jnp.int32))
 
         return lax.fori_loop(0, calls, body, lax.pcast(jnp.int32(0), "x", to="varying"))[None]
 
     with kernel_config_override(config):
         out = run_per_rank(run, np.zeros((num_ranks, 1), np.float32), mesh)
-    assert (out == 0).all(), f"{out.tolist()} elements of {calls} pairs of calls were wrong"
+    assert (out == 0).all(), f"{out.tolist()} elements of {calls} rounds of three calls were wrong"
 
 
 def test_command_buffer_replay_advances_flags():
