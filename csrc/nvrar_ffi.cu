@@ -94,7 +94,6 @@ struct CallSitePlan {
   int32_t max_blocks = 0;
   bool one_shot = false;
   bool bulk = false;
-  bool pull = false;  // bulk with a pulled reduce-scatter (PullBulkProtocol)
   bool fused_norm = false;  // all_reduce_rms_norm's site
   Protocol protocol = {};
   KernelArgs args = {};  // all but the buffers and what their size decides
@@ -177,7 +176,6 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   plan->one_shot = one_shot != 0;
   plan->bulk = bulk != 0;
   plan->protocol = SelectProtocol(bulk);
-  plan->pull = plan->protocol.pull;  // from the kernels chosen, so a signature never claims another protocol
   plan->fused_norm = fused_norm;
   plan->args.norm.eps = eps;
   if (num_ranks == 1) {
@@ -281,9 +279,6 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
   }
   // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
   plan.layout = KernelLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout, rt.workspace_bytes);
-  if (plan.layout.half_bytes > plan.layout.half_stride) {  // WorkspaceBytesNeeded above rules it out
-    return ffi::Error::Internal("jaxnvrar: a workspace half is smaller than the call's layout");
-  }
   args.num_elements = n;
   args.slice_units = plan.layout.slice_units;
   args.slice_stride = plan.layout.slice_stride;
@@ -300,7 +295,8 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
                                                                                : DenseKernel<__half>;
   }
   args.signature =
-      EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes, plan.fused_norm, dense, plan.pull);
+      EncodeCall(n, DtypeCodeOf(dtype), plan.one_shot, plan.bulk, g, plan.num_nodes, plan.fused_norm, dense,
+                 plan.protocol.pull);  // from the kernels chosen, so a signature never claims another protocol
   plan.work = CallSitePlan::Work::kKernel;
   return ffi::Error::Success();
 }

@@ -29,10 +29,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
-from jaxnvrar.bench.allreduce import DTYPES, parse_bytes
+from jaxnvrar.bench.allreduce import DTYPES, parse_bytes, parse_kernel_configs
 from jaxnvrar.bench.setup import bring_up, is_printer, progress
 from jaxnvrar.distributed import default_topology, gather_from_processes
-from jaxnvrar import runtime, tuning
+from jaxnvrar import runtime
 from jaxnvrar.schedule import KernelConfig
 from jaxnvrar.tuning import kernel_config_override
 
@@ -111,19 +111,13 @@ def run(args) -> int:
     chunks = max(len(counts), calls // chunk)
     try:
         pinned = KernelConfig.parse(args.kernel_config) if args.kernel_config else None
-        if pinned and algorithm != "nvrar":
-            raise SystemExit(f"jaxnvrar-bench soak --kernel-config: it pins nvrar's kernel, but this run uses "
-                             f"{algorithm} (nvrar needs GPUs, the CUDA build and jaxnvrar-launch)")
-        if pinned:
-            tuning.check_dense_inboxes(pinned)
-            topology = default_topology(num_ranks)
-            runs_as = pinned.possible_for(topology)
-            if runs_as != pinned:  # else its calls would be counted under a name they do not run as
-                raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {pinned.label} cannot run on "
-                                 f"{topology.num_nodes} node(s) of {topology.gpus_per_node} GPU(s); it would run as "
-                                 f"{runs_as.label}")
     except ValueError as err:
         raise SystemExit(f"jaxnvrar-bench soak --kernel-config: {err}") from None
+    if pinned and algorithm != "nvrar":
+        raise SystemExit(f"jaxnvrar-bench soak --kernel-config: it pins nvrar's kernel, but this run uses "
+                         f"{algorithm} (nvrar needs GPUs, the CUDA build and jaxnvrar-launch)")
+    if pinned:  # the dense inboxes, and a configuration the topology would run as another
+        pinned, = parse_kernel_configs(args.kernel_config, default_topology(num_ranks), "soak --kernel-config")
     with kernel_config_override(pinned) if pinned else contextlib.nullcontext(), jax.set_mesh(mesh):
         programs, inputs = [], []
         for count in counts:  # one program per size, each compiled and warmed up (not counted)
