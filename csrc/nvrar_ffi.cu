@@ -116,8 +116,13 @@ ffi::Error NotInitialized() {
 
 // Validate the attributes, as the lowering passed them.
 ffi::Error ValidateAttributes(const Runtime& rt, int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
-                              int32_t one_shot, int32_t bulk, ffi::Span<const int32_t> pe_groups) {
+                              int32_t one_shot, int32_t bulk, int32_t grouping, ffi::Span<const int32_t> pe_groups) {
   if (!rt.initialized) return NotInitialized();
+  if (grouping < 0 || grouping >= rt.groupings) {
+    return ffi::Error::InvalidArgument("jaxnvrar: the program was lowered for workspace region " +
+                                       std::to_string(grouping) + ", but the runtime has " +
+                                       std::to_string(rt.groupings) + " (JAXNVRAR_GROUPINGS)");
+  }
   if (num_ranks < 1 || gpus_per_node < 1 || num_ranks % gpus_per_node != 0 ||
       gpus_per_node > kMaxGpusPerNode) {
     return ffi::Error::InvalidArgument("jaxnvrar: bad topology: " + std::to_string(num_ranks) +
@@ -162,10 +167,11 @@ bool UsesDenseInboxes(const int32_t* group, int32_t num_ranks) {
 // local index, the workspaces of my node's GPUs and my inter-node steps.
 ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
                                                          int32_t one_shot, int32_t bulk, int32_t check_calls,
-                                                         ffi::Span<const int32_t> pe_groups, bool fused_norm,
-                                                         float eps) {
+                                                         int32_t grouping, ffi::Span<const int32_t> pe_groups,
+                                                         bool fused_norm, float eps) {
   const Runtime& rt = GetRuntime();
-  if (ffi::Error error = ValidateAttributes(rt, num_ranks, gpus_per_node, max_blocks, one_shot, bulk, pe_groups);
+  if (ffi::Error error =
+          ValidateAttributes(rt, num_ranks, gpus_per_node, max_blocks, one_shot, bulk, grouping, pe_groups);
       error.failure()) {
     return ffi::Unexpected(error);
   }
@@ -197,7 +203,9 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   }
   KernelArgs& args = plan->args;
   args.one_shot = plan->one_shot;
-  args.workspace = rt.workspace;
+  // The region of this site's grouping (the lowering's `grouping`), at the same offset on every PE.
+  const int64_t region = static_cast<int64_t>(grouping) * rt.grouping_bytes;
+  args.workspace = rt.workspace + region;
   args.node = my_rank / gpus_per_node;
   args.local = my_rank % gpus_per_node;
   args.gpus_per_node = gpus_per_node;
@@ -212,6 +220,7 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   for (int32_t l = 0; l < gpus_per_node; ++l) {
     const int32_t pe = group[args.node * gpus_per_node + l];
     args.node_peers[l] = static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
+    if (args.node_peers[l] != nullptr) args.node_peers[l] += region;
     if (args.node_peers[l] == nullptr) {
       return ffi::Unexpected(ffi::Error::InvalidArgument(
           "jaxnvrar: gpus_per_node=" + std::to_string(gpus_per_node) + " puts PE " + std::to_string(pe) +
@@ -236,15 +245,16 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
     if (step.op == kIdle) continue;
     const int32_t pe = group[step.peer * gpus_per_node + args.local];
     args.inter_peer_pe[s] = pe;
-    args.inter_peer_ptr[s] = rt.force_put ? nullptr : static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
+    char* direct = rt.force_put ? nullptr : static_cast<char*>(nvshmem_ptr(rt.workspace, pe));
+    args.inter_peer_ptr[s] = direct == nullptr ? nullptr : direct + region;
   }
   return std::move(plan);
 }
 
 ffi::ErrorOr<std::unique_ptr<CallSitePlan>> Instantiate(int32_t num_ranks, int32_t gpus_per_node, int32_t max_blocks,
                                                         int32_t one_shot, int32_t bulk, int32_t check_calls,
-                                                        ffi::Span<const int32_t> pe_groups) {
-  return PlanCallSite(num_ranks, gpus_per_node, max_blocks, one_shot, bulk, check_calls, pe_groups,
+                                                        int32_t grouping, ffi::Span<const int32_t> pe_groups) {
+  return PlanCallSite(num_ranks, gpus_per_node, max_blocks, one_shot, bulk, check_calls, grouping, pe_groups,
                       /*fused_norm=*/false, 0.0f);
 }
 
@@ -272,13 +282,13 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
   const int32_t g = args.gpus_per_node;
   const bool bulk_layout = plan.protocol.bulk_layout;
   const int64_t needed = WorkspaceBytesNeeded(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout);
-  if (needed > rt.workspace_bytes) {
+  if (needed > rt.grouping_bytes) {
     return ffi::Error::InvalidArgument(
         "jaxnvrar: message needs " + std::to_string(needed) + " bytes of workspace, have " +
-        std::to_string(rt.workspace_bytes) + "; raise JAXNVRAR_WORKSPACE_BYTES");
+        std::to_string(rt.grouping_bytes) + "; raise JAXNVRAR_WORKSPACE_BYTES");
   }
   // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
-  plan.layout = KernelLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout, rt.workspace_bytes);
+  plan.layout = KernelLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout, rt.grouping_bytes);
   args.num_elements = n;
   args.slice_units = plan.layout.slice_units;
   args.slice_stride = plan.layout.slice_stride;
@@ -418,9 +428,9 @@ ffi::Error Execute(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuffer x, ff
 
 ffi::ErrorOr<std::unique_ptr<CallSitePlan>> InstantiateFusedNorm(int32_t num_ranks, int32_t gpus_per_node,
                                                                  int32_t max_blocks, int32_t one_shot, int32_t bulk,
-                                                                 int32_t check_calls, ffi::Span<const int32_t> pe_groups,
-                                                                 float eps) {
-  return PlanCallSite(num_ranks, gpus_per_node, max_blocks, one_shot, bulk, check_calls, pe_groups,
+                                                                 int32_t check_calls, int32_t grouping,
+                                                                 ffi::Span<const int32_t> pe_groups, float eps) {
+  return PlanCallSite(num_ranks, gpus_per_node, max_blocks, one_shot, bulk, check_calls, grouping, pe_groups,
                       /*fused_norm=*/true, eps);
 }
 
@@ -476,6 +486,7 @@ auto WithSiteAttributes(Binding binding) {
       .template Attr<int32_t>("one_shot")
       .template Attr<int32_t>("bulk")
       .template Attr<int32_t>("check_calls")
+      .template Attr<int32_t>("grouping")
       .template Attr<ffi::Span<const int32_t>>("pe_groups");
 }
 
@@ -535,7 +546,8 @@ NB_MODULE(_jaxnvrar_cuda, m) {
         nb::arg("rows"), nb::arg("cache_rows"), nb::arg("cache_len"), nb::arg("head_dim"), nb::arg("element_bytes"),
         nb::arg("parts"), nb::arg("slots"), nb::arg("tile_bytes"));
   m.def("initialize", &jaxnvrar::InitializeRuntime, nb::arg("workspace_bytes"),
-        nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0, nb::arg("dense_bytes") = 0);
+        nb::arg("timeout_seconds"), nb::arg("force_put"), nb::arg("first_call") = 0, nb::arg("dense_bytes") = 0,
+        nb::arg("groupings") = 1);
   m.def("finalize", &jaxnvrar::FinalizeRuntime);
   m.def("enable_timing", &jaxnvrar::EnableTiming);
   m.def("reset_timing", &jaxnvrar::ResetTiming);
@@ -546,17 +558,22 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     jaxnvrar::CopyTiming(reinterpret_cast<unsigned long long*>(words.data()));
     return nb::bytes(words.data(), words.size());
   });
-  // Dense kernel calls completed on this GPU (WorkspaceHeader::dense_calls), once the queued work is done.
+  // Dense kernel calls completed on this GPU (WorkspaceHeader::dense_calls of every grouping's
+  // region), once the queued work is done.
   m.def("dense_calls", []() -> uint64_t {
     const jaxnvrar::Runtime& rt = jaxnvrar::GetRuntime();
     if (!rt.initialized) return 0;
-    unsigned long long calls = 0;
-    const char* field = rt.workspace + offsetof(jaxnvrar::WorkspaceHeader, dense_calls);
-    if (cudaDeviceSynchronize() != cudaSuccess ||
-        cudaMemcpy(&calls, field, sizeof(calls), cudaMemcpyDeviceToHost) != cudaSuccess) {
-      throw std::runtime_error("jaxnvrar: cannot read the dense call counter");
+    if (cudaDeviceSynchronize() != cudaSuccess) throw std::runtime_error("jaxnvrar: cannot read the dense call counter");
+    uint64_t total = 0;
+    for (int32_t g = 0; g < rt.groupings; ++g) {
+      unsigned long long calls = 0;
+      const char* field = rt.workspace + g * rt.grouping_bytes + offsetof(jaxnvrar::WorkspaceHeader, dense_calls);
+      if (cudaMemcpy(&calls, field, sizeof(calls), cudaMemcpyDeviceToHost) != cudaSuccess) {
+        throw std::runtime_error("jaxnvrar: cannot read the dense call counter");
+      }
+      total += calls;
     }
-    return calls;
+    return total;
   });
   m.def("last_timeout", []() -> nb::object {
     const jaxnvrar::TimeoutRecord* r = jaxnvrar::GetRuntime().timeout_host;

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "schedule.h"
+
 namespace jaxnvrar {
 namespace {
 
@@ -24,9 +26,15 @@ Runtime& GetRuntime() {
 }
 
 void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call,
-                       int64_t dense_bytes) {
+                       int64_t dense_bytes, int32_t groupings) {
   Runtime& rt = GetRuntime();
   if (rt.initialized) return;
+  const int64_t grouping_bytes = groupings >= 1 ? GroupingBytes(workspace_bytes, groupings) : 0;
+  if (grouping_bytes < 2 * kWorkspaceHeaderBytes) {
+    throw std::runtime_error("jaxnvrar: a " + std::to_string(workspace_bytes) + "-byte workspace cannot hold " +
+                             std::to_string(groupings) + " groupings; raise JAXNVRAR_WORKSPACE_BYTES or lower "
+                             "JAXNVRAR_GROUPINGS");
+  }
   // nvshmem4py has bootstrapped NVSHMEM in this process; this call sees that and only fills
   // the copy of the device state linked into this module (else nvshmem_ptr reads zeros).
   nvshmem_init();
@@ -41,9 +49,11 @@ void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool for
   }
   // Flags start at 0 and every call's flag is non-zero, so stale memory is never mistaken for data.
   Check(cudaMemset(rt.workspace, 0, workspace_bytes), "cudaMemset of the workspace");
-  // The counter is the header's first word (WorkspaceHeader::calls).
-  Check(cudaMemcpy(rt.workspace, &first_call, sizeof(first_call), cudaMemcpyHostToDevice),
-        "cudaMemcpy of the call counter");
+  // Each region's counter is its header's first word (WorkspaceHeader::calls).
+  for (int32_t g = 0; g < groupings; ++g) {
+    Check(cudaMemcpy(rt.workspace + g * grouping_bytes, &first_call, sizeof(first_call), cudaMemcpyHostToDevice),
+          "cudaMemcpy of the call counter");
+  }
   if (dense_bytes > 0) {
     rt.dense = static_cast<char*>(nvshmem_malloc(dense_bytes));
     if (rt.dense == nullptr) {
@@ -68,6 +78,8 @@ void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool for
           "cudaHostGetDevicePointer");
   }
   rt.workspace_bytes = workspace_bytes;
+  rt.groupings = groupings;
+  rt.grouping_bytes = grouping_bytes;
   rt.timeout_ns = static_cast<uint64_t>(timeout_seconds * 1e9);
   rt.force_put = force_put;
   rt.initialized = true;
@@ -111,6 +123,7 @@ void FinalizeRuntime() {
   nvshmem_free(rt.workspace);
   rt.workspace = nullptr;
   rt.workspace_bytes = 0;
+  rt.grouping_bytes = 0;
   nvshmem_finalize();
 }
 

@@ -23,6 +23,8 @@ struct Runtime {
   bool initialized = false;
   char* workspace = nullptr;  // symmetric: the same offset is valid on every PE
   int64_t workspace_bytes = 0;
+  int32_t groupings = 1;       // regions of the workspace, one per grouping of ranks (GroupingBytes)
+  int64_t grouping_bytes = 0;  // bytes of each region: what one call can use
   int32_t my_pe = -1;
   int32_t num_pes = 0;
   uint64_t timeout_ns = 0;   // bound on every device-side wait
@@ -49,9 +51,9 @@ Runtime& GetRuntime();
 
 // Both throw std::runtime_error with a message naming the failed call.
 // first_call: the call counter's start (tests start near the flags' wrap-around).
-// dense_bytes: the dense kernel's inboxes (0: none).
+// dense_bytes: the dense kernel's inboxes (0: none). groupings: regions of the workspace.
 void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool force_put, uint64_t first_call,
-                       int64_t dense_bytes);
+                       int64_t dense_bytes, int32_t groupings);
 void FinalizeRuntime();
 
 }  // namespace jaxnvrar

@@ -197,6 +197,17 @@ JAXNVRAR_HD Layout KernelLayout(int64_t num_elements, int64_t itemsize, int32_t 
   return l;
 }
 
+// The workspace is cut into one region per grouping of ranks (JAXNVRAR_GROUPINGS): every rank
+// group of one mesh axis is a grouping, and all-reduces over two axes of a 2-D mesh are two.
+// Each region has its own header (call counter, signature slots) and halves, so that every
+// call of a region has the same peers, which the reuse argument above needs (with one shared
+// counter and halves, a rank between calls over two axes could run two calls of one region
+// ahead of a peer and overwrite what it still reads). Regions start 4 KB aligned.
+constexpr int64_t kGroupingAlignBytes = 4096;
+JAXNVRAR_HD int64_t GroupingBytes(int64_t workspace_bytes, int32_t groupings) {
+  return workspace_bytes / groupings / kGroupingAlignBytes * kGroupingAlignBytes;
+}
+
 JAXNVRAR_HD int64_t WorkspaceBytesNeeded(int64_t num_elements, int64_t itemsize, int32_t num_ranks,
                                          int32_t gpus_per_node, bool one_shot = false, bool bulk = false) {
   return kWorkspaceHeaderBytes + 2 * MakeLayout(num_elements, itemsize, num_ranks, gpus_per_node, one_shot, bulk).half_bytes;

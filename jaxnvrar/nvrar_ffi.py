@@ -35,9 +35,11 @@ def check_can_run(x, topology: Topology) -> None:
         )
     if not runtime.fits_workspace(x.size, x.dtype.itemsize, topology):
         needed = workspace_bytes_needed(x.size, x.dtype.itemsize, topology)
+        share = (f" (its share of the workspace, cut into JAXNVRAR_GROUPINGS={runtime.groupings()} regions)"
+                 if runtime.groupings() > 1 else "")
         raise ValueError(
             f"a {x.size * x.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, "
-            f"but it has {runtime.workspace_bytes()}; raise it with jaxnvrar.initialize("
+            f"but a call has {runtime.workspace_bytes()}{share}; raise it with jaxnvrar.initialize("
             f"workspace_bytes=...) or $JAXNVRAR_WORKSPACE_BYTES, or use algorithm='psum'"
         )
 
@@ -52,13 +54,53 @@ def _pe_groups(groups, num_pes: int) -> np.ndarray:
     return table
 
 
+# The workspace region of each grouping of ranks this process has lowered kernel calls for, in
+# the order first lowered: every process lowers the same programs in the same order (as the
+# kernels' matching call counters already assume), and the whole PE table is the same on every
+# process, so every process gives a grouping the same region.
+_grouping_regions: dict[frozenset, int] = {}
+
+
+def grouping_key(table: np.ndarray) -> frozenset:
+    """A grouping of ranks: the set of each PE's peers (axis order does not matter: calls over
+    the same peers may share a region whatever order a mesh lists them in)."""
+    return frozenset(frozenset(int(pe) for pe in row) for row in table)
+
+
+def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
+    """The workspace region of the grouping in `table` (`_pe_groups`'s), a new one the first time;
+    refused, naming the fix, past `available` (JAXNVRAR_GROUPINGS). Calls over two groupings must
+    not share a region: a rank between them could run two calls of one ahead of a slower peer
+    and overwrite what that peer still reads."""
+    key = grouping_key(table)
+    if key not in _grouping_regions:
+        if len(_grouping_regions) >= available:
+            known = "; ".join(_describe_grouping(k) for k in _grouping_regions)
+            raise ValueError(
+                f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} reduces over a new grouping of "
+                f"ranks ({_describe_grouping(key)}), but this process already runs nvrar all-reduces over "
+                f"{len(_grouping_regions)} other grouping(s) ({known}), one per workspace region "
+                f"(JAXNVRAR_GROUPINGS={available}); calls over different groupings sharing a region could "
+                f"overwrite data a slower peer still reads. Set JAXNVRAR_GROUPINGS={available + 1} on every "
+                f"process before jaxnvrar.initialize() (each grouping then gets 1/{available + 1} of the "
+                f"workspace), or use algorithm='psum' over this axis"
+            )
+        _grouping_regions[key] = len(_grouping_regions)
+    return _grouping_regions[key]
+
+
+def _describe_grouping(key: frozenset) -> str:
+    groups = sorted(sorted(group) for group in key if -1 not in group)
+    return "process groups " + " ".join("{" + ",".join(map(str, g)) + "}" for g in groups)
+
+
 def protocol_attribute(config: KernelConfig) -> int:
     """The `bulk` attribute of a call site (csrc/nvrar_ffi.cu's SelectProtocol): 0 LL cells, 1 bulk,
     2 dense (csrc/protocol_dense.cuh), 3 bulk with a pulled reduce-scatter (protocol_bulk.cuh)."""
     return 2 if config.dense else 3 if config.pull else int(config.bulk)
 
 
-def _kernel_attributes(ctx, topology: Topology, groups) -> dict:
+def _kernel_attributes(ctx, topology: Topology, groups, axis_name) -> dict:
     """The attributes every kernel call site is lowered with (csrc/nvrar_ffi.cu's instantiate)."""
     if groups is None:
         raise ValueError(
@@ -66,6 +108,8 @@ def _kernel_attributes(ctx, topology: Topology, groups) -> dict:
             "jax.sharding.Mesh (one made from devices), not an AbstractMesh"
         )
     table = _pe_groups(groups, jax.process_count())
+    # An axis of one rank is a copy: no peers, no workspace.
+    grouping = grouping_region(table, axis_name, runtime.groupings()) if topology.num_ranks > 1 else 0
     aval = ctx.avals_in[0]
     config = tuning.kernel_config_for(topology, aval.dtype.name, aval.size, aval.dtype.itemsize)
     return dict(
@@ -75,21 +119,22 @@ def _kernel_attributes(ctx, topology: Topology, groups) -> dict:
         one_shot=np.int32(config.one_shot),
         bulk=np.int32(protocol_attribute(config)),
         check_calls=np.int32(runtime.check_calls()),
+        grouping=np.int32(grouping),
         pe_groups=table.reshape(-1),
     )
 
 
-def lower(ctx, x, *, topology: Topology, groups):
+def lower(ctx, x, *, topology: Topology, groups, axis_name):
     rule = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)
-    return rule(ctx, x, **_kernel_attributes(ctx, topology, groups))
+    return rule(ctx, x, **_kernel_attributes(ctx, topology, groups, axis_name))
 
 
-def lower_rms_norm(ctx, x, residual, weight, *, topology: Topology, groups, eps: float):
+def lower_rms_norm(ctx, x, residual, weight, *, topology: Topology, groups, axis_name, eps: float):
     """all_reduce_rms_norm's kernel: the all-reduce of the same message and launch, ending in the
     residual add and the RMSNorm (csrc/rms_norm_epilogue.cuh). One result holds both outputs,
     [normed, residual_out]: XLA's dynamic-slice fusion copies a side-effecting call that returns
     a tuple without removing the original, and both copies ran."""
-    attributes = dict(_kernel_attributes(ctx, topology, groups), eps=np.float32(eps))
+    attributes = dict(_kernel_attributes(ctx, topology, groups, axis_name), eps=np.float32(eps))
     aval = ctx.avals_in[0]
     call = jax.ffi.ffi_call(TARGET_RMS_NORM, jax.ShapeDtypeStruct((2,) + aval.shape, aval.dtype),
                             has_side_effect=True)

@@ -189,7 +189,7 @@ def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check
         return _lower_reference(ctx, x, axis_name=axis_name, num_ranks=num_ranks,
                                 gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=check_vma)
     topology, groups = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
-    return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups)
+    return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups, axis_name=axis_name)
 
 
 mlir.register_lowering(all_reduce_p, _lower_reference)
@@ -276,7 +276,8 @@ def _lower_fused_cuda(ctx, x, residual, weight, **params):
     if params["algorithm"] != "nvrar":
         return _lower_fused_reference(ctx, x, residual, weight, **params)
     topology, groups = resolve_topology(ctx, params["axis_name"], params["num_ranks"], params["gpus_per_node"])
-    return nvrar_ffi.lower_rms_norm(ctx, x, residual, weight, topology=topology, groups=groups, eps=params["eps"])
+    return nvrar_ffi.lower_rms_norm(ctx, x, residual, weight, topology=topology, groups=groups,
+                                    axis_name=params["axis_name"], eps=params["eps"])
 
 
 mlir.register_lowering(all_reduce_rms_norm_p, _lower_fused_reference)

@@ -17,7 +17,7 @@ import sys
 import jax
 
 from jaxnvrar import distributed, settings as settings_module, timing
-from jaxnvrar.schedule import KernelConfig, Topology, workspace_bytes_needed
+from jaxnvrar.schedule import KernelConfig, Topology, grouping_bytes, workspace_bytes_needed
 
 _BUILD_HINT = (
     "build jaxnvrar on a machine with nvcc and NVSHMEM: "
@@ -81,8 +81,14 @@ def pe() -> tuple[int, int]:
 
 
 def workspace_bytes() -> int:
-    """Size of each PE's symmetric workspace (0 before start)."""
-    return _state.settings.workspace_bytes if _state else 0
+    """Workspace bytes one call can use: its grouping's region of each PE's symmetric workspace
+    (the whole workspace with JAXNVRAR_GROUPINGS=1; 0 before start)."""
+    return grouping_bytes(_state.settings.workspace_bytes, _state.settings.groupings) if _state else 0
+
+
+def groupings() -> int:
+    """Regions of the workspace, one per grouping of ranks (JAXNVRAR_GROUPINGS; 1 before start)."""
+    return _state.settings.groupings if _state else 1
 
 
 def fits_workspace(num_elements: int, itemsize: int, topology: Topology, config: KernelConfig | None = None) -> bool:
@@ -178,7 +184,7 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(snapshot.workspace_bytes + snapshot.dense_bytes + (256 << 20)))
     nvshmem = _bootstrap_nvshmem4py()
     extension.initialize(snapshot.workspace_bytes, snapshot.timeout_s, bool(snapshot.force_put), snapshot.first_call,
-                         snapshot.dense_bytes)
+                         snapshot.dense_bytes, snapshot.groupings)
     if snapshot.timing:
         extension.enable_timing()  # before any call site is planned: sites read it then
     _ever_initialized = True  # NVSHMEM is up: it cannot be started again in this process

@@ -47,6 +47,7 @@ __all__ = [
     "num_inter_node_steps",
     "SLICE_ALIGN_BYTES",
     "slice_capacity_elements",
+    "grouping_bytes",
     "workspace_bytes_needed",
     "one_shot_possible",
     "KernelConfig",
@@ -212,6 +213,17 @@ def dense_fits(num_elements: int, itemsize: int, gpus_per_node: int, one_shot: b
 def one_shot_possible(topology: Topology) -> bool:
     """A one-shot launch needs one node (no inter-node phase) of at least two GPUs."""
     return topology.num_nodes == 1 and topology.gpus_per_node > 1
+
+
+# One region of the workspace per grouping of ranks (JAXNVRAR_GROUPINGS): all-reduces over two axes
+# of a mesh must not share a call counter and halves (csrc/schedule.h says why). Twin:
+# GroupingBytes in csrc/schedule.h.
+GROUPING_ALIGN_BYTES = 4096
+
+
+def grouping_bytes(workspace_bytes: int, groupings: int) -> int:
+    """The bytes of each grouping's region of a workspace: what one call can use."""
+    return workspace_bytes // groupings // GROUPING_ALIGN_BYTES * GROUPING_ALIGN_BYTES
 
 
 def workspace_bytes_needed(num_elements: int, itemsize: int, topology: Topology,

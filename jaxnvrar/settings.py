@@ -18,6 +18,7 @@ DEFAULT_WORKSPACE_BYTES = 512 << 20
 MIN_WORKSPACE_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 10.0
 MIN_DENSE_BYTES = 1 << 20
+MAX_GROUPINGS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,9 @@ class Setting:
 SETTINGS = (
     Setting("JAXNVRAR_WORKSPACE_BYTES", "workspace_bytes", int, DEFAULT_WORKSPACE_BYTES, True,
             minimum=MIN_WORKSPACE_BYTES, help="NVSHMEM workspace per GPU: bounds the largest nvrar message"),
+    Setting("JAXNVRAR_GROUPINGS", "groupings", int, 1, True, minimum=1, maximum=MAX_GROUPINGS,
+            help="groupings of ranks (mesh axes) that nvrar all-reduces run over in one process, e.g. 2 for "
+                 "both axes of a 2-D mesh; each gets its own 1/N of the workspace"),
     Setting("JAXNVRAR_TIMEOUT_S", "timeout_s", float, DEFAULT_TIMEOUT_S, False, minimum=0.001,
             help="bound on every wait inside the kernel, then a timeout report"),
     Setting("JAXNVRAR_FORCE_PUT", "force_put", int, 0, False, minimum=0, maximum=1,
@@ -97,6 +101,7 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 @dataclasses.dataclass(frozen=True)
 class Settings:
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    groupings: int = 1
     timeout_s: float = DEFAULT_TIMEOUT_S
     force_put: int = 0
     max_blocks: int | None = None

@@ -143,3 +143,29 @@ def test_timeout_reports_name_the_peer_or_the_fused_kernels_own_grid():
     barrier = describe_timeout(dict(record, phase="fused-norm grid barrier", peer=1))
     assert "grid barrier" in barrier and "not all of its blocks ran at once" in barrier
     assert "for local GPU" not in barrier and "same calls" not in barrier
+
+
+def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_is_refused(monkeypatch):
+    # All-reduces over both axes of a 2 x 2 mesh of processes are two groupings of ranks; each
+    # needs its own region (csrc/schedule.h, GroupingBytes, says why). Every process lowers the
+    # same programs in the same order and sees the same PE table, so gives them the same regions.
+    import numpy as np
+    from jaxnvrar import nvrar_ffi
+
+    monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
+    over_a = np.array([[0, 2], [1, 3], [0, 2], [1, 3]], np.int32)  # row p: PE p's group
+    over_b = np.array([[0, 1], [0, 1], [2, 3], [2, 3]], np.int32)
+    assert nvrar_ffi.grouping_region(over_a, "a", available=2) == 0
+    assert nvrar_ffi.grouping_region(over_b, "b", available=2) == 1
+    # The same peers in another axis order, or from another mesh, share the region.
+    assert nvrar_ffi.grouping_region(over_a[:, ::-1], "x", available=2) == 0
+    whole = np.array([[0, 1, 2, 3]] * 4, np.int32)
+    with pytest.raises(ValueError, match=r"over axis 'x' reduces over a new grouping of ranks \(process groups "
+                                         r"\{0,1,2,3\}\).*JAXNVRAR_GROUPINGS=2\).*Set JAXNVRAR_GROUPINGS=3 on every "
+                                         r"process.*or use algorithm='psum'"):
+        nvrar_ffi.grouping_region(whole, "x", available=2)
+    assert nvrar_ffi.grouping_region(whole, "x", available=3) == 2
+    # A mesh over some processes only: the others' rows are -1 and are not named.
+    part = np.array([[0, 1], [0, 1], [-1, -1], [-1, -1]], np.int32)
+    assert nvrar_ffi.grouping_region(part, "x", available=4) == 3
+    assert nvrar_ffi._describe_grouping(nvrar_ffi.grouping_key(part)) == "process groups {0,1}"

@@ -142,6 +142,24 @@ def test_workspace_regions_are_disjoint_and_fill_each_half():
                 assert cpp.half_stride(workspace) % 16 == 0
 
 
+def test_grouping_regions_match_the_kernels_and_hold_every_call_of_their_size():
+    # JAXNVRAR_GROUPINGS cuts the workspace into one region per grouping of ranks, each with its
+    # own header and halves; the Python side sizes messages by the same region (runtime.workspace_bytes).
+    for workspace, groupings in itertools.product([1 << 20, (512 << 20) + 16, 3 << 30, 123456789], [1, 2, 3, 4, 16]):
+        region = schedule.grouping_bytes(workspace, groupings)
+        assert region == cpp.grouping_bytes(workspace, groupings)
+        assert region % schedule.GROUPING_ALIGN_BYTES == 0 and groupings * region <= workspace
+        assert workspace - groupings * region < groupings * schedule.GROUPING_ALIGN_BYTES  # nearly all of it
+        # A call of a region's size stays inside the region in both halves.
+        for n, itemsize, (ranks, g), one_shot, bulk in [(4096, 2, (2, 2), True, False), (1 << 18, 4, (4, 2), False, True)]:
+            needed = cpp.workspace_bytes_needed(n, itemsize, ranks, g, one_shot, bulk)
+            if needed > region:
+                continue
+            for calls in (0, 1):
+                begin, end = cpp.call_half_span(n, itemsize, ranks, g, one_shot, bulk, region, calls)
+                assert schedule.WORKSPACE_HEADER_BYTES <= begin and end <= region
+
+
 def test_dense_inboxes_match_the_kernels():
     assert schedule.dense_inbox_bytes(schedule.DENSE_REGION_BYTES, 2, True) == 16 << 20
     for region, g in [(64 << 20, 2), (64 << 20, 3), (1000, 2), (0, 8), (3 << 30, 32)]:

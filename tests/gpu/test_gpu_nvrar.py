@@ -225,6 +225,53 @@ def test_calls_of_other_sizes_never_write_where_a_peer_still_reads(config):
     assert (out == 0).all(), f"{out.tolist()} elements of {calls} rounds of three calls were wrong"
 
 
+@pytest.mark.parametrize("config", ["128-1shot", "128-bulk", "128-pull", "128-1shot-bulk"])
+def test_all_reduces_over_both_axes_of_a_2d_mesh_keep_their_own_workspace_regions(config):
+    # A 2 x (n/2) mesh of processes, all-reduces over "a" and over "b" in turn, of two sizes: two
+    # groupings of ranks. Each has its own call counter and halves (JAXNVRAR_GROUPINGS regions):
+    # with one shared counter a rank between calls over both axes could run two calls of one
+    # grouping ahead of a peer and overwrite what it still read. Every element of every call checked.
+    num_ranks = jax.device_count()
+    if num_ranks < 4 or num_ranks % 2:
+        pytest.skip("needs 4+ ranks (an even number): a 2-D mesh of processes with both axes > 1")
+    mesh = jax.make_mesh((2, num_ranks // 2), ("a", "b"), devices=jax.devices())
+    from jaxnvrar import nvrar_ffi, primitive
+    known = set(nvrar_ffi._grouping_regions)
+    needed = known | {nvrar_ffi.grouping_key(nvrar_ffi._pe_groups(primitive._axis_groups(mesh, axis), num_ranks))
+                      for axis in ("a", "b")}
+    if len(needed) > jaxnvrar.runtime.groupings():
+        pytest.skip(f"needs JAXNVRAR_GROUPINGS >= {len(needed)} (tests/gpu/run.py and on_one_gpu.sh set 4 for 4+ ranks)")
+    na, nb = mesh.devices.shape
+    large, small, calls = 1 << 18, 3 << 15, 200  # float32 elements; exact small-integer sums
+
+    def run(_):
+        ia = lax.axis_index("a").astype(jnp.float32)
+        ib = lax.axis_index("b").astype(jnp.float32)
+        mine = ia * nb + ib + 1
+        want_a = nb * na * (na - 1) / 2 + na * (ib + 1)  # sum of `mine` over "a"
+        want_b = nb * (ia * nb + 1) + nb * (nb - 1) / 2  # over "b"
+        big_pattern = (jnp.arange(large, dtype=jnp.int32) % 251 + 1).astype(jnp.float32)
+        small_pattern = (jnp.arange(small, dtype=jnp.int32) % 13 + 1).astype(jnp.float32)
+
+        def body(i, wrong):
+            scale = (i % 7 + 1).astype(jnp.float32)
+            a_big = jaxnvrar.all_reduce(mine * scale * big_pattern, "a", algorithm="nvrar")
+            b_small = jaxnvrar.all_reduce(mine * scale * small_pattern, "b", algorithm="nvrar")
+            a_small = jaxnvrar.all_reduce(mine * scale * small_pattern, "a", algorithm="nvrar")
+            b_big = jaxnvrar.all_reduce(mine * scale * big_pattern, "b", algorithm="nvrar")
+            return (wrong + jnp.sum(a_big != want_a * scale * big_pattern, dtype=jnp.int32)
+                    + jnp.sum(b_small != want_b * scale * small_pattern, dtype=jnp.int32)
+                    + jnp.sum(a_small != want_a * scale * small_pattern, dtype=jnp.int32)
+                    + jnp.sum(b_big != want_b * scale * big_pattern, dtype=jnp.int32))
+
+        zero = lax.pcast(jnp.int32(0), ("a", "b"), to="varying")
+        return lax.fori_loop(0, calls, body, zero)[None]
+
+    with kernel_config_override(config):
+        out = run_per_rank(run, np.zeros((num_ranks, 1), np.float32), mesh, axis=("a", "b"))
+    assert (out == 0).all(), f"{out.tolist()} elements of {calls} rounds of four calls were wrong"
+
+
 def test_command_buffer_replay_advances_flags():
     # Re-running one compiled program replays its command buffer (CUDA graph; the suite runs
     # with --xla_gpu_graph_min_graph_size=1 so even small programs are captured). The kernel
