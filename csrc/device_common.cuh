@@ -199,26 +199,32 @@ __device__ __forceinline__ Vector SumOverLocals(int32_t gpus_per_node, Fetch fet
   return sum.vector;
 }
 
-// ---- Flagged cells: {4 data bytes, flag, 4 data bytes, flag} in one 16-byte store. Only 8-byte
-// halves are seen whole by a reader, so each half carries the call's flag (NCCL's LL layout).
-// Call signatures travel in them whatever the protocol; the LL protocol moves its data in them.
+// ---- Flagged cells: {4 data bytes, check, 4 data bytes, check} in one 16-byte store. Only 8-byte
+// halves are seen whole by a reader, so each half carries the call's flag (NCCL's LL layout),
+// mixed with its data word (CellCheck in schedule.h says why). Call signatures travel in them
+// whatever the protocol; the LL protocol moves its data in them.
+
+// A cell half as one 64-bit word (little-endian: the data word first), for puts.
+__device__ __forceinline__ uint64_t CellHalf(uint32_t data, uint32_t flag, int32_t half) {
+  return (static_cast<uint64_t>(CellCheck(data, flag, half)) << 32) | data;
+}
 
 __device__ __forceinline__ void StoreCell(char* address, uint2 data, uint32_t flag) {
-  asm volatile("st.volatile.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(data.x), "r"(flag),
-               "r"(data.y), "r"(flag)
+  asm volatile("st.volatile.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(data.x),
+               "r"(CellCheck(data.x, flag, 0)), "r"(data.y), "r"(CellCheck(data.y, flag, 1))
                : "memory");
 }
 
 // True (and the data) when both halves of the cell carry `flag`.
 __device__ __forceinline__ bool PollCell(const char* address, uint32_t flag, uint2* data) {
-  uint32_t lo, flag_lo, hi, flag_hi;
+  uint32_t lo, check_lo, hi, check_hi;
   asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(lo), "=r"(flag_lo), "=r"(hi), "=r"(flag_hi)
+               : "=r"(lo), "=r"(check_lo), "=r"(hi), "=r"(check_hi)
                : "l"(address)
                : "memory");
   data->x = lo;
   data->y = hi;
-  return flag_lo == flag && flag_hi == flag;
+  return check_lo == CellCheck(lo, flag, 0) && check_hi == CellCheck(hi, flag, 1);
 }
 
 // ---- Failures, and the bounded waits that find them.
@@ -344,8 +350,8 @@ __device__ __forceinline__ void SendSignature(const KernelArgs& args, unsigned l
       StoreCell(args.inter_peer_ptr[s] + slot, mine, flag);
     } else {  // two 8-byte puts, each half whole with its flag
       auto* remote = reinterpret_cast<uint64_t*>(args.workspace + slot);
-      nvshmem_uint64_p(remote, (static_cast<uint64_t>(flag) << 32) | mine.x, args.inter_peer_pe[s]);
-      nvshmem_uint64_p(remote + 1, (static_cast<uint64_t>(flag) << 32) | mine.y, args.inter_peer_pe[s]);
+      nvshmem_uint64_p(remote, CellHalf(mine.x, flag, 0), args.inter_peer_pe[s]);
+      nvshmem_uint64_p(remote + 1, CellHalf(mine.y, flag, 1), args.inter_peer_pe[s]);
     }
   }
 }

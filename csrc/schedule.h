@@ -100,6 +100,21 @@ namespace jaxnvrar {
 // The kernel's workspace: see the comment above workspace_bytes_needed in schedule.py.
 constexpr int64_t kCellBytes = 16;
 constexpr int64_t kCellDataBytes = 8;
+
+// The check word of one half of a flagged cell {data, check, data, check}: the call's flag mixed
+// with the half's data word, two different ways for the two halves. Cells share the workspace
+// with other calls' raw (bulk) data; with the bare flag as check, stale data whose words at the
+// check positions held the flag (bfloat16 [*, *, 2.0, 0, *, *, 2.0, 0] at call 16383) passed for
+// a cell. Now a stale 16-byte line {a, b, c, d} passes only at the call whose flag is b ^ Mix(a,
+// 0), and only if that equals d ^ Mix(c, 1): never for a line of two equal halves (zeros,
+// constants, any data of period 8 bytes: the halves' mixes differ by a constant); for other data,
+// a 2^-32 coincidence of its words, and then at one call in 2^32.
+JAXNVRAR_HD uint32_t CellMix(uint32_t data, int32_t half) {
+  uint32_t h = data * 0x9E3779B1u;  // odd: a bijection; then the high bits into the low ones
+  h ^= h >> 15;
+  return half ? h ^ 0x6A09E667u : h;
+}
+JAXNVRAR_HD uint32_t CellCheck(uint32_t data, uint32_t flag, int32_t half) { return flag ^ CellMix(data, half); }
 constexpr int64_t kWorkspaceHeaderBytes = 2048;
 // The dense kernel's inboxes (protocol_dense.cuh): a symmetric allocation of their own next to
 // the workspace (JAXNVRAR_DENSE_BYTES), 2 parities x G inboxes (two-shot: 2 x G, one set per

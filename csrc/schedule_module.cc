@@ -64,6 +64,7 @@ NB_MODULE(_jaxnvrar_cpu, m) {
     return jaxnvrar::CallDict(call, call.dtype);
   });
   m.def("half_stride", &jaxnvrar::HalfStride, nb::arg("workspace_bytes"));
+  m.def("cell_check", &jaxnvrar::CellCheck, nb::arg("data"), nb::arg("flag"), nb::arg("half"));
   m.def("grouping_bytes", &jaxnvrar::GroupingBytes, nb::arg("workspace_bytes"), nb::arg("groupings"));
   // The workspace bytes [begin, end) that call number `calls` of a kernel's layout uses.
   m.def("call_half_span", [](int64_t num_elements, int64_t itemsize, int32_t num_ranks, int32_t gpus_per_node,

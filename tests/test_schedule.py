@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 
 from jaxnvrar import schedule
@@ -206,3 +207,41 @@ def test_call_signatures_decode_to_what_was_encoded(one_shot, bulk, fused_norm, 
     # disagree on it are reported, not left to read each other's blocks.
     plain = cpp.encode_call(4096, dtype, one_shot, bulk, 2, 1, False)
     assert cpp.encode_call(4096, dtype, one_shot, bulk, 2, 1, True) != plain
+
+
+def _cell_checks(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For 16-byte lines {a, b, c, d} of stale data read as cells: the flag each half would pass
+    for (b ^ Mix(a, 0), d ^ Mix(c, 1)); the line passes for a cell only at a call whose flag is both."""
+    a, b, c, d = (words[:, i].astype(np.uint64) for i in range(4))
+
+    def mix(x, half):
+        h = (x * 0x9E3779B1) & 0xFFFFFFFF
+        h ^= h >> 15
+        return h ^ (0x6A09E667 if half else 0)
+
+    return b ^ mix(a, 0), d ^ mix(c, 1)
+
+
+def test_stale_data_of_common_patterns_never_passes_for_a_flagged_cell():
+    # Workspace halves are shared by calls of every protocol, so an LL reader can poll a cell
+    # where an earlier bulk call left raw data. The mix (csrc/schedule.h, CellCheck) must agree
+    # with the kernels' and keep such data from passing at any call.
+    rng = np.random.default_rng(0)
+    for data, flag, half in [(0, 1, 0), (0x40004000, 16384, 1), (123456789, 0xFFFFFFFE, 0), (0xFFFFFFFF, 7, 1)]:
+        assert cpp.cell_check(data, flag, half) == _cell_checks(
+            np.array([[data, 0, data, 0]], np.uint32))[half][0] ^ flag
+    import ml_dtypes
+    samples = []
+    for dtype in (np.float32, np.float16, ml_dtypes.bfloat16):
+        n = 1 << 14
+        for values in (np.zeros(n), np.ones(n), np.full(n, 2.0), np.arange(n) % 4, np.arange(n) % 3 - 1,
+                       np.tile([0.0, 0.0, 2.0, 0.0], n // 4), np.arange(n), rng.integers(-3, 4, n),
+                       np.round(rng.standard_normal(n), 2)):
+            samples.append(np.ascontiguousarray(values.astype(dtype)).view(np.uint32).reshape(-1, 4))
+    words = np.concatenate(samples)
+    lo, hi = _cell_checks(words)
+    flags_ok = (lo >= 1) & (lo <= 0xFFFFFFFE)
+    assert not np.any((lo == hi) & flags_ok), words[(lo == hi) & flags_ok][:4]
+    # With the bare flag as check word (before 2026-12-02), the same lines passed at some call.
+    bare = (words[:, 1] == words[:, 3]) & (words[:, 1] >= 1)
+    assert bare.sum() > 1000
