@@ -149,18 +149,22 @@ ffi::Error ValidateAttributes(const Runtime& rt, int32_t num_ranks, int32_t gpus
   return ffi::Error::Success();
 }
 
-// The dense kernel's inboxes alternate by the call counter's parity, which is sound only if every
-// call this process makes has the same peers in it (a call with other peers would let a peer run
-// two calls ahead). The first dense site's axis group claims them; sites of other groups fall
-// back to the flagged bulk kernel. Every rank of a group decides alike where all plan their dense
-// sites in the same order (an SPMD program); the call signature's dense bit catches the rest.
-bool UsesDenseInboxes(const int32_t* group, int32_t num_ranks) {
+// The dense kernel's inboxes alternate by the parity of a dense call counter in a region's header,
+// which is sound only if every dense call this process makes has the same peers and counter (a
+// call with other peers would let a peer run two calls ahead). The first dense site's axis group
+// and workspace region claim them; sites of other groups or regions fall back to the flagged bulk
+// kernel. Every rank of a group decides alike where all plan their dense sites in the same order
+// (an SPMD program); the call signature's dense bit catches the rest.
+bool UsesDenseInboxes(const int32_t* group, int32_t num_ranks, int32_t grouping) {
   Runtime& rt = GetRuntime();
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   const std::vector<int32_t> mine(group, group + num_ranks);
-  if (rt.dense_group.empty()) rt.dense_group = mine;
-  return rt.dense_group == mine;
+  if (rt.dense_group.empty()) {
+    rt.dense_group = mine;
+    rt.dense_grouping = grouping;
+  }
+  return rt.dense_group == mine && rt.dense_grouping == grouping;
 }
 
 // Plan a call site from its attributes: maps the axis onto NVSHMEM PEs, finds my node, my
@@ -230,7 +234,7 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   }
   // A dense site (bulk == 2, one node; PlanBuffers decides by size) gets the dense inboxes, if its axis
   // group is the one that uses them; else it runs as one-shot bulk.
-  if (bulk == 2 && !fused_norm && rt.dense != nullptr && UsesDenseInboxes(group, num_ranks)) {
+  if (bulk == 2 && !fused_norm && rt.dense != nullptr && UsesDenseInboxes(group, num_ranks, grouping)) {
     args.dense = rt.dense;
     args.dense_inbox_bytes = DenseInboxBytes(rt.dense_bytes, gpus_per_node, plan->one_shot);
     for (int32_t l = 0; l < gpus_per_node && args.dense != nullptr; ++l) {
@@ -285,7 +289,8 @@ ffi::Error PlanBuffers(CallSitePlan& plan, const ffi::AnyBuffer& x, ffi::DataTyp
   if (needed > rt.grouping_bytes) {
     return ffi::Error::InvalidArgument(
         "jaxnvrar: message needs " + std::to_string(needed) + " bytes of workspace, have " +
-        std::to_string(rt.grouping_bytes) + "; raise JAXNVRAR_WORKSPACE_BYTES");
+        std::to_string(rt.grouping_bytes) + " (the workspace over JAXNVRAR_GROUPINGS=" + std::to_string(rt.groupings) +
+        "); raise JAXNVRAR_WORKSPACE_BYTES");
   }
   // One-shot: a single slice, the whole message. Units: LL cells, or (bulk) 16-byte chunks.
   plan.layout = KernelLayout(n, itemsize, plan.num_ranks, g, plan.one_shot, bulk_layout, rt.grouping_bytes);

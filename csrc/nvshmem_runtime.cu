@@ -47,7 +47,7 @@ void InitializeRuntime(int64_t workspace_bytes, double timeout_seconds, bool for
         "jaxnvrar: nvshmem_malloc of the " + std::to_string(workspace_bytes) +
         "-byte workspace failed; lower workspace_bytes or raise NVSHMEM_SYMMETRIC_SIZE");
   }
-  // Flags start at 0 and every call's flag is non-zero, so stale memory is never mistaken for data.
+  // Zeroed: no cell check word or bulk flag word of any call matches zeros (CellCheck, FlagWord).
   Check(cudaMemset(rt.workspace, 0, workspace_bytes), "cudaMemset of the workspace");
   // Each region's counter is its header's first word (WorkspaceHeader::calls).
   for (int32_t g = 0; g < groupings; ++g) {
@@ -120,9 +120,11 @@ void FinalizeRuntime() {
   rt.dense = nullptr;
   rt.dense_bytes = 0;
   rt.dense_group.clear();
+  rt.dense_grouping = -1;
   nvshmem_free(rt.workspace);
   rt.workspace = nullptr;
   rt.workspace_bytes = 0;
+  rt.groupings = 1;
   rt.grouping_bytes = 0;
   nvshmem_finalize();
 }

@@ -37,6 +37,7 @@ struct Runtime {
   // The PEs (in axis order) of the first call site planned dense; only that group uses the
   // dense inboxes (protocol_dense.cuh says why), other groups run the flagged bulk kernel.
   std::vector<int32_t> dense_group;
+  int32_t dense_grouping = -1;  // and the workspace region whose header counts its dense calls
 };
 
 // JAXNVRAR_TIMING: each call's timestamps (globaltimer, ns) in a ring of records indexed by the

@@ -106,13 +106,21 @@ constexpr int64_t kCellDataBytes = 8;
 // with other calls' raw (bulk) data; with the bare flag as check, stale data whose words at the
 // check positions held the flag (bfloat16 [*, *, 2.0, 0, *, *, 2.0, 0] at call 16383) passed for
 // a cell. Now a stale 16-byte line {a, b, c, d} passes only at the call whose flag is b ^ Mix(a,
-// 0), and only if that equals d ^ Mix(c, 1): never for a line of two equal halves (zeros,
-// constants, any data of period 8 bytes: the halves' mixes differ by a constant); for other data,
-// a 2^-32 coincidence of its words, and then at one call in 2^32.
+// 0), and only if that equals d ^ Mix(c, 1): never for a line of two equal halves (constants, any
+// data of period 8 bytes: the halves' mixes are complements), and for other data a 2^-32
+// coincidence of its words. A half read alone (8-byte halves land separately, so a reader can
+// see one fresh and one stale) passes at one flag, d ^ Mix(c, h): never for zeros (Mix(0) is 0
+// and ~0; flags 0 and 0xFFFFFFFF are never used), for other structured data at a flag spread over
+// all 2^32 (the bare flag let small integers pass within the first calls), except a first half
+// whose data word is 0, which passes at its check word as before.
 JAXNVRAR_HD uint32_t CellMix(uint32_t data, int32_t half) {
-  uint32_t h = data * 0x9E3779B1u;  // odd: a bijection; then the high bits into the low ones
-  h ^= h >> 15;
-  return half ? h ^ 0x6A09E667u : h;
+  uint32_t h = data;  // MurmurHash3's finalizer: a bijection in which every bit moves every other
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return half ? ~h : h;
 }
 JAXNVRAR_HD uint32_t CellCheck(uint32_t data, uint32_t flag, int32_t half) { return flag ^ CellMix(data, half); }
 constexpr int64_t kWorkspaceHeaderBytes = 2048;

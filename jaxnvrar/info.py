@@ -52,7 +52,7 @@ def environment_info() -> dict:
         "nvshmem4py": installed_version("nvshmem4py-cu13") or installed_version("nvshmem4py-cu12"),
         "CUDA extension": cuda,
         "GPUs on this host": distributed.local_gpu_count(),
-        "runtime": (f"initialised: PE {pe} of {num_pes}, workspace {runtime.workspace_bytes()} B"
+        "runtime": (f"initialised: PE {pe} of {num_pes}, workspace {runtime.workspace_bytes()} B per grouping"
                     if runtime.is_initialized() else "not initialised"),
         "settings": {k: (f"{v}  <- INVALID: {problems[k]}" if k in problems else v)
                      for k, v in sorted(os.environ.items()) if k.startswith("JAXNVRAR_")} or "none",

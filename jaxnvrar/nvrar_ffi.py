@@ -3,11 +3,13 @@ target that `jaxnvrar.initialize()` registered (csrc/nvrar_ffi.cu)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import jax
 from jax.interpreters import mlir
 
-from jaxnvrar import runtime, tuning
+from jaxnvrar import distributed, runtime, tuning
 from jaxnvrar.schedule import KernelConfig, Topology, workspace_bytes_needed
 
 TARGET = "jaxnvrar_nvrar_all_reduce"
@@ -54,11 +56,12 @@ def _pe_groups(groups, num_pes: int) -> np.ndarray:
     return table
 
 
-# The workspace region of each grouping of ranks this process has lowered kernel calls for, in
-# the order first lowered: every process lowers the same programs in the same order (as the
-# kernels' matching call counters already assume), and the whole PE table is the same on every
-# process, so every process gives a grouping the same region.
+# The workspace region of each grouping of ranks this process has lowered kernel calls for. The
+# first process to lower a grouping claims the lowest free region for it in jax.distributed's
+# key-value store (a key per region, set once), and every other process reads the claim: the
+# assignment is the same on every process whatever each one lowered before, or in what order.
 _grouping_regions: dict[frozenset, int] = {}
+_regions_lock = threading.Lock()
 
 
 def grouping_key(table: np.ndarray) -> frozenset:
@@ -73,23 +76,48 @@ def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
     not share a region: a rank between them could run two calls of one ahead of a slower peer
     and overwrite what that peer still reads."""
     key = grouping_key(table)
-    if key not in _grouping_regions:
-        if len(_grouping_regions) >= available:
-            known = "; ".join(_describe_grouping(k) for k in _grouping_regions)
-            raise ValueError(
-                f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} reduces over a new grouping of "
-                f"ranks ({_describe_grouping(key)}), but this process already runs nvrar all-reduces over "
-                f"{len(_grouping_regions)} other grouping(s) ({known}), one per workspace region "
-                f"(JAXNVRAR_GROUPINGS={available}); calls over different groupings sharing a region could "
-                f"overwrite data a slower peer still reads. Set JAXNVRAR_GROUPINGS={available + 1} on every "
-                f"process before jaxnvrar.initialize() (each grouping then gets 1/{available + 1} of the "
-                f"workspace), or use algorithm='psum' over this axis"
-            )
-        _grouping_regions[key] = len(_grouping_regions)
-    return _grouping_regions[key]
+    with _regions_lock:  # programs may be lowered from several threads
+        if key not in _grouping_regions:
+            region, holders = _claim_region(_describe_grouping(key), available)
+            if region is None:
+                raise ValueError(
+                    f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} reduces over a new grouping "
+                    f"of ranks ({_describe_grouping(key)}), but all {available} workspace regions "
+                    f"(JAXNVRAR_GROUPINGS={available}) are taken by other groupings ({'; '.join(holders)}); "
+                    f"calls over different groupings sharing a region could overwrite data a slower peer still "
+                    f"reads. Set JAXNVRAR_GROUPINGS to the number of groupings the job's nvrar all-reduces use "
+                    f"(at least {available + 1}) on every process before jaxnvrar.initialize() (each then gets "
+                    f"that share of the workspace), or use algorithm='psum' over this axis"
+                )
+            _grouping_regions[key] = region
+        return _grouping_regions[key]
+
+
+def _claim_region(name: str, available: int) -> tuple[int | None, list[str]]:
+    """The region of the grouping `name`: the one it holds, else the lowest free one, claimed now;
+    (None, the holders) when all are taken. Across processes through the key-value store."""
+    client = distributed.kv_client() if jax.process_count() > 1 else None
+    holders = []
+    for region in range(available):
+        if client is None:
+            holder = next((_describe_grouping(k) for k, r in _grouping_regions.items() if r == region), None)
+            if holder is None:
+                return region, holders
+        else:
+            entry = f"jaxnvrar/grouping_region/{region}"
+            try:
+                client.key_value_set(entry, name)  # set once: the first process to claim it wins
+                return region, holders
+            except Exception:  # taken (by this grouping, from another process, or by another one)
+                holder = client.blocking_key_value_get(entry, distributed.KV_TIMEOUT_MS)
+        if holder == name:
+            return region, holders
+        holders.append(holder)
+    return None, holders
 
 
 def _describe_grouping(key: frozenset) -> str:
+    """The grouping's process groups, in a canonical order (its name in the key-value store)."""
     groups = sorted(sorted(group) for group in key if -1 not in group)
     return "process groups " + " ".join("{" + ",".join(map(str, g)) + "}" for g in groups)
 

@@ -82,7 +82,7 @@ def pe() -> tuple[int, int]:
 
 def workspace_bytes() -> int:
     """Workspace bytes one call can use: its grouping's region of each PE's symmetric workspace
-    (the whole workspace with JAXNVRAR_GROUPINGS=1; 0 before start)."""
+    (JAXNVRAR_GROUPINGS=1: the whole workspace, rounded down to 4 KiB; 0 before start)."""
     return grouping_bytes(_state.settings.workspace_bytes, _state.settings.groupings) if _state else 0
 
 

@@ -172,7 +172,7 @@ def inter_node_steps(node: int, num_nodes: int) -> list[InterNodeStep]:
 
 
 # ---------------------------------------------------------------- the kernel's workspace
-# The CUDA kernel moves data in 16-byte cells {4 data bytes, flag, 4 data bytes, flag}. Each PE's
+# The CUDA kernel moves data in 16-byte cells {4 data bytes, check, 4 data bytes, check}. Each PE's
 # symmetric workspace holds, twice (calls alternate between the two halves so a fast rank
 # never overwrites cells a slow peer has yet to read):
 #   G reduce-scatter inboxes, S inter-node inboxes, S put-staging areas, G all-gather inboxes,

@@ -92,3 +92,48 @@ def test_soak_sums_every_process_errors():
     total = re.search(r"\[rank 0\] 30 calls of 64 B float32 with reference: (\d+) wrong elements", out)
     assert by_process and total, out[-3000:]
     assert int(by_process.group(2)) > 0 and int(total.group(1)) == int(by_process.group(1)) + int(by_process.group(2))
+
+
+_REGIONS_JOB = """
+import numpy as np
+import jaxnvrar
+from jaxnvrar import nvrar_ffi
+jaxnvrar.initialize_distributed()
+import jax
+rank = jax.process_index()
+# Two groupings of four PEs (rows: each PE's peers), lowered in opposite orders by the two
+# processes, and a third one that only process 1 lowers first: every process must give each
+# grouping the same region whatever it lowered before, and refuse one too many alike.
+over_a = np.array([[0, 2], [1, 3], [0, 2], [1, 3]], np.int32)
+over_b = np.array([[0, 1], [0, 1], [2, 3], [2, 3]], np.int32)
+whole = np.array([[0, 1, 2, 3]] * 4, np.int32)
+order = [("a", over_a), ("b", over_b)] if rank == 0 else [("whole", whole), ("b", over_b), ("a", over_a)]
+regions = {name: nvrar_ffi.grouping_region(table, name, available=3) for name, table in order}
+jax.experimental.multihost_utils.sync_global_devices("claimed")
+regions.update({name: nvrar_ffi.grouping_region(table, name, available=3)
+                for name, table in [("a", over_a), ("b", over_b), ("whole", whole)]})
+print("regions", sorted(regions.items()))
+try:
+    nvrar_ffi.grouping_region(np.array([[0, 3], [1, 2], [1, 2], [0, 3]], np.int32), "c", available=3)
+except ValueError as err:
+    print("refused:", "all 3 workspace regions (JAXNVRAR_GROUPINGS=3) are taken" in str(err))
+"""
+
+
+@pytest.mark.multiprocess
+def test_processes_agree_on_grouping_regions_whatever_they_lowered_before():
+    import ast
+    import re
+
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    env.pop("JAXNVRAR_NUM_PROCESSES", None)
+    command = [sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--timeout", "200", "--",
+               sys.executable, "-c", "import jax.experimental.multihost_utils\n" + _REGIONS_JOB]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    found = re.findall(r"\[rank (\d)\] regions (.*)", out)
+    assert len(found) == 2 and found[0][1] == found[1][1], out[-3000:]
+    regions = dict(ast.literal_eval(found[0][1]))
+    assert sorted(regions) == ["a", "b", "whole"] and sorted(regions.values()) == [0, 1, 2], regions
+    assert out.count("refused: True") == 2, out[-3000:]

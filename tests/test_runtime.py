@@ -161,8 +161,9 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
     assert nvrar_ffi.grouping_region(over_a[:, ::-1], "x", available=2) == 0
     whole = np.array([[0, 1, 2, 3]] * 4, np.int32)
     with pytest.raises(ValueError, match=r"over axis 'x' reduces over a new grouping of ranks \(process groups "
-                                         r"\{0,1,2,3\}\).*JAXNVRAR_GROUPINGS=2\).*Set JAXNVRAR_GROUPINGS=3 on every "
-                                         r"process.*or use algorithm='psum'"):
+                                         r"\{0,1,2,3\}\), but all 2 workspace regions \(JAXNVRAR_GROUPINGS=2\) are "
+                                         r"taken by other groupings \(process groups \{0,2\} \{1,3\}; process groups "
+                                         r"\{0,1\} \{2,3\}\).*at least 3\) on every process.*or use algorithm='psum'"):
         nvrar_ffi.grouping_region(whole, "x", available=2)
     assert nvrar_ffi.grouping_region(whole, "x", available=3) == 2
     # A mesh over some processes only: the others' rows are -1 and are not named.

@@ -13,17 +13,20 @@ ranks=${1:?"ranks, then the command"}
 shift
 export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps} CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mpslog}
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d
-trap 'echo quit | nvidia-cuda-mps-control' EXIT
+if nvidia-cuda-mps-control -d; then  # stop it after, unless it was running already
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
 share=$(python3 -c "print(round(0.9 / $ranks / 2, 3))")  # half of a rank's share: XLA, then the NVSHMEM heap
 # Each rank its own share of the SMs: a kernel's blocks spin until the peers' blocks have run,
 # and ranks that together launch more blocks than the GPU holds at once could otherwise wait on
 # blocks that never get an SM (4 ranks x 128 blocks of 512 threads > 132 SMs x 2).
 export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${CUDA_MPS_ACTIVE_THREAD_PERCENTAGE:-$((100 / ranks))}
-groupings=1
-[ "$ranks" -ge 4 ] && groupings=4  # 2-D meshes of processes: all-reduces over both axes
+groupings=1 workspace=2147483648
+if [ "$ranks" -ge 4 ]; then  # 2-D meshes of processes: all-reduces over both axes, 1 GiB regions
+  groupings=4 workspace=4294967296
+fi
 XLA_PYTHON_CLIENT_MEM_FRACTION=${RANK_MEM_FRACTION:-$share} \
-  JAXNVRAR_WORKSPACE_BYTES=${JAXNVRAR_WORKSPACE_BYTES:-2147483648} JAXNVRAR_TIMEOUT_S=${JAXNVRAR_TIMEOUT_S:-20} \
+  JAXNVRAR_WORKSPACE_BYTES=${JAXNVRAR_WORKSPACE_BYTES:-$workspace} JAXNVRAR_TIMEOUT_S=${JAXNVRAR_TIMEOUT_S:-20} \
   JAXNVRAR_GROUPINGS=${JAXNVRAR_GROUPINGS:-$groupings} \
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_graph_min_graph_size=1" \
   jaxnvrar-launch -n "$ranks" --gpus 1 --timeout "${LAUNCH_TIMEOUT:-560}" -- "$@"

@@ -32,7 +32,8 @@ def parts(gpus: int, extra: list[str]) -> list[tuple[str, list[str], dict]]:
     # Every program replays as a command buffer (CUDA graph), however small; a workspace that
     # holds the 64 MB cases (unless the caller set one).
     graphs = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip(),
-              "JAXNVRAR_WORKSPACE_BYTES": os.environ.get("JAXNVRAR_WORKSPACE_BYTES", str(2 << 30)),
+              # 4 groupings of 1 GiB from 4 ranks on: the 64 MB cases need 512 MiB + 2 KiB each
+              "JAXNVRAR_WORKSPACE_BYTES": os.environ.get("JAXNVRAR_WORKSPACE_BYTES", str((4 if gpus >= 4 else 2) << 30)),
               # 4+ ranks: 2-D meshes of processes, all-reduces over both axes (each grouping its region)
               "JAXNVRAR_GROUPINGS": os.environ.get("JAXNVRAR_GROUPINGS", "4" if gpus >= 4 else "1"),
               "JAXNVRAR_FUSED_NORM": "1",  # the fused all-reduce + RMSNorm kernel is opt-in, and so is

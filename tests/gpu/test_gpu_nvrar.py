@@ -58,8 +58,11 @@ def _skip_unless_workspace_holds(size, dtype, topologies):
         topology = jaxnvrar.Topology(num_ranks, gpus_per_node)
         if not fits_workspace(size, itemsize, topology):
             need = workspace_bytes_needed(size, itemsize, topology)
+            groupings = jaxnvrar.runtime.groupings()  # each grouping has its share of the workspace
+            region = 1 << (need - 1).bit_length()  # a region's size: a power of two, so 4 KiB aligned
             pytest.skip(f"{size * itemsize} B on {num_ranks} ranks ({gpus_per_node} per node) needs {need} B of "
-                        f"workspace; set JAXNVRAR_WORKSPACE_BYTES={1 << (need - 1).bit_length()} to run it")
+                        f"workspace per grouping; set JAXNVRAR_WORKSPACE_BYTES={region * groupings} "
+                        f"(JAXNVRAR_GROUPINGS={groupings}) to run it")
 
 
 def _assert_replicas_identical(out):
