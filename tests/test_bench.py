@@ -155,9 +155,12 @@ def test_gemm_sweep(tmp_path):
 
 def test_layout_comparison(tmp_path):
     pytest.importorskip("flax")
-    from jaxnvrar.bench.decode import parse_layout
+    from jaxnvrar.bench.decode import layout_groupings, parse_layout
 
     assert [parse_layout(t) for t in ("tp4", "pp2xtp2", "pp4")] == [(1, 4), (2, 2), (4, 1)]
+    # One workspace region per layout that all-reduces (its own grouping of ranks), at least one.
+    assert layout_groupings("tp4,pp2xtp2,pp4") == 2 and layout_groupings("pp4") == 1
+    assert layout_groupings("tp8,pp2xtp4,pp4xtp2,tp8") == 3
     out = _bench("decode", "--layouts", "tp2,pp2", "--batch", "2", "--all-reduce", "psum", "--json",
                  str(tmp_path / "l.json"))
     rows = json.loads((tmp_path / "l.json").read_text())["results"]

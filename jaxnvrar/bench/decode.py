@@ -312,7 +312,16 @@ def run_layouts(args, description) -> int:
     return 0
 
 
+def layout_groupings(layouts: str) -> int:
+    """Workspace regions the layouts comparison needs: each layout with tensor parallelism
+    all-reduces over its own grouping of ranks (e.g. tp4 over all four, pp2xtp2 over pairs), and
+    groupings must not share a region (JAXNVRAR_GROUPINGS)."""
+    return max(1, len({parse_layout(text) for text in layouts.split(",") if parse_layout(text)[1] > 1}))
+
+
 def run(args) -> int:
+    if args.layouts:  # before jaxnvrar.initialize() reads it; the caller's own value wins
+        os.environ.setdefault("JAXNVRAR_GROUPINGS", str(layout_groupings(args.layouts)))
     description = bring_up()
     if args.layouts:
         return run_layouts(args, description)
