@@ -228,6 +228,7 @@ def _groups(leaves, vma: bool) -> dict:
 def _all_reduce_message(group, axis_name, algorithm, topology, gpus_per_node, automatic, vma):
     """The leaves of ``group`` (one dtype, one type) flattened into one message, reduced, and cut
     back."""
+    auto = algorithm == "auto"
     algorithm = _resolved(algorithm, sum(leaf.size for leaf in group), group[0].dtype, topology, automatic)
     if algorithm == "psum":
         return lax.psum(list(group), axis_name)
@@ -235,7 +236,7 @@ def _all_reduce_message(group, axis_name, algorithm, topology, gpus_per_node, au
     if algorithm == "nvrar":
         nvrar_ffi.check_can_run(message, topology)
     reduced = all_reduce_p.bind(message, axis_name=axis_name, num_ranks=topology.num_ranks,
-                                gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=vma)
+                                gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=vma, auto=auto)
     if len(group) == 1:
         return [reduced]
     out, offset = [], 0

@@ -117,7 +117,7 @@ def all_reduce_rms_norm(x, residual, weight, axis_name, *, eps: float = 1e-5, al
     if route is not None:
         static = (("axis_name", route.axis_name), ("num_ranks", route.topology.num_ranks),
                   ("gpus_per_node", gpus_per_node), ("algorithm", route.algorithm),
-                  ("check_vma", check_vma_enabled()))
+                  ("check_vma", check_vma_enabled()), ("auto", algorithm == "auto"))
         return _fused(route.x, residual, weight, static, eps)
     reduced = all_reduce(x, axis_name, algorithm=algorithm, gpus_per_node=gpus_per_node)
     return add_then_rms_norm(reduced, residual, weight, eps)
@@ -152,7 +152,7 @@ def _fused_jvp(static, eps, primals, tangents):
     dx, dresidual, dweight = tangents
     normed, residual_out = _fused(x, residual, weight, static, eps)
     params = dict(static)
-    reduced = all_reduce(dx, params["axis_name"], algorithm=params["algorithm"],
+    reduced = all_reduce(dx, params["axis_name"], algorithm="auto" if params["auto"] else params["algorithm"],
                          gpus_per_node=params["gpus_per_node"])
     dresidual_out = dresidual + reduced
     _, dnormed = jax.jvp(lambda h, w: rms_norm(h, w, eps).astype(h.dtype), (residual_out, weight),

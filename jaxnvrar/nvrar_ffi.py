@@ -64,6 +64,15 @@ _grouping_regions: dict[frozenset, int] = {}
 _regions_lock = threading.Lock()
 
 
+class NoRegionLeft(ValueError):
+    """Every workspace region is taken by another grouping of ranks: `grouping` (its process
+    groups) cannot take the kernel; algorithm="nvrar" raises it, "auto" runs psum there."""
+
+    def __init__(self, message: str, grouping: str, reason: str):
+        super().__init__(message)
+        self.grouping, self.reason = grouping, reason
+
+
 def grouping_key(table: np.ndarray) -> frozenset:
     """A grouping of ranks: the set of each PE's peers (axis order does not matter: calls over
     the same peers may share a region whatever order a mesh lists them in)."""
@@ -80,15 +89,15 @@ def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
         if key not in _grouping_regions:
             region, holders = _claim_region(_describe_grouping(key), available)
             if region is None:
-                raise ValueError(
+                reason = (f"all {available} workspace regions (JAXNVRAR_GROUPINGS={available}) are taken by other "
+                          f"groupings ({'; '.join(holders)}); set JAXNVRAR_GROUPINGS to the number of groupings the "
+                          f"job's nvrar all-reduces use (at least {available + 1}) on every process before "
+                          f"jaxnvrar.initialize() (each then gets that share of the workspace)")
+                raise NoRegionLeft(
                     f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} reduces over a new grouping "
-                    f"of ranks ({_describe_grouping(key)}), but all {available} workspace regions "
-                    f"(JAXNVRAR_GROUPINGS={available}) are taken by other groupings ({'; '.join(holders)}); "
-                    f"calls over different groupings sharing a region could overwrite data a slower peer still "
-                    f"reads. Set JAXNVRAR_GROUPINGS to the number of groupings the job's nvrar all-reduces use "
-                    f"(at least {available + 1}) on every process before jaxnvrar.initialize() (each then gets "
-                    f"that share of the workspace), or use algorithm='psum' over this axis"
-                )
+                    f"of ranks ({_describe_grouping(key)}), but {reason}; calls over different groupings sharing a "
+                    f"region could overwrite data a slower peer still reads. Or use algorithm='psum' over this "
+                    f"axis ('auto' does)", _describe_grouping(key), reason)
             _grouping_regions[key] = region
         return _grouping_regions[key]
 

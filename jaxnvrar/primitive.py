@@ -12,6 +12,7 @@ The topology is resolved at lowering time, where the concrete mesh is known.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def auto_pcast_enabled() -> bool:
     return bool(_AUTO_PCAST.value)
 
 
-def _abstract_eval(x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
+def _abstract_eval(x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma, auto):
     # psum's type: varying -> invariant over the axis. The caller (`all_reduce`) makes an
     # invariant input varying first, as psum does.
     return _with_varying_axes(x, varying_axes(x) - {axis_name})
@@ -157,7 +158,7 @@ def _refuse_nvrar_off_cuda(ctx, algorithm: str, name: str) -> None:
         )
 
 
-def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
+def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma, auto=False):
     _refuse_nvrar_off_cuda(ctx, algorithm, "jaxnvrar.all_reduce")
     topology, _ = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     impl = functools.partial(all_reduce_reference, axis_name=axis_name, topology=topology)
@@ -184,12 +185,30 @@ def _on_local_blocks(impl, aval):
                          axis_names=axes, check_vma=False)
 
 
-def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma):
+def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma, auto):
     if algorithm != "nvrar":
         return _lower_reference(ctx, x, axis_name=axis_name, num_ranks=num_ranks,
                                 gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=check_vma)
     topology, groups = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
-    return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups, axis_name=axis_name)
+    try:
+        return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups, axis_name=axis_name)
+    except nvrar_ffi.NoRegionLeft as err:
+        if not auto:
+            raise
+        _warn_psum_instead(err)
+        return mlir.lower_fun(lambda v: lax.psum(v, axis_name), multiple_results=False)(ctx, x)
+
+
+_warned_groupings: set = set()
+
+
+def _warn_psum_instead(err) -> None:
+    """algorithm="auto" chose the kernel, but its grouping has no workspace region left (known
+    only now, at lowering): psum runs there, the same on every process, with this warning once."""
+    if err.grouping not in _warned_groupings:
+        _warned_groupings.add(err.grouping)
+        warnings.warn(f"jaxnvrar (algorithm='auto'): psum instead of the kernel over {err.grouping}: {err.reason}",
+                      stacklevel=2)
 
 
 mlir.register_lowering(all_reduce_p, _lower_reference)
@@ -276,8 +295,18 @@ def _lower_fused_cuda(ctx, x, residual, weight, **params):
     if params["algorithm"] != "nvrar":
         return _lower_fused_reference(ctx, x, residual, weight, **params)
     topology, groups = resolve_topology(ctx, params["axis_name"], params["num_ranks"], params["gpus_per_node"])
-    return nvrar_ffi.lower_rms_norm(ctx, x, residual, weight, topology=topology, groups=groups,
-                                    axis_name=params["axis_name"], eps=params["eps"])
+    try:
+        return nvrar_ffi.lower_rms_norm(ctx, x, residual, weight, topology=topology, groups=groups,
+                                        axis_name=params["axis_name"], eps=params["eps"])
+    except nvrar_ffi.NoRegionLeft as err:
+        if not params["auto"]:
+            raise
+        _warn_psum_instead(err)
+
+        def composed(x, residual, weight):
+            return list(add_then_rms_norm(lax.psum(x, params["axis_name"]), residual, weight, params["eps"]))
+
+        return mlir.lower_fun(composed, multiple_results=True)(ctx, x, residual, weight)
 
 
 mlir.register_lowering(all_reduce_rms_norm_p, _lower_fused_reference)

@@ -163,10 +163,61 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
     with pytest.raises(ValueError, match=r"over axis 'x' reduces over a new grouping of ranks \(process groups "
                                          r"\{0,1,2,3\}\), but all 2 workspace regions \(JAXNVRAR_GROUPINGS=2\) are "
                                          r"taken by other groupings \(process groups \{0,2\} \{1,3\}; process groups "
-                                         r"\{0,1\} \{2,3\}\).*at least 3\) on every process.*or use algorithm='psum'"):
+                                         r"\{0,1\} \{2,3\}\).*at least 3\) on every process.*Or use algorithm='psum'"):
         nvrar_ffi.grouping_region(whole, "x", available=2)
     assert nvrar_ffi.grouping_region(whole, "x", available=3) == 2
     # A mesh over some processes only: the others' rows are -1 and are not named.
     part = np.array([[0, 1], [0, 1], [-1, -1], [-1, -1]], np.int32)
     assert nvrar_ffi.grouping_region(part, "x", available=4) == 3
     assert nvrar_ffi._describe_grouping(nvrar_ffi.grouping_key(part)) == "process groups {0,1}"
+
+
+def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(monkeypatch):
+    # The region of a grouping is known only when the program is lowered (after "auto" chose):
+    # past the last region "auto" lowers psum there (the same on every process: regions are only
+    # ever claimed) with a warning, and "nvrar" refuses. Lowered for CUDA on this CPU machine,
+    # with the kernel's availability checks stubbed out and device ids standing for processes.
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import jaxnvrar
+    from jaxnvrar import api, nvrar_ffi, primitive, runtime
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
+    monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
+    monkeypatch.setattr(primitive, "_warned_groupings", set())
+    monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
+    monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")
+    monkeypatch.setattr(runtime, "groupings", lambda: 1)
+    monkeypatch.setenv("JAXNVRAR_FUSED_NORM", "1")
+
+    def by_device(groups, num_pes):
+        table = np.full((jax.device_count(), len(groups[0])), -1, np.int32)
+        for group in groups:
+            ids = [d.id for d in group]
+            table[ids] = ids
+        return table
+
+    monkeypatch.setattr(nvrar_ffi, "_pe_groups", by_device)
+    mesh = jax.make_mesh((2, 2), ("a", "b"), devices=jax.devices()[:4])
+    spec = P(("a", "b"))
+    x = jax.device_put(np.arange(32.0, dtype=np.float32).reshape(4, 8), jax.NamedSharding(mesh, spec))
+
+    def lowered(body):
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+        return f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+
+    first = lowered(lambda v: jaxnvrar.all_reduce(v, "a"))
+    assert "jaxnvrar_nvrar_all_reduce" in first and "grouping = 0" in first
+    with pytest.raises(nvrar_ffi.NoRegionLeft, match=r"over axis 'b' .*process groups \{0,1\} \{2,3\}.*"
+                                                     r"JAXNVRAR_GROUPINGS=1\) are taken"):
+        lowered(lambda v: jaxnvrar.all_reduce(v, "b", algorithm="nvrar"))
+    with pytest.warns(UserWarning, match=r"psum instead of the kernel over process groups \{0,1\} \{2,3\}"):
+        second = lowered(lambda v: jaxnvrar.all_reduce(v, "b"))
+    assert "stablehlo.all_reduce" in second and "jaxnvrar_nvrar" not in second
+    fused = lowered(lambda v: jaxnvrar.all_reduce_rms_norm(v, v, jnp.ones(8, v.dtype), "b")[0])
+    assert "stablehlo.all_reduce" in fused and "jaxnvrar_nvrar" not in fused
+    assert "jaxnvrar_nvrar_all_reduce_rms_norm" in lowered(
+        lambda v: jaxnvrar.all_reduce_rms_norm(v, v, jnp.ones(8, v.dtype), "a")[0])
