@@ -90,7 +90,8 @@ def all_reduce_rms_norm(x, residual, weight, axis_name, *, eps: float = 1e-5, al
     Algorithms: "psum" and "reference" run ``jaxnvrar.all_reduce(x, algorithm=...)`` and then the
     add and the norm; "nvrar" (CUDA GPUs, after `jaxnvrar.initialize()`, else it raises naming
     it) runs ONE kernel: the all-reduce, then the add and the norm in its epilogue, for every
-    launch kind; "auto" does too where its choice for the message is the kernel. The kernel
+    launch kind; "auto" does too where its choice for the message is the kernel (unless the
+    axis's grouping of ranks has no workspace region left: JAXNVRAR_GROUPINGS). The kernel
     takes x, residual and weight of one dtype (float32, bfloat16, float16) with rows of whole
     16 bytes (hidden a multiple of 8 in 16-bit dtypes) over 2+ ranks; other calls run the
     composition with the same all-reduce. In the kernel the mean of squares sums in its own

@@ -61,6 +61,7 @@ def _pe_groups(groups, num_pes: int) -> np.ndarray:
 # key-value store (a key per region, set once), and every other process reads the claim: the
 # assignment is the same on every process whatever each one lowered before, or in what order.
 _grouping_regions: dict[frozenset, int] = {}
+_without_region: dict[tuple, str] = {}  # (grouping, regions) found none: why; claims are never released
 _regions_lock = threading.Lock()
 
 
@@ -87,12 +88,15 @@ def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
     key = grouping_key(table)
     with _regions_lock:  # programs may be lowered from several threads
         if key not in _grouping_regions:
-            region, holders = _claim_region(_describe_grouping(key), available)
+            known = _without_region.get((key, available))
+            region, holders = (None, None) if known else _claim_region(_describe_grouping(key), available)
             if region is None:
-                reason = (f"all {available} workspace regions (JAXNVRAR_GROUPINGS={available}) are taken by other "
-                          f"groupings ({'; '.join(holders)}); set JAXNVRAR_GROUPINGS to the number of groupings the "
-                          f"job's nvrar all-reduces use (at least {available + 1}) on every process before "
-                          f"jaxnvrar.initialize() (each then gets that share of the workspace)")
+                reason = known or (
+                    f"all {available} workspace regions (JAXNVRAR_GROUPINGS={available}) are taken by other "
+                    f"groupings ({'; '.join(holders)}); set JAXNVRAR_GROUPINGS to the number of groupings the "
+                    f"job's nvrar all-reduces use (at least {available + 1}) on every process before "
+                    f"jaxnvrar.initialize() (each then gets that share of the workspace)")
+                _without_region[(key, available)] = reason
                 raise NoRegionLeft(
                     f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} reduces over a new grouping "
                     f"of ranks ({_describe_grouping(key)}), but {reason}; calls over different groupings sharing a "

@@ -65,7 +65,8 @@ SETTINGS = (
             minimum=MIN_WORKSPACE_BYTES, help="NVSHMEM workspace per GPU: bounds the largest nvrar message"),
     Setting("JAXNVRAR_GROUPINGS", "groupings", int, 1, True, minimum=1, maximum=MAX_GROUPINGS,
             help="groupings of ranks (mesh axes) that nvrar all-reduces run over in one process, e.g. 2 for "
-                 "both axes of a 2-D mesh; each gets its own 1/N of the workspace"),
+                 "both axes of a 2-D mesh; each gets its own 1/N of the workspace; one more is refused under "
+                 "'nvrar' and runs psum under 'auto'"),
     Setting("JAXNVRAR_TIMEOUT_S", "timeout_s", float, DEFAULT_TIMEOUT_S, False, minimum=0.001,
             help="bound on every wait inside the kernel, then a timeout report"),
     Setting("JAXNVRAR_FORCE_PUT", "force_put", int, 0, False, minimum=0, maximum=1,

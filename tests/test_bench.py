@@ -351,3 +351,20 @@ def test_attention_kernel_refused_without_a_gpu(command, message):
     result = subprocess.run([sys.executable, "-m", "jaxnvrar.bench", *command], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode != 0 and message in result.stderr + result.stdout
+
+
+def test_benchmarks_refuse_autos_psum_fallback():
+    # "auto" runs psum where a grouping of ranks has no workspace region left, with a warning;
+    # a benchmark turns that warning into an error rather than time psum as the kernel.
+    import warnings
+
+    from jaxnvrar import nvrar_ffi, primitive
+    from jaxnvrar.bench.setup import refuse_psum_fallback
+
+    err = nvrar_ffi.NoRegionLeft("message", "process groups {0,1} {2,3}", "all 1 workspace regions are taken")
+    with warnings.catch_warnings():
+        refuse_psum_fallback()
+        primitive._warned_groupings.discard(err.grouping)
+        with pytest.raises(UserWarning, match=r"psum instead of the kernel over axis 'dp' \(process groups"):
+            primitive._warn_psum_instead(err, "dp")
+    primitive._warned_groupings.discard(err.grouping)

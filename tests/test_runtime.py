@@ -153,6 +153,7 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
     from jaxnvrar import nvrar_ffi
 
     monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
+    monkeypatch.setattr(nvrar_ffi, "_without_region", {})
     over_a = np.array([[0, 2], [1, 3], [0, 2], [1, 3]], np.int32)  # row p: PE p's group
     over_b = np.array([[0, 1], [0, 1], [2, 3], [2, 3]], np.int32)
     assert nvrar_ffi.grouping_region(over_a, "a", available=2) == 0
@@ -172,7 +173,8 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
     assert nvrar_ffi._describe_grouping(nvrar_ffi.grouping_key(part)) == "process groups {0,1}"
 
 
-def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(monkeypatch):
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(monkeypatch, check_vma):
     # The region of a grouping is known only when the program is lowered (after "auto" chose):
     # past the last region "auto" lowers psum there (the same on every process: regions are only
     # ever claimed) with a warning, and "nvrar" refuses. Lowered for CUDA on this CPU machine,
@@ -187,6 +189,7 @@ def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(mon
     if jax.device_count() < 4:
         pytest.skip("needs 4 devices")
     monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
+    monkeypatch.setattr(nvrar_ffi, "_without_region", {})
     monkeypatch.setattr(primitive, "_warned_groupings", set())
     monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
     monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")
@@ -206,7 +209,7 @@ def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(mon
     x = jax.device_put(np.arange(32.0, dtype=np.float32).reshape(4, 8), jax.NamedSharding(mesh, spec))
 
     def lowered(body):
-        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=check_vma))
         return f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
 
     first = lowered(lambda v: jaxnvrar.all_reduce(v, "a"))
@@ -214,7 +217,7 @@ def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(mon
     with pytest.raises(nvrar_ffi.NoRegionLeft, match=r"over axis 'b' .*process groups \{0,1\} \{2,3\}.*"
                                                      r"JAXNVRAR_GROUPINGS=1\) are taken"):
         lowered(lambda v: jaxnvrar.all_reduce(v, "b", algorithm="nvrar"))
-    with pytest.warns(UserWarning, match=r"psum instead of the kernel over process groups \{0,1\} \{2,3\}"):
+    with pytest.warns(UserWarning, match=r"psum instead of the kernel over axis 'b' \(process groups \{0,1\} \{2,3\}\)"):
         second = lowered(lambda v: jaxnvrar.all_reduce(v, "b"))
     assert "stablehlo.all_reduce" in second and "jaxnvrar_nvrar" not in second
     fused = lowered(lambda v: jaxnvrar.all_reduce_rms_norm(v, v, jnp.ones(8, v.dtype), "b")[0])

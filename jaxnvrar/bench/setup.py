@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import jax
 
@@ -19,6 +20,16 @@ def progress(label: str, done: int, total: int) -> None:
               file=sys.stderr, flush=True)
 
 
+# What jaxnvrar warns where algorithm="auto" found no workspace region for a grouping of ranks.
+PSUM_FALLBACK_WARNING = r"jaxnvrar \(algorithm='auto'\): psum instead of the kernel"
+
+
+def refuse_psum_fallback() -> None:
+    """Make "auto"'s fallback to psum (no workspace region left for a grouping) an error: a
+    benchmark must not time psum where it says the kernel."""
+    warnings.filterwarnings("error", message=PSUM_FALLBACK_WARNING, category=UserWarning)
+
+
 def bring_up(cpu_devices: int = 8, timed: bool = True) -> str:
     """Initialise jax.distributed (under jaxnvrar-launch) and NVSHMEM (on GPUs); returns a
     one-line description of the devices. A `timed` benchmark refuses ranks that share a GPU
@@ -31,6 +42,7 @@ def bring_up(cpu_devices: int = 8, timed: bool = True) -> str:
             "would not be those of separate GPUs; give each rank its own GPU (soak, which only checks "
             "results, runs there)"
         )
+    refuse_psum_fallback()
     if "JAXNVRAR_NUM_PROCESSES" in os.environ:
         jaxnvrar.initialize_distributed()
     else:
