@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-from jaxnvrar import distributed, runtime, settings, tuning
+from jaxnvrar import distributed, nvrar_ffi, runtime, settings, tuning
 from jaxnvrar.version import __version__
 
 
@@ -52,7 +52,8 @@ def environment_info() -> dict:
         "nvshmem4py": installed_version("nvshmem4py-cu13") or installed_version("nvshmem4py-cu12"),
         "CUDA extension": cuda,
         "GPUs on this host": distributed.local_gpu_count(),
-        "runtime": (f"initialised: PE {pe} of {num_pes}, workspace {runtime.workspace_bytes()} B per grouping"
+        "runtime": (f"initialised: PE {pe} of {num_pes}, workspace {runtime.workspace_bytes()} B per grouping "
+                    f"of ranks, {runtime.groupings()} region(s); in use: {nvrar_ffi.grouping_regions() or 'none'}"
                     if runtime.is_initialized() else "not initialised"),
         "settings": {k: (f"{v}  <- INVALID: {problems[k]}" if k in problems else v)
                      for k, v in sorted(os.environ.items()) if k.startswith("JAXNVRAR_")} or "none",

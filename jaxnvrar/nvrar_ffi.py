@@ -106,6 +106,13 @@ def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
         return _grouping_regions[key]
 
 
+def grouping_regions() -> dict[str, int]:
+    """The workspace region of each grouping of ranks this process has lowered kernel calls
+    for, by its process groups (`python -m jaxnvrar` lists them)."""
+    with _regions_lock:
+        return {_describe_grouping(key): region for key, region in sorted(_grouping_regions.items(), key=lambda kv: kv[1])}
+
+
 def _claim_region(name: str, available: int) -> tuple[int | None, list[str]]:
     """The region of the grouping `name`: the one it holds, else the lowest free one, claimed now;
     (None, the holders) when all are taken. Across processes through the key-value store."""

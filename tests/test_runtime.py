@@ -171,6 +171,8 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
     part = np.array([[0, 1], [0, 1], [-1, -1], [-1, -1]], np.int32)
     assert nvrar_ffi.grouping_region(part, "x", available=4) == 3
     assert nvrar_ffi._describe_grouping(nvrar_ffi.grouping_key(part)) == "process groups {0,1}"
+    assert nvrar_ffi.grouping_regions() == {"process groups {0,2} {1,3}": 0, "process groups {0,1} {2,3}": 1,
+                                            "process groups {0,1,2,3}": 2, "process groups {0,1}": 3}
 
 
 @pytest.mark.parametrize("check_vma", [False, True])
