@@ -86,24 +86,25 @@ def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
     not share a region: a rank between them could run two calls of one ahead of a slower peer
     and overwrite what that peer still reads."""
     key = grouping_key(table)
+    name = _describe_grouping(key)
     with _regions_lock:  # programs may be lowered from several threads
-        if key not in _grouping_regions:
-            known = _without_region.get((key, available))
-            region, holders = (None, None) if known else _claim_region(_describe_grouping(key), available)
-            if region is None:
-                reason = known or (
-                    f"all {available} workspace regions (JAXNVRAR_GROUPINGS={available}) are taken by other "
-                    f"groupings ({'; '.join(holders)}); set JAXNVRAR_GROUPINGS to the number of groupings the "
-                    f"job's nvrar all-reduces use (at least {available + 1}) on every process before "
-                    f"jaxnvrar.initialize() (each then gets that share of the workspace)")
-                _without_region[(key, available)] = reason
-                raise NoRegionLeft(
-                    f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} reduces over a new grouping "
-                    f"of ranks ({_describe_grouping(key)}), but {reason}; calls over different groupings sharing a "
-                    f"region could overwrite data a slower peer still reads. Or use algorithm='psum' over this "
-                    f"axis ('auto' does)", _describe_grouping(key), reason)
-            _grouping_regions[key] = region
-        return _grouping_regions[key]
+        if key in _grouping_regions:
+            return _grouping_regions[key]
+        reason = _without_region.get((key, available))
+        if reason is None:
+            region, holders = _claim_region(name, available)
+            if region is not None:
+                _grouping_regions[key] = region
+                return region
+            reason = (f"all {available} workspace regions (JAXNVRAR_GROUPINGS={available}) are taken by other "
+                      f"groupings ({'; '.join(holders)}); set JAXNVRAR_GROUPINGS to the number of groupings the "
+                      f"job's nvrar all-reduces use (at least {available + 1}) on every process before "
+                      f"jaxnvrar.initialize() (each then gets that share of the workspace)")
+            _without_region[(key, available)] = reason
+    raise NoRegionLeft(
+        f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} reduces over a new grouping of ranks "
+        f"({name}), but {reason}; calls over different groupings sharing a region could overwrite data a slower "
+        f"peer still reads. Or use algorithm='psum' over this axis ('auto' does)", name, reason)
 
 
 def grouping_regions() -> dict[str, int]:

@@ -158,7 +158,7 @@ def _refuse_nvrar_off_cuda(ctx, algorithm: str, name: str) -> None:
         )
 
 
-def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma, auto=False):
+def _lower_reference(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma, auto):
     _refuse_nvrar_off_cuda(ctx, algorithm, "jaxnvrar.all_reduce")
     topology, _ = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     impl = functools.partial(all_reduce_reference, axis_name=axis_name, topology=topology)
@@ -188,7 +188,7 @@ def _on_local_blocks(impl, aval):
 def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check_vma, auto):
     if algorithm != "nvrar":
         return _lower_reference(ctx, x, axis_name=axis_name, num_ranks=num_ranks,
-                                gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=check_vma)
+                                gpus_per_node=gpus_per_node, algorithm=algorithm, check_vma=check_vma, auto=auto)
     topology, groups = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     try:
         return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups, axis_name=axis_name)

@@ -316,7 +316,7 @@ def layout_groupings(layouts: str) -> int:
     """Workspace regions the layouts comparison needs: each layout with tensor parallelism
     all-reduces over its own grouping of ranks (e.g. tp4 over all four, pp2xtp2 over pairs), and
     groupings must not share a region (JAXNVRAR_GROUPINGS)."""
-    return max(1, len({parse_layout(text) for text in layouts.split(",") if parse_layout(text)[1] > 1}))
+    return max(1, len({(pp, tp) for pp, tp in map(parse_layout, layouts.split(",")) if tp > 1}))
 
 
 def run(args) -> int:
