@@ -59,7 +59,8 @@ struct KernelArgs {
   int64_t num_elements;
   int64_t slice_units;                       // units per inbox (Layout::slice_units)
   int64_t slice_stride;                      // elements between slice starts
-  char* workspace;                           // my workspace
+  char* workspace;                           // my workspace (my grouping's region of it)
+  int32_t grouping;                          // that region's index, for failure reports
   char* node_peers[kMaxGpusPerNode];         // workspaces of my node's GPUs, by local index
   char* inter_peer_ptr[kMaxInterNodeSteps];  // peer workspace per step; nullptr: use puts
   int32_t inter_peer_pe[kMaxInterNodeSteps];
@@ -259,7 +260,7 @@ enum FailureKind : int32_t { kFailureTimeout = 1, kFailureMismatch = 2 };
 struct FailureContext {
   char* workspace;
   TimeoutRecord* record;
-  int32_t node, local;
+  int32_t node, local, grouping;
   CallSignature signature;
 };
 
@@ -271,6 +272,7 @@ __device__ __noinline__ void Fail(FailureContext where, int32_t kind, WaitSite s
     r->kind = kind;
     r->node = where.node;
     r->local = where.local;
+    r->grouping = where.grouping;
     r->phase = site.phase;
     r->step = site.step;
     r->peer = site.peer;
@@ -289,7 +291,7 @@ __device__ __noinline__ void Fail(FailureContext where, int32_t kind, WaitSite s
 }
 
 __device__ __forceinline__ FailureContext Where(const KernelArgs& args) {
-  return FailureContext{args.workspace, args.timeout_record, args.node, args.local, args.signature};
+  return FailureContext{args.workspace, args.timeout_record, args.node, args.local, args.grouping, args.signature};
 }
 
 // A peer's call-signature slot in the workspace header (one set of slots per parity half).

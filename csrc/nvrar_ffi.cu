@@ -210,6 +210,7 @@ ffi::ErrorOr<std::unique_ptr<CallSitePlan>> PlanCallSite(int32_t num_ranks, int3
   // The region of this site's grouping (the lowering's `grouping`), at the same offset on every PE.
   const int64_t region = static_cast<int64_t>(grouping) * rt.grouping_bytes;
   args.workspace = rt.workspace + region;
+  args.grouping = grouping;
   args.node = my_rank / gpus_per_node;
   args.local = my_rank % gpus_per_node;
   args.gpus_per_node = gpus_per_node;
@@ -590,6 +591,7 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     d["kind"] = mismatch ? "mismatch" : "timeout";
     d["node"] = r->node;
     d["local"] = r->local;
+    d["region"] = r->grouping;
     d["phase"] = phases[r->phase];
     d["step"] = r->step;
     d["peer"] = r->peer;

@@ -17,6 +17,7 @@ struct TimeoutRecord {
   volatile int32_t node, local, phase, step, peer;
   volatile uint32_t flag;
   volatile uint32_t my_elements, my_shape, peer_elements, peer_shape;  // CallSignature
+  volatile int32_t grouping;  // the call's workspace region: which grouping of ranks (axis) it was over
 };
 
 struct Runtime {

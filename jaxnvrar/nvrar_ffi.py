@@ -63,6 +63,7 @@ def _pe_groups(groups, num_pes: int) -> np.ndarray:
 _grouping_regions: dict[frozenset, int] = {}
 _without_region: dict[tuple, str] = {}  # (grouping, regions) found none: why; claims are never released
 _regions_lock = threading.Lock()
+_region_axes: dict[int, list[str]] = {}  # the axis names this process lowered over each region, for failure reports
 
 
 class NoRegionLeft(ValueError):
@@ -88,14 +89,18 @@ def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
     key = grouping_key(table)
     name = _describe_grouping(key)
     with _regions_lock:  # programs may be lowered from several threads
-        if key in _grouping_regions:
-            return _grouping_regions[key]
+        region = _grouping_regions.get(key)
         reason = _without_region.get((key, available))
-        if reason is None:
+        if region is None and reason is None:
             region, holders = _claim_region(name, available)
             if region is not None:
                 _grouping_regions[key] = region
-                return region
+        if region is not None:
+            axes = _region_axes.setdefault(region, [])
+            if repr(axis_name) not in axes:
+                axes.append(repr(axis_name))
+            return region
+        if reason is None:
             reason = (f"all {available} workspace regions (JAXNVRAR_GROUPINGS={available}) are taken by other "
                       f"groupings ({'; '.join(holders)}); set JAXNVRAR_GROUPINGS to the number of groupings the "
                       f"job's nvrar all-reduces use (at least {available + 1}) on every process before "
@@ -112,6 +117,17 @@ def grouping_regions() -> dict[str, int]:
     for, by its process groups (`python -m jaxnvrar` lists them)."""
     with _regions_lock:
         return {_describe_grouping(key): region for key, region in sorted(_grouping_regions.items(), key=lambda kv: kv[1])}
+
+
+def describe_region(region: int) -> str | None:
+    """What this process lowered kernel calls over in workspace region `region`, in words (the
+    axis names and process groups), for failure reports; None where it lowered none there."""
+    with _regions_lock:
+        axes = list(_region_axes.get(region, ()))
+        key = next((k for k, r in _grouping_regions.items() if r == region), None)
+    if not axes or key is None:
+        return None
+    return f"axis {' or '.join(axes)} ({_describe_grouping(key)}; workspace region {region})"
 
 
 def _claim_region(name: str, available: int) -> tuple[int | None, list[str]]:

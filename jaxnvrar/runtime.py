@@ -228,7 +228,8 @@ def last_timeout() -> dict | None:
     """Why an all-reduce failed in this process, else None: "kind" is "timeout" (a wait gave up;
     phase, step and peer say which) or "mismatch" (a peer made a different call: "mine" and
     "peer_call" describe both calls: elements, dtype, nodes, gpus_per_node, one_shot, bulk,
-    fused_norm, dense, pull).
+    fused_norm, dense, pull). "region" is the call's workspace region (one per grouping of ranks;
+    `describe_timeout` names the axis it was lowered for).
 
     After either the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
     context is lost; this record survives in pinned host memory and is also printed at exit.
@@ -249,21 +250,27 @@ def describe_call(call: dict) -> str:
 
 def describe_timeout(record: dict) -> str:
     peer_kind = "node" if record["phase"] == "inter-node step" else "local GPU"
+    # Which of the job's all-reduces failed: the axis (and process groups) of the call's
+    # workspace region, as this process lowered it. Node and local GPU count within that axis.
+    from jaxnvrar import nvrar_ffi
+
+    over = nvrar_ffi.describe_region(record["region"]) if record.get("region") is not None else None
+    over = f" over {over}" if over else ""
     if record.get("kind") == "mismatch":
         return (
-            f"jaxnvrar: all-reduce mismatch on node {record['node']} local GPU {record['local']}: this rank "
+            f"jaxnvrar: all-reduce mismatch{over} on node {record['node']} local GPU {record['local']}: this rank "
             f"called with {describe_call(record['mine'])}, {peer_kind} {record['peer']} with "
             f"{describe_call(record['peer_call'])}; every rank must make the same all-reduce calls "
             "in the same order"
         )
     if record["phase"] == "fused-norm grid barrier":  # waits for this GPU's own blocks, not a peer
         return (
-            f"jaxnvrar: an all_reduce_rms_norm kernel timed out after $JAXNVRAR_TIMEOUT_S on node "
+            f"jaxnvrar: an all_reduce_rms_norm kernel{over} timed out after $JAXNVRAR_TIMEOUT_S on node "
             f"{record['node']} local GPU {record['local']} (call flag {record['flag']}) at its grid barrier: "
             "not all of its blocks ran at once (other work on the GPU: MPS limits or concurrent kernels?)"
         )
     return (
-        f"jaxnvrar: an all-reduce timed out after $JAXNVRAR_TIMEOUT_S on node {record['node']} local GPU "
+        f"jaxnvrar: an all-reduce{over} timed out after $JAXNVRAR_TIMEOUT_S on node {record['node']} local GPU "
         f"{record['local']} (call flag {record['flag']}), waiting in the {record['phase']} "
         f"{record['step']} for {peer_kind} {record['peer']}; did every rank make the same calls?"
     )

@@ -145,6 +145,33 @@ def test_timeout_reports_name_the_peer_or_the_fused_kernels_own_grid():
     assert "for local GPU" not in barrier and "same calls" not in barrier
 
 
+def test_failure_reports_name_the_axis_of_the_calls_workspace_region(monkeypatch):
+    # With all-reduces over several axes, the kernel's record carries its workspace region; the
+    # report names the axis (and process groups) this process lowered over that region.
+    import numpy as np
+    from jaxnvrar import nvrar_ffi
+    from jaxnvrar.runtime import describe_timeout
+
+    monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
+    monkeypatch.setattr(nvrar_ffi, "_without_region", {})
+    monkeypatch.setattr(nvrar_ffi, "_region_axes", {})
+    nvrar_ffi.grouping_region(np.array([[0, 2], [1, 3], [0, 2], [1, 3]], np.int32), "a", available=2)
+    nvrar_ffi.grouping_region(np.array([[0, 1], [0, 1], [2, 3], [2, 3]], np.int32), "b", available=2)
+    call = {"elements": 1000, "dtype": "float32", "nodes": 1, "gpus_per_node": 2, "one_shot": True, "bulk": False}
+    mismatch = describe_timeout({"kind": "mismatch", "node": 0, "local": 0, "flag": 3, "step": 0, "peer": 1,
+                                 "phase": "signature check", "region": 1, "mine": call,
+                                 "peer_call": dict(call, elements=2000)})
+    assert mismatch.startswith("jaxnvrar: all-reduce mismatch over axis 'b' (process groups {0,1} {2,3}; "
+                               "workspace region 1) on node 0 local GPU 0"), mismatch
+    timeout = describe_timeout({"kind": "timeout", "node": 0, "local": 1, "flag": 7, "step": 0, "peer": 0,
+                                "phase": "intra-node all-gather", "region": 0})
+    assert "an all-reduce over axis 'a' (process groups {0,2} {1,3}; workspace region 0) timed out" in timeout
+    # A region this process lowered nothing over (or a record without one) is not named.
+    unknown = describe_timeout({"kind": "timeout", "node": 0, "local": 1, "flag": 7, "step": 0, "peer": 0,
+                                "phase": "intra-node all-gather", "region": 5})
+    assert unknown.startswith("jaxnvrar: an all-reduce timed out")
+
+
 def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_is_refused(monkeypatch):
     # All-reduces over both axes of a 2 x 2 mesh of processes are two groupings of ranks; each
     # needs its own region (csrc/schedule.h, GroupingBytes, says why). Every process lowers the
@@ -154,6 +181,7 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
 
     monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
     monkeypatch.setattr(nvrar_ffi, "_without_region", {})
+    monkeypatch.setattr(nvrar_ffi, "_region_axes", {})
     over_a = np.array([[0, 2], [1, 3], [0, 2], [1, 3]], np.int32)  # row p: PE p's group
     over_b = np.array([[0, 1], [0, 1], [2, 3], [2, 3]], np.int32)
     assert nvrar_ffi.grouping_region(over_a, "a", available=2) == 0
@@ -173,6 +201,9 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
     assert nvrar_ffi._describe_grouping(nvrar_ffi.grouping_key(part)) == "process groups {0,1}"
     assert nvrar_ffi.grouping_regions() == {"process groups {0,2} {1,3}": 0, "process groups {0,1} {2,3}": 1,
                                             "process groups {0,1,2,3}": 2, "process groups {0,1}": 3}
+    # Failure reports name what each region was lowered for (every axis over its grouping).
+    assert nvrar_ffi.describe_region(0) == "axis 'a' or 'x' (process groups {0,2} {1,3}; workspace region 0)"
+    assert nvrar_ffi.describe_region(4) is None
 
 
 @pytest.mark.parametrize("check_vma", [False, True])
@@ -192,6 +223,7 @@ def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(mon
         pytest.skip("needs 4 devices")
     monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
     monkeypatch.setattr(nvrar_ffi, "_without_region", {})
+    monkeypatch.setattr(nvrar_ffi, "_region_axes", {})
     monkeypatch.setattr(primitive, "_warned_groupings", set())
     monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
     monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnvrar
+from jaxnvrar import distributed
 from jaxnvrar.tuning import kernel_config_override
 
 # Flags are calls % FLAG_PERIOD + 1 (BeginCall in csrc/device_common.cuh); the wrap scenario starts just before
@@ -70,6 +71,11 @@ def main(name: str) -> None:
 
     with jax.set_mesh(mesh):
         if name == "skip":  # rank 1 skips the second call
+            if os.environ.get("SCENARIO_TAKE_REGION_0"):  # with JAXNVRAR_GROUPINGS=2: axis x's calls get region 1
+                client = distributed.kv_client()
+                if rank == 0:  # as another grouping of ranks would, had it been lowered first
+                    client.key_value_set("jaxnvrar/grouping_region/0", "process groups {7}")
+                client.wait_at_barrier("scenario-region-0-taken", 60_000)
             x = sharded(mesh, np.ones(4096, np.float32))
             f = all_reduce_fn(mesh)
             f(x).block_until_ready()
