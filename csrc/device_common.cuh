@@ -276,6 +276,7 @@ __device__ __noinline__ void Fail(FailureContext where, int32_t kind, WaitSite s
     r->phase = site.phase;
     r->step = site.step;
     r->peer = site.peer;
+    r->peer_is_node = site.phase == kWaitInterNode || site.slot >= kMaxGpusPerNode;  // signature slots past the node's
     r->flag = flag;
     r->my_elements = where.signature.elements;
     r->my_shape = where.signature.shape;

@@ -595,6 +595,7 @@ NB_MODULE(_jaxnvrar_cuda, m) {
     d["phase"] = phases[r->phase];
     d["step"] = r->step;
     d["peer"] = r->peer;
+    d["peer_is_node"] = r->peer_is_node != 0;
     d["flag"] = r->flag;
     d["mine"] = jaxnvrar::DescribeCall(r->my_elements, r->my_shape);
     // Only a mismatch has read the peer's signature.

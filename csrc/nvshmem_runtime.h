@@ -18,6 +18,7 @@ struct TimeoutRecord {
   volatile uint32_t flag;
   volatile uint32_t my_elements, my_shape, peer_elements, peer_shape;  // CallSignature
   volatile int32_t grouping;  // the call's workspace region: which grouping of ranks (axis) it was over
+  volatile int32_t peer_is_node;  // `peer` is a node (an inter-node step's), else a local GPU
 };
 
 struct Runtime {

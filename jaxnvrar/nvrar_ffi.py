@@ -63,7 +63,10 @@ def _pe_groups(groups, num_pes: int) -> np.ndarray:
 _grouping_regions: dict[frozenset, int] = {}
 _without_region: dict[tuple, str] = {}  # (grouping, regions) found none: why; claims are never released
 _regions_lock = threading.Lock()
-_region_axes: dict[int, list[str]] = {}  # the axis names this process lowered over each region, for failure reports
+# For failure reports: the axis names this process lowered over each region, and its own group of
+# PEs (in axis order) in each, which turns a report's node and local GPU into a process.
+_region_axes: dict[int, list[str]] = {}
+_region_rows: dict[int, set[tuple[int, ...]]] = {}
 
 
 class NoRegionLeft(ValueError):
@@ -99,6 +102,7 @@ def grouping_region(table: np.ndarray, axis_name, available: int) -> int:
             axes = _region_axes.setdefault(region, [])
             if repr(axis_name) not in axes:
                 axes.append(repr(axis_name))
+            _region_rows.setdefault(region, set()).add(tuple(int(pe) for pe in table[jax.process_index()]))
             return region
         if reason is None:
             reason = (f"all {available} workspace regions (JAXNVRAR_GROUPINGS={available}) are taken by other "
@@ -128,6 +132,21 @@ def describe_region(region: int) -> str | None:
     if not axes or key is None:
         return None
     return f"axis {' or '.join(axes)} ({_describe_grouping(key)}; workspace region {region})"
+
+
+def peer_process(record: dict) -> int | None:
+    """The process a failure record's peer runs in (one process per GPU): the axis group of this
+    process in the call's region, at the peer's node and local GPU; None where this process
+    lowered calls over the region in several axis orders (which one failed is not recorded)."""
+    with _regions_lock:
+        rows = _region_rows.get(record.get("region"), set())
+    gpus_per_node = (record.get("mine") or {}).get("gpus_per_node")
+    if len(rows) != 1 or not gpus_per_node:
+        return None
+    (row,) = rows
+    rank = (record["peer"] * gpus_per_node + record["local"] if record.get("peer_is_node")
+            else record["node"] * gpus_per_node + record["peer"])
+    return row[rank] if 0 <= rank < len(row) and row[rank] >= 0 else None
 
 
 def _claim_region(name: str, available: int) -> tuple[int | None, list[str]]:

@@ -229,7 +229,8 @@ def last_timeout() -> dict | None:
     phase, step and peer say which) or "mismatch" (a peer made a different call: "mine" and
     "peer_call" describe both calls: elements, dtype, nodes, gpus_per_node, one_shot, bulk,
     fused_norm, dense, pull). "region" is the call's workspace region (one per grouping of ranks;
-    `describe_timeout` names the axis it was lowered for).
+    `describe_timeout` names the axis it was lowered for and the peer's process); "peer_is_node"
+    says whether "peer" counts nodes (an inter-node step's) or local GPUs.
 
     After either the kernel traps, the call raises (CUDA_ERROR_LAUNCH_FAILED) and the CUDA
     context is lost; this record survives in pinned host memory and is also printed at exit.
@@ -249,17 +250,20 @@ def describe_call(call: dict) -> str:
 
 
 def describe_timeout(record: dict) -> str:
-    peer_kind = "node" if record["phase"] == "inter-node step" else "local GPU"
     # Which of the job's all-reduces failed: the axis (and process groups) of the call's
-    # workspace region, as this process lowered it. Node and local GPU count within that axis.
+    # workspace region, as this process lowered it. Node and local GPU count within that axis;
+    # the peer's process is named where this process's group in the region is known.
     from jaxnvrar import nvrar_ffi
 
     over = nvrar_ffi.describe_region(record["region"]) if record.get("region") is not None else None
     over = f" over {over}" if over else ""
+    is_node = record.get("peer_is_node", record["phase"] == "inter-node step")
+    process = nvrar_ffi.peer_process(record)
+    peer = f"{'node' if is_node else 'local GPU'} {record['peer']}" + (f" (process {process})" if process is not None else "")
     if record.get("kind") == "mismatch":
         return (
             f"jaxnvrar: all-reduce mismatch{over} on node {record['node']} local GPU {record['local']}: this rank "
-            f"called with {describe_call(record['mine'])}, {peer_kind} {record['peer']} with "
+            f"called with {describe_call(record['mine'])}, {peer} with "
             f"{describe_call(record['peer_call'])}; every rank must make the same all-reduce calls "
             "in the same order"
         )
@@ -272,7 +276,7 @@ def describe_timeout(record: dict) -> str:
     return (
         f"jaxnvrar: an all-reduce{over} timed out after $JAXNVRAR_TIMEOUT_S on node {record['node']} local GPU "
         f"{record['local']} (call flag {record['flag']}), waiting in the {record['phase']} "
-        f"{record['step']} for {peer_kind} {record['peer']}; did every rank make the same calls?"
+        f"{record['step']} for {peer}; did every rank make the same calls?"
     )
 
 

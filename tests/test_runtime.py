@@ -155,6 +155,7 @@ def test_failure_reports_name_the_axis_of_the_calls_workspace_region(monkeypatch
     monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
     monkeypatch.setattr(nvrar_ffi, "_without_region", {})
     monkeypatch.setattr(nvrar_ffi, "_region_axes", {})
+    monkeypatch.setattr(nvrar_ffi, "_region_rows", {})
     nvrar_ffi.grouping_region(np.array([[0, 2], [1, 3], [0, 2], [1, 3]], np.int32), "a", available=2)
     nvrar_ffi.grouping_region(np.array([[0, 1], [0, 1], [2, 3], [2, 3]], np.int32), "b", available=2)
     call = {"elements": 1000, "dtype": "float32", "nodes": 1, "gpus_per_node": 2, "one_shot": True, "bulk": False}
@@ -163,9 +164,23 @@ def test_failure_reports_name_the_axis_of_the_calls_workspace_region(monkeypatch
                                  "peer_call": dict(call, elements=2000)})
     assert mismatch.startswith("jaxnvrar: all-reduce mismatch over axis 'b' (process groups {0,1} {2,3}; "
                                "workspace region 1) on node 0 local GPU 0"), mismatch
-    timeout = describe_timeout({"kind": "timeout", "node": 0, "local": 1, "flag": 7, "step": 0, "peer": 0,
-                                "phase": "intra-node all-gather", "region": 0})
+    # The peer's process: this process's (0) group over the region's axis, at the peer's rank.
+    assert "local GPU 1 (process 1) with 2000 x float32" in mismatch, mismatch
+    timeout = describe_timeout({"kind": "timeout", "node": 0, "local": 0, "flag": 7, "step": 0, "peer": 1,
+                                "phase": "intra-node all-gather", "region": 0, "mine": call})
     assert "an all-reduce over axis 'a' (process groups {0,2} {1,3}; workspace region 0) timed out" in timeout
+    assert timeout.endswith("waiting in the intra-node all-gather 0 for local GPU 1 (process 2); "
+                            "did every rank make the same calls?"), timeout
+    # Two nodes of one GPU over axis a: the peer counts nodes (also a signature wait's, by its slot).
+    between_nodes = describe_timeout({"kind": "timeout", "node": 0, "local": 0, "flag": 7, "step": 0, "peer": 1,
+                                      "peer_is_node": True, "phase": "signature check", "region": 0,
+                                      "mine": dict(call, nodes=2, gpus_per_node=1)})
+    assert "for node 1 (process 2);" in between_nodes, between_nodes
+    # Calls over the region in another axis order: which one failed is not recorded, so no process.
+    nvrar_ffi.grouping_region(np.array([[2, 0], [3, 1], [2, 0], [3, 1]], np.int32), "c", available=2)
+    assert "for local GPU 1;" in describe_timeout({"kind": "timeout", "node": 0, "local": 0, "flag": 7, "step": 0,
+                                                   "peer": 1, "phase": "intra-node all-gather", "region": 0,
+                                                   "mine": call})
     # A region this process lowered nothing over (or a record without one) is not named.
     unknown = describe_timeout({"kind": "timeout", "node": 0, "local": 1, "flag": 7, "step": 0, "peer": 0,
                                 "phase": "intra-node all-gather", "region": 5})

@@ -39,9 +39,12 @@ def sharded(mesh, per_rank: np.ndarray):
 
 
 def all_reduce_fn(mesh, calls: int = 1):
+    gpus_per_node = int(os.environ.get("SCENARIO_GPUS_PER_NODE", "0")) or None  # 1: two "nodes" of one GPU
+
     def body(a):
         for _ in range(calls):
-            a = lax.pcast(jaxnvrar.all_reduce(a, "x", algorithm="nvrar") / 2, "x", to="varying")
+            a = lax.pcast(jaxnvrar.all_reduce(a, "x", algorithm="nvrar", gpus_per_node=gpus_per_node) / 2, "x",
+                          to="varying")
         return a
 
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x")))

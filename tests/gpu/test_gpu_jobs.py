@@ -72,8 +72,9 @@ def run_scenario(name: str, **env) -> dict[int, dict]:
 
 
 @pytest.mark.parametrize("launch", [{}, {"JAXNVRAR_ONE_SHOT": "1"}, {"JAXNVRAR_BULK": "1"},
-                                    {"JAXNVRAR_GROUPINGS": "2", "SCENARIO_TAKE_REGION_0": "1"}],
-                         ids=["default", "one-shot", "bulk", "second-region"])
+                                    {"JAXNVRAR_GROUPINGS": "2", "SCENARIO_TAKE_REGION_0": "1"},
+                                    {"SCENARIO_GPUS_PER_NODE": "1"}],
+                         ids=["default", "one-shot", "bulk", "second-region", "two-nodes"])
 def test_a_rank_that_skips_a_call_gets_a_timeout_report_not_a_hang(launch):
     reports = run_scenario("skip", **launch)
     waiting = reports[0]
@@ -81,12 +82,18 @@ def test_a_rank_that_skips_a_call_gets_a_timeout_report_not_a_hang(launch):
     assert waiting["seconds"] < TIMEOUT_S + 10, waiting
     record = waiting["record"]
     assert record["kind"] == "timeout" and record["peer"] == 1, record
-    assert record["phase"] == "intra-node reduce-scatter", record
     assert "did every rank make the same calls" in waiting["message"]
-    # The report names the axis of the call, by the workspace region the kernel ran in.
+    # The report names the axis of the call, by the workspace region the kernel ran in, and the
+    # peer's process: a local GPU of the node, or (two nodes of one GPU) the other node.
     region = 1 if "SCENARIO_TAKE_REGION_0" in launch else 0
     assert record["region"] == region, record
     assert f"over axis 'x' (process groups {{0,1}}; workspace region {region})" in waiting["message"], waiting
+    if "SCENARIO_GPUS_PER_NODE" in launch:
+        assert record["peer_is_node"] and record["phase"] in ("inter-node step", "signature check"), record
+        assert "for node 1 (process 1);" in waiting["message"], waiting
+    else:
+        assert not record["peer_is_node"] and record["phase"] == "intra-node reduce-scatter", record
+        assert "for local GPU 1 (process 1);" in waiting["message"], waiting
 
 
 @pytest.mark.parametrize("scenario", ["size-mismatch", "dtype-mismatch"])
@@ -98,6 +105,7 @@ def test_ranks_in_different_calls_report_a_mismatch(scenario):
         assert seen["record"]["kind"] == "mismatch", (rank, seen)
         assert seen["seconds"] < TIMEOUT_S + 10, (rank, seen)
         assert "mismatch over axis 'x'" in seen["message"], (rank, seen)
+        assert f"local GPU {1 - rank} (process {1 - rank}) with" in seen["message"], (rank, seen)
     expected = "1000 x float32" if scenario == "size-mismatch" else "4096 x float16"
     assert expected in reports[0]["message"], reports[0]["message"]
 
