@@ -8,6 +8,7 @@ jax.distributed's own cluster detection applies.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -107,16 +108,19 @@ def host_of_process(process_index: int) -> str:
     return _hosts[process_index]
 
 
-def devices_per_host() -> int:
-    """Devices on this process's host, summed over the job's processes that share it."""
-    mine = host_of_process(jax.process_index())
-    return sum(1 for d in jax.devices() if host_of_process(d.process_index) == mine)
+def devices_per_every_host() -> int:
+    """The greatest number of devices that divides every host's count in the job: the same on
+    every process (`devices_per_host` differs where hosts hold different numbers)."""
+    counts = collections.Counter(host_of_process(d.process_index) for d in jax.devices())
+    return math.gcd(*counts.values())
 
 
 def default_topology(num_ranks: int) -> Topology:
     """The topology assumed when gpus_per_node is not given and the mesh's devices are not at
-    hand: ranks grouped by the devices that share this host. (Lowering refines it from the mesh.)"""
-    return Topology(num_ranks, math.gcd(num_ranks, devices_per_host()))
+    hand (tracing, before "auto" chooses): ranks grouped by the devices that every host holds,
+    the same on every process, so that all make the same choice. (Lowering refines it from the
+    mesh, and refuses there what no longer fits.)"""
+    return Topology(num_ranks, math.gcd(num_ranks, devices_per_every_host()))
 
 
 _gathers = itertools.count(1)

@@ -69,13 +69,41 @@ _region_axes: dict[int, list[str]] = {}
 _region_rows: dict[int, set[tuple[int, ...]]] = {}
 
 
-class NoRegionLeft(ValueError):
-    """Every workspace region is taken by another grouping of ranks: `grouping` (its process
-    groups) cannot take the kernel; algorithm="nvrar" raises it, "auto" runs psum there."""
+class KernelRefused(ValueError):
+    """Found at lowering: this call site cannot take the kernel (`reason`); algorithm="nvrar"
+    raises it, "auto" runs psum there (the same on every process: it depends only on what they
+    all share). `what` names the call for "auto"'s one warning per kind of refusal."""
 
-    def __init__(self, message: str, grouping: str, reason: str):
+    def __init__(self, message: str, what: str, reason: str):
         super().__init__(message)
-        self.grouping, self.reason = grouping, reason
+        self.what, self.reason = what, reason
+
+
+class NoRegionLeft(KernelRefused):
+    """Every workspace region is taken by another grouping of ranks: the grouping (`what`, its
+    process groups) cannot take the kernel."""
+
+
+class MessageTooLarge(KernelRefused):
+    """The message does not fit a call's workspace in the topology the lowering resolved from the
+    mesh (tracing checked it against the topology assumed before the mesh was at hand, or against
+    one example of a vmap)."""
+
+
+def check_fits_at_lowering(aval, topology: Topology, axis_name) -> None:
+    """MessageTooLarge where this call site's message does not fit the workspace. (Without the
+    runtime, a lowering for inspection only, nothing to check against: the kernel refuses to run
+    before jaxnvrar.initialize() anyway.)"""
+    if not runtime.is_initialized() or runtime.fits_workspace(aval.size, aval.dtype.itemsize, topology):
+        return
+    needed = workspace_bytes_needed(aval.size, aval.dtype.itemsize, topology)
+    what = f"{aval.size * aval.dtype.itemsize}-byte messages over {topology.num_nodes} node(s) of {topology.gpus_per_node} GPU(s)"
+    reason = (f"a {aval.size * aval.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, but a call "
+              f"has {runtime.workspace_bytes()}; raise JAXNVRAR_WORKSPACE_BYTES (or jaxnvrar.initialize(workspace_bytes=...))")
+    raise MessageTooLarge(
+        f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} as lowered ({aval.shape} {aval.dtype}, "
+        f"{topology.num_nodes} node(s) of {topology.gpus_per_node} GPU(s) by the mesh): {reason}, or use "
+        "algorithm='psum' ('auto' does)", what, reason)
 
 
 def grouping_key(table: np.ndarray) -> frozenset:
@@ -191,10 +219,11 @@ def _kernel_attributes(ctx, topology: Topology, groups, axis_name) -> dict:
             "jaxnvrar.all_reduce(algorithm='nvrar') needs jax.shard_map over a concrete "
             "jax.sharding.Mesh (one made from devices), not an AbstractMesh"
         )
+    aval = ctx.avals_in[0]
+    check_fits_at_lowering(aval, topology, axis_name)  # before a region is claimed for it
     table = _pe_groups(groups, jax.process_count())
     # An axis of one rank is a copy: no peers, no workspace.
     grouping = grouping_region(table, axis_name, runtime.groupings()) if topology.num_ranks > 1 else 0
-    aval = ctx.avals_in[0]
     config = tuning.kernel_config_for(topology, aval.dtype.name, aval.size, aval.dtype.itemsize)
     return dict(
         num_ranks=np.int32(topology.num_ranks),

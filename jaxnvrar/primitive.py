@@ -192,7 +192,7 @@ def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check
     topology, groups = resolve_topology(ctx, axis_name, num_ranks, gpus_per_node)
     try:
         return nvrar_ffi.lower(ctx, x, topology=topology, groups=groups, axis_name=axis_name)
-    except nvrar_ffi.NoRegionLeft as err:
+    except nvrar_ffi.KernelRefused as err:
         if not auto:
             raise
         _warn_psum_instead(err, axis_name)
@@ -203,13 +203,15 @@ _warned_groupings: set = set()
 
 
 def _warn_psum_instead(err, axis_name) -> None:
-    """algorithm="auto" chose the kernel, but its grouping has no workspace region left (known
-    only now, at lowering): psum runs there, the same on every process, with this warning once.
-    (The benchmarks turn it into an error: they must not time psum in place of the kernel.)"""
-    if err.grouping not in _warned_groupings:
-        _warned_groupings.add(err.grouping)
+    """algorithm="auto" chose the kernel, but the lowering found that this call cannot take it
+    (`nvrar_ffi.KernelRefused`: its grouping has no workspace region left, or the message does not
+    fit the workspace in the mesh's topology): psum runs there, the same on every process, with
+    this warning once per kind. (The benchmarks turn it into an error: they must not time psum in
+    place of the kernel.)"""
+    if err.what not in _warned_groupings:
+        _warned_groupings.add(err.what)
         warnings.warn(f"jaxnvrar (algorithm='auto'): psum instead of the kernel over axis {axis_name!r} "
-                      f"({err.grouping}): {err.reason}", stacklevel=2)
+                      f"({err.what}): {err.reason}", stacklevel=2)
 
 
 mlir.register_lowering(all_reduce_p, _lower_reference)
@@ -300,7 +302,7 @@ def _lower_fused_cuda(ctx, x, residual, weight, **params):
     try:
         return nvrar_ffi.lower_rms_norm(ctx, x, residual, weight, topology=topology, groups=groups,
                                         axis_name=params["axis_name"], eps=params["eps"])
-    except nvrar_ffi.NoRegionLeft as err:
+    except nvrar_ffi.KernelRefused as err:
         if not params["auto"]:
             raise
         _warn_psum_instead(err, params["axis_name"])

@@ -175,9 +175,9 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     if workspace_bytes is not None:
         snapshot = dataclasses.replace(snapshot, workspace_bytes=int(workspace_bytes))
     _check_environment()
-    # Everything that changes how programs are lowered: the same on every process, or they
-    # would compile different programs.
-    distributed.check_same_across_processes(snapshot.lowering(), "jaxnvrar.initialize()")
+    # Everything that changes how programs are lowered (and the call counter's start): the same
+    # on every process, or they would compile different programs (or wait for different flags).
+    distributed.check_same_across_processes(snapshot.agreed(), "jaxnvrar.initialize()")
     extension = cuda_extension()
     # The symmetric heap must hold the workspace and the dense kernel's inboxes; leave NVSHMEM
     # room for its own needs.
@@ -192,6 +192,10 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     for name, handler in extension.registrations().items():
         jax.ffi.register_ffi_target(name, handler, platform="CUDA")
     _state = _State(snapshot, extension.num_pes(), extension.my_pe(), nvshmem)
+    # Programs traced before now chose psum where "auto" would now choose the kernel, and jit
+    # keeps them: drop them, or a process that traced early (a warm-up, an eval_shape) would run
+    # other programs than its peers, or never the kernel.
+    jax.clear_caches()
     return True
 
 

@@ -33,6 +33,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     help: str = ""
     zero_means_none: bool = False  # 0 is accepted below the minimum: "none of it"
+    agree: bool = False  # read at run time, but every process must have the same (the kernels of a call depend on it)
 
     def parse(self, raw: str | None):
         """The value of `raw` (the default when None); a ValueError naming the variable and
@@ -87,7 +88,7 @@ SETTINGS = (
                  "see docs/design.md for why)"),
     Setting("JAXNVRAR_TIMING", "timing", int, 0, False, minimum=0, maximum=1,
             help="1: every kernel call stamps its phases (jaxnvrar.timing; benchmarks report them)"),
-    Setting("JAXNVRAR_FIRST_CALL", "first_call", int, 0, False, minimum=0,
+    Setting("JAXNVRAR_FIRST_CALL", "first_call", int, 0, False, minimum=0, agree=True,
             help="testing: start the call counter here (flag wrap-around)"),
     Setting("JAXNVRAR_AUTO_MAX_BYTES", "auto_max_bytes", int, None, True, minimum=0,
             help='"auto" without a tuning table: nvrar up to this size'),
@@ -120,6 +121,13 @@ class Settings:
     def lowering(self) -> dict:
         """The settings that change how programs are lowered, by variable name."""
         return {s.name: getattr(self, s.field) for s in SETTINGS if s.lowering}
+
+    def agreed(self) -> dict:
+        """The settings every process must share, by variable name: those that change how programs
+        are lowered, and the run-time ones that the kernels of one call depend on (the call
+        counter's start, from which the flags come: peers started apart wait for flags that never
+        come)."""
+        return {s.name: getattr(self, s.field) for s in SETTINGS if s.lowering or s.agree}
 
 
 def read(environ=None) -> Settings:

@@ -273,3 +273,73 @@ def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(mon
     assert "stablehlo.all_reduce" in fused and "jaxnvrar_nvrar" not in fused
     assert "jaxnvrar_nvrar_all_reduce_rms_norm" in lowered(
         lambda v: jaxnvrar.all_reduce_rms_norm(v, v, jnp.ones(8, v.dtype), "a")[0])
+
+
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_a_message_that_outgrows_the_workspace_after_tracing_takes_psum_under_auto_and_nvrar_refuses(
+        monkeypatch, check_vma):
+    # Tracing checks the message against the workspace for one example of a vmap (and in the
+    # topology assumed before the mesh is at hand); the lowering sees the batched message in the
+    # mesh's topology. Where that no longer fits, "auto" lowers psum with a warning and "nvrar"
+    # refuses by name, instead of a kernel that fails at run time. Lowered for CUDA on this CPU
+    # machine, with a started runtime stubbed in.
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import jaxnvrar
+    from jaxnvrar import api, nvrar_ffi, primitive, runtime
+    from jaxnvrar.schedule import Topology, workspace_bytes_needed
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
+    monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
+    monkeypatch.setattr(nvrar_ffi, "_without_region", {})
+    monkeypatch.setattr(nvrar_ffi, "_region_axes", {})
+    monkeypatch.setattr(nvrar_ffi, "_region_rows", {})
+    monkeypatch.setattr(primitive, "_warned_groupings", set())
+    monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
+    monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")
+    monkeypatch.setattr(runtime, "groupings", lambda: 1)
+    monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+    row = 4096  # float32 elements of one example
+    monkeypatch.setattr(runtime, "workspace_bytes", lambda: workspace_bytes_needed(row, 4, Topology(2, 2)))
+    monkeypatch.setattr(nvrar_ffi, "_pe_groups", lambda groups, num_pes: np.array(
+        [[d.id for d in group] for group in groups for _ in group], np.int32))
+    mesh = jax.make_mesh((2, 2), ("a", "b"), devices=jax.devices()[:4])
+    spec = P(None, ("a", "b"))
+    x = jax.device_put(np.ones((16, 4 * row), np.float32), jax.NamedSharding(mesh, spec))
+
+    def lowered(body):
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=check_vma))
+        return f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+
+    one_row = lowered(lambda v: jaxnvrar.all_reduce(v[:1], "a").repeat(16, axis=0))
+    assert "jaxnvrar_nvrar_all_reduce" in one_row
+    with pytest.raises(nvrar_ffi.MessageTooLarge, match=r"over axis 'a' as lowered \(\(16, 4096\) float32, 1 node\(s\) "
+                                                        r"of 2 GPU\(s\) by the mesh\): a 262144-byte message needs "
+                                                        r"\d+ bytes .*JAXNVRAR_WORKSPACE_BYTES"):
+        lowered(jax.vmap(lambda r: jaxnvrar.all_reduce(r, "a", algorithm="nvrar")))
+    with pytest.warns(UserWarning, match=r"psum instead of the kernel over axis 'a' \(262144-byte messages over "
+                                         r"1 node\(s\) of 2 GPU\(s\)\): a 262144-byte message needs"):
+        batched = lowered(jax.vmap(lambda r: jaxnvrar.all_reduce(r, "a")))
+    assert "stablehlo.all_reduce" in batched and "jaxnvrar_nvrar" not in batched
+
+
+def test_the_topology_assumed_before_the_mesh_is_the_same_on_every_process(monkeypatch):
+    # "auto" chooses at trace time in the topology assumed without the mesh; processes on hosts
+    # of different sizes (4, 2 and 2 GPUs) must assume the same one, or some would bind the
+    # kernel and others psum for one all-reduce, and the job would hang.
+    import types
+
+    from jaxnvrar import distributed
+    from jaxnvrar.schedule import Topology
+
+    hosts = ["a"] * 4 + ["b"] * 2 + ["c"] * 2
+    monkeypatch.setattr(distributed, "host_of_process", lambda p: hosts[p])
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(process_index=p) for p in range(8)])
+    for me in (0, 4):  # a process on host a, one on host b
+        monkeypatch.setattr(jax, "process_index", lambda me=me: me)
+        assert distributed.default_topology(4) == Topology(4, 2)
+        assert distributed.default_topology(8) == Topology(8, 2)
+    hosts[:] = ["a"] * 4 + ["b"] * 4
+    assert distributed.default_topology(8) == Topology(8, 4)

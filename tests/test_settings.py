@@ -20,6 +20,11 @@ def test_values_are_parsed_and_bad_ones_named():
     snapshot = settings.read({"JAXNVRAR_MAX_BLOCKS": "64", "JAXNVRAR_TIMEOUT_S": "2.5", "JAXNVRAR_NETWORK": "slingshot"})
     assert (snapshot.max_blocks, snapshot.timeout_s, snapshot.network) == (64, 2.5, "slingshot")
     assert snapshot.lowering()["JAXNVRAR_MAX_BLOCKS"] == 64 and "JAXNVRAR_TIMEOUT_S" not in snapshot.lowering()
+    # Compared across processes at start: the lowering settings and the call counter's start
+    # (flags come from it), not the timeout (each process may wait as long as it likes).
+    agreed = snapshot.agreed()
+    assert set(snapshot.lowering()) < set(agreed) and "JAXNVRAR_FIRST_CALL" in agreed
+    assert "JAXNVRAR_TIMEOUT_S" not in agreed and "JAXNVRAR_FIRST_CALL" not in snapshot.lowering()
     with pytest.raises(ValueError, match=r"JAXNVRAR_NETWORK='ib': choose one of \['ndr', 'slingshot'\]"):
         settings.read({"JAXNVRAR_NETWORK": "ib"})
     assert settings.problems({"JAXNVRAR_BULK": "2", "JAXNVRAR_ONE_SHOT": "1"}) == {
