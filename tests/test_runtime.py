@@ -221,6 +221,21 @@ def test_each_grouping_of_ranks_gets_its_own_workspace_region_and_one_too_many_i
     assert nvrar_ffi.describe_region(4) is None
 
 
+def _lower_kernel_calls_without_a_gpu(monkeypatch) -> None:
+    """Lowering for CUDA on this CPU machine: fresh region claims and warnings, the kernel's
+    availability checks stubbed out, "auto" choosing the kernel, one workspace region."""
+    from jaxnvrar import api, nvrar_ffi, primitive, runtime
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
+    for table in ("_grouping_regions", "_without_region", "_region_axes", "_region_rows"):
+        monkeypatch.setattr(nvrar_ffi, table, {})
+    monkeypatch.setattr(primitive, "_warned_groupings", set())
+    monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
+    monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")
+    monkeypatch.setattr(runtime, "groupings", lambda: 1)
+
+
 @pytest.mark.parametrize("check_vma", [False, True])
 def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(monkeypatch, check_vma):
     # The region of a grouping is known only when the program is lowered (after "auto" chose):
@@ -232,17 +247,9 @@ def test_auto_takes_psum_where_no_workspace_region_is_left_and_nvrar_refuses(mon
     from jax.sharding import PartitionSpec as P
 
     import jaxnvrar
-    from jaxnvrar import api, nvrar_ffi, primitive, runtime
+    from jaxnvrar import nvrar_ffi
 
-    if jax.device_count() < 4:
-        pytest.skip("needs 4 devices")
-    monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
-    monkeypatch.setattr(nvrar_ffi, "_without_region", {})
-    monkeypatch.setattr(nvrar_ffi, "_region_axes", {})
-    monkeypatch.setattr(primitive, "_warned_groupings", set())
-    monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
-    monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")
-    monkeypatch.setattr(runtime, "groupings", lambda: 1)
+    _lower_kernel_calls_without_a_gpu(monkeypatch)
     monkeypatch.setenv("JAXNVRAR_FUSED_NORM", "1")
 
     def by_device(groups, num_pes):
@@ -287,19 +294,10 @@ def test_a_message_that_outgrows_the_workspace_after_tracing_takes_psum_under_au
     from jax.sharding import PartitionSpec as P
 
     import jaxnvrar
-    from jaxnvrar import api, nvrar_ffi, primitive, runtime
+    from jaxnvrar import nvrar_ffi, runtime
     from jaxnvrar.schedule import Topology, workspace_bytes_needed
 
-    if jax.device_count() < 4:
-        pytest.skip("needs 4 devices")
-    monkeypatch.setattr(nvrar_ffi, "_grouping_regions", {})
-    monkeypatch.setattr(nvrar_ffi, "_without_region", {})
-    monkeypatch.setattr(nvrar_ffi, "_region_axes", {})
-    monkeypatch.setattr(nvrar_ffi, "_region_rows", {})
-    monkeypatch.setattr(primitive, "_warned_groupings", set())
-    monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
-    monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")
-    monkeypatch.setattr(runtime, "groupings", lambda: 1)
+    _lower_kernel_calls_without_a_gpu(monkeypatch)
     monkeypatch.setattr(runtime, "is_initialized", lambda: True)
     row = 4096  # float32 elements of one example
     monkeypatch.setattr(runtime, "workspace_bytes", lambda: workspace_bytes_needed(row, 4, Topology(2, 2)))
