@@ -7,7 +7,7 @@
 // messages, LL for small ones (the tuner decides).
 //
 // Block b of every rank covers the same chunks: all ranks must launch the same grid, which the
-// shared settings and tuning table guarantee.
+// shared settings and tuning table guarantee, and the flag words check (FlagWord).
 #pragma once
 
 #include "device_common.cuh"
@@ -21,7 +21,14 @@ namespace jaxnvrar {
 // with a payload that no arithmetic produces.
 constexpr uint64_t kFlagTag = 0x7FC0A5A5ull << 32;
 
-__device__ __forceinline__ uint64_t FlagWord(uint32_t flag) { return kFlagTag | flag; }
+// The tag also holds the grid size (at most kBulkMaxBlocks = 1024: it changes only the payload's
+// low bits, never 0xA5A5 as a whole). Block b's flag covers block b's share of the units, which
+// depends on the grid, and the call signature does not hold the grid: a peer launched with
+// another one (a max_blocks overridden on one process only) then waits for a word that never
+// comes, and reports a timeout, instead of reading another block's range as its own.
+__device__ __forceinline__ uint64_t FlagWord(uint32_t flag) {
+  return (kFlagTag ^ (static_cast<uint64_t>(gridDim.x) << 32)) | flag;
+}
 
 __device__ __forceinline__ void RaiseFlag(char* address, uint32_t flag) {
   asm volatile("st.relaxed.sys.u64 [%0], %1;" ::"l"(address), "l"(FlagWord(flag)) : "memory");

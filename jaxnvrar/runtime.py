@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import re
 import sys
 
 import jax
@@ -101,7 +102,21 @@ def check_calls() -> bool:
     return bool(_state and _state.settings.check_calls)
 
 
+# XLA options under which two kernel calls of one program could run at once: command buffers whose
+# commands are ordered only by the buffers they use (not by the workspace the calls share).
+_CONCURRENT_XLA_FLAGS = re.compile(r"--xla_gpu_command_buffer_scheduling_mode=concurrent\b"
+                                   r"|--xla_gpu_graph_enable_concurrent_region(=true|=1)?(\s|$)", re.IGNORECASE)
+
+
 def _check_environment():
+    concurrent = _CONCURRENT_XLA_FLAGS.search(os.environ.get("XLA_FLAGS", ""))
+    if concurrent:
+        raise RuntimeError(
+            f"jaxnvrar.initialize(): XLA_FLAGS has {concurrent.group(0).strip()}: XLA may then run two independent "
+            "all-reduce kernels of one program at once, on the same workspace, and their data would mix; drop it "
+            "(the default scheduling, LHS, runs them in program order), or keep custom calls out of command "
+            "buffers (--xla_gpu_enable_command_buffer without CUSTOM_CALL)"
+        )
     if distributed.looks_like_multi_process_job() and distributed.kv_client() is None:
         raise RuntimeError(
             "jaxnvrar.initialize() was called before jax.distributed.initialize() in a "

@@ -341,3 +341,19 @@ def test_the_topology_assumed_before_the_mesh_is_the_same_on_every_process(monke
         assert distributed.default_topology(8) == Topology(8, 2)
     hosts[:] = ["a"] * 4 + ["b"] * 4
     assert distributed.default_topology(8) == Topology(8, 4)
+
+
+@pytest.mark.parametrize("flag", ["--xla_gpu_command_buffer_scheduling_mode=CONCURRENT",
+                                  "--xla_gpu_graph_enable_concurrent_region=true"])
+def test_initialize_refuses_xla_options_that_run_kernel_calls_at_once(monkeypatch, flag):
+    # Command buffers ordered only by buffer use could run two independent all-reduces of one
+    # program at once, on one workspace region: a silent mix of their data, so refused by name.
+    from jaxnvrar import runtime
+
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_graph_min_graph_size=1 {flag}")
+    with pytest.raises(RuntimeError, match=f"XLA_FLAGS has {flag}: .*drop it"):
+        runtime._check_environment()
+    for fine in ("--xla_gpu_command_buffer_scheduling_mode=LHS", "--xla_gpu_graph_enable_concurrent_region=false"):
+        monkeypatch.setenv("XLA_FLAGS", fine)
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):  # past the check, on this CPU machine
+            runtime._check_environment()

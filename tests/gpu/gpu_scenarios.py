@@ -110,6 +110,11 @@ def main(name: str) -> None:
             with kernel_config_override("128-1shot-dense" if rank == 0 else "128-1shot-bulk"):
                 expect_failure(all_reduce_fn(mesh), x)  # lowered under the override: each its own kernel
 
+        if name == "blocks-mismatch":  # the same bulk call in 128 blocks on rank 0, 64 on rank 1
+            x = sharded(mesh, np.ones(1 << 20, np.float32))  # 2 MiB slices: more chunks than 128 x 512 threads
+            with kernel_config_override("128-bulk" if rank == 0 else "64-bulk"):
+                expect_failure(all_reduce_fn(mesh), x)
+
         if name == "pull-mismatch":  # the same call, its reduce-scatter pulled on rank 0 only
             x = sharded(mesh, np.ones(1 << 16, np.float32))
             with kernel_config_override("128-pull" if rank == 0 else "128-bulk"):

@@ -119,6 +119,18 @@ def test_a_dense_call_against_a_bulk_call_reports_a_mismatch():
     assert "dense" in reports[0]["message"] and "bulk" in reports[0]["message"], reports[0]["message"]
 
 
+@pytest.mark.parametrize("launch", [{}, {"SCENARIO_GPUS_PER_NODE": "1"}], ids=["one-node", "two-nodes"])
+def test_ranks_that_launch_other_grids_time_out_instead_of_summing_other_ranges(launch):
+    # The call signature does not hold the grid (a max_blocks overridden on one process only);
+    # bulk block b covers another range of chunks on each rank, so its flag words hold the grid:
+    # the ranks wait, then report, instead of summing each other's other blocks' data.
+    reports = run_scenario("blocks-mismatch", **launch)
+    for rank, seen in reports.items():
+        assert seen["raised"] and seen["record"]["kind"] == "timeout", (rank, seen)
+        assert seen["seconds"] < TIMEOUT_S + 10, (rank, seen)
+        assert "did every rank make the same calls" in seen["message"], (rank, seen)
+
+
 def test_a_pulled_call_against_a_pushed_one_reports_a_mismatch():
     # The same flags, other places for the slices: without the pull bit in the signature the
     # ranks would sum whatever their inboxes held.
