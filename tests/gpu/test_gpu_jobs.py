@@ -125,9 +125,13 @@ def test_ranks_that_launch_other_grids_time_out_instead_of_summing_other_ranges(
     # bulk block b covers another range of chunks on each rank, so its flag words hold the grid:
     # the ranks wait, then report, instead of summing each other's other blocks' data.
     reports = run_scenario("blocks-mismatch", **launch)
-    for rank, seen in reports.items():
-        assert seen["raised"] and seen["record"]["kind"] == "timeout", (rank, seen)
-        assert seen["seconds"] < TIMEOUT_S + 10, (rank, seen)
+    assert all(seen["raised"] for seen in reports.values()), reports  # no rank returned a sum
+    timed_out = {rank: seen for rank, seen in reports.items() if seen["record"]}
+    # Both wait; on one GPU shared under MPS the first rank's trap also ends the other's context
+    # (MPS contains a fault to the GPU's clients), often before its own timeout records.
+    assert len(timed_out) == 2 or (timed_out and local_gpu_count() < 2), reports
+    for rank, seen in timed_out.items():
+        assert seen["record"]["kind"] == "timeout" and seen["seconds"] < TIMEOUT_S + 10, (rank, seen)
         assert "did every rank make the same calls" in seen["message"], (rank, seen)
 
 
