@@ -140,19 +140,20 @@ def gather_from_processes(value):
             for other in range(jax.process_count())]
 
 
-def check_same_across_processes(settings: dict, caller: str) -> None:
+def check_same_across_processes(settings: dict, caller: str, fix: str | None = None) -> None:
     """Raise on every process unless all processes have the same `settings`. Settings that decide
     how the kernel is lowered must agree: processes that lower it differently compile different
-    programs, and a job whose processes compile different programs can hang before any kernel runs."""
+    programs, and a job whose processes compile different programs can hang before any kernel runs.
+    `settings` are environment variables by name unless `fix` says how to make them agree."""
     if jax.process_count() == 1:
         return
     for other, theirs in enumerate(gather_from_processes(settings)):
         differ = [name for name in sorted(settings) if theirs.get(name) != settings[name]]
         if differ:
+            fix = fix or f"set {', '.join('$' + n for n in differ)} alike on every process (None: unset)"
             raise RuntimeError(
                 f"{caller}: process {jax.process_index()} has "
                 f"{', '.join(f'{n}={settings[n]}' for n in differ)}, process {other} has "
-                f"{', '.join(f'{n}={theirs.get(n)}' for n in differ)}; set "
-                f"{', '.join('$' + n for n in differ)} alike on every process (None: unset), or the processes "
+                f"{', '.join(f'{n}={theirs.get(n)}' for n in differ)}; {fix}, or the processes "
                 "compile different programs and the job can hang"
             )

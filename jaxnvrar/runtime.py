@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import hashlib
 import os
 import re
 import sys
@@ -108,6 +109,16 @@ _CONCURRENT_XLA_FLAGS = re.compile(r"--xla_gpu_command_buffer_scheduling_mode=co
                                    r"|--xla_gpu_graph_enable_concurrent_region(=true|=1)?(\s|$)", re.IGNORECASE)
 
 
+def installation() -> dict:
+    """What of this install decides how programs are lowered: the version and the built-in
+    tuning table (a digest); compared across processes at start."""
+    from jaxnvrar import tuning
+    from jaxnvrar.version import __version__
+
+    digest = hashlib.sha256(tuning.BUILTIN_PATH.read_bytes()).hexdigest()[:16]
+    return {"jaxnvrar": __version__, "built-in tuning table": digest}
+
+
 def _check_environment():
     concurrent = _CONCURRENT_XLA_FLAGS.search(os.environ.get("XLA_FLAGS", ""))
     if concurrent:
@@ -193,6 +204,10 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     # Everything that changes how programs are lowered (and the call counter's start): the same
     # on every process, or they would compile different programs (or wait for different flags).
     distributed.check_same_across_processes(snapshot.agreed(), "jaxnvrar.initialize()")
+    # So must the code that lowers them, as far as a version tells, and the built-in table that
+    # "auto" and the kernel configurations fall back on (hosts with other installs).
+    distributed.check_same_across_processes(installation(), "jaxnvrar.initialize()",
+                                            fix="install the same jaxnvrar on every host")
     extension = cuda_extension()
     # The symmetric heap must hold the workspace and the dense kernel's inboxes; leave NVSHMEM
     # room for its own needs.

@@ -98,6 +98,14 @@ try:
     print("DIFFERENT PASSED", flush=True)
 except RuntimeError as err:
     print("DIFFERENT RAISED", err, flush=True)
+install = jaxnvrar.runtime.installation()  # another host's install: another built-in table
+try:
+    distributed.check_same_across_processes(
+        dict(install, **({"built-in tuning table": "0" * 16} if jax.process_index() else {})), "test",
+        fix="install the same jaxnvrar on every host")
+    print("INSTALL PASSED", flush=True)
+except RuntimeError as err:
+    print("INSTALL RAISED", err, flush=True)
 """
 
 
@@ -117,6 +125,9 @@ def test_processes_with_different_kernel_settings_are_refused_by_name():
         line = next(l for l in job.stdout.splitlines() if l.startswith(f"[rank {rank}] DIFFERENT"))
         assert "RAISED" in line and "$JAXNVRAR_ONE_SHOT alike on every process" in line, line
         assert "$JAXNVRAR_MAX_BLOCKS" not in line, line
+        line = next(l for l in job.stdout.splitlines() if l.startswith(f"[rank {rank}] INSTALL"))
+        assert "RAISED" in line and "built-in tuning table=" in line and "install the same jaxnvrar" in line, line
+        assert "jaxnvrar=" not in line.split("has ", 1)[1], line  # the same version is not named
 
 
 def test_initialize_distributed_alone_is_a_no_op_but_a_cluster_without_coordinator_still_raises():

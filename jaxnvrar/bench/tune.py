@@ -16,7 +16,7 @@ from jaxnvrar import runtime, tuning
 from jaxnvrar.bench.allreduce import (DTYPES, max_error_against_psum, measure, message_sizes, parse_bytes,
                                       parse_kernel_configs)
 from jaxnvrar.bench.setup import bring_up, is_printer
-from jaxnvrar.distributed import default_topology
+from jaxnvrar.distributed import default_topology, gather_from_processes
 from jaxnvrar.runtime import fits_workspace
 from jaxnvrar.schedule import KernelConfig, Topology, dense_fits, one_shot_possible
 
@@ -98,7 +98,9 @@ def run(args) -> int:
         if is_printer():
             chosen = "psum" if choice.algorithm == "psum" else "nvrar/" + choice.config.label
             print(f"{nbytes:>10} {psum_us:>9.2f} " + " ".join(cells) + f" {chosen:>18}", flush=True)
-    tuning.use(table)  # this process; the others load the file at their next initialize()
+    # Process 0's table on every process (each measured its own times): programs lowered after
+    # this in the job must choose alike. Other jobs load the file at initialize().
+    tuning.use(tuning.Table.from_json(gather_from_processes(table.to_json())[0], "process 0's tuning table"))
     if is_printer():
         print(f"wrote {table.save(args.output)}")
     return 0
