@@ -53,6 +53,7 @@ def initialize_distributed(**kwargs) -> None:
     jax.distributed.initialize(
         os.environ[ENV_COORDINATOR], num_processes, int(os.environ[ENV_PROCESS_ID]), **kwargs
     )
+    publish_hostname()
 
 
 def local_gpu_count() -> int:
@@ -92,6 +93,19 @@ def kv_client():
     return distributed.global_state.client
 
 
+_published = False
+
+
+def publish_hostname() -> None:
+    """Put this process's host name in jax.distributed's key-value store, once (initialize_distributed
+    and jaxnvrar.initialize do): `host_of_process` on another process waits for it, and a process
+    that never lowers an all-reduce would otherwise never publish it."""
+    global _published
+    if not _published and jax.process_count() > 1:
+        kv_client().key_value_set(f"jaxnvrar/hostname/{jax.process_index()}", socket.gethostname())
+        _published = True
+
+
 def host_of_process(process_index: int) -> str:
     """The host name of a process of this job (exchanged once through jax.distributed)."""
     global _hosts
@@ -100,7 +114,7 @@ def host_of_process(process_index: int) -> str:
             _hosts = {0: socket.gethostname()}
         else:
             client = kv_client()
-            client.key_value_set(f"jaxnvrar/hostname/{jax.process_index()}", socket.gethostname())
+            publish_hostname()
             _hosts = {
                 i: client.blocking_key_value_get(f"jaxnvrar/hostname/{i}", KV_TIMEOUT_MS)
                 for i in range(jax.process_count())

@@ -201,6 +201,7 @@ def start(*, workspace_bytes: int | None = None) -> bool:
     if workspace_bytes is not None:
         snapshot = dataclasses.replace(snapshot, workspace_bytes=int(workspace_bytes))
     _check_environment()
+    distributed.publish_hostname()  # for peers that place processes on hosts (jax.distributed.initialize called directly)
     # Everything that changes how programs are lowered (and the call counter's start): the same
     # on every process, or they would compile different programs (or wait for different flags).
     distributed.check_same_across_processes(snapshot.agreed(), "jaxnvrar.initialize()")

@@ -156,11 +156,18 @@ def load_shared() -> Table:
     else:
         client = distributed.kv_client()
         if jax.process_index() == 0:
-            table = Table.load()
+            try:
+                table = Table.load()
+            except ValueError as err:  # the others hear why at once, not after the store's timeout
+                client.key_value_set(_KV_KEY, json.dumps({"load_error": str(err)}))
+                raise
             client.key_value_set(_KV_KEY, table.to_json())
         else:
-            table = Table.from_json(client.blocking_key_value_get(_KV_KEY, distributed.KV_TIMEOUT_MS),
-                                    "process 0's tuning table")
+            text = client.blocking_key_value_get(_KV_KEY, distributed.KV_TIMEOUT_MS)
+            failure = json.loads(text).get("load_error")
+            if failure is not None:
+                raise ValueError(f"process 0 could not load the tuning table every process uses: {failure}")
+            table = Table.from_json(text, "process 0's tuning table")
     use(table)
     return table
 

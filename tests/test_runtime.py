@@ -109,17 +109,23 @@ except RuntimeError as err:
 """
 
 
-@pytest.mark.multiprocess
-def test_processes_with_different_kernel_settings_are_refused_by_name():
+def _two_cpu_processes(script: str):
+    """`script` as a job of two CPU processes under jaxnvrar-launch; its output, after a clean exit."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
     env.pop("JAXNVRAR_NUM_PROCESSES", None)
-    job = subprocess.run([sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--timeout", "120", "--",
-                          sys.executable, "-c", SETTINGS_SCRIPT], env=env, capture_output=True, text=True, timeout=180)
+    job = subprocess.run([sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--timeout", "150", "--",
+                          sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    return job
+
+
+@pytest.mark.multiprocess
+def test_processes_with_different_kernel_settings_are_refused_by_name():
+    job = _two_cpu_processes(SETTINGS_SCRIPT)
     for rank in (0, 1):
         assert f"[rank {rank}] SAME OK" in job.stdout, job.stdout[-2000:]
         line = next(l for l in job.stdout.splitlines() if l.startswith(f"[rank {rank}] DIFFERENT"))
@@ -368,3 +374,24 @@ def test_initialize_refuses_xla_options_that_run_kernel_calls_at_once(monkeypatc
         monkeypatch.setenv("XLA_FLAGS", fine)
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):  # past the check, on this CPU machine
             runtime._check_environment()
+
+
+HOSTS_SCRIPT = """
+import socket, time
+import jax
+import jaxnvrar
+from jaxnvrar import distributed
+jaxnvrar.initialize_distributed()
+if jax.process_index() == 0:  # process 1 never lowers an all-reduce, so never asks for host names
+    start = time.monotonic()
+    print("HOST", distributed.host_of_process(1) == socket.gethostname(), round(time.monotonic() - start), flush=True)
+distributed.kv_client().wait_at_barrier("hosts-test-done", 60_000)
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_process_that_never_lowers_an_all_reduce_still_names_its_host():
+    job = _two_cpu_processes(HOSTS_SCRIPT)
+    line = next(l for l in job.stdout.splitlines() if "HOST" in l)
+    seconds = int(line.split()[-1])
+    assert "HOST True" in line and seconds < 30, line  # published at start, not after the store's 120 s

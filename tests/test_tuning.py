@@ -135,7 +135,11 @@ from jaxnvrar import tuning
 jaxnvrar.initialize_distributed()
 if jax.process_index() != 0:  # only process 0's file counts
     os.environ[tuning.TUNING_FILE_ENV] = os.path.join(sys.argv[1], "absent.json")
-table = tuning.load_shared()
+try:
+    table = tuning.load_shared()
+except ValueError as err:
+    print("LOAD FAILED", err, flush=True)
+    sys.exit(0)
 print("CHOICE", table.lookup("H200|1x2|bfloat16", 8192))
 """
 
@@ -157,6 +161,15 @@ def test_every_process_uses_process_0s_table(tmp_path):
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank {rank}] CHOICE Choice(algorithm='nvrar', config=KernelConfig(max_blocks=32, one_shot=False, bulk=False, dense=False, pull=False))" in job.stdout, job.stdout[-2000:]
+    # Process 0's file broken: every process says why at once (not after the key-value store's
+    # two-minute wait for a table that process 0 never publishes).
+    path.write_text("{not json")
+    job = subprocess.run([sys.executable, "-m", "jaxnvrar.launcher", "-n", "2", "--timeout", "120", "--",
+                          sys.executable, "-c", SHARE_SCRIPT, str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "[rank 0] LOAD FAILED" in job.stdout and "is not valid JSON" in job.stdout, job.stdout[-2000:]
+    assert "[rank 1] LOAD FAILED process 0 could not load the tuning table every process uses: " in job.stdout
 
 
 def test_dense_configurations_need_the_opt_in(monkeypatch):
