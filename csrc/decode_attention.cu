@@ -766,12 +766,14 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
   s.q_heads = q_heads;
   s.cache_rows = cache_rows;
   if (batch == 0) return ffi::Error::Success();
-  if (s.kv_heads < 1 || q_heads % s.kv_heads != 0 || s.qkv_width != (q_heads + 2 * s.kv_heads) * head_dim ||
+  if (s.kv_heads < 1 || q_heads < 1 || q_heads % s.kv_heads != 0 || s.qkv_width != (q_heads + 2 * s.kv_heads) * head_dim ||
       c_dims[0] != batch || cache_rows < 1 || cache_rows > s.rows || cache_rows > s.cache_len ||
       cache_v_in.dimensions().size() != 4 || !std::equal(c_dims.begin(), c_dims.end(), cache_v_in.dimensions().begin()) ||
-      positions.element_count() != s.rows || inv_freq.element_count() != head_dim / 2 || write_at.element_count() != 1)
+      positions.element_count() != s.rows || inv_freq.element_count() != head_dim / 2 || write_at.element_count() != 1 ||
+      out->element_count() != static_cast<size_t>(batch) * s.rows * q_heads * head_dim ||
+      cache_k->element_count() != cache_k_in.element_count() || cache_v->element_count() != cache_v_in.element_count())
     return ffi::Error::InvalidArgument(
-        "jaxnvrar: decode attention: shapes of qkv, caches, positions, inv_freq and q_heads disagree");
+        "jaxnvrar: decode attention: shapes of qkv, caches, positions, inv_freq, q_heads and the results disagree");
   s.group = q_heads / s.kv_heads;
   s.computed_rows = twin ? 1 : s.rows;
   if (s.group * s.computed_rows > 32)  // the products take two 16-row blocks of queries
@@ -779,8 +781,20 @@ ffi::Error Execute(cudaStream_t stream, ffi::AnyBuffer qkv, ffi::Buffer<ffi::S32
                                        "(query heads per KV head x rows), not " + std::to_string(s.group * s.computed_rows));
   if (twin && s.cache_rows != 1)
     return ffi::Error::InvalidArgument("jaxnvrar: decode attention: twin rows write one row of the cache");
-  if (qkv.element_type() != cache_k_in.element_type() || qkv.element_type() != cache_v_in.element_type())
-    return ffi::Error::InvalidArgument("jaxnvrar: decode attention: qkv and the caches must share a dtype");
+  if (qkv.element_type() != cache_k_in.element_type() || qkv.element_type() != cache_v_in.element_type() ||
+      out->element_type() != qkv.element_type() || cache_k->element_type() != qkv.element_type() ||
+      cache_v->element_type() != qkv.element_type())
+    return ffi::Error::InvalidArgument("jaxnvrar: decode attention: qkv, the caches and the results must share a dtype");
+  // The kernel copies 16-byte vectors (cp.async): XLA's buffers are aligned, unless a fusion
+  // hands the call a slice of a larger one.
+  const void* const buffers[] = {qkv.untyped_data(), cache_k_in.untyped_data(), cache_v_in.untyped_data(),
+                                 inv_freq.typed_data(), out->untyped_data(), cache_k->untyped_data(),
+                                 cache_v->untyped_data()};
+  for (const void* buffer : buffers) {
+    if (reinterpret_cast<uintptr_t>(buffer) % 16 != 0)
+      return ffi::Error::InvalidArgument("jaxnvrar: decode attention: a buffer is not 16-byte aligned (a slice of a "
+                                         "larger array?); pass whole arrays");
+  }
   // XLA gives aliased results the operands' buffers; copy where it did not.
   for (auto [in, result] : {std::pair{&cache_k_in, &cache_k}, std::pair{&cache_v_in, &cache_v}}) {
     if (in->untyped_data() != (*result)->untyped_data()) {

@@ -454,13 +454,13 @@ ffi::Error ExecuteFusedNorm(cudaStream_t stream, CallSitePlan* plan, ffi::AnyBuf
     if (plan->sized_error.success()) plan->sized_error = PlanFusedNorm(*plan, residual, weight);
   });
   if (plan->sized_error.failure()) return plan->sized_error;
+  if (plan->work != CallSitePlan::Work::kKernel) {  // before the buffers: an empty plan has no norm sizes
+    return ffi::Error::Internal("jaxnvrar: all_reduce_rms_norm's kernel needs a non-empty message over 2+ ranks");
+  }
   if (!AsPlanned(*plan, x) || !AsPlanned(*plan, residual) || out->element_type() != plan->dtype ||
       static_cast<int64_t>(out->element_count()) != 2 * plan->elements || weight.element_type() != plan->dtype ||
       static_cast<int64_t>(weight.element_count()) != plan->args.norm.hidden) {
     return BuffersChanged();
-  }
-  if (plan->work != CallSitePlan::Work::kKernel) {
-    return ffi::Error::Internal("jaxnvrar: all_reduce_rms_norm's kernel needs a non-empty message over 2+ ranks");
   }
   for (const void* p : {x.untyped_data(), residual.untyped_data(), weight.untyped_data(), out->untyped_data()}) {
     if (!Aligned(p, kChunkBytes)) return Misaligned(kChunkBytes);

@@ -67,6 +67,7 @@ def test_kernel_refused_off_cuda_naming_the_fix():
     (dict(head_dim=48), "head_dim 48"),
     (dict(rows=16, q_heads=8), "query rows"),
     (dict(cache_len=200_000), "shared memory"),
+    (dict(q_heads=0), "for 0 query heads"),
 ])
 def test_kernel_refuses_shapes_it_does_not_take(change, message):
     shape = dict(rows=1, q_heads=4, kv_heads=2, head_dim=64, cache_len=16)

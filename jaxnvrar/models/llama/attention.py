@@ -170,7 +170,7 @@ def kernel_supports(qkv, cache_k, cache_v, q_heads: int, cache_rows: int, twin: 
         return f"head_dim {head_dim} (the kernel takes {KERNEL_HEAD_DIMS})"
     if not (qkv.dtype == cache_k.dtype == cache_v.dtype) or jnp.dtype(qkv.dtype).name not in KERNEL_DTYPES:
         return f"dtypes {qkv.dtype}, {cache_k.dtype}, {cache_v.dtype} (the kernel takes one of {KERNEL_DTYPES} for all)"
-    if q_heads % kv_heads or width != (q_heads + 2 * kv_heads) * head_dim:
+    if q_heads < 1 or q_heads % kv_heads or width != (q_heads + 2 * kv_heads) * head_dim:
         return f"qkv width {width} for {q_heads} query heads and {kv_heads} KV heads of {head_dim}"
     computed = 1 if twin else length
     query_rows = q_heads // kv_heads * computed
