@@ -151,7 +151,7 @@ class _Interpreter:
         env = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
         read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
-        invariant = set()  # outputs of pvary: invariant values typed as varying
+        invariant = {}  # outputs of pvary: invariant values typed as varying, and over which axes
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
@@ -160,7 +160,7 @@ class _Interpreter:
                   ctx.manager if ctx is not None else contextlib.nullcontext()):
                 outs = self.eqn(eqn, invals, invariant)
             if eqn.primitive.name == "pvary":
-                invariant.update(eqn.outvars)
+                invariant.update((v, set(eqn.params.get("axes", ()))) for v in eqn.outvars)
             env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
         return [read(v) for v in jaxpr.outvars]
 
@@ -173,8 +173,8 @@ class _Interpreter:
             axis = params["axes"][0]
             if prim.name == "pvary":
                 return vary_p.bind(x, axes=(axis,), algorithm=self.algorithm)
-            if eqn.invars[0] in invariant:
-                return _bind(prim, params, invals)  # psum of an invariant value: leave it as jax wrote it
+            if axis in invariant.get(eqn.invars[0], ()):
+                return _bind(prim, params, invals)  # psum of a value invariant over its axis: as jax wrote it
             return _all_reduce_or_psum(x, axis, self.algorithm)
         if not self.has_psum(list(params.values())):
             return _bind(prim, params, invals)

@@ -144,8 +144,20 @@ def test_prefill_rejects_prompts_that_do_not_fit(checkpoint):
         llama.prefill(model, np.zeros((2, 0), np.int32), caches)
     with pytest.raises(ValueError, match=r"token id 256 is outside the vocabulary \[0, 256\)"):
         llama.prefill(model, np.full((2, 4), CONFIG.vocab_size, np.int32), caches)
-    next_tokens, _, _, position = llama.prefill(model, PROMPTS[:, :5], caches)
+    next_tokens, _, caches, position = llama.prefill(model, PROMPTS[:, :5], caches)
     assert next_tokens.shape == (2,) and int(position) == 5
+    # Steps past the cache's end would run (XLA's dynamic updates clamp) and be silently wrong:
+    # a host position that leaves no room raises, naming the fix.
+    with pytest.raises(ValueError, match=r"decode_step: positions 6..8 do not fit 8 positions; allocate a longer cache"):
+        llama.decode_step(model, np.zeros((2, 3), np.int32), caches, 6)
+    prompt = llama.prompt_ids(model.mesh, PROMPTS[:, :5], CONFIG.vocab_size)
+    history = llama.start_history(prompt, next_tokens, 3)  # [2, 8]
+    with pytest.raises(ValueError, match=r"advance \(the cache\): positions 8..8 do not fit 8 positions"):
+        llama.advance(model, history, caches, 8)
+    with pytest.raises(ValueError, match=r"advance \(the history.*positions 7..8 do not fit 8 positions"):
+        llama.advance(model, history, caches, 7)
+    history, caches, position = llama.advance(model, history, caches, 6)  # the last room: reads 6, writes 7
+    assert int(position) == 7
 
 
 def test_psum_and_reference_all_reduce_give_identical_tokens(checkpoint):

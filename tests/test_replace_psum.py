@@ -98,6 +98,20 @@ def test_integer_multi_axis_and_invariant_psums_stay_psum(mesh):
     close(jax.jit(fast(f))(*args), f(*args))
 
 
+def test_a_value_made_varying_over_another_axis_is_still_reduced(mesh):
+    # pcast over "dp" leaves a value that varies over "tp" varying over "tp": its psum over "tp"
+    # is a real all-reduce (only a psum over an axis the value was made varying over is left
+    # as jax wrote it). Before, every pvary output was taken as invariant and that psum stayed.
+    @jax.shard_map(mesh=mesh, in_specs=P("tp"), out_specs=P())
+    def f(v):
+        return lax.psum(lax.psum(lax.pcast(v, "dp", to="varying"), "tp"), "dp")
+
+    x = put(mesh, randn(8, 4), P("tp"))
+    text = jaxpr_text(fast(f), x)
+    assert text.count(OURS) == 2 and "psum" not in text, text
+    close(jax.jit(fast(f))(x), f(x))
+
+
 def test_unsupported_dtype_stays_psum_and_nvrar_without_runtime_raises(mesh):
     @jax.shard_map(mesh=mesh, in_specs=P("tp"), out_specs=P())
     def f(x):

@@ -137,7 +137,11 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
                 x.block_until_ready()
             durations = [end - start for name, start, end in breakdown.device_kernels(breakdown.read_trace(trace_dir))
                          if breakdown.classify(name) == "communication"]
-            device_us = statistics.median(durations) if durations else None
+            # The median kernel is an all-reduce's time only where each is one kernel: not the
+            # reference's (many permutes and adds), nor psum's under --rms-norm (its add and norm
+            # run in XLA's kernels after it, where the fused kernel's include them).
+            one_kernel_each = not algorithm.startswith("reference") and not (rms_norm and algorithm == "psum")
+            device_us = statistics.median(durations) if durations and one_kernel_each else None
     return statistics.median(batches) * 1e6, device_us, stamped
 
 
@@ -313,6 +317,9 @@ def run(args) -> int:
                          f"({args.rms_norm * itemsize} B of {args.dtype}); --min-bytes is {args.min_bytes}")
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
     num_ranks = jax.device_count()
+    if num_ranks < 2:  # psum compiles to nothing there: its "speed-ups" would compare a copy with nothing
+        raise SystemExit("jaxnvrar-bench allreduce: one rank, and a one-rank all-reduce moves nothing; run one process "
+                         "per GPU (jaxnvrar-launch -n N -- jaxnvrar-bench allreduce)")
     topology = (Topology(num_ranks, args.gpus_per_node) if args.gpus_per_node
                 else default_topology(num_ranks))
     if args.kernel_configs and "nvrar" in algorithms:
@@ -378,7 +385,8 @@ def run(args) -> int:
     if is_printer():
         print(f"algbw = size / time, busbw = algbw * 2(P-1)/P with P = {num_ranks}; GB/s; "
               "x psum = psum time / this time; n/a: larger than the NVSHMEM workspace"
-              + ("; dev us: median all-reduce kernel time in a profiler trace" if args.device_time else ""))
+              + ("; dev us: median all-reduce kernel time in a profiler trace (- where an all-reduce is not one "
+                 "kernel: the reference, psum under --rms-norm)" if args.device_time else ""))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"devices": description, "chain": chain, "iters": iters, "rows": rows}, f, indent=1)

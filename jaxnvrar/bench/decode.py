@@ -187,15 +187,17 @@ def run_decode(llama, model, batch: int, prompt_len: int, new_tokens: int, label
         result["kernel_timing"] = dict(stamped, calls_per_step=stamped["calls"] / (new_tokens - 1))
     if profile_dir is not None:
         directory = os.path.join(profile_dir, label.replace(" ", "_") + f"_rank{jax.process_index()}")
+        # Over positions the cache holds: past its end the steps would clamp their writes.
+        profiled = min(_PROFILED_STEPS, new_tokens - 1)
         with breakdown.traced(directory):
-            queued_steps(_PROFILED_STEPS)
+            queued_steps(profiled)
         try:
             events = breakdown.read_trace(directory)
             kernels = breakdown.device_kernels(events)
-            result["breakdown"] = breakdown.breakdown(kernels, _PROFILED_STEPS)
-            result["top_kernels"] = breakdown.top_kernels(kernels, _PROFILED_STEPS)
-            result["launches"] = breakdown.host_launches(events, _PROFILED_STEPS)
-            result["top_host_events"] = breakdown.top_host_events(events, _PROFILED_STEPS, count=12)
+            result["breakdown"] = breakdown.breakdown(kernels, profiled)
+            result["top_kernels"] = breakdown.top_kernels(kernels, profiled)
+            result["launches"] = breakdown.host_launches(events, profiled)
+            result["top_host_events"] = breakdown.top_host_events(events, profiled, count=12)
         except (OSError, ValueError, KeyError) as err:  # the timings above still count
             print(f"jaxnvrar-bench decode: no breakdown from {directory}: {err}", file=sys.stderr)
     return result, tokens
@@ -372,6 +374,9 @@ def run(args) -> int:
               "(x 2 at batch 1: the twin row), "
               f"{2 * c.num_hidden_layers} per step; device copy {bandwidth / 1e9:.0f} GB/s; prefill in chunks "
               f"of at most {llama.PREFILL_TOKENS} tokens; attention {attention}; loaded in {load_s:.0f} s")
+        if tp == 1:
+            print("# TP 1: one rank, so no all-reduce runs: every row times the model alone, and the rows differ "
+                  "only by noise (use it to compare attention implementations or model changes)")
         if PSUM_XLA in algorithms:
             gpu_only = not on_gpu and any(name.startswith("xla_gpu_") for name in xla_options)
             cpu_note = " (XLA:CPU accepts the xla_gpu_ options and ignores them)" if gpu_only else ""
@@ -415,8 +420,8 @@ def run(args) -> int:
             print(f"  {'all-reduce':<{width}} {'prefill ms':>10} {'ms':>8} {'p90 ms':>8} {'x psum':>7} "
                   f"{'ms':>8} {'x psum':>7} {'x roofline':>10} {'tok/s':>9}")
             for algorithm, r in rows.items():
-                note = "  (diagnostic: no all-reduce, WRONG numbers; the communication-free bound)" \
-                    if algorithm.startswith("none") else ""
+                note = ("" if not algorithm.startswith("none") else "  (no all-reduce: the same as psum at TP 1)"
+                        if tp == 1 else "  (diagnostic: no all-reduce, WRONG numbers; the communication-free bound)")
                 print(f"  {algorithm:<{width}} {r['prefill_ms']:>10.2f} {r['step_median_ms']:>8.3f} "
                       f"{r['step_p90_ms']:>8.3f} {r['speedup_vs_psum']:>7.2f} {r['step_queued_ms']:>8.3f} "
                       f"{r['queued_speedup_vs_psum']:>7.2f} {r['queued_vs_roofline']:>10.2f} "

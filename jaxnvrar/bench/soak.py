@@ -119,14 +119,16 @@ def run(args) -> int:
     if pinned:  # the dense inboxes, and a configuration the topology would run as another
         pinned, = parse_kernel_configs(args.kernel_config, default_topology(num_ranks), "soak --kernel-config")
     with kernel_config_override(pinned) if pinned else contextlib.nullcontext(), jax.set_mesh(mesh):
-        programs, inputs = [], []
-        for count in counts:  # one program per size, each compiled and warmed up (not counted)
+        programs, inputs, errors_by_size = [], [], []
+        for count in counts:  # one program per size, each compiled and warmed up (checked, not timed)
             ranks = np.repeat(np.arange(1, num_ranks + 1), count).astype(jnp.dtype(dtype))
             inputs.append(jax.make_array_from_callback(ranks.shape, NamedSharding(mesh, P("x")),
                                                        lambda i, ranks=ranks: ranks[i]))
             programs.append(soak_program(mesh, algorithm, chunk))
-            programs[-1](inputs[-1]).block_until_ready()  # warm-up: not checked
-        errors_by_size, times = [0] * len(counts), []
+            # The first calls of a size (a fresh region, the first parity) are the likeliest to
+            # go wrong: their errors count too.
+            errors_by_size.append(local_errors(programs[-1](inputs[-1])))
+        times = []
         dense_before = runtime.dense_calls() if algorithm == "nvrar" else 0  # after the warm-ups
         start = time.perf_counter()
         for done in range(1, chunks + 1):
@@ -149,13 +151,14 @@ def run(args) -> int:
               "kernel_config": pinned.label if pinned else None, "bytes": sizes_bytes,
               "errors_by_size": dict(zip(map(str, sizes_bytes), errors_by_size)),
               "errors_by_process": [sum(counts) for counts in by_process], "dense_calls": dense_calls,
-              "calls": calls, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
+              "calls": calls, "warmup_calls": len(counts) * chunk, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
               "first_tenth_chunk_ms": first * 1e3, "last_tenth_chunk_ms": last * 1e3}
     if is_printer():
         print(f"# jaxnvrar-bench soak: {description}")
         what = f"{sizes_bytes[0]} B" if len(counts) == 1 else f"{len(counts)} sizes ({min(sizes_bytes)}-{max(sizes_bytes)} B)"
         kernel = f" ({pinned.label})" if pinned else ""
-        print(f"{calls} calls of {what} {args.dtype} with {algorithm}{kernel}: {errors} wrong elements, "
+        print(f"{calls} calls of {what} {args.dtype} with {algorithm}{kernel}: {errors} wrong elements "
+              f"(with {len(counts) * chunk} untimed warm-up calls, checked too), "
               f"{elapsed:.2f} s ({result['us_per_call']:.2f} us/call); chunk of {chunk}: "
               f"{result['first_tenth_chunk_ms']:.2f} ms in the first tenth, {result['last_tenth_chunk_ms']:.2f} ms "
               "in the last (median)")

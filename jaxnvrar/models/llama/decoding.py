@@ -203,11 +203,22 @@ def compiled_advance(model: Llama, batch: int, max_length: int):
     return lowered_advance(model, batch, max_length).compile()
 
 
+def _check_room(position, length: int, room: int, what: str) -> None:
+    """A ValueError where a host-side position leaves no room for `length` more positions of
+    `room`: past its end, XLA's dynamic updates clamp (they would overwrite the last positions and
+    the step would run, silently wrong). A device scalar is not read back (no host round trip in
+    the loop): keeping it in range is the caller's part."""
+    if isinstance(position, (int, np.integer)) and not 0 <= position <= room - length:
+        raise ValueError(f"{what}: positions {position}..{position + length - 1} do not fit {room} positions; "
+                         "allocate a longer cache (init_cache(model, batch, max_length)) and history")
+
+
 def decode_step(model: Llama, tokens, caches, write_at):
     """Runs tokens [B, L] at positions write_at.. through the model, writing the cache (donated).
     Returns (greedy next tokens [B], last-position logits [B, V] (float32, vocab-sharded),
     caches, next write position); pass the returned position (a device scalar) to the next
-    step to keep host transfers off the loop."""
+    step to keep host transfers off the loop. A host int position past the cache raises."""
+    _check_room(write_at, np.shape(tokens)[1], caches[0][0].shape[2], "decode_step")
     leaves, step = _compiled_step(model)
     with jax.set_mesh(model.mesh):
         return step(leaves, replicated(model.mesh, tokens), caches, replicated(model.mesh, write_at))
@@ -216,7 +227,10 @@ def decode_step(model: Llama, tokens, caches, write_at):
 def advance(model: Llama, history, caches, position):
     """One greedy decode step in place, as `generate` runs them: reads the token at `position` of
     `history` [B, T], writes the cache there and the next token at `position + 1`. history,
-    caches and position are donated and returned (same buffers): (history, caches, position + 1)."""
+    caches and position are donated and returned (same buffers): (history, caches, position + 1).
+    A host int position past the cache or the history raises."""
+    _check_room(position, 1, caches[0][0].shape[2], "advance (the cache)")
+    _check_room(position, 2, history.shape[1], "advance (the history: the token read and the one written)")
     leaves, step = _compiled_advance(model)
     with jax.set_mesh(model.mesh):
         return step(leaves, history, caches, replicated(model.mesh, position))
