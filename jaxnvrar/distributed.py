@@ -101,8 +101,13 @@ def publish_hostname() -> None:
     and jaxnvrar.initialize do): `host_of_process` on another process waits for it, and a process
     that never lowers an all-reduce would otherwise never publish it."""
     global _published
-    if not _published and jax.process_count() > 1:
-        kv_client().key_value_set(f"jaxnvrar/hostname/{jax.process_index()}", socket.gethostname())
+    # From jax.distributed's own state, not jax.process_count(): that would start XLA's backends,
+    # and a script may still set options that must come before them (jax_platforms, ...).
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    if not _published and state.client is not None and (state.num_processes or 1) > 1:
+        state.client.key_value_set(f"jaxnvrar/hostname/{state.process_id}", socket.gethostname())
         _published = True
 
 

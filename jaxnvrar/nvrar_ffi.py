@@ -162,9 +162,10 @@ def describe_region(region: int) -> str | None:
     return f"axis {' or '.join(axes)} ({_describe_grouping(key)}; workspace region {region})"
 
 
-def peer_process(record: dict) -> int | None:
-    """The process a failure record's peer runs in (one process per GPU): the axis group of this
-    process in the call's region, at the peer's node and local GPU; None where this process
+def peer_process(record: dict, is_node: bool) -> int | None:
+    """The process a failure record's peer (a node if `is_node`, else a local GPU) runs in (one
+    process per GPU): the axis group of this process in the call's region, at the peer's node and
+    local GPU; None where this process
     lowered calls over the region in several axis orders (which one failed is not recorded)."""
     with _regions_lock:
         rows = _region_rows.get(record.get("region"), set())
@@ -172,7 +173,7 @@ def peer_process(record: dict) -> int | None:
     if len(rows) != 1 or not gpus_per_node:
         return None
     (row,) = rows
-    rank = (record["peer"] * gpus_per_node + record["local"] if record.get("peer_is_node")
+    rank = (record["peer"] * gpus_per_node + record["local"] if is_node
             else record["node"] * gpus_per_node + record["peer"])
     return row[rank] if 0 <= rank < len(row) and row[rank] >= 0 else None
 

@@ -159,8 +159,10 @@ class _Interpreter:
             with (source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
                   ctx.manager if ctx is not None else contextlib.nullcontext()):
                 outs = self.eqn(eqn, invals, invariant)
-            if eqn.primitive.name == "pvary":
-                invariant.update((v, set(eqn.params.get("axes", ()))) for v in eqn.outvars)
+            if eqn.primitive.name == "pvary":  # invariant over its axes, and over those its input was
+                axes = set(eqn.params.get("axes", ()))
+                invariant.update((out, axes | (set() if isinstance(v, Literal) else invariant.get(v, set())))
+                                 for v, out in zip(eqn.invars, eqn.outvars))
             env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
         return [read(v) for v in jaxpr.outvars]
 

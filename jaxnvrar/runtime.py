@@ -105,8 +105,21 @@ def check_calls() -> bool:
 
 # XLA options under which two kernel calls of one program could run at once: command buffers whose
 # commands are ordered only by the buffers they use (not by the workspace the calls share).
-_CONCURRENT_XLA_FLAGS = re.compile(r"--xla_gpu_command_buffer_scheduling_mode=concurrent\b"
-                                   r"|--xla_gpu_graph_enable_concurrent_region(=true|=1)?(\s|$)", re.IGNORECASE)
+_CONCURRENCY_FLAGS = {"xla_gpu_command_buffer_scheduling_mode": {"concurrent"},
+                      "xla_gpu_graph_enable_concurrent_region": {"", "true", "1"}}
+
+
+def concurrent_xla_flag(flags: str) -> str | None:
+    """The flag of `flags` (XLA_FLAGS) that lets XLA run kernel calls of one program at once, as
+    written; None if none does. As XLA reads them, the last value of a flag counts."""
+    last = {}
+    for match in re.finditer(r"--(\w+)(?:=(\S*))?", flags):
+        if match.group(1) in _CONCURRENCY_FLAGS:
+            last[match.group(1)] = match
+    for name, match in last.items():
+        if (match.group(2) or "").lower() in _CONCURRENCY_FLAGS[name]:
+            return match.group(0)
+    return None
 
 
 def installation() -> dict:
@@ -115,15 +128,15 @@ def installation() -> dict:
     from jaxnvrar import tuning
     from jaxnvrar.version import __version__
 
-    digest = hashlib.sha256(tuning.BUILTIN_PATH.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(tuning.builtin().to_json().encode()).hexdigest()[:16]  # as parsed: not line endings
     return {"jaxnvrar": __version__, "built-in tuning table": digest}
 
 
 def _check_environment():
-    concurrent = _CONCURRENT_XLA_FLAGS.search(os.environ.get("XLA_FLAGS", ""))
+    concurrent = concurrent_xla_flag(os.environ.get("XLA_FLAGS", ""))
     if concurrent:
         raise RuntimeError(
-            f"jaxnvrar.initialize(): XLA_FLAGS has {concurrent.group(0).strip()}: XLA may then run two independent "
+            f"jaxnvrar.initialize(): XLA_FLAGS has {concurrent}: XLA may then run two independent "
             "all-reduce kernels of one program at once, on the same workspace, and their data would mix; drop it "
             "(the default scheduling, LHS, runs them in program order), or keep custom calls out of command "
             "buffers (--xla_gpu_enable_command_buffer without CUSTOM_CALL)"
@@ -293,7 +306,7 @@ def describe_timeout(record: dict) -> str:
     over = nvrar_ffi.describe_region(record["region"]) if record.get("region") is not None else None
     over = f" over {over}" if over else ""
     is_node = record.get("peer_is_node", record["phase"] == "inter-node step")
-    process = nvrar_ffi.peer_process(record)
+    process = nvrar_ffi.peer_process(record, is_node)
     peer = f"{'node' if is_node else 'local GPU'} {record['peer']}" + (f" (process {process})" if process is not None else "")
     if record.get("kind") == "mismatch":
         return (

@@ -55,6 +55,9 @@ def test_pipeline_errors(checkpoint):
         pipeline.generate(model, PROMPTS, -1)
     with pytest.raises(ValueError, match="not divisible into 3 micro-batches"):
         pipeline.decode_step(model, PROMPTS, pipeline.init_cache(model, 4, 16), 0, micro_batches=3)
+    # Past the cache's end XLA would clamp the writes (silently wrong): a host position raises.
+    with pytest.raises(ValueError, match=r"pipeline decode_step: positions 12..16 do not fit 16 positions"):
+        pipeline.decode_step(model, PROMPTS, pipeline.init_cache(model, 4, 16), 12)
     three_stages = llama.load_checkpoint(directory, pipeline.make_mesh(3, 2), dtype=jnp.float32)
     with pytest.raises(ValueError, match="4 layers cannot be split into 3"):
         pipeline.pipeline(three_stages)

@@ -370,10 +370,14 @@ def test_initialize_refuses_xla_options_that_run_kernel_calls_at_once(monkeypatc
     monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_graph_min_graph_size=1 {flag}")
     with pytest.raises(RuntimeError, match=f"XLA_FLAGS has {flag}: .*drop it"):
         runtime._check_environment()
-    for fine in ("--xla_gpu_command_buffer_scheduling_mode=LHS", "--xla_gpu_graph_enable_concurrent_region=false"):
-        monkeypatch.setenv("XLA_FLAGS", fine)
-        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):  # past the check, on this CPU machine
-            runtime._check_environment()
+    # As XLA reads them, the last value of a flag counts.
+    assert runtime.concurrent_xla_flag(f"{flag} --xla_gpu_command_buffer_scheduling_mode=LHS "
+                                       "--xla_gpu_graph_enable_concurrent_region=false") is None
+    assert runtime.concurrent_xla_flag(f"--xla_gpu_command_buffer_scheduling_mode=LHS {flag}") == flag
+    assert runtime.concurrent_xla_flag("--xla_gpu_graph_enable_concurrent_region") is not None  # a bare bool is true
+    for fine in ("--xla_gpu_command_buffer_scheduling_mode=LHS", "--xla_gpu_graph_enable_concurrent_region=false",
+                 "--xla_gpu_graph_enable_concurrent_regions_x=true", ""):
+        assert runtime.concurrent_xla_flag(fine) is None, fine
 
 
 HOSTS_SCRIPT = """
@@ -382,6 +386,7 @@ import jax
 import jaxnvrar
 from jaxnvrar import distributed
 jaxnvrar.initialize_distributed()
+jax.config.update("jax_num_cpu_devices", 1)  # allowed: publishing the host name started no backend
 if jax.process_index() == 0:  # process 1 never lowers an all-reduce, so never asks for host names
     start = time.monotonic()
     print("HOST", distributed.host_of_process(1) == socket.gethostname(), round(time.monotonic() - start), flush=True)

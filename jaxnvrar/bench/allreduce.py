@@ -138,9 +138,10 @@ def measure(mesh, algorithm, count, dtype, *, chain, iters, repeats, gpus_per_no
             durations = [end - start for name, start, end in breakdown.device_kernels(breakdown.read_trace(trace_dir))
                          if breakdown.classify(name) == "communication"]
             # The median kernel is an all-reduce's time only where each is one kernel: not the
-            # reference's (many permutes and adds), nor psum's under --rms-norm (its add and norm
-            # run in XLA's kernels after it, where the fused kernel's include them).
-            one_kernel_each = not algorithm.startswith("reference") and not (rms_norm and algorithm == "psum")
+            # reference's (many permutes and adds), nor psum's under --rms-norm with the fused
+            # kernel on (psum's add and norm run in XLA's kernels after it, the kernel's inside).
+            fused = bool(rms_norm) and runtime.settings_or_environment().fused_norm
+            one_kernel_each = not algorithm.startswith("reference") and not (fused and algorithm == "psum")
             device_us = statistics.median(durations) if durations and one_kernel_each else None
     return statistics.median(batches) * 1e6, device_us, stamped
 
@@ -386,7 +387,8 @@ def run(args) -> int:
         print(f"algbw = size / time, busbw = algbw * 2(P-1)/P with P = {num_ranks}; GB/s; "
               "x psum = psum time / this time; n/a: larger than the NVSHMEM workspace"
               + ("; dev us: median all-reduce kernel time in a profiler trace (- where an all-reduce is not one "
-                 "kernel: the reference, psum under --rms-norm)" if args.device_time else ""))
+                 "kernel's work: the reference; psum under --rms-norm with JAXNVRAR_FUSED_NORM=1)"
+                 if args.device_time else ""))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"devices": description, "chain": chain, "iters": iters, "rows": rows}, f, indent=1)
