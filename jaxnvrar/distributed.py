@@ -129,7 +129,7 @@ def host_of_process(process_index: int) -> str:
 
 def devices_per_every_host() -> int:
     """The greatest number of devices that divides every host's count in the job: the same on
-    every process (`devices_per_host` differs where hosts hold different numbers)."""
+    every process (this host's own count would differ where hosts hold different numbers)."""
     counts = collections.Counter(host_of_process(d.process_index) for d in jax.devices())
     return math.gcd(*counts.values())
 

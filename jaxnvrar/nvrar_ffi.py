@@ -35,15 +35,21 @@ def check_can_run(x, topology: Topology) -> None:
             "jaxnvrar.all_reduce(algorithm='nvrar') needs jaxnvrar.initialize() first "
             "(after jax.distributed.initialize() in a multi-process job)"
         )
-    if not runtime.fits_workspace(x.size, x.dtype.itemsize, topology):
-        needed = workspace_bytes_needed(x.size, x.dtype.itemsize, topology)
-        share = (f" (its share of the workspace, cut into JAXNVRAR_GROUPINGS={runtime.groupings()} regions)"
-                 if runtime.groupings() > 1 else "")
-        raise ValueError(
-            f"a {x.size * x.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, "
-            f"but a call has {runtime.workspace_bytes()}{share}; raise it with jaxnvrar.initialize("
-            f"workspace_bytes=...) or $JAXNVRAR_WORKSPACE_BYTES, or use algorithm='psum'"
-        )
+    shortfall = _workspace_shortfall(x, topology)
+    if shortfall:
+        raise ValueError(f"{shortfall}; raise it with jaxnvrar.initialize(workspace_bytes=...) or "
+                         "$JAXNVRAR_WORKSPACE_BYTES, or use algorithm='psum'")
+
+
+def _workspace_shortfall(aval, topology: Topology) -> str | None:
+    """Why a message of `aval`'s size does not fit a call's workspace, in words; None where it fits."""
+    if runtime.fits_workspace(aval.size, aval.dtype.itemsize, topology):
+        return None
+    needed = workspace_bytes_needed(aval.size, aval.dtype.itemsize, topology)
+    share = (f" (its share of the workspace, cut into JAXNVRAR_GROUPINGS={runtime.groupings()} regions)"
+             if runtime.groupings() > 1 else "")
+    return (f"a {aval.size * aval.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, "
+            f"but a call has {runtime.workspace_bytes()}{share}")
 
 
 def _pe_groups(groups, num_pes: int) -> np.ndarray:
@@ -94,12 +100,11 @@ def check_fits_at_lowering(aval, topology: Topology, axis_name) -> None:
     """MessageTooLarge where this call site's message does not fit the workspace. (Without the
     runtime, a lowering for inspection only, nothing to check against: the kernel refuses to run
     before jaxnvrar.initialize() anyway.)"""
-    if not runtime.is_initialized() or runtime.fits_workspace(aval.size, aval.dtype.itemsize, topology):
+    shortfall = _workspace_shortfall(aval, topology) if runtime.is_initialized() else None
+    if shortfall is None:
         return
-    needed = workspace_bytes_needed(aval.size, aval.dtype.itemsize, topology)
     what = f"{aval.size * aval.dtype.itemsize}-byte messages over {topology.num_nodes} node(s) of {topology.gpus_per_node} GPU(s)"
-    reason = (f"a {aval.size * aval.dtype.itemsize}-byte message needs {needed} bytes of NVSHMEM workspace, but a call "
-              f"has {runtime.workspace_bytes()}; raise JAXNVRAR_WORKSPACE_BYTES (or jaxnvrar.initialize(workspace_bytes=...))")
+    reason = f"{shortfall}; raise JAXNVRAR_WORKSPACE_BYTES (or jaxnvrar.initialize(workspace_bytes=...))"
     raise MessageTooLarge(
         f"jaxnvrar.all_reduce(algorithm='nvrar') over axis {axis_name!r} as lowered ({aval.shape} {aval.dtype}, "
         f"{topology.num_nodes} node(s) of {topology.gpus_per_node} GPU(s) by the mesh): {reason}, or use "
@@ -151,12 +156,17 @@ def grouping_regions() -> dict[str, int]:
         return {_describe_grouping(key): region for key, region in sorted(_grouping_regions.items(), key=lambda kv: kv[1])}
 
 
+def _grouping_in(region: int) -> frozenset | None:
+    """The grouping this process knows in `region` (call with _regions_lock held)."""
+    return next((key for key, r in _grouping_regions.items() if r == region), None)
+
+
 def describe_region(region: int) -> str | None:
     """What this process lowered kernel calls over in workspace region `region`, in words (the
     axis names and process groups), for failure reports; None where it lowered none there."""
     with _regions_lock:
         axes = list(_region_axes.get(region, ()))
-        key = next((k for k, r in _grouping_regions.items() if r == region), None)
+        key = _grouping_in(region)
     if not axes or key is None:
         return None
     return f"axis {' or '.join(axes)} ({_describe_grouping(key)}; workspace region {region})"
@@ -165,8 +175,8 @@ def describe_region(region: int) -> str | None:
 def peer_process(record: dict, is_node: bool) -> int | None:
     """The process a failure record's peer (a node if `is_node`, else a local GPU) runs in (one
     process per GPU): the axis group of this process in the call's region, at the peer's node and
-    local GPU; None where this process
-    lowered calls over the region in several axis orders (which one failed is not recorded)."""
+    local GPU; None where this process lowered calls over the region in several axis orders
+    (which one failed is not recorded)."""
     with _regions_lock:
         rows = _region_rows.get(record.get("region"), set())
     gpus_per_node = (record.get("mine") or {}).get("gpus_per_node")
@@ -185,9 +195,10 @@ def _claim_region(name: str, available: int) -> tuple[int | None, list[str]]:
     holders = []
     for region in range(available):
         if client is None:
-            holder = next((_describe_grouping(k) for k, r in _grouping_regions.items() if r == region), None)
-            if holder is None:
+            key = _grouping_in(region)
+            if key is None:
                 return region, holders
+            holder = _describe_grouping(key)
         else:
             entry = f"jaxnvrar/grouping_region/{region}"
             try:

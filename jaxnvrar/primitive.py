@@ -199,7 +199,7 @@ def _lower_cuda(ctx, x, *, axis_name, num_ranks, gpus_per_node, algorithm, check
         return mlir.lower_fun(lambda v: lax.psum(v, axis_name), multiple_results=False)(ctx, x)
 
 
-_warned_groupings: set = set()
+_warned_refusals: set = set()
 
 
 def _warn_psum_instead(err, axis_name) -> None:
@@ -208,8 +208,8 @@ def _warn_psum_instead(err, axis_name) -> None:
     fit the workspace in the mesh's topology): psum runs there, the same on every process, with
     this warning once per kind. (The benchmarks turn it into an error: they must not time psum in
     place of the kernel.)"""
-    if err.what not in _warned_groupings:
-        _warned_groupings.add(err.what)
+    if err.what not in _warned_refusals:
+        _warned_refusals.add(err.what)
         warnings.warn(f"jaxnvrar (algorithm='auto'): psum instead of the kernel over axis {axis_name!r} "
                       f"({err.what}): {err.reason}", stacklevel=2)
 

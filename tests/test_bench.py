@@ -364,7 +364,7 @@ def test_benchmarks_refuse_autos_psum_fallback():
     err = nvrar_ffi.NoRegionLeft("message", "process groups {0,1} {2,3}", "all 1 workspace regions are taken")
     with warnings.catch_warnings():
         refuse_psum_fallback()
-        primitive._warned_groupings.discard(err.what)
+        primitive._warned_refusals.discard(err.what)
         with pytest.raises(UserWarning, match=r"psum instead of the kernel over axis 'dp' \(process groups"):
             primitive._warn_psum_instead(err, "dp")
-    primitive._warned_groupings.discard(err.what)
+    primitive._warned_refusals.discard(err.what)

@@ -247,7 +247,7 @@ def _lower_kernel_calls_without_a_gpu(monkeypatch) -> None:
         pytest.skip("needs 4 devices")
     for table in ("_grouping_regions", "_without_region", "_region_axes", "_region_rows"):
         monkeypatch.setattr(nvrar_ffi, table, {})
-    monkeypatch.setattr(primitive, "_warned_groupings", set())
+    monkeypatch.setattr(primitive, "_warned_refusals", set())
     monkeypatch.setattr(nvrar_ffi, "check_can_run", lambda *a, **k: None)
     monkeypatch.setattr(api, "choose_algorithm", lambda *a, **k: "nvrar")
     monkeypatch.setattr(runtime, "groupings", lambda: 1)

@@ -420,8 +420,10 @@ def run(args) -> int:
             print(f"  {'all-reduce':<{width}} {'prefill ms':>10} {'ms':>8} {'p90 ms':>8} {'x psum':>7} "
                   f"{'ms':>8} {'x psum':>7} {'x roofline':>10} {'tok/s':>9}")
             for algorithm, r in rows.items():
-                note = ("" if not algorithm.startswith("none") else "  (no all-reduce: the same as psum at TP 1)"
-                        if tp == 1 else "  (diagnostic: no all-reduce, WRONG numbers; the communication-free bound)")
+                note = ""
+                if algorithm.startswith("none"):
+                    note = ("  (no all-reduce: the same as psum at TP 1)" if tp == 1
+                            else "  (diagnostic: no all-reduce, WRONG numbers; the communication-free bound)")
                 print(f"  {algorithm:<{width}} {r['prefill_ms']:>10.2f} {r['step_median_ms']:>8.3f} "
                       f"{r['step_p90_ms']:>8.3f} {r['speedup_vs_psum']:>7.2f} {r['step_queued_ms']:>8.3f} "
                       f"{r['queued_speedup_vs_psum']:>7.2f} {r['queued_vs_roofline']:>10.2f} "

@@ -151,7 +151,8 @@ def run(args) -> int:
               "kernel_config": pinned.label if pinned else None, "bytes": sizes_bytes,
               "errors_by_size": dict(zip(map(str, sizes_bytes), errors_by_size)),
               "errors_by_process": [sum(counts) for counts in by_process], "dense_calls": dense_calls,
-              "calls": calls, "warmup_calls": len(counts) * chunk, "errors": errors, "seconds": elapsed, "us_per_call": elapsed / calls * 1e6,
+              "calls": calls, "warmup_calls": len(counts) * chunk, "errors": errors, "seconds": elapsed,
+              "us_per_call": elapsed / calls * 1e6,
               "first_tenth_chunk_ms": first * 1e3, "last_tenth_chunk_ms": last * 1e3}
     if is_printer():
         print(f"# jaxnvrar-bench soak: {description}")

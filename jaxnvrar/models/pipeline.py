@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from .llama import (TP, DecoderLayer, Llama, LlamaConfig, RMSNorm, greedy_decode, greedy_tokens, norm_reducer,
                     prompt_ids, reducer, replicated, rope_frequencies)
-from .llama.decoding import _check_room
+from .llama.decoding import _check_advance_room, _check_room
 
 PP = "pp"
 _LAYER_PARAMS = ("input_norm", "post_attention_norm", "wqkv", "wo", "w_gate_up", "w_down")
@@ -162,8 +162,7 @@ def decode_step(pmodel: PipelinedLlama, tokens, caches, write_at, *, micro_batch
 def advance(pmodel: PipelinedLlama, history, caches, position, *, micro_batches: int = 1):
     """Like llama.advance (one greedy step in place), with `micro_batches` micro-batches."""
     _check_micro_batches(history.shape[0], micro_batches)
-    _check_room(position, 1, caches[0][0].shape[3], "pipeline advance (the cache)")
-    _check_room(position, 2, history.shape[1], "pipeline advance (the history: the token read and the one written)")
+    _check_advance_room(position, caches[0][0].shape[3], history, "pipeline advance")
     step = _compiled_advance(pmodel, micro_batches)
     with jax.set_mesh(pmodel.mesh):
         return step(pmodel.stages, pmodel.embed, pmodel.norm, pmodel.lm_head, history, caches,

@@ -213,6 +213,13 @@ def _check_room(position, length: int, room: int, what: str) -> None:
                          "allocate a longer cache (init_cache(model, batch, max_length)) and history")
 
 
+def _check_advance_room(position, cache_positions: int, history, what: str) -> None:
+    """`_check_room` for a greedy step in place: it writes the cache at `position`, reads the
+    history there and writes the next token after it."""
+    _check_room(position, 1, cache_positions, f"{what} (the cache)")
+    _check_room(position, 2, history.shape[1], f"{what} (the history: the token read and the one written)")
+
+
 def decode_step(model: Llama, tokens, caches, write_at):
     """Runs tokens [B, L] at positions write_at.. through the model, writing the cache (donated).
     Returns (greedy next tokens [B], last-position logits [B, V] (float32, vocab-sharded),
@@ -229,8 +236,7 @@ def advance(model: Llama, history, caches, position):
     `history` [B, T], writes the cache there and the next token at `position + 1`. history,
     caches and position are donated and returned (same buffers): (history, caches, position + 1).
     A host int position past the cache or the history raises."""
-    _check_room(position, 1, caches[0][0].shape[2], "advance (the cache)")
-    _check_room(position, 2, history.shape[1], "advance (the history: the token read and the one written)")
+    _check_advance_room(position, caches[0][0].shape[2], history, "advance")
     leaves, step = _compiled_advance(model)
     with jax.set_mesh(model.mesh):
         return step(leaves, history, caches, replicated(model.mesh, position))
